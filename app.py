@@ -1,0 +1,48 @@
+"""Diffusion Soup Studio: `python app.py` serves the studio on http://127.0.0.1:7860."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+# Before gradio is imported: no analytics, no hub calls.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_PRESET = HERE / "presets" / "emoji-styles.yaml"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", type=Path, action="append", help="preset YAML file (repeatable; default: every preset in presets/)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from soup_ui.cli import quiet_libraries
+    from soup_ui.presets import list_presets
+    from soup_ui.studio import RuntimeOptions
+    from soup_ui.ui import StudioHost, build_ui, launch
+
+    quiet_libraries()
+    presets = args.preset or list_presets(HERE / "presets")
+    if not args.preset and DEFAULT_PRESET in presets:  # the embedded default first
+        presets = [DEFAULT_PRESET] + [p for p in presets if p != DEFAULT_PRESET]
+    if not presets:
+        parser.error("no preset found in presets/; pass --preset FILE")
+    for p in presets:
+        if not Path(p).is_file():
+            parser.error(f"--preset: no such file: {p}")
+    host = StudioHost(presets, RuntimeOptions(device=args.device, dtype=args.dtype))
+    launch(build_ui(host), port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Reading UNet weights from disk: safetensors only, validated once, at load.
+
+A shard is either a diffusers `unet/` folder (diffusion_pytorch_model.safetensors, possibly
+sharded with an index) or one `.safetensors` file of UNet weights. Pickle checkpoints are
+refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"}
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """torch dtype of a safetensors dtype name such as "F16"."""
+    return SAFETENSORS_DTYPES[name.upper()]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors file(s) holding the UNet weights at `path` (a file or a diffusers unet/ folder)."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: refused: {path.suffix} is a pickle checkpoint, and loading it could run arbitrary code; "
+            "convert it to .safetensors first"
+        )
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise CheckpointError(f"{path}: not a .safetensors file (only safetensors checkpoints are read)")
+        return [path]
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "diffusion_pytorch_model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        raise CheckpointError(
+            f"{path}: only pickle weights here ({', '.join(pickles)}), refused because unpickling can run "
+            "arbitrary code; save the UNet with safe_serialization=True"
+        )
+    raise CheckpointError(f"{path}: no diffusion_pytorch_model.safetensors in this folder")
+
+
+def read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype) from a safetensors header, without reading the data."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            out = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+            return out
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+def tensor_specs(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of every tensor of the UNet at `path`."""
+    specs = {}
+    for file in weight_files(path):
+        specs.update(read_header(file))
+    return specs
+
+
+def compare_specs(name: str, specs: dict, base: dict) -> None:
+    """Raise CheckpointError naming shard `name` and the first tensor that differs from the base."""
+    missing = [k for k in base if k not in specs]
+    if missing:
+        raise CheckpointError(
+            f"shard {name!r} does not match the base UNet: it lacks tensor {missing[0]!r}"
+            f" ({len(missing)} missing); is it a UNet of the same architecture, in diffusers' naming?"
+        )
+    extra = [k for k in specs if k not in base]
+    if extra:
+        raise CheckpointError(f"shard {name!r} does not match the base UNet: unexpected tensor {extra[0]!r}")
+    for key, (shape, dtype) in base.items():
+        other_shape, other_dtype = specs[key]
+        if other_shape != shape:
+            raise CheckpointError(
+                f"shard {name!r} does not match the base UNet: tensor {key!r} has shape {list(other_shape)}, "
+                f"the base has {list(shape)}"
+            )
+        if other_dtype != dtype:
+            raise CheckpointError(
+                f"shard {name!r} does not match the base UNet: tensor {key!r} is {other_dtype}, the base is {dtype}"
+            )
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of the UNet at `path`, optionally cast, and check that all are finite."""
+    out: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    out[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+    for key, tensor in out.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or Inf values")
+        out[key] = tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype)
+    return out
+
+
+def sha256_file(path: str | Path) -> str:
+    """Content hash of a weights file or of every weights file of a folder (in name order)."""
+    digest = hashlib.sha256()
+    for file in weight_files(path):
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()

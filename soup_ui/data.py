@@ -1,0 +1,80 @@
+"""Image-folder datasets with captions (the layout diffusers' text-to-image training reads)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionedImages:
+    """Images as a uint8 tensor (N, 3, H, W) with one caption and one metadata row per image."""
+
+    pixels: torch.Tensor
+    captions: list[str]
+    rows: list[dict]
+
+
+def parse_where(where: list[str] | None) -> dict[str, str]:
+    """Turn ["style=twemoji", ...] into {"style": "twemoji", ...}."""
+    out = {}
+    for item in where or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"filter {item!r} must look like COLUMN=VALUE")
+        out[key] = value
+    return out
+
+
+def read_metadata(data_dir: str | Path, where: dict[str, str] | None = None) -> list[dict]:
+    """Rows of `metadata.jsonl` whose columns match every `where` item."""
+    path = Path(data_dir) / "metadata.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{data_dir}: no metadata.jsonl (expected the imagefolder layout)")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for key, value in (where or {}).items():
+        if rows and key not in rows[0]:
+            raise ValueError(f"{path}: no column {key!r}; columns are {sorted(rows[0])}")
+        rows = [r for r in rows if str(r.get(key)) == value]
+    if not rows:
+        raise ValueError(f"{path}: no rows match {where}")
+    return rows
+
+
+def load_captioned_images(
+    data_dir: str | Path,
+    size: int,
+    where: dict[str, str] | None = None,
+    caption_column: str = "text",
+) -> CaptionedImages:
+    """Read every matching image, resized to `size` x `size` RGB."""
+    data_dir = Path(data_dir)
+    rows = read_metadata(data_dir, where)
+    if caption_column not in rows[0]:
+        raise ValueError(f"{data_dir}/metadata.jsonl: no caption column {caption_column!r}")
+    pixels = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        with Image.open(data_dir / row["file_name"]) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            pixels[i] = np.asarray(im)
+    logger.info("read %d images from %s (filter %s)", len(rows), data_dir, where or "none")
+    return CaptionedImages(
+        pixels=torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
+        captions=[str(r[caption_column]) for r in rows],
+        rows=rows,
+    )
+
+
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range diffusers' VAEs expect."""
+    return pixels.float().div(127.5).sub(1.0)

@@ -1,0 +1,143 @@
+"""Presets: a base pipeline, its shards and render defaults, as typed objects validated at read time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEDULERS = {
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+SchedulerName = Literal["dpm++", "euler", "euler-a", "ddim", "unipc", "pndm"]
+MAX_STEPS = 150
+MAX_SIZE = 2048
+
+
+class PresetError(ValueError):
+    """A preset or recipe file that cannot be used; the message names the file, the key and the value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RenderSettings(Strict):
+    """Everything that determines an image besides the UNet weights."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    steps: int = Field(20, ge=1, le=MAX_STEPS)  # num_inference_steps
+    guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
+    height: int = Field(64, ge=8, le=MAX_SIZE)
+    width: int = Field(64, ge=8, le=MAX_SIZE)
+    scheduler: SchedulerName = "dpm++"
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be divisible by 8 but is {v}")
+        return v
+
+
+class RenderDefaults(RenderSettings):
+    """A preset's render defaults: the settings plus example prompts for the page."""
+
+    prompts: list[str] = Field(default_factory=list)
+
+
+class ShardSpec(Strict):
+    """One finetuned UNet: a diffusers unet/ folder or one .safetensors file."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    path: Path
+    weight: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    description: str = ""
+
+
+class Preset(Strict):
+    """A base pipeline and the shards finetuned from it."""
+
+    name: str = ""
+    description: str = ""
+    base: Path  # a diffusers pipeline folder (model_index.json)
+    shards: list[ShardSpec] = Field(min_length=1)
+    render: RenderDefaults = RenderDefaults()
+    source: Path | None = None  # the file this preset was read from (set by load_preset)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Preset":
+        seen = set()
+        for i, shard in enumerate(self.shards):
+            if shard.name in seen:
+                raise ValueError(f"shards.{i}.name: duplicate shard name {shard.name!r}")
+            seen.add(shard.name)
+        return self
+
+
+def describe_validation_error(source: str | Path, err: ValidationError) -> str:
+    """One line per problem: file, dotted key, what is wrong, and the value given."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{source}: {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def resolve(path: Path, relative_to: Path) -> Path:
+    return path if path.is_absolute() else (relative_to / path).resolve()
+
+
+def parse_preset(data: dict, source: Path) -> Preset:
+    """Validate a preset mapping read from `source`; relative paths are taken from its folder."""
+    try:
+        preset = Preset.model_validate(data)
+    except ValidationError as err:
+        raise PresetError(describe_validation_error(source, err)) from None
+    folder = source.parent
+    base = resolve(preset.base, folder)
+    if not (base / "model_index.json").is_file():
+        raise PresetError(f"{source}: base: no diffusers pipeline (model_index.json) at {str(preset.base)!r}")
+    shards = []
+    for i, shard in enumerate(preset.shards):
+        path = resolve(shard.path, folder)
+        if not path.exists():
+            raise PresetError(f"{source}: shards.{i}.path: no such file or folder {str(shard.path)!r}")
+        shards.append(shard.model_copy(update={"path": path}))
+    return preset.model_copy(update={"base": base, "shards": shards, "source": source.resolve()})
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PresetError(f"{path}: no such file") from None
+    except yaml.YAMLError as err:
+        raise PresetError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise PresetError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_preset(path: str | Path) -> Preset:
+    """Read and validate a preset YAML file."""
+    return parse_preset(read_yaml(path), Path(path))
+
+
+def list_presets(folder: str | Path) -> list[Path]:
+    return sorted(Path(folder).glob("*.yaml")) + sorted(Path(folder).glob("*.yml"))

@@ -1,0 +1,1 @@
+"""Recipes that build the project's shipped models from data (see `emoji.py`)."""

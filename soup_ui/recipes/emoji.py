@@ -1,0 +1,337 @@
+"""Build the embedded default: a tiny emoji text-to-image model and one UNet shard per style.
+
+The paper's pipeline at small scale (Biggs et al. 2024, Sec. 3): a base model trained on the
+union of the data, then one finetuned UNet per style shard. Every stage writes resumable
+checkpoints under --work and skips itself when its output exists, so
+
+    python -m soup_ui.recipes.emoji --data ../shared/data/emoji-styles
+
+reproduces `assets/emoji/` end to end (about 1.5 hours on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import load_captioned_images, read_metadata, to_model_range
+from ..train import (
+    TrainConfig,
+    diffusion_loss,
+    encode_images,
+    finetune_unet,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+    step_generator,
+)
+
+logger = logging.getLogger(__name__)
+
+STYLES = ["fluent-color", "fluent-hc", "twemoji", "noto", "openmoji", "fluent-flat"]
+CAPTIONS = "text_ascii"  # the emoji's name, no style words, typographic quotes mapped to ASCII
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model sizes; the comments show the arithmetic that keeps the recipe within CPU budget."""
+
+    image: int = 64  # the dataset's resolution
+    vae_channels: tuple = (32, 64, 64)  # 3 blocks -> 2 downsamples -> 16x16x4 latents (1024 numbers per image)
+    latent_channels: int = 4
+    text_width: int = 128  # also the UNet's cross-attention width
+    text_layers: int = 3
+    max_tokens: int = 24  # longest caption is 8 words; BOS + EOS + room for split words
+    vocab_size: int = 2048
+    unet_channels: tuple = (64, 128, 128)  # 5.9M parameters: 12 MB per shard in fp16, ~45 samples/s on 2 cores
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Step counts: VAE ~9 min, base ~35 min, each shard ~6 min on 2 cores."""
+
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_crop: int = 32  # random crops make the (fully convolutional) VAE 4x cheaper to train
+    base_steps: int = 2500
+    base_batch: int = 32
+    base_lr: float = 3e-4
+    shard_steps: int = 400
+    shard_batch: int = 32
+    shard_lr: float = 1e-4
+
+
+SIZES, BUDGET = Sizes(), Budget()
+
+
+# 1. Tokenizer -------------------------------------------------------------------------------
+def build_tokenizer(data: Path, out: Path) -> None:
+    """A CLIP BPE tokenizer (vocab.json + merges.txt) learned from the captions' words.
+
+    Built once and shipped: retraining BPE reorders ids, which would scramble a trained text encoder.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    captions = sorted({r[CAPTIONS].lower() for r in read_metadata(data)})
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    # CLIP's own split pattern, so that CLIPTokenizer sees the same words.
+    pattern = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+    printable = [chr(c) for c in range(33, 127)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=SIZES.vocab_size - 2, initial_alphabet=printable, end_of_word_suffix="</w>", show_progress=False
+    )
+    tok.train_from_iterator(captions, trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+    # Every printable character must exist alone and word-final, as in CLIP's vocabulary.
+    for ch in printable:
+        for token in (ch, ch + "</w>"):
+            vocab.setdefault(token, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    clip = CLIPTokenizer(
+        str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=SIZES.max_tokens, pad_token="<|endoftext|>"
+    )
+    clip.save_pretrained(out)
+    longest = max(len(clip(c).input_ids) for c in captions)
+    if longest > SIZES.max_tokens:
+        raise RuntimeError(f"a caption needs {longest} tokens, more than max_tokens={SIZES.max_tokens}")
+    logger.info("tokenizer: %d tokens, longest caption %d tokens -> %s", len(vocab), longest, out)
+
+
+# 2. VAE -------------------------------------------------------------------------------------
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    n = len(SIZES.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=SIZES.vae_channels,
+        layers_per_block=1,
+        latent_channels=SIZES.latent_channels,
+        norm_num_groups=16,
+        sample_size=SIZES.image,
+        mid_block_add_attention=False,  # fully convolutional, so training on crops transfers to full images
+    )
+
+
+def train_vae(data: Path, out: Path, work: Path, seed: int = 0) -> None:
+    """Train the autoencoder on random crops (L1 + MSE + a small KL), then fix its scaling factor."""
+    images = load_captioned_images(data, SIZES.image, caption_column=CAPTIONS).pixels
+    torch.manual_seed(seed)
+    vae = make_vae().train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    ckpt = work / "vae"
+    start = load_checkpoint(ckpt, {"vae": vae}, optimizer)["step"] if (ckpt / "checkpoint.safetensors").is_file() else 0
+    crop = BUDGET.vae_crop
+    for step in tqdm(range(start, BUDGET.vae_steps), initial=start, total=BUDGET.vae_steps, desc="vae"):
+        g = step_generator(seed, step)
+        idx = torch.randint(0, len(images), (BUDGET.vae_batch,), generator=g)
+        y, x = torch.randint(0, SIZES.image - crop + 1, (2,), generator=g).tolist()
+        batch = to_model_range(images[idx, :, y : y + crop, x : x + crop])
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, 5e-4, 100, BUDGET.vae_steps)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=g)).sample
+        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 100 == 0:
+            logger.info("vae step %d loss %.4f", step + 1, loss.item())
+        if (step + 1) % 250 == 0 or step + 1 == BUDGET.vae_steps:
+            save_checkpoint(ckpt, {"vae": vae}, optimizer, step + 1)
+    vae.eval()
+    means, stds = encode_images(vae, images[:2048])
+    latents = means + stds * torch.randn_like(means)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    with torch.no_grad():
+        sample = to_model_range(images[:256])
+        err = (vae.decode(vae.encode(sample).latent_dist.mean).sample - sample).abs().mean().item()
+    logger.info("vae: scaling_factor %.4f, reconstruction L1 %.4f on [-1, 1]", vae.config.scaling_factor, err)
+    vae.save_pretrained(out)
+
+
+# 3. Base: text encoder + UNet from scratch on all styles -------------------------------------
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=SIZES.text_width,
+        intermediate_size=4 * SIZES.text_width,
+        num_hidden_layers=SIZES.text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=SIZES.max_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=SIZES.image // 2 ** (len(SIZES.vae_channels) - 1),
+        in_channels=SIZES.latent_channels,
+        out_channels=SIZES.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=SIZES.unet_channels,
+        layers_per_block=1,
+        cross_attention_dim=SIZES.text_width,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    # Stable Diffusion's training schedule, so the usual samplers apply unchanged.
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def train_base(data: Path, pipeline: Path, work: Path, seed: int = 0) -> None:
+    """Train text encoder and UNet together on every style, captions without style words."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(pipeline / "vae").eval()
+    data_set = load_captioned_images(data, SIZES.image, caption_column=CAPTIONS)
+    lat_mean, lat_std = encode_images(vae, data_set.pixels)
+    ids = tokenizer(
+        data_set.captions + [""], padding="max_length", max_length=SIZES.max_tokens, truncation=True, return_tensors="pt"
+    ).input_ids
+    empty = len(data_set.captions)
+
+    torch.manual_seed(seed)
+    text_encoder, unet, scheduler = make_text_encoder(tokenizer).train(), make_unet().train(), make_scheduler()
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=BUDGET.base_lr, weight_decay=1e-2)
+    modules = {"text_encoder": text_encoder, "unet": unet}
+    ckpt = work / "base"
+    start = load_checkpoint(ckpt, modules, optimizer)["step"] if (ckpt / "checkpoint.safetensors").is_file() else 0
+    logger.info("base: unet %.2fM, text encoder %.2fM parameters", *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (unet, text_encoder)))
+    t0 = time.time()
+    for step in tqdm(range(start, BUDGET.base_steps), initial=start, total=BUDGET.base_steps, desc="base"):
+        g = step_generator(seed, step)
+        idx = torch.randint(0, empty, (BUDGET.base_batch,), generator=g)
+        latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * vae.config.scaling_factor
+        rows = idx.clone()
+        rows[torch.rand(len(idx), generator=g) < 0.1] = empty  # caption dropout for classifier-free guidance
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, BUDGET.base_lr, 200, BUDGET.base_steps)
+        loss = diffusion_loss(unet, scheduler, latents, text_encoder(ids[rows])[0], g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if (step + 1) % 50 == 0:
+            logger.info("base step %d loss %.4f (%.1f samples/s)", step + 1, loss.item(), 50 * BUDGET.base_batch / (time.time() - t0))
+            t0 = time.time()
+        if (step + 1) % 250 == 0 or step + 1 == BUDGET.base_steps:
+            save_checkpoint(ckpt, modules, optimizer, step + 1)
+    text_encoder.eval().save_pretrained(pipeline / "text_encoder")
+    unet.eval().to(torch.float16).save_pretrained(pipeline / "unet")
+    scheduler.save_pretrained(pipeline / "scheduler")
+
+
+def write_model_index(pipeline: Path) -> None:
+    """Save the parts as one StableDiffusionPipeline folder (no safety checker: emoji only)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(pipeline / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(pipeline / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(pipeline / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(pipeline / "unet", torch_dtype=torch.float16),  # shipped in fp16
+        scheduler=DDPMScheduler.from_pretrained(pipeline / "scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(pipeline)
+
+
+# 4. Shards: one UNet finetune per style -----------------------------------------------------
+def train_shards(data: Path, pipeline: Path, shards: Path, work: Path, styles: list[str], seed: int = 0) -> None:
+    for style in styles:
+        out = shards / f"{style}.safetensors"
+        if out.is_file():
+            logger.info("shard %s exists, skipped", style)
+            continue
+        config = TrainConfig(
+            pipeline=str(pipeline),
+            data=str(data),
+            out=str(out),
+            where={"style": style},
+            caption_column=CAPTIONS,
+            steps=BUDGET.shard_steps,
+            batch_size=BUDGET.shard_batch,
+            learning_rate=BUDGET.shard_lr,
+            warmup_steps=50,
+            seed=seed,
+            checkpoint_every=min(100, BUDGET.shard_steps),
+            checkpoint_dir=str(work / f"shard-{style}"),
+        )
+        finetune_unet(config, resume=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/emoji-styles"), help="the emoji-styles imagefolder")
+    parser.add_argument("--out", type=Path, default=Path("assets/emoji"), help="pipeline/ and shards/ are written here")
+    parser.add_argument("--work", type=Path, default=Path(".cache/recipe-emoji"), help="resumable checkpoints")
+    parser.add_argument("--stage", choices=["tokenizer", "vae", "base", "shards", "all"], default="all")
+    parser.add_argument("--styles", default=",".join(STYLES), help="comma-separated shard styles, in training order")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps per stage, to check the recipe runs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.smoke:
+        global BUDGET
+        BUDGET = Budget(vae_steps=2, base_steps=2, shard_steps=2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipeline, shards = args.out / "pipeline", args.out / "shards"
+    stages = ["tokenizer", "vae", "base", "shards"] if args.stage == "all" else [args.stage]
+    if "tokenizer" in stages and not (pipeline / "tokenizer" / "vocab.json").is_file():
+        build_tokenizer(args.data, pipeline / "tokenizer")
+    if "vae" in stages and not (pipeline / "vae" / "config.json").is_file():
+        train_vae(args.data, pipeline / "vae", args.work, args.seed)
+    if "base" in stages and not (pipeline / "model_index.json").is_file():
+        train_base(args.data, pipeline, args.work, args.seed)
+        write_model_index(pipeline)
+    if "shards" in stages:
+        train_shards(args.data, pipeline, shards, args.work, [s for s in args.styles.split(",") if s], args.seed)
+
+
+if __name__ == "__main__":
+    main()

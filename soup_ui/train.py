@@ -1,0 +1,204 @@
+"""Finetune the UNet of a diffusers text-to-image pipeline on a captioned image folder.
+
+This is how one shard of a soup is made (the paper's step 1: one finetune per data shard,
+text encoder and VAE frozen). Checkpoints are safetensors files, so `--resume` never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import load_captioned_images, to_model_range
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one UNet finetune."""
+
+    pipeline: str  # diffusers pipeline folder whose UNet is the starting point
+    data: str  # imagefolder with metadata.jsonl
+    out: str  # where the finetuned UNet weights go (one .safetensors file)
+    where: dict[str, str] = field(default_factory=dict)  # metadata filter, e.g. {"style": "twemoji"}
+    caption_column: str = "text"
+    steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1  # share of empty captions, so classifier-free guidance works
+    seed: int = 0
+    checkpoint_every: int = 250
+    checkpoint_dir: str | None = None  # default: <out>.ckpt/
+    save_dtype: str = "float16"
+    device: str = "cpu"
+
+
+def diffusion_loss(unet, noise_scheduler, latents, text_states, generator) -> torch.Tensor:
+    """The DDPM training loss: predict the noise (or v) added at a random timestep."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+    )
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    pred = unet(noisy, timesteps, text_states).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
+    """A generator that depends only on (seed, step), so a resumed run draws what an unbroken one would."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, step: int, extra: dict | None = None):
+    """Write modules and the optimizer state as safetensors (no pickle), atomically."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for prefix, module in modules.items():
+        for name, value in module.state_dict().items():
+            tensors[f"{prefix}.{name}"] = value.detach().contiguous()
+    state = optimizer.state_dict()
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).contiguous()
+    meta = {"step": step, "param_groups": state["param_groups"], **(extra or {})}
+    tmp = path / "checkpoint.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+    tmp.replace(path / "checkpoint.safetensors")
+    logger.info("checkpoint at step %d -> %s", step, path)
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict:
+    """Restore what `save_checkpoint` wrote; returns its metadata (with "step")."""
+    from safetensors import safe_open
+
+    file = path / "checkpoint.safetensors"
+    with safe_open(str(file), "pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    tensors = load_file(str(file))
+    for prefix, module in modules.items():
+        sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        module.load_state_dict(sub)
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, slot = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    logger.info("resumed from %s at step %d", file, meta["step"])
+    return meta
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor, batch_size: int = 256, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for every image (cached once; sampled per step)."""
+    means, stds = [], []
+    for start in range(0, len(pixels), batch_size):
+        dist = vae.encode(to_model_range(pixels[start : start + batch_size]).to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder, captions: list[str], device="cpu") -> torch.Tensor:
+    """Text-encoder hidden states, as the Stable Diffusion pipeline computes them."""
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+def finetune_unet(config: TrainConfig, resume: bool = False, disable_progress: bool = False) -> Path:
+    """Finetune the pipeline's UNet on the (filtered) image folder; returns the weights file."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    out = Path(config.out)
+    ckpt_dir = Path(config.checkpoint_dir or f"{out}.ckpt")
+
+    # 1. Load the frozen parts and the UNet to train.
+    tokenizer = CLIPTokenizer.from_pretrained(config.pipeline, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(config.pipeline, subfolder="text_encoder", use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(config.pipeline, subfolder="vae", use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(config.pipeline, subfolder="unet", use_safetensors=True)
+    noise_scheduler = DDPMScheduler.from_pretrained(config.pipeline, subfolder="scheduler")
+    for module in (text_encoder, vae, unet):
+        module.to(device=device, dtype=torch.float32)
+    text_encoder.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval()
+    unet.train()
+
+    # 2. Cache latents and text states: both encoders are frozen, so each is computed once.
+    size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    data = load_captioned_images(config.data, size, config.where, config.caption_column)
+    lat_mean, lat_std = encode_images(vae, data.pixels, device=device)
+    scale = vae.config.scaling_factor
+    unique = sorted(set(data.captions))
+    caption_index = torch.tensor([unique.index(c) for c in data.captions])
+    text_states = encode_captions(tokenizer, text_encoder, unique + [""], device=device)
+    empty_index = len(unique)
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
+    start = 0
+    if resume and (ckpt_dir / "checkpoint.safetensors").is_file():
+        start = load_checkpoint(ckpt_dir, {"unet": unet}, optimizer)["step"]
+
+    # 3. Train.
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=disable_progress, desc="finetune")
+    t0, losses = time.time(), []
+    for step in bar:
+        g = step_generator(config.seed, step)
+        idx = torch.randint(0, len(data.captions), (config.batch_size,), generator=g)
+        latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scale
+        cap = caption_index[idx].clone()
+        cap[torch.rand(len(idx), generator=g) < config.caption_dropout] = empty_index
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config.learning_rate, config.warmup_steps, config.steps)
+        loss = diffusion_loss(unet, noise_scheduler, latents.to(device), text_states[cap.to(device)], g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            mean = sum(losses[-50:]) / len(losses[-50:])
+            bar.set_postfix(loss=f"{mean:.4f}")
+            logger.info("step %d loss %.4f (%.1f samples/s)", step + 1, mean, 50 * config.batch_size / (time.time() - t0))
+            t0 = time.time()
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            save_checkpoint(ckpt_dir, {"unet": unet}, optimizer, step + 1, {"config": asdict(config)})
+
+    # 4. Write the shard: UNet weights only, in the UNet's own tensor names.
+    dtype = getattr(torch, config.save_dtype)
+    weights = {k: v.detach().to(dtype).contiguous().cpu() for k, v in unet.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(weights, str(tmp), metadata={"soup_ui.train": json.dumps(asdict(config))})
+    tmp.replace(out)
+    logger.info("wrote %s", out)
+    return out

@@ -1,0 +1,63 @@
+"""The named API endpoints, through gradio_client, against a real `python app.py`."""
+
+import threading
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from PIL import Image
+
+ARGS = dict(prompt="a red apple", negative_prompt="", seed=5, steps=3, guidance_scale=4.0, scheduler="dpm++", height=16, width=16)
+
+
+def render(client, mix, **over):
+    images, info = client.predict("", mix, *{**ARGS, **over}.values(), api_name="/render")
+    return [np.asarray(Image.open(item["image"]["path"] if isinstance(item["image"], dict) else item["image"])) for item in images], info
+
+
+def test_mix_endpoint_normalizes_and_names_the_recipe(server):
+    info = Client(server, verbose=False).predict("", "alpha=3,gamma=1", api_name="/mix")
+    assert info["label"] == "soup: 0.75 alpha + 0.25 gamma"
+    assert [(s["name"], s["weight"]) for s in info["recipe"]["shards"]] == [("alpha", 0.75), ("gamma", 0.25)]
+    assert all(len(s["sha256"]) == 64 for s in info["recipe"]["shards"])
+
+
+def test_render_endpoint_and_its_errors(server):
+    client = Client(server, verbose=False)
+    images, info = render(client, "alpha=1,beta=1")
+    assert info["labels"] == ["alpha", "beta", "soup: 0.50 alpha + 0.50 beta"]
+    assert len(images) == 3 and images[0].shape == (16, 16, 3)
+    with pytest.raises(Exception, match="steps: Input should be less than or equal to 150"):
+        render(client, "alpha=1", steps=100000)
+    with pytest.raises(Exception, match="the weights sum to zero"):
+        render(client, "alpha=0")
+    assert render(client, "beta=1")[1]["labels"][-1] == "soup: 1.00 beta"  # still serving
+
+
+def test_concurrent_sessions_get_their_own_soups(server, studio):
+    """Eight clients at once, four different mixes never rendered before: each gets its own soup."""
+    from soup_ui.presets import RenderSettings
+    from soup_ui.ui import parse_api_mix
+
+    mixes = ["alpha=1,beta=0.1", "alpha=0.1,beta=1", "beta=1,gamma=1", "alpha=1,gamma=0.2"]
+    got, errors = {}, []
+
+    def work(i, mix):
+        try:
+            got[i] = render(Client(server, verbose=False), mix, seed=100)[0][-1].astype(int)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i, mixes[i % 4])) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # References rendered in this process, one at a time (float maths may differ by a rounding step).
+    settings = RenderSettings(**{**ARGS, "seed": 100})
+    reference = [np.asarray(studio.render_soup(parse_api_mix(m), settings).image).astype(int) for m in mixes]
+    for i, image in got.items():
+        distances = [np.abs(image - r).max() for r in reference]
+        assert distances[i % 4] <= 2, (mixes[i % 4], distances)
+        assert min(d for j, d in enumerate(distances) if j != i % 4) > 10, distances

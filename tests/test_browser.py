@@ -1,0 +1,66 @@
+"""What a person clicks: Chromium (Playwright) against a real `python app.py`."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def image_pixels(page, img):
+    """Decode the picture an <img> shows, as served."""
+    data = page.request.get(img.get_attribute("src")).body()
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_select_mix_generate_and_move_a_slider(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1300, "height": 1200})
+    page.goto(server)
+    page.wait_for_selector("#shard-check-2", state="visible", timeout=60_000)
+    assert page.locator("#mixture").inner_text().split() == ["alpha", "33%", "beta", "33%", "gamma", "33%"]
+
+    # Select two shards: untick gamma.
+    page.locator("#shard-check-2 input[type=checkbox]").uncheck()
+    page.wait_for_function("document.querySelector('#mixture').innerText.includes('alpha 50%')")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#components img').length === 2", timeout=60_000)
+    page.wait_for_function("document.querySelector('#soup-label').innerText.includes('soup: 0.50 alpha + 0.50 beta')")
+    components = page.locator("#components img")
+    assert components.count() == 2
+    before_parts = [image_pixels(page, components.nth(i)) for i in range(2)]
+    before_srcs = [components.nth(i).get_attribute("src") for i in range(2)]
+    soup = page.locator("#soup-image img")
+    before_soup, before_soup_src = image_pixels(page, soup), soup.get_attribute("src")
+
+    # Drag alpha's weight down to about 0.2 and let go: only the soup is rendered again.
+    track = page.locator("#shard-weight-0 input[type=range]")
+    track.scroll_into_view_if_needed()
+    box = track.bounding_box()
+    page.mouse.click(box["x"] + 0.2 * box["width"], box["y"] + box["height"] / 2)
+    page.wait_for_function("!document.querySelector('#soup-label').innerText.includes('0.50 alpha')", timeout=60_000)
+    label = page.locator("#soup-label").inner_text()
+    assert label.startswith("soup: 0.1") or label.startswith("soup: 0.2"), label
+    page.wait_for_function(f"document.querySelector('#soup-image img').getAttribute('src') !== {before_soup_src!r}")
+    after_soup = image_pixels(page, page.locator("#soup-image img"))
+    assert page.locator("#components img").count() == 2
+    assert [page.locator("#components img").nth(i).get_attribute("src") for i in range(2)] == before_srcs
+    for i in range(2):
+        assert np.array_equal(image_pixels(page, page.locator("#components img").nth(i)), before_parts[i])
+    assert np.abs(after_soup.astype(int) - before_soup.astype(int)).max() > 10
+    page.screenshot(path=str(tmp_path / "after.png"), full_page=True)
+    page.close()
+
+
+def test_errors_show_in_the_page_and_the_server_keeps_serving(server, browser):
+    page = browser.new_page()
+    page.goto(server)
+    page.wait_for_selector("#shard-check-2", state="visible", timeout=60_000)
+    for i in range(3):
+        page.locator(f"#shard-check-{i} input[type=checkbox]").uncheck()
+    page.click("#generate")
+    toast = page.get_by_text("no shard selected: select at least one shard to mix")
+    toast.first.wait_for(timeout=30_000)
+    assert "Traceback" not in page.content()
+    page.locator("#shard-check-1 input[type=checkbox]").check()
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#soup-label').innerText.includes('soup: 1.00 beta')", timeout=60_000)
+    page.close()

@@ -1,0 +1,101 @@
+"""The soup maths, exactly."""
+
+import math
+
+import pytest
+import torch
+
+from soup_ui.soup import average_into, mixture_label, normalize_weights
+
+
+def tensors(seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(4, 3, generator=g).to(dtype), "b.bias": torch.randn(5, generator=g).to(dtype)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_weight_one_zero_gives_first_source_bit_for_bit(dtype):
+    target, s1, s2 = tensors(0, dtype), tensors(1, dtype), tensors(2, dtype)
+    average_into(target, [s1, s2], [1.0, 0.0])
+    for k in target:
+        assert torch.equal(target[k], s1[k])
+
+
+def test_equal_weights_give_the_mean():
+    target, sources = tensors(0), [tensors(i) for i in (1, 2, 3)]
+    average_into(target, sources, [2.0, 2.0, 2.0])
+    for k in target:
+        expected = (sources[0][k] + sources[1][k] + sources[2][k]) / 3
+        torch.testing.assert_close(target[k], expected, rtol=0, atol=1e-6)
+
+
+def test_weights_are_normalized():
+    target, s1, s2 = tensors(0), tensors(1), tensors(2)
+    average_into(target, [s1, s2], [3.0, 1.0])
+    for k in target:
+        torch.testing.assert_close(target[k], 0.75 * s1[k] + 0.25 * s2[k], rtol=0, atol=1e-6)
+    assert normalize_weights([3, 1]) == [0.75, 0.25]
+
+
+def test_in_place_and_nothing_left_over_from_the_previous_mix():
+    target, s1, s2 = tensors(0), tensors(1), tensors(2)
+    storage = {k: v.data_ptr() for k, v in target.items()}
+    average_into(target, [s1, s2], [0.9, 0.1])
+    average_into(target, [s1, s2], [0.0, 1.0])
+    for k in target:
+        assert target[k].data_ptr() == storage[k]
+        assert torch.equal(target[k], s2[k])
+
+
+def test_module_parameters_are_a_valid_target():
+    net, a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    average_into(dict(net.named_parameters()), [a.state_dict(), b.state_dict()], [1, 1])
+    torch.testing.assert_close(net.weight.data, (a.weight.data + b.weight.data) / 2)
+
+
+def test_fp16_target_is_accumulated_in_fp32():
+    target = {"x": torch.zeros(1000, dtype=torch.float16)}
+    sources = [{"x": torch.full((1000,), 1.0 + i / 1024, dtype=torch.float16)} for i in range(7)]
+    average_into(target, sources, [1] * 7)
+    exact = sum(1.0 + i / 1024 for i in range(7)) / 7
+    assert torch.all(target["x"] == torch.tensor(exact, dtype=torch.float16))
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([], "no shard selected"),
+        ([0.0, 0.0], "sum to zero"),
+        ([1.0, -0.5], "must be >= 0, got -0.5"),
+        ([1.0, math.nan], "must be finite"),
+        ([math.inf, 1.0], "must be finite"),
+    ],
+)
+def test_bad_weights_raise_and_change_nothing(weights, message):
+    target, sources = tensors(0), [tensors(1), tensors(2)][: len(weights)]
+    before = {k: v.clone() for k, v in target.items()}
+    with pytest.raises(ValueError, match=message):
+        average_into(target, sources, weights)
+    for k in target:
+        assert torch.equal(target[k], before[k])
+
+
+def test_mismatched_shapes_name_the_tensor_and_change_nothing():
+    target, good, bad = tensors(0), tensors(1), tensors(2)
+    bad["b.bias"] = torch.zeros(6)
+    before = {k: v.clone() for k, v in target.items()}
+    with pytest.raises(ValueError, match=r"'b.bias' has shape \(6,\), target has \(5,\)"):
+        average_into(target, [good, bad], [1, 1])
+    assert all(torch.equal(target[k], before[k]) for k in target)
+
+
+def test_missing_tensor_is_named():
+    target, s = tensors(0), tensors(1)
+    del s["a.weight"]
+    with pytest.raises(ValueError, match="no tensor 'a.weight'"):
+        average_into(target, [s], [1])
+
+
+def test_label_shows_normalized_weights():
+    assert mixture_label(["twemoji", "openmoji"], [1, 1]) == "soup: 0.50 twemoji + 0.50 openmoji"
+    assert mixture_label(["a", "b", "c"], [3, 0, 1]) == "soup: 0.75 a + 0.25 c"

@@ -1,0 +1,122 @@
+"""The engine: rendering from shared noise, the cache, concurrency and export."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from soup_ui.checkpoints import sha256_file
+from soup_ui.presets import RenderSettings
+from soup_ui.studio import StudioError
+
+SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=0)
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_render_gives_components_then_the_labelled_soup(studio):
+    results = studio.render({"alpha": 1, "beta": 1}, SETTINGS)
+    assert [r.label for r in results] == ["alpha", "beta", "soup: 0.50 alpha + 0.50 beta"]
+    assert [r.kind for r in results] == ["component", "component", "soup"]
+    assert all(r.image.size == (16, 16) for r in results)
+    assert not np.array_equal(pixels(results[0].image), pixels(results[1].image))
+
+
+def test_a_weight_change_renders_only_the_soup(studio):
+    settings = SETTINGS.model_copy(update={"seed": 11})
+    studio.render({"alpha": 0.5, "gamma": 0.5}, settings)
+    before = studio.renders.copy()
+    first = studio.render({"alpha": 0.5, "gamma": 0.5}, settings)
+    assert studio.renders == before  # all cached
+    second = studio.render({"alpha": 0.2, "gamma": 0.8}, settings)
+    assert studio.renders["component"] == before["component"]
+    assert studio.renders["soup"] == before["soup"] + 1
+    assert np.array_equal(pixels(first[0].image), pixels(second[0].image))
+    assert not np.array_equal(pixels(first[-1].image), pixels(second[-1].image))
+    studio.render({"alpha": 0.5, "gamma": 0.5}, settings.model_copy(update={"seed": 12}))
+    assert studio.renders["component"] == before["component"] + 2  # a new seed is a new image
+
+
+def test_soup_with_weights_one_zero_is_the_component(studio):
+    settings = SETTINGS.model_copy(update={"seed": 21})
+    component = studio.render_component("beta", settings)
+    soup = studio.render_soup({"alpha": 0.0, "beta": 1.0}, settings)
+    assert np.array_equal(pixels(component.image), pixels(soup.image))
+    assert soup.label == "soup: 1.00 beta"
+
+
+def test_same_seed_same_noise(studio):
+    a = studio.initial_noise(SETTINGS)
+    b = studio.initial_noise(SETTINGS)
+    c = studio.initial_noise(SETTINGS.model_copy(update={"seed": 1}))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "mix, message",
+    [
+        ({}, "no shard selected"),
+        ({"alpha": 0, "beta": 0}, "sum to zero"),
+        ({"alpha": -1}, "weight of alpha must be >= 0"),
+        ({"alpha": float("nan")}, "weight of alpha must be finite"),
+        ({"zeta": 1}, r"unknown shard 'zeta' \(loaded: alpha, beta, gamma\)"),
+    ],
+)
+def test_bad_mixes_raise_and_leave_the_hybrid_alone(studio, mix, message):
+    before = {k: v.clone() for k, v in studio.hybrid_tensors.items()}
+    with pytest.raises(StudioError, match=message):
+        studio.render_soup(mix, SETTINGS)
+    assert all(torch.equal(before[k], v) for k, v in studio.hybrid_tensors.items())
+
+
+def test_prompt_too_long(studio):
+    long = RenderSettings(prompt="a red apple " * 20, steps=1, height=16, width=16)
+    with pytest.raises(StudioError, match=r"the prompt is \d+ tokens long; this model reads at most 16"):
+        studio.render({"alpha": 1}, long)
+
+
+def test_concurrent_mixes_each_get_their_own_weights(studio):
+    mixes = [{"alpha": 1.0, "beta": 0.0}, {"alpha": 0.0, "beta": 1.0}, {"alpha": 0.3, "gamma": 0.7}, {"beta": 0.5, "gamma": 0.5}]
+    settings = [SETTINGS.model_copy(update={"seed": 40 + i}) for i in range(4)]
+    results = [None] * 8
+
+    def work(i):
+        results[i] = pixels(studio.render_soup(mixes[i % 4], settings[i % 4]).image)
+
+    studio._images.clear()  # force real renders, interleaved
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):  # reference: one at a time, no cache
+        studio._images.clear()
+        expected = pixels(studio.render_soup(mixes[i], settings[i]).image)
+        assert np.array_equal(results[i], expected) and np.array_equal(results[i + 4], expected)
+
+
+def test_export_round_trip(studio, tmp_path, tiny_preset):
+    out = studio.export({"alpha": 1, "gamma": 3}, tmp_path / "soup.safetensors")
+    exported = load_file(str(out))
+    folder = tiny_preset.parent
+    alpha = load_file(str(folder / "alpha" / "diffusion_pytorch_model.safetensors"))
+    gamma = load_file(str(folder / "gamma.safetensors"))
+    assert set(exported) == set(alpha)
+    for k in alpha:  # the average computed independently, in float64
+        expected = (0.25 * alpha[k].double() + 0.75 * gamma[k].double()).float()
+        torch.testing.assert_close(exported[k], expected, rtol=0, atol=1e-6)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    recipe = json.loads(meta["soup_ui.recipe"])
+    assert recipe["shards"] == [
+        {"name": "alpha", "sha256": sha256_file(folder / "alpha"), "weight": 0.25},
+        {"name": "gamma", "sha256": sha256_file(folder / "gamma.safetensors"), "weight": 0.75},
+    ]
+    assert json.loads(meta["sd_merge_recipe"])["label"] == "soup: 0.25 alpha + 0.75 gamma"
+    assert not list(tmp_path.glob(".*.tmp"))
