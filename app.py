@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
+    parser.add_argument("--lean", action="store_true", help="stream shards from their files instead of loading each (default: when they would not fit)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in presets:
         if not Path(p).is_file():
             parser.error(f"--preset: no such file: {p}")
-    host = StudioHost(presets, RuntimeOptions(device=args.device, dtype=args.dtype))
+    host = StudioHost(presets, RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None))
     launch(build_ui(host), port=args.port, share=args.share)
 
 

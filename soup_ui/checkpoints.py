@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -128,12 +129,58 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu", dtype: to
                     out[key] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+    check_finite(path, out)
     for key, tensor in out.items():
+        out[key] = tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype)
+    return out
+
+
+class LazyWeights(Mapping):
+    """A UNet's tensors read from memory-mapped safetensors on access, one at a time ("lean" mode).
+
+    Souping from these keeps only the target and the tensor being read resident, so shards that
+    would not fit in (GPU) memory can still be mixed. Validate with `compare_specs` first.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        self.path = Path(path)
+        self.device, self.dtype = device, dtype
+        self._where: dict[str, Path] = {}
+        self.specs: dict[str, tuple[tuple[int, ...], str]] = {}
+        for file in weight_files(path):
+            header = read_header(file)
+            self.specs.update(header)
+            self._where.update({name: file for name in header})
+        self._handles: dict[Path, object] = {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.specs[name][0]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file = self._where[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), "pt")
+        tensor = self._handles[file].get_tensor(name)
+        dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
+        return tensor.to(device=self.device, dtype=dtype)
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __contains__(self, name) -> bool:
+        return name in self.specs
+
+
+def check_finite(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise CheckpointError naming the first tensor that holds NaN or Inf."""
+    for key in tensors:
+        tensor = tensors[key]
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or Inf values")
-        out[key] = tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype)
-    return out
 
 
 def sha256_file(path: str | Path) -> str:

@@ -76,7 +76,7 @@ def render_settings(args: argparse.Namespace, preset: Preset) -> RenderSettings:
 def open_studio(args: argparse.Namespace, preset: Preset):
     from .studio import RuntimeOptions, Studio
 
-    studio = Studio(preset, RuntimeOptions(device=args.device, dtype=args.dtype))
+    studio = Studio(preset, RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None))
     for name, why in studio.failed.items():
         logger.warning("shard %s left out: %s", name, why)
     return studio
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mix", help="NAME=WEIGHT,... (default: every shard at its preset weight)")
         p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
         p.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
+        p.add_argument("--lean", action="store_true", help="stream shards from their files (default: when they would not fit)")
         return p
 
     p = studio_command("render", "Render each shard and the soup from the same noise into one labelled PNG.")

@@ -7,10 +7,13 @@ mean of the shards' distributions.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -45,43 +48,124 @@ def normalize_weights(weights: Sequence[float], names: Sequence[str] | None = No
 def check_compatible(target: Tensors, sources: Sequence[Tensors]) -> None:
     """Every source must hold every target tensor, with the same shape. Raises ValueError."""
     for i, source in enumerate(sources):
+        shape_of = getattr(source, "shape", None)  # lazy sources tell shapes without reading data
         for name, tensor in target.items():
-            other = source.get(name)
-            if other is None:
+            if name not in source:
                 raise ValueError(f"source #{i} has no tensor {name!r}")
-            if other.shape != tensor.shape:
-                raise ValueError(
-                    f"source #{i}: tensor {name!r} has shape {tuple(other.shape)}, target has {tuple(tensor.shape)}"
-                )
+            shape = tuple(shape_of(name) if callable(shape_of) else source[name].shape)
+            if shape != tuple(tensor.shape):
+                raise ValueError(f"source #{i}: tensor {name!r} has shape {shape}, target has {tuple(tensor.shape)}")
+
+
+# Elements per block when summing on the CPU: small enough that the output block stays in cache
+# while every source streams through it once (K reads + 1 write, the memory-bandwidth bound),
+# large enough that the per-op overhead is a small share.
+CPU_BLOCK = 1 << 18
+GPU_BLOCK = 1 << 26
+# From this many elements per mix on, `average_into` uses a compiled kernel that reads each source
+# once and writes the target once (measured at 0.85-1.04x the memory bound on SD-sized UNets, where
+# eager ops re-read the output per source). Smaller mixes stay eager: compiling takes ~40 s once.
+FUSED_MIN_ELEMENTS = 1 << 26
+
+
+def _weighted_sum(out: torch.Tensor, sources: list[torch.Tensor], weights: torch.Tensor) -> None:
+    acc = sources[0].to(weights.dtype) * weights[0]
+    for i in range(1, len(sources)):
+        acc = acc + sources[i].to(weights.dtype) * weights[i]
+    out.copy_(acc)
+
+
+_fused = {"kernel": None, "broken": False}
+
+
+def _fused_kernel():
+    """torch.compile'd `_weighted_sum` (one fused loop per K), or None where compiling fails."""
+    if _fused["kernel"] is None and not _fused["broken"]:
+        _fused["kernel"] = torch.compile(_weighted_sum, dynamic=True)
+    return None if _fused["broken"] else _fused["kernel"]
+
+
+def _average_fused(target: Tensors, mix: list) -> bool:
+    """The compiled path; returns False (having written nothing) if the compiler is unavailable."""
+    kernel = _fused_kernel()
+    floats = [name for name, t in target.items() if t.is_floating_point()]
+    if kernel is None or not floats:
+        return False
+    weight_tensors: dict[tuple, torch.Tensor] = {}
+
+    def weights_for(out: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+        if (out.device, dtype) not in weight_tensors:
+            weight_tensors[(out.device, dtype)] = torch.tensor([w for _, w in mix], dtype=dtype, device=out.device)
+        return weight_tensors[(out.device, dtype)]
+
+    first = floats[0]
+    try:  # compiles on the first call, before anything else is written
+        kernel(target[first], [s[first] for s, _ in mix], weights_for(target[first]))
+    except Exception as err:  # no C++ compiler, unsupported device, ...
+        logger.warning("fused soup kernel unavailable (%s: %s); using the eager path", type(err).__name__, err)
+        _fused["broken"] = True
+        return False
+    for name, out in target.items():
+        if name == first:
+            continue
+        if out.is_floating_point():
+            kernel(out, [s[name] for s, _ in mix], weights_for(out))
+        else:
+            out.copy_(mix[0][0][name])
+    return True
 
 
 @torch.no_grad()
-def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[float]) -> None:
+def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[float], fused: bool | None = None) -> None:
     """Write the weighted average of `sources` into `target`'s tensors, in place (the paper's soup).
 
     `target` and each source map tensor names to tensors (a state dict, or dict(module.named_parameters())).
     Weights are normalized to sum to 1; a source with weight 0 is not read. Everything is checked
-    before the first write, so a bad call changes nothing. Low-precision targets are accumulated in
-    float32, so weights (1, 0, ...) reproduce the first source bit for bit.
+    before the first write, so a bad call changes nothing. Sums run in float32 (or float64 for
+    float64 targets) in cache-sized blocks, so low-precision targets are rounded once and weights
+    (1, 0, ...) reproduce the first source bit for bit. Sources must not share memory with `target`.
+    `fused`: use the compiled kernel (None: when the mix is large enough to pay for compiling).
     """
     if len(sources) != len(weights):
         raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
     mix = [(s, w) for s, w in zip(sources, normalize_weights(weights)) if w > 0]
     check_compatible(target, [s for s, _ in mix])
-    scratch: torch.Tensor | None = None
+    if fused is None:
+        fused = sum(t.numel() for t in target.values()) * len(mix) >= FUSED_MIN_ELEMENTS
+    if fused and _average_fused(target, mix):
+        return
+    scratch: dict[tuple, torch.Tensor] = {}
     for name, out in target.items():
-        if out.dtype == torch.float32 or out.dtype == torch.float64:
-            acc = out
-        else:  # fp16/bf16: sum in float32 in one reused buffer, round once at the end
-            if scratch is None or scratch.numel() < out.numel() or scratch.device != out.device:
-                scratch = torch.empty(max(out.numel(), 1 << 20), dtype=torch.float32, device=out.device)
-            acc = scratch[: out.numel()].view(out.shape)
-        (first, w0), rest = mix[0], mix[1:]
-        torch.mul(first[name].to(acc.dtype), w0, out=acc)
-        for source, w in rest:
-            acc.add_(source[name], alpha=w)
-        if acc is not out:
-            out.copy_(acc)
+        if not out.is_floating_point():  # integer buffers (e.g. counters): take the first source's
+            out.copy_(mix[0][0][name])
+            continue
+        block = GPU_BLOCK if out.device.type == "cuda" else CPU_BLOCK
+        acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+        flat_out = out.view(-1) if out.is_contiguous() else None
+        parts = [(s[name].reshape(-1), w) for s, w in mix]
+        n = out.numel()
+        if flat_out is None:  # rare: a non-contiguous target; sum whole, then copy
+            acc = torch.zeros(n, dtype=acc_dtype, device=out.device)
+            for src, w in parts:
+                acc.add_(src, alpha=w)
+            out.copy_(acc.view(out.shape))
+            continue
+        key = (out.device, acc_dtype)
+        if acc_dtype != out.dtype and key not in scratch:
+            scratch[key] = torch.empty(block, dtype=acc_dtype, device=out.device)
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            dst = flat_out[start:stop]
+            acc = dst if acc_dtype == out.dtype else scratch[key][: stop - start]
+            (first, w0), rest = parts[0], parts[1:]
+            acc.copy_(first[start:stop])
+            if w0 != 1.0:
+                acc.mul_(w0)
+            for src, w in rest:
+                acc.add_(src[start:stop], alpha=w)
+            if acc is not dst:
+                dst.copy_(acc)
 
 
 def mixture_label(names: Sequence[str], weights: Sequence[float]) -> str:

@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,18 @@ class RuntimeOptions:
     device: str | None = None  # None: cuda if available, else mps, else cpu
     dtype: str | None = None  # None: float16 on GPU, float32 on CPU (fp16 maths is slow on CPUs)
     cache_size: int = 512  # rendered images kept in memory
+    lean: bool | None = None  # stream shards from memory-mapped files; None: when they would not fit
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device (for CPUs, the memory available to new allocations)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 1 << 34
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -65,10 +77,10 @@ class Shard:
     name: str
     path: Path
     sha256: str
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None  # None in lean mode: the weights stay in their files
     weight: float = 1.0
     description: str = ""
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -136,6 +148,10 @@ class Studio:
         # The base UNet's memory becomes the hybrid: mixing writes into it, never allocating anew.
         self.hybrid = self.pipe.unet.eval()
         self.hybrid_tensors = dict(self.hybrid.state_dict())
+        unet_bytes = sum(t.numel() * t.element_size() for t in self.hybrid_tensors.values())
+        self.lean = options.lean if options.lean is not None else len(preset.shards) * unet_bytes > 0.8 * free_memory(self.device)
+        if self.lean:
+            logger.info("lean mode: %d shards of %.0f MB are streamed from their files", len(preset.shards), unet_bytes / 1e6)
 
         # 2. Every shard, validated against the base; a bad one is reported and left out.
         for i, spec in enumerate(preset.shards):
@@ -155,11 +171,15 @@ class Studio:
         if name in self.shards:
             raise checkpoints.CheckpointError(f"a shard named {name!r} is already loaded")
         checkpoints.compare_specs(name, checkpoints.tensor_specs(path), self.base_specs)
-        weights = checkpoints.load_weights(path, self.device, self.dtype)
-        unet = copy.deepcopy(self.hybrid)
-        unet.load_state_dict(weights, strict=True)
-        shard = Shard(name, Path(path), checkpoints.sha256_file(path), unet, weight, description)
-        shard.tensors = dict(unet.state_dict())
+        if self.lean:
+            lazy = checkpoints.LazyWeights(path, self.device, self.dtype)
+            checkpoints.check_finite(path, lazy)
+            shard = Shard(name, Path(path), checkpoints.sha256_file(path), None, weight, description, lazy)
+        else:
+            unet = copy.deepcopy(self.hybrid)
+            unet.load_state_dict(checkpoints.load_weights(path, self.device, self.dtype), strict=True)
+            shard = Shard(name, Path(path), checkpoints.sha256_file(path), unet, weight, description)
+            shard.tensors = dict(unet.state_dict())
         with self.lock:
             self.shards[name] = shard
         logger.info("loaded shard %s from %s", name, path)
@@ -253,7 +273,9 @@ class Studio:
             image = self._images.hit(key)
             if image is None:
                 self.check_settings(settings)
-                image = self._denoise(shard.unet, settings, "component")
+                if shard.unet is None:  # lean mode: the component is the soup of itself alone
+                    self.mix({name: 1.0})
+                image = self._denoise(shard.unet or self.hybrid, settings, "component")
                 self._images.put(key, image)
         return Rendered(name, image, "component")
 

@@ -99,3 +99,34 @@ def test_missing_tensor_is_named():
 def test_label_shows_normalized_weights():
     assert mixture_label(["twemoji", "openmoji"], [1, 1]) == "soup: 0.50 twemoji + 0.50 openmoji"
     assert mixture_label(["a", "b", "c"], [3, 0, 1]) == "soup: 0.75 a + 0.25 c"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tensors_larger_than_a_block(dtype):
+    from soup_ui import soup
+
+    n = soup.CPU_BLOCK * 2 + 12345  # three blocks, the last one partial
+    g = torch.Generator().manual_seed(0)
+    sources = [{"w": torch.randn(n, generator=g).to(dtype)} for _ in range(3)]
+    target = {"w": torch.empty(n, dtype=dtype)}
+    average_into(target, sources, [0.5, 0.25, 0.25])
+    expected = (0.5 * sources[0]["w"].double() + 0.25 * sources[1]["w"].double() + 0.25 * sources[2]["w"].double()).to(dtype)
+    assert (target["w"].double() - expected.double()).abs().max() <= (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_integer_buffers_are_taken_from_the_first_source():
+    target = {"n": torch.zeros(3, dtype=torch.int64)}
+    average_into(target, [{"n": torch.tensor([1, 2, 3])}, {"n": torch.tensor([7, 8, 9])}], [1, 1])
+    assert target["n"].tolist() == [1, 2, 3]
+
+
+def test_fused_kernel_matches_the_eager_path():
+    """The compiled path (or its eager fallback where no compiler exists) gives the same soup."""
+    sources = [tensors(i, torch.float16) for i in (1, 2, 3)]
+    eager, fused = tensors(0, torch.float16), tensors(0, torch.float16)
+    average_into(eager, sources, [0.2, 0.3, 0.5], fused=False)
+    average_into(fused, sources, [0.2, 0.3, 0.5], fused=True)
+    for k in eager:
+        assert torch.equal(eager[k], fused[k])
+    average_into(fused, sources, [0.0, 1.0, 0.0], fused=True)
+    assert all(torch.equal(fused[k], sources[1][k]) for k in fused)

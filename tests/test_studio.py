@@ -120,3 +120,17 @@ def test_export_round_trip(studio, tmp_path, tiny_preset):
     ]
     assert json.loads(meta["sd_merge_recipe"])["label"] == "soup: 0.25 alpha + 0.75 gamma"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_lean_mode_streams_shards_and_renders_the_same_images(tiny_preset, studio):
+    from soup_ui.checkpoints import LazyWeights
+    from soup_ui.presets import load_preset
+    from soup_ui.studio import RuntimeOptions, Studio
+
+    lean = Studio(load_preset(tiny_preset), RuntimeOptions(lean=True))
+    assert lean.lean and all(s.unet is None and isinstance(s.tensors, LazyWeights) for s in lean.shards.values())
+    settings = SETTINGS.model_copy(update={"seed": 77})
+    mix = {"alpha": 0.3, "beta": 0.7}
+    for a, b in zip(lean.render(mix, settings), studio.render(mix, settings)):
+        assert a.label == b.label
+        assert np.array_equal(pixels(a.image), pixels(b.image))
