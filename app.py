@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
     parser.add_argument("--lean", action="store_true", help="stream shards from their files instead of loading each (default: when they would not fit)")
+    parser.add_argument("--models-dir", type=Path, action="append", default=[], help="another folder shards may be added from (repeatable)")
+    parser.add_argument("--output-dir", type=Path, default=Path("soup-outputs"), help="where uploads, exports, recipes and saved presets go")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     for p in presets:
         if not Path(p).is_file():
             parser.error(f"--preset: no such file: {p}")
-    host = StudioHost(presets, RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None))
+    options = RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None)
+    host = StudioHost(presets, options, models_dirs=args.models_dir, output_dir=args.output_dir)
     launch(build_ui(host), port=args.port, share=args.share)
 
 

@@ -10,7 +10,19 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .presets import SCHEDULERS, Preset, PresetError, RenderSettings, describe_validation_error, load_preset
+from .presets import (
+    SCHEDULERS,
+    Preset,
+    PresetError,
+    Recipe,
+    RenderSettings,
+    describe_validation_error,
+    load_preset,
+    load_recipe,
+    preset_data,
+    save_recipe,
+    write_yaml_atomic,
+)
 
 logger = logging.getLogger("soup_ui")
 
@@ -52,11 +64,14 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help=f"sampler: one of {', '.join(SCHEDULERS)}")
 
 
-def render_settings(args: argparse.Namespace, preset: Preset) -> RenderSettings:
-    """The preset's render defaults, overridden by the options given."""
-    defaults = preset.render.model_dump(exclude={"prompts"})
-    if preset.render.prompts and not preset.render.prompt:
-        defaults["prompt"] = preset.render.prompts[0]
+def render_settings(args: argparse.Namespace, preset: Preset, recipe: Recipe | None = None) -> RenderSettings:
+    """The recipe's settings (else the preset's render defaults), overridden by the options given."""
+    if recipe is not None:
+        defaults = recipe.render.model_dump()
+    else:
+        defaults = preset.render.model_dump(exclude={"prompts"})
+        if preset.render.prompts and not preset.render.prompt:
+            defaults["prompt"] = preset.render.prompts[0]
     given = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -82,42 +97,131 @@ def open_studio(args: argparse.Namespace, preset: Preset):
     return studio
 
 
+class Job:
+    """What a studio command works on: preset, mix, merge mode and render settings, from --recipe
+    and the options (options win)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else None
+        preset_path = args.preset or (self.recipe.preset if self.recipe else None)
+        if preset_path is None:
+            raise UsageError("give --preset FILE (or a --recipe that names its preset)")
+        self.preset = load_preset(preset_path)
+        if args.mix is None and self.recipe is not None:
+            self.mix = dict(self.recipe.mix)
+        else:
+            self.mix = parse_mix(args.mix, self.preset)
+        self.mode = args.mode or (self.recipe.mode if self.recipe else "average")
+        self.scale = args.scale if args.scale is not None else (self.recipe.scale if self.recipe else 1.0)
+        self.settings = render_settings(args, self.preset, self.recipe)
+
+    def as_recipe(self) -> Recipe:
+        return Recipe(preset=self.preset.source, mix=self.mix, mode=self.mode, scale=self.scale, render=self.settings)
+
+
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
-def cmd_render(args: argparse.Namespace) -> None:
+def write_strip(results, out: str | None, title: str) -> None:
     from .sheet import labelled_strip
 
+    if out:
+        strip = labelled_strip([(r.label, r.image) for r in results], set_apart=[i for i, r in enumerate(results) if r.kind != "component"], title=title)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        strip.save(out)
+        logger.info("wrote %s", out)
+
+
+def cmd_render(args: argparse.Namespace) -> None:
     if not args.out and not args.out_dir:
         raise UsageError("render: give --out FILE.png and/or --out-dir DIR")
-    preset = load_preset(args.preset)
-    mix = parse_mix(args.mix, preset)
-    settings = render_settings(args, preset)
-    studio = open_studio(args, preset)
-    results = studio.render(mix, settings)
-    if args.out:
-        strip = labelled_strip([(r.label, r.image) for r in results], set_apart=[len(results) - 1], title=settings.prompt)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        strip.save(args.out)
-        logger.info("wrote %s", args.out)
+    job = Job(args)
+    studio = open_studio(args, job.preset)
+    results = studio.render(job.mix, job.settings, mode=job.mode, scale=job.scale)
+    if args.ensemble:
+        from .workflows import ensemble
+
+        results.append(ensemble(studio, job.mix, job.settings)[0])
+    write_strip(results, args.out, job.settings.prompt)
     if args.out_dir:
         folder = Path(args.out_dir)
         folder.mkdir(parents=True, exist_ok=True)
         for r in results:
-            r.image.save(folder / ("soup.png" if r.kind == "soup" else f"{safe_name(r.label)}.png"))
+            name = {"soup": "soup.png", "ensemble": "ensemble.png"}.get(r.kind, f"{safe_name(r.label)}.png")
+            r.image.save(folder / name)
         logger.info("wrote %d images to %s", len(results), folder)
+    if args.save_recipe:
+        save_recipe(job.as_recipe(), args.save_recipe, overwrite=args.overwrite)
+        logger.info("wrote recipe %s", args.save_recipe)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    if out.suffix != ".safetensors":
+    if args.format == "safetensors" and out.suffix != ".safetensors":
         raise UsageError(f"export: --out must end in .safetensors, got {str(out)!r}")
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"export: {out} exists; pass --overwrite to replace it")
+    if out.exists() and (args.format == "pipeline" or not args.overwrite):
+        raise UsageError(f"export: {out} exists; " + ("choose a new folder" if args.format == "pipeline" else "pass --overwrite to replace it"))
+    job = Job(args)
+    studio = open_studio(args, job.preset)
+    if args.format == "pipeline":
+        studio.export_pipeline(job.mix, out, job.mode, job.scale)
+    else:
+        studio.export(job.mix, out, job.mode, job.scale)
+    logger.info("wrote %s", out)
+
+
+def cmd_leave_one_out(args: argparse.Namespace) -> None:
+    from .workflows import leave_one_out
+
+    job = Job(args)
+    results = leave_one_out(open_studio(args, job.preset), job.mix, job.settings)
+    for r in results[1:]:
+        print(f"without {r.info['without']}: {r.info['pixels']:.2f} mean |pixel| change, {r.info['weights']:.3e} RMS weight change")
+    write_strip(results, args.out, f"leave one out: {job.settings.prompt}")
+
+
+def cmd_interpolate(args: argparse.Namespace) -> None:
+    from .workflows import interpolate
+
+    job = Job(args)
+    studio = open_studio(args, job.preset)
+    start = parse_mix(args.start, job.preset) if args.start != "soup" else job.mix
+    end = parse_mix(args.end, job.preset) if args.end != "soup" else job.mix
+    results = interpolate(studio, start, end, args.count, job.settings)
+    write_strip(results, args.out, f"{args.start} -> {args.end}: {job.settings.prompt}")
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    from .sheet import grid as grid_sheet
+    from .workflows import Axis, grid
+
+    x, y = Axis.parse(args.x), Axis.parse(args.y)
+    job = Job(args)
+    rows, row_labels, col_labels = grid(open_studio(args, job.preset), job.mix, job.settings, x, y)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    grid_sheet([[r.image for r in row] for row in rows], row_labels, col_labels).save(args.out)
+    logger.info("wrote %s", args.out)
+
+
+def cmd_add_shard(args: argparse.Namespace) -> None:
+    from . import checkpoints
+    from .presets import ShardSpec
+
     preset = load_preset(args.preset)
-    mix = parse_mix(args.mix, preset)
-    open_studio(args, preset).export(mix, out)
+    if any(s.name == args.name for s in preset.shards):
+        raise UsageError(f"add-shard: the preset already has a shard named {args.name!r}")
+    path = Path(args.path).resolve()
+    checkpoints.compare_specs(args.name, checkpoints.tensor_specs(path), checkpoints.tensor_specs(Path(preset.base) / "unet"))
+    checkpoints.load_weights(path)  # NaN / Inf check
+    try:
+        shard = ShardSpec(name=args.name, path=path, weight=args.weight, description=args.description)
+    except ValidationError as err:
+        raise UsageError(describe_validation_error("add-shard", err).replace("\n", "; ")) from None
+    extended = preset.model_copy(update={"shards": [*preset.shards, shard]})
+    out = Path(args.out)
+    write_yaml_atomic(preset_data(extended, out.parent), out, overwrite=args.overwrite)
+    logger.info("wrote %s with %d shards", out, len(extended.shards))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -147,25 +251,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def studio_command(name: str, help: str) -> argparse.ArgumentParser:
+    def studio_command(name: str, help: str, render_options: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--preset", required=True, help="preset YAML file")
-        p.add_argument("--mix", help="NAME=WEIGHT,... (default: every shard at its preset weight)")
+        p.add_argument("--preset", help="preset YAML file (default: the one --recipe names)")
+        p.add_argument("--recipe", help="recipe YAML file: preset, mix, mode and render settings (options override it)")
+        p.add_argument("--mix", help="NAME=WEIGHT,... (default: the recipe's, else every shard at its preset weight)")
+        p.add_argument("--mode", choices=["average", "task-arithmetic"], help="merge mode (default: average, the paper's soup)")
+        p.add_argument("--scale", type=float, help="task-arithmetic's lambda: base + scale * sum w_i (theta_i - base)")
         p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
         p.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
         p.add_argument("--lean", action="store_true", help="stream shards from their files (default: when they would not fit)")
+        if render_options:
+            add_render_options(p)
         return p
 
     p = studio_command("render", "Render each shard and the soup from the same noise into one labelled PNG.")
-    add_render_options(p)
     p.add_argument("--out", help="the labelled strip, a .png file")
     p.add_argument("--out-dir", help="also write each image as DIR/<shard>.png and DIR/soup.png")
+    p.add_argument("--ensemble", action="store_true", help="add the geometric-mean reference (one UNet call per component per step)")
+    p.add_argument("--save-recipe", help="write the recipe used (preset, mix, mode, settings) to this YAML file")
+    p.add_argument("--overwrite", action="store_true", help="replace --save-recipe if it exists")
     p.set_defaults(run=cmd_render)
 
-    p = studio_command("export", "Write the souped UNet as .safetensors, with the recipe in its metadata.")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p = studio_command("export", "Write the souped UNet (.safetensors with the recipe in its metadata) or a whole pipeline folder.", False)
+    p.add_argument("--out", required=True, help="output .safetensors file, or a new folder with --format pipeline")
+    p.add_argument("--format", choices=["safetensors", "pipeline"], default="safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .safetensors --out")
+    p.set_defaults(run=cmd_export, prompt=None, negative_prompt=None, seed=None, steps=None, guidance_scale=None, height=None, width=None, scheduler=None)
+
+    p = studio_command("leave-one-out", "Render the full soup and the soup without each shard (unlearning), with distances.")
+    p.add_argument("--out", help="the labelled strip, a .png file")
+    p.set_defaults(run=cmd_leave_one_out)
+
+    p = studio_command("interpolate", "Render soups along the line between two mixes (a hybrid-style strip).")
+    p.add_argument("--from", dest="start", required=True, help="start: a shard name, a mix NAME=W,..., or 'soup' (the --mix)")
+    p.add_argument("--to", dest="end", required=True, help="end: a shard name, a mix NAME=W,..., or 'soup' (the --mix)")
+    p.add_argument("--count", type=int, default=5, help="images along the line, 2 to 32")
+    p.add_argument("--out", required=True, help="the labelled strip, a .png file")
+    p.set_defaults(run=cmd_interpolate)
+
+    p = studio_command("grid", "Render an X x Y grid of soups into one labelled PNG.")
+    p.add_argument("--x", required=True, help="weight:SHARD=0,0.5,1 | seed=0,1,2 | prompt=a|b | guidance=1,4 | steps=5,20")
+    p.add_argument("--y", required=True, help="same forms as --x")
+    p.add_argument("--out", required=True, help="the grid, a .png file")
+    p.set_defaults(run=cmd_grid)
+
+    p = sub.add_parser("add-shard", help="Validate a UNet against a preset's base and save the preset with it added as a new file.")
+    p.add_argument("--preset", required=True, help="the preset to extend")
+    p.add_argument("--name", required=True, help="the new shard's name")
+    p.add_argument("--path", required=True, help="a .safetensors UNet file or a diffusers unet/ folder")
+    p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--description", default="")
+    p.add_argument("--out", required=True, help="the new preset file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(run=cmd_export)
+    p.set_defaults(run=cmd_add_shard)
 
     p = sub.add_parser("train", help="Finetune the UNet of a diffusers pipeline on an imagefolder (one shard).")
     p.add_argument("--pipeline", required=True, help="diffusers pipeline folder (the base model)")

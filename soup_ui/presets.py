@@ -141,3 +141,76 @@ def load_preset(path: str | Path) -> Preset:
 
 def list_presets(folder: str | Path) -> list[Path]:
     return sorted(Path(folder).glob("*.yaml")) + sorted(Path(folder).glob("*.yml"))
+
+
+class Recipe(Strict):
+    """A saved mix: which preset, the shard weights, the merge mode and the render settings."""
+
+    preset: Path | None = None  # relative paths are taken from the recipe file's folder
+    mix: dict[str, float] = Field(min_length=1)
+    mode: Literal["average", "task-arithmetic"] = "average"
+    scale: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    render: RenderSettings = RenderSettings()
+
+    @field_validator("mix")
+    @classmethod
+    def _weights_in_range(cls, mix: dict[str, float]) -> dict[str, float]:
+        for name, w in mix.items():
+            if not (w == w and 0 <= w <= 100):  # w == w is False for NaN
+                raise ValueError(f"weight of {name!r} must be between 0 and 100, got {w}")
+        return mix
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file; a relative preset path is resolved from its folder."""
+    path = Path(path)
+    try:
+        recipe = Recipe.model_validate(read_yaml(path))
+    except ValidationError as err:
+        raise PresetError(describe_validation_error(path, err)) from None
+    if recipe.preset is not None:
+        recipe = recipe.model_copy(update={"preset": resolve(recipe.preset, path.parent)})
+    return recipe
+
+
+def write_yaml_atomic(data: dict, path: str | Path, overwrite: bool = False) -> Path:
+    """Write YAML through a temporary file and a rename; refuses to replace a file unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise PresetError(f"{path} exists; confirm overwriting it (--overwrite) or choose another name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def save_recipe(recipe: Recipe, path: str | Path, overwrite: bool = False) -> Path:
+    """Save a recipe; the preset path is written relative to the recipe's folder where possible."""
+    import os
+
+    path = Path(path)
+    data = recipe.model_dump(mode="json")
+    if recipe.preset is not None:
+        try:
+            data["preset"] = os.path.relpath(Path(recipe.preset).resolve(), path.parent.resolve())
+        except ValueError:  # another drive
+            data["preset"] = str(Path(recipe.preset).resolve())
+    return write_yaml_atomic(data, path, overwrite)
+
+
+def preset_data(preset: Preset, folder: Path) -> dict:
+    """A preset as YAML-ready data, paths relative to `folder` where possible."""
+    import os
+
+    def rel(p: Path) -> str:
+        try:
+            return os.path.relpath(Path(p).resolve(), folder.resolve())
+        except ValueError:
+            return str(Path(p).resolve())
+
+    data = preset.model_dump(mode="json", exclude={"source"})
+    data["base"] = rel(preset.base)
+    for shard, spec in zip(data["shards"], preset.shards):
+        shard["path"] = rel(spec.path)
+    return data

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -168,8 +169,80 @@ def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[
                 dst.copy_(acc)
 
 
-def mixture_label(names: Sequence[str], weights: Sequence[float]) -> str:
+@torch.no_grad()
+def task_arithmetic_into(
+    target: Tensors, base: Tensors, sources: Sequence[Tensors], weights: Sequence[float], scale: float = 1.0, fused: bool | None = None
+) -> None:
+    """Task arithmetic (Ilharco et al. 2023): base + scale * sum_i w_i (theta_i - base), in place.
+
+    Weights are normalized to sum to 1, so scale 1 is the weighted average and scale > 1 amplifies
+    what the shards learned away from the base.
+    """
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    check_compatible(target, [base])
+    average_into(target, sources, weights, fused=fused)
+    if scale != 1.0:
+        for name, out in target.items():
+            if out.is_floating_point():  # base + scale * (avg - base) = scale * avg + (1 - scale) * base
+                out.mul_(scale).add_(base[name], alpha=1.0 - scale)
+
+
+@dataclass(frozen=True)
+class MergeMode:
+    """A way of combining shards: its name, what it computes, and whether it uses the base weights."""
+
+    name: str
+    summary: str
+    needs_base: bool
+
+
+MERGE_MODES = {
+    "average": MergeMode("average", "the paper's soup: sum_i w_i theta_i / sum_i w_i", needs_base=False),
+    "task-arithmetic": MergeMode("task-arithmetic", "base + scale * sum_i w_i (theta_i - base)", needs_base=True),
+}
+
+
+def merge_into(
+    mode: str, target: Tensors, sources: Sequence[Tensors], weights: Sequence[float], base: Tensors | None = None, scale: float = 1.0
+) -> None:
+    """Dispatch to the merge mode named `mode` (see MERGE_MODES)."""
+    if mode == "average":
+        average_into(target, sources, weights)
+    elif mode == "task-arithmetic":
+        if base is None:
+            raise ValueError("task-arithmetic needs the base weights")
+        task_arithmetic_into(target, base, sources, weights, scale)
+    else:
+        raise ValueError(f"unknown merge mode {mode!r} (known: {', '.join(MERGE_MODES)})")
+
+
+@torch.no_grad()
+def weight_distance(sources: Sequence[Tensors], coefficients: Sequence[float]) -> float:
+    """Root-mean-square over all parameters of sum_i c_i theta_i, without materializing it.
+
+    With c = w_full - w_other this is the distance between two soups of the same shards.
+    """
+    total, count = 0.0, 0
+    pairs = [(s, c) for s, c in zip(sources, coefficients) if c != 0]
+    if not pairs:
+        return 0.0
+    for name in pairs[0][0]:
+        first = pairs[0][0][name]
+        if not first.is_floating_point():
+            continue
+        acc = first.to(torch.float64) * pairs[0][1]
+        for source, c in pairs[1:]:
+            acc.add_(source[name].to(torch.float64), alpha=c)
+        total += float(acc.square().sum())
+        count += acc.numel()
+    return math.sqrt(total / max(count, 1))
+
+
+def mixture_label(names: Sequence[str], weights: Sequence[float], mode: str = "average", scale: float = 1.0) -> str:
     """The recipe as a label, e.g. "soup: 0.50 twemoji + 0.50 openmoji" (normalized weights)."""
     normalized = normalize_weights(weights, names)
-    parts = [f"{w:.2f} {n}" for n, w in zip(names, normalized) if w > 0]
-    return "soup: " + " + ".join(parts)
+    parts = " + ".join(f"{w:.2f} {n}" for n, w in zip(names, normalized) if w > 0)
+    if mode == "task-arithmetic":
+        return f"task arithmetic: base + {scale:g} x ({parts} - base)"
+    return "soup: " + parts

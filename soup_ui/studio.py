@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
@@ -89,7 +90,8 @@ class Rendered:
 
     label: str
     image: Image.Image
-    kind: str  # "component" or "soup"
+    kind: str  # "component", "soup" or "ensemble"
+    info: dict = field(default_factory=dict)  # measurements shown with the image (distances, t, ...)
 
 
 class LRU(OrderedDict):
@@ -127,6 +129,7 @@ class Studio:
         self._images = LRU(options.cache_size)
         self._text = LRU(64)
         self._mixed: tuple | None = None
+        self._base_tensors: Mapping[str, torch.Tensor] | None = None
 
         # 1. The base pipeline: tokenizer, text encoder, VAE and scheduler are shared by all shards.
         report = progress or (lambda f, d: None)
@@ -207,15 +210,39 @@ class Studio:
             raise StudioError(str(err)) from None
         return list(zip(shards, weights))
 
-    def mix(self, mix: dict[str, float]) -> str:
-        """Average the selected shards into the hybrid UNet in place; returns the recipe label."""
+    def mix_key(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0) -> tuple:
+        """What identifies a soup's weights: shard contents, normalized weights, mode and scale."""
         pairs = self.normalized(mix)
-        key = tuple((s.sha256, round(w, 12)) for s, w in pairs)
+        if mode not in soup.MERGE_MODES:
+            raise StudioError(f"unknown merge mode {mode!r} (known: {', '.join(soup.MERGE_MODES)})")
+        if not math.isfinite(scale) or not 0 <= scale <= 10:
+            raise StudioError(f"scale must be between 0 and 10, got {scale}")
+        return (mode, scale if mode != "average" else 1.0, tuple((s.sha256, round(w, 12)) for s, w in pairs))
+
+    def label(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0) -> str:
+        pairs = self.normalized(mix)
+        return soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
+
+    def mix(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0) -> str:
+        """Merge the selected shards into the hybrid UNet in place; returns the recipe label.
+
+        Skipped when the hybrid already holds this mix (same shards, normalized weights, mode)."""
+        key = self.mix_key(mix, mode, scale)
+        pairs = self.normalized(mix)
         with self.lock:
             if key != self._mixed:
-                soup.average_into(self.hybrid_tensors, [s.tensors for s, _ in pairs], [w for _, w in pairs])
+                base = self.base_tensors if soup.MERGE_MODES[mode].needs_base else None
+                self._mixed = None  # if merging fails half way, the hybrid is not this mix
+                soup.merge_into(mode, self.hybrid_tensors, [s.tensors for s, _ in pairs], [w for _, w in pairs], base, scale)
                 self._mixed = key
-        return soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs])
+        return self.label(mix, mode, scale)
+
+    @property
+    def base_tensors(self) -> Mapping[str, torch.Tensor]:
+        """The base UNet's weights, read on demand from its files (the hybrid overwrote them in memory)."""
+        if self._base_tensors is None:
+            self._base_tensors = checkpoints.LazyWeights(Path(self.preset.base) / "unet", self.device, self.dtype)
+        return self._base_tensors
 
     # -- rendering ------------------------------------------------------------------------------
     def check_settings(self, settings: RenderSettings) -> None:
@@ -279,55 +306,61 @@ class Studio:
                 self._images.put(key, image)
         return Rendered(name, image, "component")
 
-    def render_soup(self, mix: dict[str, float], settings: RenderSettings) -> Rendered:
+    def render_soup(self, mix: dict[str, float], settings: RenderSettings, mode: str = "average", scale: float = 1.0) -> Rendered:
         """The hybrid's image for this mix; mix and render happen under one lock, so concurrent
         sessions never see each other's weights."""
-        pairs = self.normalized(mix)
-        key = ("soup", tuple((s.sha256, round(w, 12)) for s, w in pairs), settings)
+        key = ("soup", self.mix_key(mix, mode, scale), settings)
         with self.lock:
             image = self._images.hit(key)
             if image is None:
                 self.check_settings(settings)
-                label = self.mix(mix)
+                self.mix(mix, mode, scale)
                 image = self._denoise(self.hybrid, settings, "soup")
                 self._images.put(key, image)
-        return Rendered(soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs]), image, "soup")
+        return Rendered(self.label(mix, mode, scale), image, "soup")
 
-    def render(self, mix: dict[str, float], settings: RenderSettings, progress: Progress | None = None) -> list[Rendered]:
+    def render(
+        self, mix: dict[str, float], settings: RenderSettings, progress: Progress | None = None, mode: str = "average", scale: float = 1.0
+    ) -> list[Rendered]:
         """Every selected component (in mix order), then the soup, all from the same initial noise."""
         report = progress or (lambda f, d: None)
-        self.normalized(mix)  # fail before any work
+        self.mix_key(mix, mode, scale)  # fail before any work
         self.check_settings(settings)
         out = []
         for i, name in enumerate(mix):
             report(i / (len(mix) + 1), f"rendering {name}")
             out.append(self.render_component(name, settings))
         report(len(mix) / (len(mix) + 1), "rendering the soup")
-        out.append(self.render_soup(mix, settings))
+        out.append(self.render_soup(mix, settings, mode, scale))
         report(1.0, "done")
         return out
 
     # -- export ---------------------------------------------------------------------------------
-    def recipe(self, mix: dict[str, float]) -> dict:
-        pairs = self.normalized(mix)
+    def recipe(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0) -> dict:
+        """Where a soup comes from: mode, scale, and each shard's name, content hash and weight."""
+        self.mix_key(mix, mode, scale)
         return {
-            "mode": "average",
-            "shards": [{"name": s.name, "sha256": s.sha256, "weight": w} for s, w in pairs],
+            "mode": mode,
+            "scale": scale,
+            "shards": [{"name": s.name, "sha256": s.sha256, "weight": w} for s, w in self.normalized(mix)],
         }
 
-    def export(self, mix: dict[str, float], out: str | Path) -> Path:
+    def souped_weights(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """A CPU copy of the merged UNet weights, in the base's on-disk dtypes."""
+        with self.lock:
+            self.mix(mix, mode, scale)
+            return {
+                k: v.detach().to(device="cpu", dtype=checkpoints.torch_dtype(self.base_specs[k][1])).contiguous()
+                for k, v in self.hybrid_tensors.items()
+            }
+
+    def export(self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0) -> Path:
         """Write the souped UNet weights as .safetensors, with the recipe in the metadata (atomically)."""
         from safetensors.torch import save_file
 
         out = Path(out)
-        recipe = self.recipe(mix)
-        with self.lock:
-            label = self.mix(mix)
-            # Written in the base's on-disk dtypes, so the file loads wherever the base does.
-            tensors = {
-                k: v.detach().to(checkpoints.torch_dtype(self.base_specs[k][1])).contiguous().cpu()
-                for k, v in self.hybrid_tensors.items()
-            }
+        recipe, label = self.recipe(mix, mode, scale), self.label(mix, mode, scale)
+        tensors = self.souped_weights(mix, mode, scale)
         metadata = {
             "format": "pt",
             "soup_ui.recipe": json.dumps(recipe),
@@ -340,4 +373,31 @@ class Studio:
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(out)
         logger.info("exported %s to %s", label, out)
+        return out
+
+    def export_pipeline(self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0) -> Path:
+        """Write a complete diffusers pipeline folder whose UNet is the soup (StableDiffusionPipeline.from_pretrained loads it).
+
+        Written to a temporary folder first, then renamed into place."""
+        import shutil
+        import tempfile
+
+        out = Path(out)
+        if out.exists():
+            raise StudioError(f"{out} exists; choose a new folder")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            base = Path(self.preset.base)
+            for item in base.iterdir():  # everything but the UNet is the base's, byte for byte
+                if item.name != "unet":
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            (tmp / "unet").mkdir()
+            shutil.copy2(base / "unet" / "config.json", tmp / "unet" / "config.json")
+            self.export(mix, tmp / "unet" / "diffusion_pytorch_model.safetensors", mode, scale)
+            (tmp / "soup_recipe.json").write_text(json.dumps(self.recipe(mix, mode, scale), indent=2))
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return out

@@ -34,7 +34,7 @@ def test_render_endpoint_and_its_errors(server):
     assert render(client, "beta=1")[1]["labels"][-1] == "soup: 1.00 beta"  # still serving
 
 
-def test_concurrent_sessions_get_their_own_soups(server, studio):
+def test_concurrent_sessions_get_their_own_soups(server, studio, tmp_path):
     """Eight clients at once, four different mixes never rendered before: each gets its own soup."""
     from soup_ui.presets import RenderSettings
     from soup_ui.ui import parse_api_mix
@@ -44,7 +44,9 @@ def test_concurrent_sessions_get_their_own_soups(server, studio):
 
     def work(i, mix):
         try:
-            got[i] = render(Client(server, verbose=False), mix, seed=100)[0][-1].astype(int)
+            # Each client downloads into its own folder (they would share one by default).
+            client = Client(server, verbose=False, download_files=str(tmp_path / f"client{i}"))
+            got[i] = render(client, mix, seed=100)[0][-1].astype(int)
         except Exception as err:  # pragma: no cover - reported below
             errors.append(err)
 

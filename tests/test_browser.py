@@ -64,3 +64,46 @@ def test_errors_show_in_the_page_and_the_server_keeps_serving(server, browser):
     page.click("#generate")
     page.wait_for_function("document.querySelector('#soup-label').innerText.includes('soup: 1.00 beta')", timeout=60_000)
     page.close()
+
+
+def test_leave_one_out_view(server, browser):
+    page = browser.new_page(viewport={"width": 1300, "height": 1400})
+    page.goto(server)
+    page.wait_for_selector("#shard-check-2", state="visible", timeout=60_000)
+    page.get_by_role("tab", name="Leave one out").click()
+    page.click("#loo-run")
+    page.wait_for_function("document.querySelectorAll('#loo-gallery img').length === 4", timeout=90_000)
+    captions = page.locator("#loo-gallery").inner_text()
+    assert "full soup: 0.33 alpha + 0.33 beta + 0.33 gamma" in captions
+    for name in ("alpha", "beta", "gamma"):
+        assert f"without {name}:" in captions
+    page.close()
+
+
+def test_add_a_shard_while_running(server, browser, tiny_preset):
+    page = browser.new_page(viewport={"width": 1300, "height": 1400})
+    page.goto(server)
+    page.wait_for_selector("#shard-check-2", state="visible", timeout=60_000)
+    assert not page.locator("#shard-check-3").is_visible()
+    page.get_by_role("tab", name="Add / remove shards").click()
+    # Outside the model folders: refused, nothing changes.
+    page.locator("#add-name textarea, #add-name input").first.fill("outsider")
+    page.locator("#add-path textarea, #add-path input").first.fill("/etc/passwd")
+    page.click("#add-shard")
+    page.get_by_text("is outside the model folders").first.wait_for(timeout=30_000)
+    assert not page.locator("#shard-check-3").is_visible()
+    # Inside: validated, then a new row with its own checkbox and slider.
+    page.locator("#add-name textarea, #add-name input").first.fill("delta")
+    page.locator("#add-path textarea, #add-path input").first.fill(str(tiny_preset.parent / "gamma.safetensors"))
+    page.click("#add-shard")
+    page.wait_for_selector("#shard-check-3", state="visible", timeout=60_000)
+    assert "delta" in page.locator("#shard-check-3").inner_text()
+    page.wait_for_function("document.querySelector('#mixture').innerText.includes('delta 25%')")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#components img').length === 4", timeout=90_000)
+    page.wait_for_function("document.querySelector('#soup-label').innerText.includes('0.25 delta')")
+    # Remove it again (unlearning): the row goes away.
+    page.locator("#remove-name textarea, #remove-name input").first.fill("delta")
+    page.click("#remove-shard")
+    page.wait_for_selector("#shard-check-3", state="hidden", timeout=60_000)
+    page.close()

@@ -77,3 +77,62 @@ def test_a_missing_preset_is_one_line_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'none.yaml'}: no such file"
+
+
+def test_recipe_round_trip_renders_the_same_images(tiny_preset, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    recipe = tmp_path / "recipes" / "r.yaml"
+    assert main([
+        "render", "--preset", str(tiny_preset), "--mix", "alpha=0.2,gamma=0.8", "--mode", "task-arithmetic", "--scale", "1.5",
+        "--prompt", "a dog", "--seed", "9", "--out-dir", str(first), "--save-recipe", str(recipe),
+    ]) == 0
+    assert main(["render", "--recipe", str(recipe), "--out-dir", str(second)]) == 0
+    for name in ("alpha.png", "gamma.png", "soup.png"):
+        assert np.array_equal(np.asarray(Image.open(first / name)), np.asarray(Image.open(second / name)))
+    # The recipe is not overwritten without --overwrite.
+    before = recipe.read_text()
+    assert main(["render", "--recipe", str(recipe), "--mix", "beta=1", "--out-dir", str(second), "--save-recipe", str(recipe)]) == 2
+    assert recipe.read_text() == before
+
+
+def test_workflow_commands_write_their_pictures(tiny_preset, tmp_path, capsys):
+    assert main(["leave-one-out", "--preset", str(tiny_preset), "--mix", "alpha=1,beta=1,gamma=1", "--out", str(tmp_path / "loo.png")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed] == ["without alpha", "without beta", "without gamma"]
+    assert main(["interpolate", "--preset", str(tiny_preset), "--from", "alpha", "--to", "beta", "--count", "4", "--out", str(tmp_path / "i.png")]) == 0
+    assert main(["grid", "--preset", str(tiny_preset), "--x", "seed=0,1,2", "--y", "weight:beta=0,1", "--out", str(tmp_path / "g.png")]) == 0
+    assert Image.open(tmp_path / "loo.png").width > 4 * 160
+    assert Image.open(tmp_path / "i.png").width > 4 * 160
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.width > 3 * 96 and grid.height > 2 * 96
+    assert main(["grid", "--preset", str(tiny_preset), "--x", "colour=1", "--y", "seed=1", "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_export_pipeline_loads_with_plain_diffusers(tiny_preset, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "pipe"
+    assert main(["export", "--preset", str(tiny_preset), "--mix", "alpha=1,beta=3", "--format", "pipeline", "--out", str(out)]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    alpha = load_file(str(tiny_preset.parent / "alpha" / "diffusion_pytorch_model.safetensors"))
+    beta = load_file(str(tiny_preset.parent / "beta.safetensors"))
+    unet = pipe.unet.state_dict()
+    for k in ("conv_in.weight", "conv_out.weight"):
+        torch.testing.assert_close(unet[k], 0.25 * alpha[k] + 0.75 * beta[k], rtol=0, atol=1e-6)
+    assert main(["export", "--preset", str(tiny_preset), "--mix", "alpha=1", "--format", "pipeline", "--out", str(out)]) == 2
+
+
+def test_add_shard_validates_and_writes_a_new_preset(tiny_preset, tmp_path):
+    from soup_ui.presets import load_preset
+
+    out = tmp_path / "extended.yaml"
+    shard = tiny_preset.parent / "gamma.safetensors"
+    assert main(["add-shard", "--preset", str(tiny_preset), "--name", "delta", "--path", str(shard), "--out", str(out)]) == 0
+    assert [s.name for s in load_preset(out).shards] == ["alpha", "beta", "gamma", "delta"]
+    assert main(["add-shard", "--preset", str(tiny_preset), "--name", "delta", "--path", str(shard), "--out", str(out)]) == 2  # exists
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"conv_in.weight": torch.zeros(1)}, str(bad))
+    assert main(["add-shard", "--preset", str(tiny_preset), "--name", "bad", "--path", str(bad), "--out", str(tmp_path / "b.yaml")]) == 2
+    assert not (tmp_path / "b.yaml").exists()

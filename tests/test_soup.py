@@ -130,3 +130,27 @@ def test_fused_kernel_matches_the_eager_path():
         assert torch.equal(eager[k], fused[k])
     average_into(fused, sources, [0.0, 1.0, 0.0], fused=True)
     assert all(torch.equal(fused[k], sources[1][k]) for k in fused)
+
+
+def test_task_arithmetic():
+    from soup_ui.soup import merge_into, task_arithmetic_into
+
+    base, s1, s2 = tensors(0), tensors(1), tensors(2)
+    target = tensors(9)
+    task_arithmetic_into(target, base, [s1, s2], [1, 1], scale=2.0)
+    for k in target:
+        expected = base[k] + 2.0 * (0.5 * (s1[k] - base[k]) + 0.5 * (s2[k] - base[k]))
+        torch.testing.assert_close(target[k], expected, rtol=0, atol=1e-5)
+    merge_into("task-arithmetic", target, [s1, s2], [1, 3], base=base, scale=1.0)  # scale 1 = the average
+    for k in target:
+        torch.testing.assert_close(target[k], 0.25 * s1[k] + 0.75 * s2[k], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown merge mode 'ties'"):
+        merge_into("ties", target, [s1], [1])
+
+
+def test_weight_distance_is_the_rms_of_the_difference():
+    from soup_ui.soup import weight_distance
+
+    s1, s2 = tensors(1), tensors(2)
+    diff = torch.cat([(s1[k].double() - s2[k].double()).flatten() for k in s1])
+    assert weight_distance([s1, s2], [1.0, -1.0]) == pytest.approx(diff.square().mean().sqrt().item(), rel=1e-9)

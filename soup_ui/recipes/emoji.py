@@ -37,7 +37,7 @@ from ..train import (
 
 logger = logging.getLogger(__name__)
 
-STYLES = ["fluent-color", "fluent-hc", "twemoji", "noto", "openmoji", "fluent-flat"]
+STYLES = ["twemoji", "openmoji", "fluent-hc", "noto", "fluent-color", "fluent-flat"]
 CAPTIONS = "text_ascii"  # the emoji's name, no style words, typographic quotes mapped to ASCII
 
 
@@ -65,7 +65,7 @@ class Budget:
     base_steps: int = 1800
     base_batch: int = 32
     base_lr: float = 3e-4
-    shard_steps: int = 350
+    shard_steps: int = 300
     shard_batch: int = 32
     shard_lr: float = 1e-4
 
@@ -160,14 +160,40 @@ def train_vae(data: Path, out: Path, work: Path, seed: int = 0) -> None:
         if (step + 1) % 250 == 0 or step + 1 == BUDGET.vae_steps:
             save_checkpoint(ckpt, {"vae": vae}, optimizer, step + 1)
     vae.eval()
-    means, stds = encode_images(vae, images[:2048])
-    latents = means + stds * torch.randn_like(means)
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    normalize_latents(vae, images)
     with torch.no_grad():
         sample = to_model_range(images[:256])
         err = (vae.decode(vae.encode(sample).latent_dist.mean).sample - sample).abs().mean().item()
     logger.info("vae: scaling_factor %.4f, reconstruction L1 %.4f on [-1, 1]", vae.config.scaling_factor, err)
     vae.save_pretrained(out)
+
+
+@torch.no_grad()
+def normalize_latents(vae, images: torch.Tensor, count: int = 2048) -> None:
+    """Fold each latent channel's mean and std into the VAE's 1x1 convolutions, so latents are
+    zero-mean and unit-variance per channel and scaling_factor is 1.
+
+    White backgrounds give the raw latents large per-channel offsets (here -1.2 to +1.4 against
+    stds of 0.2-0.6); diffusion from N(0, 1) noise then drifts (the terminal-SNR problem) and samples
+    come out as coloured noise. The StableDiffusionPipeline only knows scaling_factor, so the shift
+    lives in quant_conv (encoder side) and post_quant_conv (decoder side): the same autoencoder,
+    with normalized latents.
+    """
+    means, stds = encode_images(vae, images[:count])
+    latents = means + stds * torch.randn_like(means)
+    m = latents.mean((0, 2, 3))
+    s = latents.std((0, 2, 3))
+    c = vae.config.latent_channels
+    q, p = vae.quant_conv, vae.post_quant_conv
+    # Encoder: mean' = (mean - m) / s, logvar' = logvar - 2 log s.
+    q.weight[:c] /= s[:, None, None, None]
+    q.bias[:c] = (q.bias[:c] - m) / s
+    q.bias[c:] -= 2 * torch.log(s)
+    # Decoder sees z = z' * s + m: W' = W diag(s), b' = b + W m.
+    p.bias += p.weight[:, :, 0, 0] @ m
+    p.weight *= s[None, :, None, None]
+    vae.register_to_config(scaling_factor=1.0)
+    logger.info("latents normalized: channel means %s, stds %s folded into the VAE", m.tolist(), s.tolist())
 
 
 # 3. Base: text encoder + UNet from scratch on all styles -------------------------------------
@@ -326,6 +352,12 @@ def main(argv: list[str] | None = None) -> None:
         build_tokenizer(args.data, pipeline / "tokenizer")
     if "vae" in stages and not (pipeline / "vae" / "config.json").is_file():
         train_vae(args.data, pipeline / "vae", args.work, args.seed)
+    if "vae" in stages and json.loads((pipeline / "vae" / "config.json").read_text())["scaling_factor"] != 1.0:
+        from diffusers import AutoencoderKL  # a VAE trained before normalize_latents existed
+
+        vae = AutoencoderKL.from_pretrained(pipeline / "vae").eval()
+        normalize_latents(vae, load_captioned_images(args.data, SIZES.image, caption_column=CAPTIONS).pixels)
+        vae.save_pretrained(pipeline / "vae")
     if "base" in stages and not (pipeline / "model_index.json").is_file():
         train_base(args.data, pipeline, args.work, args.seed)
         write_model_index(pipeline)
