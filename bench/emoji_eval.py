@@ -101,9 +101,9 @@ def classifiers(data: Path, cache: Path, seed: int = 0):
     held_style = {e: STYLES[i % 6] for i, e in enumerate(ids)}  # one image per emoji held out for content
     s_train = torch.tensor([r["emoji_id"] not in held_emoji for r in images.rows])
     c_train = torch.tensor([held_style[r["emoji_id"]] != r["style"] for r in images.rows])
-    style, content = SmallCNN(6, 24), SmallCNN(len(ids), 48)
+    style, content = SmallCNN(6, 32), SmallCNN(len(ids), 48)
     cache.mkdir(parents=True, exist_ok=True)
-    for name, model, y, train, epochs in (("style", style, style_y, s_train, 3), ("content", content, content_y, c_train, 20)):
+    for name, model, y, train, epochs in (("style", style, style_y, s_train, 12), ("content", content, content_y, c_train, 20)):
         file = cache / f"{name}.safetensors"
         if file.is_file():
             model.load_state_dict(load_file(str(file)))
@@ -114,10 +114,12 @@ def classifiers(data: Path, cache: Path, seed: int = 0):
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
             logger.info("%s classifier trained in %.0f s", name, time.time() - t0)
     p_style = predict(style, x[~s_train])
-    style_acc = (p_style.argmax(-1) == style_y[~s_train]).float().mean().item()
+    correct = p_style.argmax(-1) == style_y[~s_train]
+    style_acc = correct.float().mean().item()
+    per_style = {st: correct[style_y[~s_train] == i].float().mean().item() for i, st in enumerate(STYLES)}
     p_content = predict(content, x[~c_train])
     top5 = (p_content.topk(5, -1).indices == content_y[~c_train, None]).any(-1).float().mean().item()
-    return style, content, ids, held_emoji, {"style_acc": style_acc, "content_top5": top5}
+    return style, content, ids, held_emoji, {"style_acc": style_acc, "content_top5": top5, "per_style": per_style}
 
 
 def main(argv=None):
@@ -168,7 +170,8 @@ def main(argv=None):
 
     # Judge them.
     truth = torch.tensor([ids.index(e) for e in prompt_ids])
-    print(f"\nClassifiers on real held-out data: style accuracy {scores['style_acc']:.1%} (held-out emoji), "
+    per_style = ", ".join(f"{k} {v:.0%}" for k, v in scores["per_style"].items())
+    print(f"\nClassifiers on real held-out data: style accuracy {scores['style_acc']:.1%} (held-out emoji; {per_style}), "
           f"content top-5 {scores['content_top5']:.1%} (held-out images)\n")
     print(f"Generated: {args.prompts} emoji names x {len(models)} models, {base_settings.steps} steps, "
           f"guidance {base_settings.guidance_scale}, {base_settings.scheduler}; {per_image:.2f} s per 64x64 image on this machine\n")

@@ -15,7 +15,9 @@ Prints medians and ratios; with --results, appends them to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -67,12 +69,69 @@ def naive_merge(sources, weights):
     return merged
 
 
+def drop_page_cache() -> bool:
+    """Ask the kernel to forget cached file pages (root only), so reads come from the disk."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def lean_bench(shapes, k: int, folder: Path) -> list[str]:
+    """Soup K shards streamed tensor by tensor from safetensors files, against reading the files."""
+    from safetensors.torch import save_file
+
+    from soup_ui.checkpoints import LazyWeights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(k):
+        file = folder / f"shard{i}.safetensors"
+        if not file.is_file():
+            save_file(random_shard(shapes, torch.float16, 100 + i), str(file))
+        files.append(file)
+    total = sum(f.stat().st_size for f in files)
+    target = {n: torch.empty(s, dtype=torch.float16) for n, s in shapes.items()}
+
+    def read_files():
+        for f in files:
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+    def stream_soup():
+        average_into(target, [LazyWeights(f) for f in files], [1.0] * k)
+
+    out = [f"Lean mode: K={k} fp16 SD-2.1-shaped shards on disk ({total / 2**30:.1f} GiB), the soup streamed tensor by tensor", ""]
+    out += ["| cache | read the files (s) | streamed soup (s) | soup / read |", "|---|---|---|---|"]
+    for label, cold in (("cold (page cache dropped)", True), ("warm (files in page cache)", False)):
+        if cold and not drop_page_cache():
+            out.append("| cold | cannot drop the page cache here (needs root) | | |")
+            continue
+        t0 = time.perf_counter()
+        read_files()
+        read = time.perf_counter() - t0
+        if cold:
+            drop_page_cache()
+        t0 = time.perf_counter()
+        stream_soup()
+        soup = time.perf_counter() - t0
+        out.append(f"| {label} | {read:.2f} ({total / read / 2**30:.2f} GiB/s) | {soup:.2f} | {soup / read:.2f}x |")
+    print("\n".join(out), flush=True)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--k", default="2,4,6")
     parser.add_argument("--dtypes", default="float16,float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
+    parser.add_argument("--lean-k", type=int, default=0, help="also stream K fp16 shards from disk (lean mode)")
+    parser.add_argument("--lean-dir", type=Path, default=Path("/tmp/soup-bench-shards"), help="where the lean benchmark writes its shards")
     args = parser.parse_args(argv)
     shapes = sd21_shapes()
     params = sum(s.numel() for s in shapes.values())
@@ -107,6 +166,8 @@ def main(argv=None):
             lines.append(line)
             del sources, target
     print(f"\nBandwidth reference: torch.add(out=) over two shards; bound = (K+1) x shard bytes at that rate.")
+    if args.lean_k:
+        lines += ["", *lean_bench(shapes, args.lean_k, args.lean_dir)]
     if args.results:
         with open(args.results, "a") as f:
             f.write("\n".join(lines) + "\n")
