@@ -132,19 +132,23 @@ def main(argv=None):
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "emoji-eval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifiers-only", action="store_true", help="train and score the classifiers, then stop")
+    parser.add_argument("--sheet-only", action="store_true", help="only render the contact sheet (no classifiers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     quiet_libraries()
     torch.manual_seed(args.seed)
 
-    style, content, ids, held_emoji, scores = classifiers(args.data, args.cache, args.seed)
+    if args.sheet_only:
+        args.prompts = 0
+    else:
+        style, content, ids, held_emoji, scores = classifiers(args.data, args.cache, args.seed)
     if args.classifiers_only:
         print(f"style accuracy {scores['style_acc']:.1%}, content top-5 {scores['content_top5']:.1%}")
         return
     rows = [json.loads(line) for line in (args.data / "metadata.jsonl").read_text().splitlines()]
     name_of = {r["emoji_id"]: r["text_ascii"] for r in rows}
     rng = random.Random(args.seed + 1)
-    prompt_ids = rng.sample(ids, args.prompts)
+    prompt_ids = rng.sample(ids, args.prompts) if args.prompts else []
 
     studio = Studio(load_preset(args.preset))
     studio.add_shard("base", studio.preset.base / "unet", description="the base model, before finetuning")
@@ -166,9 +170,11 @@ def main(argv=None):
             imgs.append(studio.render_soup(mix, settings).image)
         outputs[label] = imgs
         logger.info("rendered %s (%.0f s so far)", label, time.time() - t0)
-    per_image = (time.time() - t0) / sum(len(v) for v in outputs.values())
+    per_image = (time.time() - t0) / max(1, sum(len(v) for v in outputs.values()))
 
     # Judge them.
+    if args.sheet_only:
+        return write_sheet(args, studio, models, base_settings)
     truth = torch.tensor([ids.index(e) for e in prompt_ids])
     per_style = ", ".join(f"{k} {v:.0%}" for k, v in scores["per_style"].items())
     print(f"\nClassifiers on real held-out data: style accuracy {scores['style_acc']:.1%} (held-out emoji; {per_style}), "
@@ -186,13 +192,18 @@ def main(argv=None):
         probs = " | ".join(f"{p:.2f}" for p in ps.mean(0).tolist())
         print(f"| {label} | {probs} | {own} | {top5:.0%} |")
 
-    # The contact sheet: example prompts x models.
-    sheet_prompts = [p for p in args.sheet_prompts.split(",") if p] or list(r.prompts)[:6]
+    write_sheet(args, studio, models, base_settings)
+
+
+def write_sheet(args, studio, models, base_settings):
+    """The contact sheet: example prompts x models, same seed per row."""
+    sheet_prompts = [p for p in args.sheet_prompts.split(",") if p] or list(studio.preset.render.prompts)[:6]
     sheet_rows = []
     for i, prompt in enumerate(sheet_prompts):
         settings = base_settings.model_copy(update={"prompt": prompt, "seed": args.seed + 1000 + i})
         sheet_rows.append([studio.render_soup(mix, settings).image for _, mix in models])
-    grid(sheet_rows, sheet_prompts, [label for label, _ in models], tile=96).save(args.sheet)
+    # Columns are models, rows prompts.
+    grid(sheet_rows, sheet_prompts, [label for label, _ in models], tile=72).save(args.sheet)
     logger.info("wrote %s", args.sheet)
 
 
