@@ -53,8 +53,16 @@ class StudioHost:
         self.presets = {p.stem: Path(p) for p in presets}
         self.options = options
         self.loader = loader
-        # Shards may be added from these folders only: each preset's own folder tree and --models-dir.
-        self.models_dirs = [Path(d).resolve() for d in models_dirs] + sorted({p.resolve().parent for p in self.presets.values()})
+        # Shards may be added from these folders only: --models-dir, each preset's folder, and the
+        # folders its base and shards live in.
+        folders = {p.resolve().parent for p in self.presets.values()}
+        for p in self.presets.values():
+            try:
+                preset = load_preset(p)
+            except ValueError:
+                continue  # reported when the preset is chosen
+            folders |= {Path(preset.base).parent} | {Path(s.path).parent for s in preset.shards}
+        self.models_dirs = [Path(d).resolve() for d in models_dirs] + sorted(folders)
         self.output_dir = Path(output_dir or Path.cwd() / "soup-outputs").resolve()  # uploads, exports, saved presets
         self._studios: dict[str, Studio] = {}
         self._lock = threading.Lock()
