@@ -64,8 +64,9 @@ def check_compatible(target: Tensors, sources: Sequence[Tensors]) -> None:
 CPU_BLOCK = 1 << 18
 GPU_BLOCK = 1 << 26
 # From this many elements per mix on, `average_into` uses a compiled kernel that reads each source
-# once and writes the target once (measured at 0.85-1.04x the memory bound on SD-sized UNets, where
-# eager ops re-read the output per source). Smaller mixes stay eager: compiling takes ~40 s once.
+# once and writes the target once (0.85x / 1.04x the memory bound for K=2 / K=4 on one flat 100M
+# fp16 buffer; 1.26x / 1.60x over the 686 tensors of an SD-2.1 UNet, where per-call overhead shows;
+# see bench/RESULTS.md). Smaller mixes stay eager: compiling takes ~40 s once per K on this CPU.
 FUSED_MIN_ELEMENTS = 1 << 26
 
 
