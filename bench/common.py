@@ -25,6 +25,26 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def interleaved_medians(fns: list[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:
+    """Median wall time of each of `fns`, timed in rounds (fn 1, fn 2, ..., fn 1, fn 2, ...).
+
+    On a shared machine the memory bandwidth drifts by 10-20% over minutes; interleaving lets a
+    ratio between two of these compare runs made under the same conditions.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            bucket.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -1,20 +1,23 @@
 """Soup throughput on Stable-Diffusion-2.1-shaped UNets, against the memory-bandwidth bound.
 
-    python bench/soup_bench.py [--k 2,4,6] [--dtypes float16,float32] [--repeats 5]
+    python bench/soup_bench.py [--k 2,4,6] [--dtypes float16,float32] [--repeats 5] [--lean-k 4]
 
-For each dtype and K it builds K random state dicts with SD 2.1's UNet shapes (865.9M parameters)
-and times, in the same run:
-- the bandwidth reference: torch.add(a, b, out=c) over two shards' tensors gives the machine's
-  bytes/s for streaming ops; a soup of K shards must read K shards and write one, so its bound is
-  (K + 1) x shard bytes / that rate;
-- `soup_ui.soup.average_into` into a preallocated target;
-- a naive per-key loop that builds a new state dict (what A1111-style mergers do).
-Prints medians and ratios; with --results, appends them to bench/RESULTS.md.
+For each dtype and K it builds K shards of random weights with SD 2.1's UNet shapes (865.9M
+parameters, each shard one flat buffer whose views are its 686 tensors) and times, in one run:
+- the bound: torch.add(a, b, out=c) over two whole shards gives the machine's streaming rate;
+  a soup of K shards reads K and writes one, so its bound is (K + 1) x shard bytes at that rate;
+- `soup_ui.soup.average_into` on the flat buffers (what the studio holds) and on the 686 tensors
+  (the generic API on a plain state dict), interleaved with the bound;
+- a naive per-key loop that builds a new state dict (what A1111-style mergers do);
+- sd-mecha's n_average on the same state dicts, if installed (pip install --no-deps sd-mecha).
+With --lean-k, it also streams K fp16 shards from safetensors files (lean mode) against reading them.
+Prints medians and ratios; with --results, appends them to a markdown file.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -26,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import available_bytes, machine, median_seconds  # noqa: E402
+from common import available_bytes, interleaved_medians, machine, median_seconds  # noqa: E402
 
-from soup_ui.soup import average_into  # noqa: E402
+from soup_ui.soup import FlatTensors, average_into  # noqa: E402
 
 SD21_UNET = dict(
     sample_size=96,
@@ -53,9 +56,13 @@ def sd21_shapes() -> dict[str, torch.Size]:
     return {k: v.shape for k, v in unet.state_dict().items()}
 
 
-def random_shard(shapes, dtype, seed) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.empty(s, dtype=torch.float32).normal_(generator=g).to(dtype) for k, s in shapes.items()}
+def random_shard(shapes, dtype, seed, device="cpu") -> FlatTensors:
+    """One shard of random weights, packed in one flat buffer (its tensors are views of it)."""
+    shard = FlatTensors.empty(shapes, dtype, device)
+    g = torch.Generator(device).manual_seed(seed)
+    for chunk in shard.buffer.split(1 << 24):  # fill in fp32 chunks: no full-size temporary
+        chunk.copy_(torch.empty(chunk.shape, dtype=torch.float32, device=device).normal_(generator=g))
+    return shard
 
 
 def naive_merge(sources, weights):
@@ -67,6 +74,56 @@ def naive_merge(sources, weights):
             value = value + source[key] * w
         merged[key] = value
     return merged
+
+
+def mecha_merge(sources, dtype):
+    """sd-mecha's n_average over the same in-memory state dicts (fp32 maths, its default checks on).
+
+    sd-mecha knows SD 1/XL/3 and Flux key layouts but not SD 2.1's diffusers UNet: left to infer,
+    it picks its SDXL UNet config and drops the 268 keys SDXL lacks. So the exact keys are
+    registered as a config of their own, and every tensor is merged.
+    """
+    import sd_mecha
+    from sd_mecha.extensions import model_configs
+
+    name = "sd21bench-diffusers_unet_only"
+    try:
+        model_configs.resolve(name)
+    except (KeyError, ValueError):  # not registered yet
+        keys = {k: model_configs.KeyMetadata(list(t.shape), t.dtype) for k, t in sources[0].items()}
+        model_configs.register(model_configs.ModelConfigImpl(name, {"unet": model_configs.ModelComponent(keys)}))
+    recipe = sd_mecha.n_average(*(sd_mecha.model(dict(s), config=name) for s in sources))
+    return sd_mecha.merge(recipe, merge_dtype=torch.float32, output_dtype=dtype, tqdm=Quiet)
+
+
+class Quiet:
+    """A silent stand-in for tqdm (sd-mecha's `tqdm` argument), so no progress bar is timed."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+
+def mecha_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        import sd_mecha  # noqa: F401
+
+        return version("sd-mecha")
+    except Exception:  # not installed, or it fails to import
+        return None
 
 
 def drop_page_cache() -> bool:
@@ -91,7 +148,7 @@ def lean_bench(shapes, k: int, folder: Path) -> list[str]:
     for i in range(k):
         file = folder / f"shard{i}.safetensors"
         if not file.is_file():
-            save_file(random_shard(shapes, torch.float16, 100 + i), str(file))
+            save_file({n: t.clone() for n, t in random_shard(shapes, torch.float16, 100 + i).items()}, str(file))
         files.append(file)
     total = sum(f.stat().st_size for f in files)
     target = {n: torch.empty(s, dtype=torch.float16) for n, s in shapes.items()}
@@ -129,43 +186,73 @@ def main(argv=None):
     parser.add_argument("--k", default="2,4,6")
     parser.add_argument("--dtypes", default="float16,float32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="where the shards live (cpu or cuda)")
+    parser.add_argument("--mecha", action=argparse.BooleanOptionalAction, default=True, help="also time sd-mecha if installed")
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     parser.add_argument("--lean-k", type=int, default=0, help="also stream K fp16 shards from disk (lean mode)")
     parser.add_argument("--lean-dir", type=Path, default=Path("/tmp/soup-bench-shards"), help="where the lean benchmark writes its shards")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # sd-mecha warns that in-memory recipes are not serialized
     shapes = sd21_shapes()
     params = sum(s.numel() for s in shapes.values())
     lines = [f"Machine: {machine()}", f"SD-2.1-shaped UNet: {params / 1e6:.1f}M parameters, {len(shapes)} tensors; medians of {args.repeats} runs", ""]
-    lines += ["| dtype | K | bound (s) | average_into (s) | / bound | naive loop (s) | naive / ours |", "|---|---|---|---|---|---|---|"]
+    mecha = mecha_version() if args.mecha else None
+    lines += [
+        "| dtype | K | bound (s) | average_into, flat buffers (s) | / bound | average_into, 686 tensors (s) | / bound "
+        "| naive loop (s) | naive / flat | sd-mecha (s) | sd-mecha / flat |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(lines), flush=True)
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         shard_bytes = params * torch.finfo(dtype).bits // 8
         for k in [int(x) for x in args.k.split(",")]:
-            need = (k + 2) * shard_bytes * 1.1  # K shards, the target, the naive loop's new dict
+            need = (k + 2) * shard_bytes * 1.05  # K shards, the target, the naive loop's new dict
             if need > available_bytes():
                 line = f"| {dtype_name} | {k} | skipped: needs {need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB free |"
                 print(line, flush=True)
                 lines.append(line)
                 continue
-            sources = [random_shard(shapes, dtype, seed) for seed in range(k)]
-            target = {n: torch.empty_like(t) for n, t in sources[0].items()}
+            sources = [random_shard(shapes, dtype, seed, args.device) for seed in range(k)]
+            target = FlatTensors.empty(shapes, dtype, args.device)
+            per_tensor_target, per_tensor_sources = dict(target), [dict(s) for s in sources]  # the same memory, as views
             weights = [1.0 / k] * k
-
-            def reference():
-                for n, t in target.items():
-                    torch.add(sources[0][n], sources[1][n], out=t)
-
-            ref = median_seconds(reference, args.repeats)
-            rate = 3 * shard_bytes / ref  # bytes/s of a two-read one-write stream
-            bound = (k + 1) * shard_bytes / rate
-            ours = median_seconds(lambda: average_into(target, sources, weights), args.repeats)
-            naive = median_seconds(lambda: naive_merge(sources, weights), max(3, args.repeats // 2))
-            line = f"| {dtype_name} | {k} | {bound:.3f} | {ours:.3f} | {ours / bound:.2f}x | {naive:.3f} | {naive / ours:.1f}x |"
+            # The machine's streaming rate: one torch.add over two whole shards (two reads, one write).
+            # The three streaming measurements are interleaved, so drift on a shared machine hits them alike.
+            ref, flat, tensors = interleaved_medians(
+                [
+                    lambda: torch.add(sources[0].buffer, sources[1].buffer, out=target.buffer),
+                    lambda: average_into(target, sources, weights),
+                    lambda: average_into(per_tensor_target, per_tensor_sources, weights),
+                ],
+                args.repeats,
+            )
+            bound = (k + 1) * shard_bytes / (3 * shard_bytes / ref)
+            naive = median_seconds(lambda: naive_merge(per_tensor_sources, weights), max(3, args.repeats // 2))
+            cells = [f"{bound:.3f}", f"{flat:.3f}", f"{flat / bound:.2f}x", f"{tensors:.3f}", f"{tensors / bound:.2f}x"]
+            cells += [f"{naive:.3f}", f"{naive / flat:.1f}x"]
+            if mecha:
+                mech = median_seconds(lambda: mecha_merge(per_tensor_sources, dtype), 3)
+                merged = mecha_merge(per_tensor_sources, dtype)
+                worst = max((merged[n].float() - target[n].float()).abs().max().item() for n in shapes)
+                if set(merged) != set(shapes) or worst > 1e-2:
+                    raise RuntimeError(f"sd-mecha's soup differs from ours: {len(merged)} of {len(shapes)} keys, max difference {worst}")
+                del merged
+                cells += [f"{mech:.3f}", f"{mech / flat:.1f}x"]
+            else:
+                cells += ["not run", ""]
+            line = f"| {dtype_name} | {k} | " + " | ".join(cells) + " |"
             print(line, flush=True)
             lines.append(line)
-            del sources, target
-    print(f"\nBandwidth reference: torch.add(out=) over two shards; bound = (K+1) x shard bytes at that rate.")
+            del sources, target, per_tensor_target, per_tensor_sources
+    notes = [
+        "",
+        "Bound: one torch.add(out=) over two whole shards measures the machine's streaming rate (2 reads + 1 write);",
+        "a soup of K shards reads K and writes 1, so bound = (K+1) x shard bytes at that rate.",
+        f"sd-mecha: {'version ' + mecha + ', n_average of the same in-memory state dicts, its defaults' if mecha else 'not run (pip install --no-deps sd-mecha; --mecha)'}.",
+    ]
+    print("\n".join(notes), flush=True)
+    lines += notes
     if args.lean_k:
         lines += ["", *lean_bench(shapes, args.lean_k, args.lean_dir)]
     if args.results:

@@ -46,6 +46,75 @@ def normalize_weights(weights: Sequence[float], names: Sequence[str] | None = No
     return [w / total for w in values]
 
 
+class FlatTensors(Mapping):
+    """Named tensors that are views into one contiguous 1-D buffer (all one dtype and device).
+
+    A soup over FlatTensors of the same layout is one pass over K buffers instead of hundreds of
+    per-tensor calls (SD 2.1's UNet has 686 tensors), which is what lets `average_into` reach the
+    memory-bandwidth bound. Build one with `FlatTensors.pack` or `flatten_module`.
+    """
+
+    def __init__(self, buffer: torch.Tensor, layout: dict[str, tuple[int, tuple[int, ...]]]):
+        self.buffer, self.layout = buffer, layout  # layout: name -> (offset, shape)
+        self._views = {n: buffer[o : o + math.prod(shape)].view(shape) for n, (o, shape) in layout.items()}
+
+    @classmethod
+    def empty(cls, shapes: Mapping[str, Sequence[int]], dtype: torch.dtype, device: str | torch.device = "cpu") -> FlatTensors:
+        layout, offset = {}, 0
+        for name, shape in shapes.items():
+            layout[name] = (offset, tuple(shape))
+            offset += math.prod(shape)
+        return cls(torch.empty(offset, dtype=dtype, device=device), layout)
+
+    @classmethod
+    def pack(cls, tensors: Tensors) -> FlatTensors:
+        """Copy `tensors` (floating point, one dtype and device) into one new buffer."""
+        kinds = {(t.dtype, t.device) for t in tensors.values()}
+        if len(kinds) != 1 or not all(t.is_floating_point() for t in tensors.values()):
+            raise ValueError(f"FlatTensors need floating-point tensors of one dtype and device, got {sorted(map(str, kinds))}")
+        dtype, device = kinds.pop()
+        flat = cls.empty({n: t.shape for n, t in tensors.items()}, dtype, device)
+        for name, tensor in tensors.items():
+            flat[name].copy_(tensor)
+        return flat
+
+    def same_layout(self, other) -> bool:
+        return isinstance(other, FlatTensors) and other.layout == self.layout and other.buffer.device == self.buffer.device
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._views[name]
+
+    def __iter__(self):
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+@torch.no_grad()
+def flatten_module(module: torch.nn.Module) -> Tensors:
+    """Move a module's parameters and buffers into one flat buffer; returns its tensors by state-dict name.
+
+    The module keeps working (its tensors become views of the buffer). Modules that mix dtypes or
+    hold integer buffers, or that tie tensors, are left as they are and get a plain dict back.
+    """
+    state = module.state_dict(keep_vars=True)
+    try:
+        if len({t.data_ptr() for t in state.values()}) != len(state):
+            raise ValueError("tied tensors")
+        flat = FlatTensors.pack({n: t.detach() for n, t in state.items()})
+    except ValueError:
+        return dict(module.state_dict())
+    for name, tensor in state.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if isinstance(tensor, torch.nn.Parameter):
+            tensor.data = flat[name]
+        else:
+            owner._buffers[leaf] = flat[name]
+    return flat
+
+
 def check_compatible(target: Tensors, sources: Sequence[Tensors]) -> None:
     """Every source must hold every target tensor, with the same shape. Raises ValueError."""
     for i, source in enumerate(sources):
@@ -64,10 +133,13 @@ def check_compatible(target: Tensors, sources: Sequence[Tensors]) -> None:
 CPU_BLOCK = 1 << 18
 GPU_BLOCK = 1 << 26
 # From this many elements per mix on, `average_into` uses a compiled kernel that reads each source
-# once and writes the target once (0.85x / 1.04x the memory bound for K=2 / K=4 on one flat 100M
-# fp16 buffer; 1.26x / 1.60x over the 686 tensors of an SD-2.1 UNet, where per-call overhead shows;
-# see bench/RESULTS.md). Smaller mixes stay eager: compiling takes ~40 s once per K on this CPU.
+# once and writes the target once. Smaller mixes stay eager: compiling takes ~10-40 s once per K
+# on this CPU. Flat buffers go through a kernel compiled for one fixed chunk size (static shapes:
+# 0.98-0.99x the bound for K=2 and 4 on SD-2.1-sized buffers, where the dynamic-shape kernel ran at
+# 1.29x for K=4); plain state dicts through a dynamic-shape kernel, one call per tensor.
+# See bench/RESULTS.md.
 FUSED_MIN_ELEMENTS = 1 << 26
+FLAT_CHUNK = 1 << 24
 
 
 def _weighted_sum(out: torch.Tensor, sources: list[torch.Tensor], weights: torch.Tensor) -> None:
@@ -77,66 +149,82 @@ def _weighted_sum(out: torch.Tensor, sources: list[torch.Tensor], weights: torch
     out.copy_(acc)
 
 
-_fused = {"kernel": None, "broken": False}
+def _weighted_sum_chunk(out: torch.Tensor, sources: list[torch.Tensor], weights: torch.Tensor) -> None:
+    _weighted_sum(out, sources, weights)  # its own code object, so its compiled variants are cached apart
 
 
-def _fused_kernel():
-    """torch.compile'd `_weighted_sum` (one fused loop per K), or None where compiling fails."""
-    if _fused["kernel"] is None and not _fused["broken"]:
-        _fused["kernel"] = torch.compile(_weighted_sum, dynamic=True)
-    return None if _fused["broken"] else _fused["kernel"]
+_kernels: dict[str, object] = {}
+_broken: list[str] = []  # why compiling failed, once; then everything runs eager
 
 
-def _average_fused(target: Tensors, mix: list) -> bool:
-    """The compiled path; returns False (having written nothing) if the compiler is unavailable."""
-    kernel = _fused_kernel()
-    floats = [name for name, t in target.items() if t.is_floating_point()]
-    if kernel is None or not floats:
+def _kernel(kind: str):
+    """The compiled kernel ("tensors": dynamic shapes; "chunk": FLAT_CHUNK static), or None if compiling failed."""
+    if _broken:
+        return None
+    if kind not in _kernels:
+        import torch._dynamo
+
+        # One compiled variant per K (and rank, dtype): dynamo's default limit of 8 would silently
+        # send the ninth back to eager Python, at ~8x the bound.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+        fn, dynamic = (_weighted_sum_chunk, False) if kind == "chunk" else (_weighted_sum, True)
+        _kernels[kind] = torch.compile(fn, dynamic=dynamic)
+    return _kernels[kind]
+
+
+def _run_compiled(kind: str, calls: list) -> bool:
+    """Run kernel(out, sources, weights) for each call; False (having written nothing) if compiling fails."""
+    kernel = _kernel(kind)
+    if kernel is None or not calls:
         return False
-    weight_tensors: dict[tuple, torch.Tensor] = {}
-
-    def weights_for(out: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
-        if (out.device, dtype) not in weight_tensors:
-            weight_tensors[(out.device, dtype)] = torch.tensor([w for _, w in mix], dtype=dtype, device=out.device)
-        return weight_tensors[(out.device, dtype)]
-
-    first = floats[0]
     try:  # compiles on the first call, before anything else is written
-        kernel(target[first], [s[first] for s, _ in mix], weights_for(target[first]))
+        kernel(*calls[0])
     except Exception as err:  # no C++ compiler, unsupported device, ...
         logger.warning("fused soup kernel unavailable (%s: %s); using the eager path", type(err).__name__, err)
-        _fused["broken"] = True
+        _broken.append(f"{type(err).__name__}: {err}")
+        return False
+    for call in calls[1:]:
+        kernel(*call)
+    return True
+
+
+def _weights_tensor(mix: list, out: torch.Tensor) -> torch.Tensor:
+    dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    return torch.tensor([w for _, w in mix], dtype=dtype, device=out.device)
+
+
+def _average_flat(out: torch.Tensor, mix: list, fused: bool) -> None:
+    """One flat buffer: whole FLAT_CHUNKs through the static kernel, the rest eager."""
+    n = out.numel()
+    done = n - n % FLAT_CHUNK if fused else 0
+    if done:
+        weights = _weights_tensor(mix, out)
+        calls = [(out[i : i + FLAT_CHUNK], [s[i : i + FLAT_CHUNK] for s, _ in mix], weights) for i in range(0, done, FLAT_CHUNK)]
+        if not _run_compiled("chunk", calls):
+            done = 0
+    if done < n:
+        _average_eager({"": out[done:]}, [({"": s[done:]}, w) for s, w in mix])
+
+
+def _average_tensors(target: Tensors, mix: list) -> bool:
+    """The compiled path over a plain state dict, one call per tensor."""
+    floats = [name for name, t in target.items() if t.is_floating_point()]
+    weights: dict[tuple, torch.Tensor] = {}
+    calls = []
+    for name in floats:
+        out = target[name]
+        key = (out.device, out.dtype == torch.float64)
+        weights.setdefault(key, _weights_tensor(mix, out))
+        calls.append((out, [s[name] for s, _ in mix], weights[key]))
+    if not _run_compiled("tensors", calls):
         return False
     for name, out in target.items():
-        if name == first:
-            continue
-        if out.is_floating_point():
-            kernel(out, [s[name] for s, _ in mix], weights_for(out))
-        else:
+        if not out.is_floating_point():
             out.copy_(mix[0][0][name])
     return True
 
 
-@torch.no_grad()
-def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[float], fused: bool | None = None) -> None:
-    """Write the weighted average of `sources` into `target`'s tensors, in place (the paper's soup).
-
-    `target` and each source map tensor names to tensors (a state dict, or dict(module.named_parameters())).
-    Weights are normalized to sum to 1; a source with weight 0 is not read. Everything is checked
-    before the first write, so a bad call changes nothing. Sums run in float32 (or float64 for
-    float64 targets) in cache-sized blocks, so low-precision targets are rounded once and weights
-    (1, 0, ...) reproduce the first source bit for bit. Sources must not share memory with `target`.
-    `fused`: use the compiled kernel (None: when the mix is large enough to pay for compiling).
-    """
-    if len(sources) != len(weights):
-        raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
-    mix = [(s, w) for s, w in zip(sources, normalize_weights(weights)) if w > 0]
-    check_compatible(target, [s for s, _ in mix])
-    if fused is None:
-        fused = sum(t.numel() for t in target.values()) * len(mix) >= FUSED_MIN_ELEMENTS
-    if fused and _average_fused(target, mix):
-        return
+def _average_eager(target: Tensors, mix: list) -> None:
     scratch: dict[tuple, torch.Tensor] = {}
     for name, out in target.items():
         if not out.is_floating_point():  # integer buffers (e.g. counters): take the first source's
@@ -168,6 +256,36 @@ def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[
                 acc.add_(src[start:stop], alpha=w)
             if acc is not dst:
                 dst.copy_(acc)
+
+
+@torch.no_grad()
+def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[float], fused: bool | None = None) -> None:
+    """Write the weighted average of `sources` into `target`'s tensors, in place (the paper's soup).
+
+    `target` and each source map tensor names to tensors (a state dict, dict(module.named_parameters()),
+    or FlatTensors: when target and sources are FlatTensors of one layout, the soup is one pass
+    over their buffers). Weights are normalized to sum to 1; a source with weight 0 is not read.
+    Everything is checked before the first write, so a bad call changes nothing. Sums run in
+    float32 (or float64 for float64 targets), so low-precision targets are rounded once and
+    weights (1, 0, ...) reproduce the first source bit for bit. Sources must not share memory
+    with `target`. `fused`: use the compiled kernel (None: when the mix is large enough to pay
+    for compiling).
+    """
+    if len(sources) != len(weights):
+        raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
+    mix = [(s, w) for s, w in zip(sources, normalize_weights(weights)) if w > 0]
+    flat = isinstance(target, FlatTensors) and all(target.same_layout(s) for s, _ in mix)
+    if flat:
+        if any(s.buffer.data_ptr() == target.buffer.data_ptr() for s, _ in mix):
+            raise ValueError("a source shares memory with the target")
+    else:
+        check_compatible(target, [s for s, _ in mix])
+    if fused is None:
+        fused = sum(t.numel() for t in target.values()) * len(mix) >= FUSED_MIN_ELEMENTS
+    if flat:
+        _average_flat(target.buffer, [(s.buffer, w) for s, w in mix], fused)
+    elif not (fused and _average_tensors(target, mix)):
+        _average_eager(target, mix)
 
 
 @torch.no_grad()

@@ -150,7 +150,7 @@ class Studio:
         self.base_specs = checkpoints.tensor_specs(Path(preset.base) / "unet")
         # The base UNet's memory becomes the hybrid: mixing writes into it, never allocating anew.
         self.hybrid = self.pipe.unet.eval()
-        self.hybrid_tensors = dict(self.hybrid.state_dict())
+        self.hybrid_tensors = soup.flatten_module(self.hybrid)  # one buffer: the soup is one pass
         unet_bytes = sum(t.numel() * t.element_size() for t in self.hybrid_tensors.values())
         self.lean = options.lean if options.lean is not None else len(preset.shards) * unet_bytes > 0.8 * free_memory(self.device)
         if self.lean:
@@ -182,7 +182,7 @@ class Studio:
             unet = copy.deepcopy(self.hybrid)
             unet.load_state_dict(checkpoints.load_weights(path, self.device, self.dtype), strict=True)
             shard = Shard(name, Path(path), checkpoints.sha256_file(path), unet, weight, description)
-            shard.tensors = dict(unet.state_dict())
+            shard.tensors = soup.flatten_module(unet)
         with self.lock:
             self.shards[name] = shard
         logger.info("loaded shard %s from %s", name, path)

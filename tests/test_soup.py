@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from soup_ui.soup import average_into, mixture_label, normalize_weights
+from soup_ui import soup
+from soup_ui.soup import FlatTensors, average_into, flatten_module, mixture_label, normalize_weights
 
 
 def tensors(seed, dtype=torch.float32):
@@ -154,3 +155,67 @@ def test_weight_distance_is_the_rms_of_the_difference():
     s1, s2 = tensors(1), tensors(2)
     diff = torch.cat([(s1[k].double() - s2[k].double()).flatten() for k in s1])
     assert weight_distance([s1, s2], [1.0, -1.0]) == pytest.approx(diff.square().mean().sqrt().item(), rel=1e-9)
+
+
+def big_tensors(seed, dtype=torch.float16):
+    """Tensors that span several CPU blocks, so a flat buffer crosses block and tensor boundaries together."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"conv.weight": (300, 200, 3), "norm.bias": (7,), "proj.weight": (513, 600)}
+    return {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+
+
+def test_flat_buffers_give_the_per_tensor_result_bit_for_bit():
+    sources = [big_tensors(i) for i in (1, 2, 3)]
+    per_tensor, flat = big_tensors(0), FlatTensors.pack(big_tensors(0))
+    average_into(per_tensor, sources, [0.2, 0.3, 0.5], fused=False)
+    average_into(flat, [FlatTensors.pack(s) for s in sources], [0.2, 0.3, 0.5], fused=False)
+    assert flat.buffer.numel() == sum(t.numel() for t in per_tensor.values())
+    for k in per_tensor:
+        assert torch.equal(flat[k], per_tensor[k]), k
+
+
+def test_flat_buffers_through_the_chunk_kernel(monkeypatch):
+    """Whole chunks go through the compiled kernel, the tail eager; the seams do not show."""
+    monkeypatch.setattr(soup, "FLAT_CHUNK", 1 << 16)  # 7 whole chunks and a tail
+    sources = [FlatTensors.pack(big_tensors(i)) for i in (1, 2, 3)]
+    eager, fused = FlatTensors.pack(big_tensors(0)), FlatTensors.pack(big_tensors(0))
+    average_into(eager, sources, [0.2, 0.3, 0.5], fused=False)
+    average_into(fused, sources, [0.2, 0.3, 0.5], fused=True)
+    torch.testing.assert_close(fused.buffer, eager.buffer, rtol=1e-3, atol=1e-3)  # fused multiply-adds may round differently
+    average_into(fused, sources, [0.0, 1.0, 0.0], fused=True)
+    assert torch.equal(fused.buffer, sources[1].buffer)
+
+
+def test_flat_target_with_plain_sources_uses_the_views():
+    sources = [big_tensors(i) for i in (1, 2)]
+    flat = FlatTensors.pack(big_tensors(0))
+    average_into(flat, [sources[0], FlatTensors.pack(sources[1])], [1.0, 0.0])
+    assert all(torch.equal(flat[k], sources[0][k]) for k in flat)
+
+
+def test_flat_source_sharing_the_target_buffer_is_refused():
+    flat = FlatTensors.pack(big_tensors(0))
+    before = flat.buffer.clone()
+    with pytest.raises(ValueError, match="shares memory"):
+        average_into(flat, [flat, FlatTensors.pack(big_tensors(1))], [0.5, 0.5])
+    assert torch.equal(flat.buffer, before)
+
+
+def test_flatten_module_keeps_the_module_working_and_mixes_into_it():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    other = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    x = torch.randn(3, 6)
+    before = net(x)
+    flat = flatten_module(net)
+    assert isinstance(flat, FlatTensors) and flat.buffer.numel() == sum(p.numel() for p in net.parameters())
+    torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+    average_into(flat, [flatten_module(other)], [1.0])  # the module now computes `other`
+    torch.testing.assert_close(net(x), other(x), rtol=0, atol=0)
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(net.parameters(), other.parameters()))
+
+
+def test_flatten_module_leaves_mixed_dtypes_alone():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))  # num_batches_tracked is int64
+    tensors = flatten_module(net)
+    assert not isinstance(tensors, FlatTensors) and set(tensors) == set(net.state_dict())
