@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -172,18 +172,22 @@ def _kernel(kind: str):
     return _kernels[kind]
 
 
-def _run_compiled(kind: str, calls: list) -> bool:
-    """Run kernel(out, sources, weights) for each call; False (having written nothing) if compiling fails."""
+def _run_compiled(kind: str, calls: Iterator[tuple]) -> bool:
+    """Run kernel(out, sources, weights) for each call; False (having written nothing) if compiling fails.
+
+    `calls` is consumed one at a time, so lazily read sources (lean mode) are resident one tensor each.
+    """
     kernel = _kernel(kind)
-    if kernel is None or not calls:
+    first = next(calls, None) if kernel is not None else None
+    if first is None:
         return False
     try:  # compiles on the first call, before anything else is written
-        kernel(*calls[0])
+        kernel(*first)
     except Exception as err:  # no C++ compiler, unsupported device, ...
         logger.warning("fused soup kernel unavailable (%s: %s); using the eager path", type(err).__name__, err)
         _broken.append(f"{type(err).__name__}: {err}")
         return False
-    for call in calls[1:]:
+    for call in calls:
         kernel(*call)
     return True
 
@@ -199,7 +203,7 @@ def _average_flat(out: torch.Tensor, mix: list, fused: bool) -> None:
     done = n - n % FLAT_CHUNK if fused else 0
     if done:
         weights = _weights_tensor(mix, out)
-        calls = [(out[i : i + FLAT_CHUNK], [s[i : i + FLAT_CHUNK] for s, _ in mix], weights) for i in range(0, done, FLAT_CHUNK)]
+        calls = ((out[i : i + FLAT_CHUNK], [s[i : i + FLAT_CHUNK] for s, _ in mix], weights) for i in range(0, done, FLAT_CHUNK))
         if not _run_compiled("chunk", calls):
             done = 0
     if done < n:
@@ -208,15 +212,17 @@ def _average_flat(out: torch.Tensor, mix: list, fused: bool) -> None:
 
 def _average_tensors(target: Tensors, mix: list) -> bool:
     """The compiled path over a plain state dict, one call per tensor."""
-    floats = [name for name, t in target.items() if t.is_floating_point()]
     weights: dict[tuple, torch.Tensor] = {}
-    calls = []
-    for name in floats:
-        out = target[name]
-        key = (out.device, out.dtype == torch.float64)
-        weights.setdefault(key, _weights_tensor(mix, out))
-        calls.append((out, [s[name] for s, _ in mix], weights[key]))
-    if not _run_compiled("tensors", calls):
+
+    def calls():
+        for name, out in target.items():
+            if out.is_floating_point():
+                key = (out.device, out.dtype == torch.float64)
+                if key not in weights:
+                    weights[key] = _weights_tensor(mix, out)
+                yield out, [s[name] for s, _ in mix], weights[key]
+
+    if not _run_compiled("tensors", calls()):
         return False
     for name, out in target.items():
         if not out.is_floating_point():

@@ -1,6 +1,8 @@
 """The soup maths, exactly."""
 
 import math
+import weakref
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -219,3 +221,33 @@ def test_flatten_module_leaves_mixed_dtypes_alone():
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))  # num_batches_tracked is int64
     tensors = flatten_module(net)
     assert not isinstance(tensors, FlatTensors) and set(tensors) == set(net.state_dict())
+
+
+class ReadCounter(Mapping):
+    """A source read tensor by tensor (like lean mode's LazyWeights) that records how many of its reads are alive."""
+
+    def __init__(self, tensors):
+        self.tensors, self.alive, self.most_alive = tensors, weakref.WeakSet(), 0
+
+    def __getitem__(self, name):
+        tensor = self.tensors[name].clone()
+        self.alive.add(tensor)
+        self.most_alive = max(self.most_alive, len(self.alive))
+        return tensor
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_lazy_sources_are_read_a_tensor_at_a_time(fused):
+    many = {f"t{i}": torch.randn(50) for i in range(12)}
+    sources = [ReadCounter({k: v + i for k, v in many.items()}) for i in range(2)]
+    target = {k: torch.empty(50) for k in many}
+    average_into(target, sources, [0.5, 0.5], fused=fused)
+    for k in many:
+        torch.testing.assert_close(target[k], many[k] + 0.5)
+    assert all(s.most_alive <= 3 for s in sources), [s.most_alive for s in sources]  # a few of 12, never all

@@ -62,10 +62,10 @@ class Budget:
     vae_steps: int = 2000
     vae_batch: int = 32
     vae_crop: int = 32  # random crops make the (fully convolutional) VAE 4x cheaper to train
-    base_steps: int = 1500
+    base_steps: int = 4500
     base_batch: int = 32
     base_lr: float = 3e-4
-    shard_steps: int = 250
+    shard_steps: int = 400
     shard_batch: int = 32
     shard_lr: float = 5e-4  # high for a finetune: 250 steps must move the mixed-style base to one style
 
