@@ -206,7 +206,7 @@ def main(argv=None):
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         shard_bytes = params * torch.finfo(dtype).bits // 8
-        for k in [int(x) for x in args.k.split(",")]:
+        for k in [int(x) for x in args.k.split(",") if x]:
             need = (k + 2) * shard_bytes * 1.05  # K shards, the target, the naive loop's new dict
             if need > available_bytes():
                 line = f"| {dtype_name} | {k} | skipped: needs {need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB free |"

@@ -288,6 +288,10 @@ def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[
         check_compatible(target, [s for s, _ in mix])
     if fused is None:
         fused = sum(t.numel() for t in target.values()) * len(mix) >= FUSED_MIN_ELEMENTS
+    read_order = getattr(mix[0][0], "read_order", None)  # lazy sources: walk their files front to back
+    if callable(read_order) and not flat:
+        order = [n for n in read_order() if n in target]
+        target = {n: target[n] for n in order + [n for n in target if n not in set(order)]}
     if flat:
         _average_flat(target.buffer, [(s.buffer, w) for s, w in mix], fused)
     elif not (fused and _average_tensors(target, mix)):

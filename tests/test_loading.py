@@ -7,7 +7,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from soup_ui.checkpoints import CheckpointError, load_weights, tensor_specs, weight_files
+from soup_ui.checkpoints import CheckpointError, LazyWeights, data_ranges, load_weights, tensor_specs, weight_files
 from soup_ui.presets import PresetError, load_preset
 from soup_ui.studio import Studio
 
@@ -120,3 +120,19 @@ def test_studio_reports_bad_shards_and_keeps_the_good_ones(tmp_path, tiny_preset
     assert "shard 'foreign' does not match the base UNet: it lacks tensor" in studio.failed["foreign"]
     assert "is F16, the base is F32" in studio.failed["half"]
     assert f"tensor '{key}' holds 1 NaN or Inf values" in studio.failed["nan"]
+
+
+def test_lazy_weights_know_where_each_tensor_lies(tmp_path):
+    tensors = {"z.first": torch.arange(6.0).view(2, 3), "a.second": torch.ones(4, dtype=torch.float16), "m.third": torch.zeros(5)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    ranges = data_ranges(tmp_path / "w.safetensors")
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    for name, tensor in tensors.items():
+        start, stop = ranges[name]
+        assert raw[start:stop] == tensor.numpy().tobytes(), name
+    lazy = LazyWeights(tmp_path / "w.safetensors")
+    order = lazy.read_order()
+    assert sorted(order) == sorted(tensors)
+    assert [ranges[n][0] for n in order] == sorted(r[0] for r in ranges.values())  # front to back on disk
+    assert all(torch.equal(lazy[n], tensors[n]) for n in tensors)
+    lazy.close()
