@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -137,7 +138,7 @@ def drop_page_cache() -> bool:
         return False
 
 
-def lean_bench(shapes, k: int, folder: Path) -> list[str]:
+def lean_bench(shapes, k: int, folder: Path, rounds: int = 3) -> list[str]:
     """Soup K shards streamed tensor by tensor from safetensors files, against reading the files."""
     from safetensors.torch import save_file
 
@@ -162,21 +163,26 @@ def lean_bench(shapes, k: int, folder: Path) -> list[str]:
     def stream_soup():
         average_into(target, [LazyWeights(f) for f in files], [1.0] * k)
 
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
     out = [f"Lean mode: K={k} fp16 SD-2.1-shaped shards on disk ({total / 2**30:.1f} GiB), the soup streamed tensor by tensor", ""]
     out += ["| cache | read the files (s) | streamed soup (s) | soup / read |", "|---|---|---|---|"]
-    for label, cold in (("cold (page cache dropped)", True), ("warm (files in page cache)", False)):
-        if cold and not drop_page_cache():
-            out.append("| cold | cannot drop the page cache here (needs root) | | |")
-            continue
-        t0 = time.perf_counter()
-        read_files()
-        read = time.perf_counter() - t0
-        if cold:
+    if not drop_page_cache():
+        out.append("| cold | cannot drop the page cache here (needs root) | | |")
+    else:  # rounds of (cold read, cold soup), medians: the disk's speed drifts between runs
+        reads, soups = [], []
+        for _ in range(rounds):
             drop_page_cache()
-        t0 = time.perf_counter()
-        stream_soup()
-        soup = time.perf_counter() - t0
-        out.append(f"| {label} | {read:.2f} ({total / read / 2**30:.2f} GiB/s) | {soup:.2f} | {soup / read:.2f}x |")
+            reads.append(timed(read_files))
+            drop_page_cache()
+            soups.append(timed(stream_soup))
+        read, soup = statistics.median(reads), statistics.median(soups)
+        out.append(f"| cold (page cache dropped), median of {rounds} | {read:.2f} ({total / read / 2**30:.2f} GiB/s) | {soup:.2f} | {soup / read:.2f}x |")
+    read, soup = interleaved_medians([read_files, stream_soup], rounds)
+    out.append(f"| warm (files in page cache), median of {rounds} | {read:.2f} ({total / read / 2**30:.2f} GiB/s) | {soup:.2f} | {soup / read:.2f}x |")
     print("\n".join(out), flush=True)
     return out
 
@@ -217,17 +223,20 @@ def main(argv=None):
             target = FlatTensors.empty(shapes, dtype, args.device)
             per_tensor_target, per_tensor_sources = dict(target), [dict(s) for s in sources]  # the same memory, as views
             weights = [1.0 / k] * k
-            # The machine's streaming rate: one torch.add over two whole shards (two reads, one write).
-            # The three streaming measurements are interleaved, so drift on a shared machine hits them alike.
-            ref, flat, tensors = interleaved_medians(
+            # The machine's streaming rate: the faster of torch.add over two whole shards (two reads,
+            # one write) and a copy of one (one read, one write). Interleaved with the soups, so
+            # bandwidth drift on a shared machine hits them alike.
+            add, copy, flat, tensors = interleaved_medians(
                 [
                     lambda: torch.add(sources[0].buffer, sources[1].buffer, out=target.buffer),
+                    lambda: target.buffer.copy_(sources[0].buffer),
                     lambda: average_into(target, sources, weights),
                     lambda: average_into(per_tensor_target, per_tensor_sources, weights),
                 ],
                 args.repeats,
             )
-            bound = (k + 1) * shard_bytes / (3 * shard_bytes / ref)
+            rate = max(3 * shard_bytes / add, 2 * shard_bytes / copy)
+            bound = (k + 1) * shard_bytes / rate
             naive = median_seconds(lambda: naive_merge(per_tensor_sources, weights), max(3, args.repeats // 2))
             cells = [f"{bound:.3f}", f"{flat:.3f}", f"{flat / bound:.2f}x", f"{tensors:.3f}", f"{tensors / bound:.2f}x"]
             cells += [f"{naive:.3f}", f"{naive / flat:.1f}x"]
@@ -247,8 +256,9 @@ def main(argv=None):
             del sources, target, per_tensor_target, per_tensor_sources
     notes = [
         "",
-        "Bound: one torch.add(out=) over two whole shards measures the machine's streaming rate (2 reads + 1 write);",
-        "a soup of K shards reads K and writes 1, so bound = (K+1) x shard bytes at that rate.",
+        "Bound: the machine's streaming rate is the faster of torch.add(out=) over two whole shards (2 reads + 1 write)",
+        "and a copy of one (1 read + 1 write), timed in the same rounds; a soup of K shards reads K and writes 1,",
+        "so bound = (K+1) x shard bytes at that rate.",
         f"sd-mecha: {'version ' + mecha + ', n_average of the same in-memory state dicts, its defaults' if mecha else 'not run (pip install --no-deps sd-mecha; --mecha)'}.",
     ]
     print("\n".join(notes), flush=True)
