@@ -29,6 +29,8 @@ CSS = """
 #soup-image { border: 4px solid #d66212; border-radius: 10px; }
 #soup-label { color: #d66212; font-weight: 600; }
 .pixelated img { image-rendering: pixelated; }
+/* Component tiles no larger than the soup: Gradio stretches few items over the row, taller than the gallery. */
+#components .grid-container { grid-template-columns: repeat(auto-fill, minmax(140px, 1fr)) !important; }
 #soup-image img { width: 100%; height: 100%; object-fit: contain; }
 .mixture-bar { display: flex; height: 22px; border-radius: 5px; overflow: hidden; margin: 4px 0; }
 .mixture-bar div { color: white; font-size: 11px; line-height: 22px; text-align: center; overflow: hidden; white-space: nowrap; }
