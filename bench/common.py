@@ -13,16 +13,7 @@ import torch
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of `fn` over `repeats` runs, after `warmup` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_medians([fn], repeats, warmup)[0]
 
 
 def interleaved_medians(fns: list[Callable[[], object]], repeats: int, warmup: int = 1) -> list[float]:

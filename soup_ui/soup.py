@@ -99,19 +99,19 @@ def flatten_module(module: torch.nn.Module) -> Tensors:
     hold integer buffers, or that tie tensors, are left as they are and get a plain dict back.
     """
     state = module.state_dict(keep_vars=True)
+    tensors = {n: t.detach() for n, t in state.items()}
     try:
-        if len({t.data_ptr() for t in state.values()}) != len(state):
+        if len({t.data_ptr() for t in tensors.values()}) != len(tensors):
             raise ValueError("tied tensors")
-        flat = FlatTensors.pack({n: t.detach() for n, t in state.items()})
+        flat = FlatTensors.pack(tensors)
     except ValueError:
-        return dict(module.state_dict())
+        return tensors
     for name, tensor in state.items():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
         if isinstance(tensor, torch.nn.Parameter):
             tensor.data = flat[name]
         else:
-            owner._buffers[leaf] = flat[name]
+            owner, _, leaf = name.rpartition(".")
+            module.get_submodule(owner)._buffers[leaf] = flat[name]
     return flat
 
 
@@ -192,9 +192,13 @@ def _run_compiled(kind: str, calls: Iterator[tuple]) -> bool:
     return True
 
 
+def _acc_dtype(out: torch.Tensor) -> torch.dtype:
+    """What sums run in: float64 for float64 targets, else float32."""
+    return torch.float64 if out.dtype == torch.float64 else torch.float32
+
+
 def _weights_tensor(mix: list, out: torch.Tensor) -> torch.Tensor:
-    dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
-    return torch.tensor([w for _, w in mix], dtype=dtype, device=out.device)
+    return torch.tensor([w for _, w in mix], dtype=_acc_dtype(out), device=out.device)
 
 
 def _average_flat(out: torch.Tensor, mix: list, fused: bool) -> None:
@@ -217,7 +221,7 @@ def _average_tensors(target: Tensors, mix: list) -> bool:
     def calls():
         for name, out in target.items():
             if out.is_floating_point():
-                key = (out.device, out.dtype == torch.float64)
+                key = (out.device, _acc_dtype(out))
                 if key not in weights:
                     weights[key] = _weights_tensor(mix, out)
                 yield out, [s[name] for s, _ in mix], weights[key]
@@ -237,7 +241,7 @@ def _average_eager(target: Tensors, mix: list) -> None:
             out.copy_(mix[0][0][name])
             continue
         block = GPU_BLOCK if out.device.type == "cuda" else CPU_BLOCK
-        acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+        acc_dtype = _acc_dtype(out)
         flat_out = out.view(-1) if out.is_contiguous() else None
         parts = [(s[name].reshape(-1), w) for s, w in mix]
         n = out.numel()
@@ -290,8 +294,8 @@ def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[
         fused = sum(t.numel() for t in target.values()) * len(mix) >= FUSED_MIN_ELEMENTS
     read_order = getattr(mix[0][0], "read_order", None)  # lazy sources: walk their files front to back
     if callable(read_order) and not flat:
-        order = [n for n in read_order() if n in target]
-        target = {n: target[n] for n in order + [n for n in target if n not in set(order)]}
+        rank = {n: i for i, n in enumerate(read_order())}
+        target = dict(sorted(target.items(), key=lambda item: rank.get(item[0], len(rank))))
     if flat:
         _average_flat(target.buffer, [(s.buffer, w) for s, w in mix], fused)
     elif not (fused and _average_tensors(target, mix)):
