@@ -23,7 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
     parser.add_argument("--lean", action="store_true", help="stream shards from their files instead of loading each (default: when they would not fit)")
-    parser.add_argument("--models-dir", type=Path, action="append", default=[], help="another folder shards may be added from (repeatable)")
+    parser.add_argument(
+        "--models-dir", type=Path, action="append", default=[],
+        help="a folder the page may add shards from (repeatable; default: the embedded default's shards folder). Nothing else is opened",
+    )
+    parser.add_argument("--max-upload", default="16gb", help="largest file the page accepts as an upload (default 16gb)")
     parser.add_argument("--output-dir", type=Path, default=Path("soup-outputs"), help="where uploads, exports, recipes and saved presets go")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
     args = parser.parse_args(argv)
@@ -44,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(p).is_file():
             parser.error(f"--preset: no such file: {p}")
     options = RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None)
-    host = StudioHost(presets, options, models_dirs=args.models_dir, output_dir=args.output_dir)
-    launch(build_ui(host), port=args.port, share=args.share)
+    models_dirs = args.models_dir or ([HERE / "assets" / "emoji" / "shards"] if DEFAULT_PRESET in presets else [])
+    host = StudioHost(presets, options, models_dirs=models_dirs, output_dir=args.output_dir)
+    launch(build_ui(host), port=args.port, share=args.share, max_file_size=args.max_upload)
 
 
 if __name__ == "__main__":

@@ -231,3 +231,12 @@ def sha256_file(path: str | Path) -> str:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_signature(path: str | Path) -> tuple:
+    """(name, size, mtime, inode) of each weights file: changes whenever a file is rewritten."""
+    out = []
+    for file in weight_files(path):
+        st = file.stat()
+        out.append((file.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)

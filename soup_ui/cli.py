@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from .files import safe_name
+from .presets import parse_mix as parse_mix_text
 from .presets import (
     SCHEDULERS,
     Preset,
@@ -27,6 +28,10 @@ from .presets import (
 logger = logging.getLogger("soup_ui")
 
 
+# What a studio command uses when neither --preset nor --recipe names a preset: the embedded default.
+DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "presets" / "emoji-styles.yaml"
+
+
 class UsageError(ValueError):
     """A bad command-line argument."""
 
@@ -35,19 +40,10 @@ def parse_mix(text: str | None, preset: Preset) -> dict[str, float]:
     """"a=0.5,b=0.5" -> {"a": 0.5, "b": 0.5}; a bare name weighs 1; None -> the preset's defaults."""
     if text is None:
         return {s.name: s.weight for s in preset.shards}
-    mix: dict[str, float] = {}
-    for item in (p.strip() for p in text.split(",")):
-        if not item:
-            continue
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        try:
-            weight = float(value) if sep else 1.0
-        except ValueError:
-            raise UsageError(f"--mix: weight of {name!r} is not a number: {value!r}") from None
-        if name in mix:
-            raise UsageError(f"--mix: shard {name!r} is given twice")
-        mix[name] = weight
+    try:
+        mix = parse_mix_text(text)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from None
     if not mix:
         raise UsageError("--mix: no shard given (expected NAME=WEIGHT,NAME=WEIGHT)")
     return mix
@@ -103,9 +99,7 @@ class Job:
 
     def __init__(self, args: argparse.Namespace):
         self.recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else None
-        preset_path = args.preset or (self.recipe.preset if self.recipe else None)
-        if preset_path is None:
-            raise UsageError("give --preset FILE (or a --recipe that names its preset)")
+        preset_path = args.preset or (self.recipe.preset if self.recipe else None) or DEFAULT_PRESET
         self.preset = load_preset(preset_path)
         if args.mix is None and self.recipe is not None:
             self.mix = dict(self.recipe.mix)
@@ -117,10 +111,6 @@ class Job:
 
     def as_recipe(self) -> Recipe:
         return Recipe(preset=self.preset.source, mix=self.mix, mode=self.mode, scale=self.scale, render=self.settings)
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
 def write_strip(results, out: str | None, title: str) -> None:
@@ -239,6 +229,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps,
         seed=args.seed,
+        min_snr_gamma=args.min_snr_gamma,
+        ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every,
         save_dtype=args.save_dtype,
         device=args.device or "cpu",
@@ -253,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def studio_command(name: str, help: str, render_options: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--preset", help="preset YAML file (default: the one --recipe names)")
+        p.add_argument("--preset", help="preset YAML file (default: the one --recipe names, else the embedded emoji default)")
         p.add_argument("--recipe", help="recipe YAML file: preset, mix, mode and render settings (options override it)")
         p.add_argument("--mix", help="NAME=WEIGHT,... (default: the recipe's, else every shard at its preset weight)")
         p.add_argument("--mode", choices=["average", "task-arithmetic"], help="merge mode (default: average, the paper's soup)")
@@ -311,12 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="imagefolder with metadata.jsonl")
     p.add_argument("--out", required=True, help="the shard: a .safetensors file of UNet weights")
     p.add_argument("--where", action="append", help="keep rows with COLUMN=VALUE (repeatable), e.g. style=twemoji")
-    p.add_argument("--caption-column", default="text")
+    p.add_argument("--caption-column", default="text", help='a column, a template "{text}, {subcategory}", or templates joined by "|" (one drawn per sample)')
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-snr-gamma", type=float, help="weight the loss by min(SNR, gamma)/SNR (5 is the usual choice)")
+    p.add_argument("--ema-decay", type=float, help="save an EMA of the weights with this decay (e.g. 0.999)")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--device", help="cuda, mps or cpu")

@@ -19,8 +19,9 @@ class CaptionedImages:
     """Images as a uint8 tensor (N, 3, H, W) with one caption and one metadata row per image."""
 
     pixels: torch.Tensor
-    captions: list[str]
+    captions: list[str]  # the first caption variant of each image
     rows: list[dict]
+    variants: list[tuple[str, ...]] = ()  # every caption variant of each image (see `caption_templates`)
 
 
 def parse_where(where: list[str] | None) -> dict[str, str]:
@@ -49,6 +50,19 @@ def read_metadata(data_dir: str | Path, where: dict[str, str] | None = None) -> 
     return rows
 
 
+def caption_templates(caption_column: str) -> list[str]:
+    """A caption spec -> format templates: "text" (a column), "{text}, {subcategory}" (a template) or
+    several templates joined by "|", one of which a trainer draws per sample."""
+    return [t if "{" in t else "{" + t + "}" for t in caption_column.split("|")]
+
+
+def format_caption(template: str, row: dict, where: str = "metadata.jsonl") -> str:
+    try:
+        return template.format(**row)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"{where}: caption template {template!r} needs a column the rows lack ({err}); columns are {sorted(row)}") from None
+
+
 def load_captioned_images(
     data_dir: str | Path,
     size: int,
@@ -58,8 +72,9 @@ def load_captioned_images(
     """Read every matching image, resized to `size` x `size` RGB."""
     data_dir = Path(data_dir)
     rows = read_metadata(data_dir, where)
-    if caption_column not in rows[0]:
-        raise ValueError(f"{data_dir}/metadata.jsonl: no caption column {caption_column!r}")
+    templates = caption_templates(caption_column)
+    where_ = f"{data_dir}/metadata.jsonl"
+    variants = [tuple(format_caption(t, row, where_) for t in templates) for row in rows]
     pixels = np.empty((len(rows), size, size, 3), dtype=np.uint8)
     for i, row in enumerate(rows):
         with Image.open(data_dir / row["file_name"]) as im:
@@ -70,8 +85,9 @@ def load_captioned_images(
     logger.info("read %d images from %s (filter %s)", len(rows), data_dir, where or "none")
     return CaptionedImages(
         pixels=torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
-        captions=[str(r[caption_column]) for r in rows],
+        captions=[v[0] for v in variants],
         rows=rows,
+        variants=variants,
     )
 
 

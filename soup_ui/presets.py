@@ -161,6 +161,23 @@ class Recipe(Strict):
         return mix
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """"a=0.5,b=0.5" -> {"a": 0.5, "b": 0.5}; a bare name weighs 1; a name given twice is an error."""
+    mix: dict[str, float] = {}
+    for item in (p.strip() for p in (text or "").split(",")):
+        if item:
+            name, sep, value = item.partition("=")
+            name = name.strip()
+            try:
+                weight = float(value) if sep else 1.0
+            except ValueError:
+                raise ValueError(f"mix: weight of {name!r} is not a number: {value!r}") from None
+            if name in mix:
+                raise ValueError(f"mix: shard {name!r} is given twice")
+            mix[name] = weight
+    return mix
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe YAML file; a relative preset path is resolved from its folder."""
     path = Path(path)
@@ -175,13 +192,13 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def write_yaml_atomic(data: dict, path: str | Path, overwrite: bool = False) -> Path:
     """Write YAML through a temporary file and a rename; refuses to replace a file unless asked."""
+    from .files import atomic_path
+
     path = Path(path)
     if path.exists() and not overwrite:
         raise PresetError(f"{path} exists; confirm overwriting it (--overwrite) or choose another name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
 
 

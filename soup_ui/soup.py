@@ -155,6 +155,9 @@ def _weighted_sum_chunk(out: torch.Tensor, sources: list[torch.Tensor], weights:
 
 _kernels: dict[str, object] = {}
 _broken: list[str] = []  # why compiling failed, once; then everything runs eager
+_ready: set[tuple] = set()  # (kind, K, dtype, device type) variants compiled already
+_warming: dict[tuple, object] = {}  # variant -> the thread compiling it
+_compile_lock = __import__("threading").Lock()
 
 
 def _kernel(kind: str):
@@ -172,6 +175,49 @@ def _kernel(kind: str):
     return _kernels[kind]
 
 
+def _variant(kind: str, k: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    return (kind, k, dtype, torch.device(device).type)
+
+
+def compiled_ready(kind: str, k: int, dtype: torch.dtype, device) -> bool:
+    """Whether the compiled kernel for K sources of this dtype is compiled (so calling it is cheap)."""
+    return _variant(kind, k, dtype, device) in _ready
+
+
+def _compile_chunk_variant(k: int, dtype: torch.dtype, device) -> None:
+    variant = _variant("chunk", k, dtype, device)
+    with _compile_lock:
+        if variant in _ready or _broken:
+            return
+        out = torch.zeros(FLAT_CHUNK, dtype=dtype, device=device)
+        sources = [torch.zeros(FLAT_CHUNK, dtype=dtype, device=device) for _ in range(k)]
+        weights = torch.full((k,), 1.0 / k, dtype=_acc_dtype(out), device=out.device)
+        if _run_compiled("chunk", iter([(out, sources, weights)])):
+            _ready.add(variant)
+            logger.info("soup kernel compiled for K=%d, %s on %s", k, str(dtype).removeprefix("torch."), variant[3])
+
+
+def warm_up(ks, dtype: torch.dtype, device, background: bool = True) -> list:
+    """Compile the flat-buffer kernel for each K in `ks` ahead of use (10-40 s each on a CPU), so that
+    no interactive mix pays for compiling; until a variant is ready, mixes of that K run eager.
+    Returns the threads started (empty when `background` is False: compiled here and now)."""
+    import threading
+
+    threads = []
+    for k in ks:
+        variant = _variant("chunk", k, dtype, device)
+        if variant in _ready or variant in _warming or _broken:
+            continue
+        if not background:
+            _compile_chunk_variant(k, dtype, device)
+            continue
+        t = threading.Thread(target=_compile_chunk_variant, args=(k, dtype, device), name=f"soup-compile-K{k}", daemon=True)
+        _warming[variant] = t
+        t.start()
+        threads.append(t)
+    return threads
+
+
 def _run_compiled(kind: str, calls: Iterator[tuple]) -> bool:
     """Run kernel(out, sources, weights) for each call; False (having written nothing) if compiling fails.
 
@@ -187,6 +233,8 @@ def _run_compiled(kind: str, calls: Iterator[tuple]) -> bool:
         logger.warning("fused soup kernel unavailable (%s: %s); using the eager path", type(err).__name__, err)
         _broken.append(f"{type(err).__name__}: {err}")
         return False
+    out, sources, _ = first
+    _ready.add(_variant(kind, len(sources), out.dtype, out.device))
     for call in calls:
         kernel(*call)
     return True
@@ -201,9 +249,16 @@ def _weights_tensor(mix: list, out: torch.Tensor) -> torch.Tensor:
     return torch.tensor([w for _, w in mix], dtype=_acc_dtype(out), device=out.device)
 
 
-def _average_flat(out: torch.Tensor, mix: list, fused: bool) -> None:
-    """One flat buffer: whole FLAT_CHUNKs through the static kernel, the rest eager."""
+def _average_flat(out: torch.Tensor, mix: list, fused: bool | None) -> None:
+    """One flat buffer: whole FLAT_CHUNKs through the static kernel, the rest eager.
+
+    fused=None: the kernel only if it is compiled for this K already; otherwise eager now, and the
+    kernel is compiled in the background for the next mix (never inside an interactive request)."""
     n = out.numel()
+    if fused is None:
+        fused = compiled_ready("chunk", len(mix), out.dtype, out.device)
+        if not fused and n >= FLAT_CHUNK:
+            warm_up([len(mix)], out.dtype, out.device)
     done = n - n % FLAT_CHUNK if fused else 0
     if done:
         weights = _weights_tensor(mix, out)
@@ -278,27 +333,42 @@ def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[
     Everything is checked before the first write, so a bad call changes nothing. Sums run in
     float32 (or float64 for float64 targets), so low-precision targets are rounded once and
     weights (1, 0, ...) reproduce the first source bit for bit. Sources must not share memory
-    with `target`. `fused`: use the compiled kernel (None: when the mix is large enough to pay
-    for compiling).
+    with `target`. `fused`: use the compiled kernel (True), never (False), or (None) where it pays:
+    large mixes, and for flat buffers only once the kernel for this K is compiled (see `warm_up`).
     """
     if len(sources) != len(weights):
         raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
-    mix = [(s, w) for s, w in zip(sources, normalize_weights(weights)) if w > 0]
+    weighted_sum_into(target, sources, normalize_weights(weights), fused)
+
+
+@torch.no_grad()
+def weighted_sum_into(target: Tensors, sources: Sequence[Tensors], coefficients: Sequence[float], fused: bool | None = None) -> None:
+    """target = sum_i c_i * source_i, in place, for any finite coefficients (negative ones too), summed
+    in float32 and rounded once. `average_into` is this with normalized weights; task arithmetic
+    is this with the base as one more source."""
+    if len(sources) != len(coefficients):
+        raise ValueError(f"{len(sources)} sources but {len(coefficients)} coefficients")
+    if not all(math.isfinite(c) for c in coefficients):
+        raise ValueError(f"coefficients must be finite, got {list(coefficients)}")
+    mix = [(s, float(c)) for s, c in zip(sources, coefficients) if c != 0]
+    if not mix:
+        raise ValueError("every coefficient is zero: nothing to sum")
     flat = isinstance(target, FlatTensors) and all(target.same_layout(s) for s, _ in mix)
     if flat:
         if any(s.buffer.data_ptr() == target.buffer.data_ptr() for s, _ in mix):
             raise ValueError("a source shares memory with the target")
     else:
         check_compatible(target, [s for s, _ in mix])
-    if fused is None:
-        fused = sum(t.numel() for t in target.values()) * len(mix) >= FUSED_MIN_ELEMENTS
     read_order = getattr(mix[0][0], "read_order", None)  # lazy sources: walk their files front to back
     if callable(read_order) and not flat:
         rank = {n: i for i, n in enumerate(read_order())}
         target = dict(sorted(target.items(), key=lambda item: rank.get(item[0], len(rank))))
     if flat:
         _average_flat(target.buffer, [(s.buffer, w) for s, w in mix], fused)
-    elif not (fused and _average_tensors(target, mix)):
+        return
+    if fused is None:
+        fused = sum(t.numel() for t in target.values()) * len(mix) >= FUSED_MIN_ELEMENTS
+    if not (fused and _average_tensors(target, mix)):
         _average_eager(target, mix)
 
 
@@ -309,16 +379,16 @@ def task_arithmetic_into(
     """Task arithmetic (Ilharco et al. 2023): base + scale * sum_i w_i (theta_i - base), in place.
 
     Weights are normalized to sum to 1, so scale 1 is the weighted average and scale > 1 amplifies
-    what the shards learned away from the base.
+    what the shards learned away from the base. Computed in one pass as
+    sum_i (scale * w_i) theta_i + (1 - scale) base, in float32, rounded once.
     """
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if len(sources) != len(weights):
+        raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
     check_compatible(target, [base])
-    average_into(target, sources, weights, fused=fused)
-    if scale != 1.0:
-        for name, out in target.items():
-            if out.is_floating_point():  # base + scale * (avg - base) = scale * avg + (1 - scale) * base
-                out.mul_(scale).add_(base[name], alpha=1.0 - scale)
+    normalized = normalize_weights(weights)
+    weighted_sum_into(target, [*sources, base], [scale * w for w in normalized] + [1.0 - scale], fused)
 
 
 @dataclass(frozen=True)
@@ -364,17 +434,30 @@ def weight_distance(sources: Sequence[Tensors], coefficients: Sequence[float]) -
         first = pairs[0][0][name]
         if not first.is_floating_point():
             continue
-        acc = first.to(torch.float64) * pairs[0][1]
+        acc = first.to(torch.float32) * pairs[0][1]  # float32: Apple's MPS has no float64
         for source, c in pairs[1:]:
-            acc.add_(source[name].to(torch.float64), alpha=c)
+            acc.add_(source[name].to(torch.float32), alpha=c)
         total += float(acc.square().sum())
         count += acc.numel()
     return math.sqrt(total / max(count, 1))
 
 
+def rounded_shares(shares: Sequence[float], digits: int = 2) -> list[float]:
+    """Round shares that sum to 1 so that the rounded ones still do (largest remainder), e.g.
+    (0.375, 0.625) -> (0.38, 0.62) rather than (0.38, 0.63), and 1/3 x 3 -> 0.34 + 0.33 + 0.33."""
+    unit = 10**digits
+    scaled = [w * unit for w in shares]
+    floors = [math.floor(x) for x in scaled]
+    missing = round(sum(scaled)) - sum(floors)
+    order = sorted(range(len(shares)), key=lambda i: (floors[i] - scaled[i], i))
+    for i in order[: max(0, missing)]:
+        floors[i] += 1
+    return [f / unit for f in floors]
+
+
 def mixture_label(names: Sequence[str], weights: Sequence[float], mode: str = "average", scale: float = 1.0) -> str:
     """The recipe as a label, e.g. "soup: 0.50 twemoji + 0.50 openmoji" (normalized weights)."""
-    normalized = normalize_weights(weights, names)
+    normalized = rounded_shares(normalize_weights(weights, names))
     parts = " + ".join(f"{w:.2f} {n}" for n, w in zip(names, normalized) if w > 0)
     if mode == "task-arithmetic":
         return f"task arithmetic: base + {scale:g} x ({parts} - base)"

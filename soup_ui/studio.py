@@ -13,6 +13,7 @@ import math
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from . import checkpoints, soup
+from .files import atomic_path
 from .presets import SCHEDULERS, Preset, RenderSettings
 
 logger = logging.getLogger(__name__)
@@ -72,16 +74,92 @@ def resolve_dtype(device: torch.device, name: str | None) -> torch.dtype:
 
 
 @dataclass
-class Shard:
-    """A loaded specialist: its UNet on the device and what identifies its weights."""
+class Weights:
+    """A shard's weights as loaded once, shared by every name and session that uses them (the pool)."""
 
-    name: str
     path: Path
     sha256: str
     unet: torch.nn.Module | None  # None in lean mode: the weights stay in their files
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    signature: tuple = ()  # the files' (size, mtime, inode) when hashed; lean mode re-checks it
+
+
+@dataclass
+class Shard:
+    """A named shard of a preset or a session: a name and a default weight over pooled `Weights`."""
+
+    name: str
+    weights: Weights
     weight: float = 1.0
     description: str = ""
-    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.weights.path
+
+    @property
+    def sha256(self) -> str:
+        return self.weights.sha256
+
+    @property
+    def unet(self) -> torch.nn.Module | None:
+        return self.weights.unet
+
+    @property
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        return self.weights.tensors
+
+
+INTERACTIVE, BACKGROUND = 0, 1
+
+
+class PriorityLock:
+    """A re-entrant lock that interactive work gets first: a background holder (a grid, leave-one-out)
+    takes it per image, and waits while any interactive request is waiting, so a slider release
+    waits for at most the one image being rendered. A thread's priority is set with `background()`."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting = [0, 0]
+        self._local = threading.local()
+
+    @property
+    def priority(self) -> int:
+        return getattr(self._local, "priority", INTERACTIVE)
+
+    @contextmanager
+    def background(self):
+        """Run the enclosed work at background priority (in this thread)."""
+        before = self.priority
+        self._local.priority = BACKGROUND
+        try:
+            yield
+        finally:
+            self._local.priority = before
+
+    def __enter__(self):
+        me, priority = threading.get_ident(), self.priority
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return self
+            self._waiting[priority] += 1
+            try:
+                while self._owner is not None or (priority == BACKGROUND and self._waiting[INTERACTIVE]):
+                    self._cond.wait()
+            finally:
+                self._waiting[priority] -= 1
+            self._owner, self._depth = me, 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
 
 
 @dataclass
@@ -112,8 +190,17 @@ class LRU(OrderedDict):
         return None
 
 
+Views = Mapping[str, Shard]  # a session's shards by name
+
+
 class Studio:
-    """Holds one preset's models and renders components and soups of them."""
+    """Holds one preset's models and renders components and soups of them.
+
+    Weights are pooled by content hash: a file added by several sessions (under any names) is
+    loaded once, and freed when no preset shard and no session uses it. Every method that takes a
+    mix also takes `shards`, the caller's view (name -> Shard; default: the preset's shards), so a
+    session can only ever name its own shards.
+    """
 
     def __init__(self, preset: Preset, options: RuntimeOptions = RuntimeOptions(), progress: Progress | None = None):
         from diffusers import StableDiffusionPipeline
@@ -122,10 +209,12 @@ class Studio:
         self.options = options
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(self.device, options.dtype)
-        self.lock = threading.RLock()  # one mix+render at a time: the hybrid UNet is shared
+        self.lock = PriorityLock()  # one mix+render at a time: the hybrid UNet and the pipeline are shared
         self.renders: Counter[str] = Counter()  # UNet denoising runs by kind, for tests and benchmarks
         self.failed: dict[str, str] = {}  # shard name -> why it was left out
-        self.shards: dict[str, Shard] = {}
+        self.shards: dict[str, Shard] = {}  # the preset's shards (and those added with add_shard)
+        self._pool: dict[str, Weights] = {}  # sha256 -> weights
+        self._users: Counter[str] = Counter()  # sha256 -> how many shards (preset or session) use them
         self._images = LRU(options.cache_size)
         self._text = LRU(64)
         self._mixed: tuple | None = None
@@ -166,23 +255,85 @@ class Studio:
                 logger.error("shard %s left out: %s", spec.name, err)
         if not self.shards:
             raise StudioError("no shard could be loaded: " + "; ".join(self.failed.values()))
+        # 3. Compile the soup kernel for the likely shard counts in the background (SD-sized UNets
+        # only), so that no slider release waits 10-40 s for the compiler.
+        if isinstance(self.hybrid_tensors, soup.FlatTensors) and self.hybrid_tensors.buffer.numel() >= soup.FLAT_CHUNK:
+            soup.warm_up(range(1, min(len(self.shards), 6) + 1), self.dtype, self.device)
         report(1.0, "ready")
+
+    # -- the weight pool --------------------------------------------------------------------------
+    def load(self, path: str | Path, name: str | None = None) -> Weights:
+        """Validate a UNet against the base and pool its weights (once per content); the caller
+        then holds one use of them (give it back with `release`). Raises CheckpointError."""
+        path = Path(path)
+        checkpoints.compare_specs(name or path.name, checkpoints.tensor_specs(path), self.base_specs)
+        signature = checkpoints.file_signature(path)
+        sha = checkpoints.sha256_file(path)
+        with self.lock:
+            pooled = self._pool.get(sha)
+        if pooled is None:
+            if self.lean:
+                lazy = checkpoints.LazyWeights(path, self.device, self.dtype)
+                checkpoints.check_finite(path, lazy)
+                pooled = Weights(path, sha, None, lazy, signature)
+            else:
+                unet = copy.deepcopy(self.hybrid)
+                unet.load_state_dict(checkpoints.load_weights(path, self.device, self.dtype), strict=True)
+                pooled = Weights(path, sha, unet, soup.flatten_module(unet), signature)
+        with self.lock:
+            pooled = self._pool.setdefault(sha, pooled)
+            self._users[sha] += 1
+        return pooled
+
+    def release(self, weights: Weights) -> None:
+        """Give back one use of pooled weights; they are freed when nothing uses them."""
+        with self.lock:
+            self._users[weights.sha256] -= 1
+            if self._users[weights.sha256] <= 0:
+                del self._users[weights.sha256]
+                if self._pool.get(weights.sha256) is weights:
+                    del self._pool[weights.sha256]
+                    self._mixed = None
+                    logger.info("freed the weights of %s", weights.path.name)
+
+    @property
+    def pooled(self) -> int:
+        """How many distinct weights are loaded."""
+        return len(self._pool)
+
+    def _fresh(self, weights: Weights) -> None:
+        """Lean mode reads files at mix time: if one was rewritten since it was hashed, validate and
+        hash it again, so its images are never served under the old hash."""
+        if weights.unet is not None:
+            return  # in memory: what was hashed is what is served
+        try:
+            signature = checkpoints.file_signature(weights.path)
+        except checkpoints.CheckpointError as err:
+            raise StudioError(f"the file of shard {weights.path.name} is gone ({err})") from None
+        if signature == weights.signature:
+            return
+        logger.info("%s changed on disk; validating and hashing it again", weights.path)
+        try:
+            checkpoints.compare_specs(weights.path.name, checkpoints.tensor_specs(weights.path), self.base_specs)
+            lazy = checkpoints.LazyWeights(weights.path, self.device, self.dtype)
+            checkpoints.check_finite(weights.path, lazy)
+        except checkpoints.CheckpointError as err:
+            raise StudioError(f"{weights.path.name} changed on disk and is no longer usable: {err}") from None
+        old = weights.sha256
+        weights.tensors, weights.signature, weights.sha256 = lazy, signature, checkpoints.sha256_file(weights.path)
+        if self._pool.get(old) is weights:
+            del self._pool[old]
+            self._pool[weights.sha256] = weights
+            self._users[weights.sha256] += self._users.pop(old, 0)
+        self._mixed = None
 
     # -- shards ---------------------------------------------------------------------------------
     def add_shard(self, name: str, path: str | Path, weight: float = 1.0, description: str = "") -> Shard:
-        """Validate a UNet against the base and load it; raises CheckpointError and changes nothing on failure."""
+        """Load a shard into the preset's set (the CLI's and every new session's); raises
+        CheckpointError and changes nothing on failure."""
         if name in self.shards:
             raise checkpoints.CheckpointError(f"a shard named {name!r} is already loaded")
-        checkpoints.compare_specs(name, checkpoints.tensor_specs(path), self.base_specs)
-        if self.lean:
-            lazy = checkpoints.LazyWeights(path, self.device, self.dtype)
-            checkpoints.check_finite(path, lazy)
-            shard = Shard(name, Path(path), checkpoints.sha256_file(path), None, weight, description, lazy)
-        else:
-            unet = copy.deepcopy(self.hybrid)
-            unet.load_state_dict(checkpoints.load_weights(path, self.device, self.dtype), strict=True)
-            shard = Shard(name, Path(path), checkpoints.sha256_file(path), unet, weight, description)
-            shard.tensors = soup.flatten_module(unet)
+        shard = Shard(name, self.load(path, name), weight, description)
         with self.lock:
             self.shards[name] = shard
         logger.info("loaded shard %s from %s", name, path)
@@ -190,58 +341,69 @@ class Studio:
 
     def remove_shard(self, name: str) -> None:
         with self.lock:
-            if self.shards.pop(self._known(name).name, None) is not None:
-                self._mixed = None
+            shard = self.shards.pop(self._known(name, self.shards).name)
+        self.release(shard.weights)
 
-    def _known(self, name: str) -> Shard:
-        shard = self.shards.get(name)
+    def _known(self, name: str, shards: Views | None = None) -> Shard:
+        view = self.shards if shards is None else shards
+        shard = view.get(name)
         if shard is None:
-            known = ", ".join(self.shards) or "none"
+            known = ", ".join(view) or "none"
             raise StudioError(f"unknown shard {name!r} (loaded: {known})")
         return shard
 
     # -- the soup -------------------------------------------------------------------------------
-    def normalized(self, mix: dict[str, float]) -> list[tuple[Shard, float]]:
+    def normalized(self, mix: dict[str, float], shards: Views | None = None) -> list[tuple[Shard, float]]:
         """Check a {shard name: weight} mix and normalize its weights; raises StudioError."""
-        shards = [self._known(n) for n in mix]
+        resolved = [self._known(n, shards) for n in mix]
         try:
             weights = soup.normalize_weights(list(mix.values()), list(mix))
         except ValueError as err:
             raise StudioError(str(err)) from None
-        return list(zip(shards, weights))
+        return list(zip(resolved, weights))
 
-    def mix_key(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0) -> tuple:
+    def mix_key(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> tuple:
         """What identifies a soup's weights: shard contents, normalized weights, mode and scale."""
-        pairs = self.normalized(mix)
+        pairs = self.normalized(mix, shards)
         if mode not in soup.MERGE_MODES:
             raise StudioError(f"unknown merge mode {mode!r} (known: {', '.join(soup.MERGE_MODES)})")
         if not math.isfinite(scale) or not 0 <= scale <= 10:
             raise StudioError(f"scale must be between 0 and 10, got {scale}")
         return (mode, scale if mode != "average" else 1.0, tuple((s.sha256, round(w, 12)) for s, w in pairs))
 
-    def label(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0) -> str:
-        pairs = self.normalized(mix)
+    def label(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> str:
+        pairs = self.normalized(mix, shards)
         return soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
 
-    def mix(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0) -> str:
+    def mix(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> str:
         """Merge the selected shards into the hybrid UNet in place; returns the recipe label.
 
         Skipped when the hybrid already holds this mix (same shards, normalized weights, mode)."""
-        key = self.mix_key(mix, mode, scale)
-        pairs = self.normalized(mix)
         with self.lock:
+            for s, _ in self.normalized(mix, shards):
+                self._fresh(s.weights)
+            key = self.mix_key(mix, mode, scale, shards)
+            pairs = self.normalized(mix, shards)
             if key != self._mixed:
                 base = self.base_tensors if soup.MERGE_MODES[mode].needs_base else None
                 self._mixed = None  # if merging fails half way, the hybrid is not this mix
                 soup.merge_into(mode, self.hybrid_tensors, [s.tensors for s, _ in pairs], [w for _, w in pairs], base, scale)
                 self._mixed = key
-        return self.label(mix, mode, scale)
+        return self.label(mix, mode, scale, shards)
 
     @property
     def base_tensors(self) -> Mapping[str, torch.Tensor]:
-        """The base UNet's weights, read on demand from its files (the hybrid overwrote them in memory)."""
+        """The base UNet's weights (the hybrid overwrote them in memory): loaded once into a buffer of
+        the hybrid's layout, or in lean mode read from its files on demand."""
         if self._base_tensors is None:
-            self._base_tensors = checkpoints.LazyWeights(Path(self.preset.base) / "unet", self.device, self.dtype)
+            lazy = checkpoints.LazyWeights(Path(self.preset.base) / "unet", self.device, self.dtype)
+            if self.lean or not isinstance(self.hybrid_tensors, soup.FlatTensors):
+                self._base_tensors = lazy
+            else:
+                base = soup.FlatTensors(torch.empty_like(self.hybrid_tensors.buffer), self.hybrid_tensors.layout)
+                for name in lazy.read_order():
+                    base[name].copy_(lazy[name])
+                self._base_tensors = base
         return self._base_tensors
 
     # -- rendering ------------------------------------------------------------------------------
@@ -292,75 +454,100 @@ class Studio:
         self.renders[kind] += 1
         return out.images[0]
 
-    def render_component(self, name: str, settings: RenderSettings) -> Rendered:
-        """One shard's image; cached by the shard's content hash and every render setting."""
-        shard = self._known(name)
-        key = ("component", shard.sha256, settings)
+    def cached(self, key, make: Callable[[], Image.Image]) -> Image.Image:
+        """The image cached under `key`, or `make()` (called under the lock) cached under it."""
         with self.lock:
             image = self._images.hit(key)
             if image is None:
-                self.check_settings(settings)
-                if shard.unet is None:  # lean mode: the component is the soup of itself alone
-                    self.mix({name: 1.0})
-                image = self._denoise(shard.unet or self.hybrid, settings, "component")
+                image = make()
                 self._images.put(key, image)
+        return image
+
+    def render_component(self, name: str, settings: RenderSettings, shards: Views | None = None) -> Rendered:
+        """One shard's image; cached by the shard's content hash and every render setting."""
+        shard = self._known(name, shards)
+
+        def make():
+            self.check_settings(settings)
+            if shard.unet is None:  # lean mode: the component is the soup of itself alone
+                self.mix({name: 1.0}, shards=shards)
+            return self._denoise(shard.unet or self.hybrid, settings, "component")
+
+        with self.lock:
+            self._fresh(shard.weights)
+            image = self.cached(("component", shard.sha256, settings), make)
         return Rendered(name, image, "component")
 
-    def render_soup(self, mix: dict[str, float], settings: RenderSettings, mode: str = "average", scale: float = 1.0) -> Rendered:
+    def render_soup(
+        self, mix: dict[str, float], settings: RenderSettings, mode: str = "average", scale: float = 1.0, shards: Views | None = None
+    ) -> Rendered:
         """The hybrid's image for this mix; mix and render happen under one lock, so concurrent
         sessions never see each other's weights."""
-        key = ("soup", self.mix_key(mix, mode, scale), settings)
+
+        def make():
+            self.check_settings(settings)
+            self.mix(mix, mode, scale, shards)
+            return self._denoise(self.hybrid, settings, "soup")
+
         with self.lock:
-            image = self._images.hit(key)
-            if image is None:
-                self.check_settings(settings)
-                self.mix(mix, mode, scale)
-                image = self._denoise(self.hybrid, settings, "soup")
-                self._images.put(key, image)
-        return Rendered(self.label(mix, mode, scale), image, "soup")
+            for s, _ in self.normalized(mix, shards):
+                self._fresh(s.weights)
+            image = self.cached(("soup", self.mix_key(mix, mode, scale, shards), settings), make)
+        return Rendered(self.label(mix, mode, scale, shards), image, "soup")
 
     def render(
-        self, mix: dict[str, float], settings: RenderSettings, progress: Progress | None = None, mode: str = "average", scale: float = 1.0
+        self,
+        mix: dict[str, float],
+        settings: RenderSettings,
+        progress: Progress | None = None,
+        mode: str = "average",
+        scale: float = 1.0,
+        shards: Views | None = None,
     ) -> list[Rendered]:
-        """Every selected component (in mix order), then the soup, all from the same initial noise."""
+        """Every selected component (in mix order), then the soup, all from the same initial noise.
+
+        The lock is taken per image, so other requests interleave instead of waiting for all of them."""
         report = progress or (lambda f, d: None)
-        self.mix_key(mix, mode, scale)  # fail before any work
-        self.check_settings(settings)
+        self.mix_key(mix, mode, scale, shards)  # fail before any work
+        with self.lock:
+            self.check_settings(settings)
         out = []
         for i, name in enumerate(mix):
             report(i / (len(mix) + 1), f"rendering {name}")
-            out.append(self.render_component(name, settings))
+            out.append(self.render_component(name, settings, shards))
         report(len(mix) / (len(mix) + 1), "rendering the soup")
-        out.append(self.render_soup(mix, settings, mode, scale))
+        out.append(self.render_soup(mix, settings, mode, scale, shards))
         report(1.0, "done")
         return out
 
     # -- export ---------------------------------------------------------------------------------
-    def recipe(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0) -> dict:
+    def recipe(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> dict:
         """Where a soup comes from: mode, scale, and each shard's name, content hash and weight."""
-        self.mix_key(mix, mode, scale)
+        self.mix_key(mix, mode, scale, shards)
         return {
             "mode": mode,
             "scale": scale,
-            "shards": [{"name": s.name, "sha256": s.sha256, "weight": w} for s, w in self.normalized(mix)],
+            "shards": [{"name": s.name, "sha256": s.sha256, "weight": w} for s, w in self.normalized(mix, shards)],
         }
 
-    def souped_weights(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def souped_weights(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> dict[str, torch.Tensor]:
         """A CPU copy of the merged UNet weights, in the base's on-disk dtypes."""
         with self.lock:
-            self.mix(mix, mode, scale)
+            self.mix(mix, mode, scale, shards)
             return {
                 k: v.detach().to(device="cpu", dtype=checkpoints.torch_dtype(self.base_specs[k][1])).contiguous()
                 for k, v in self.hybrid_tensors.items()
             }
 
-    def export(self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0) -> Path:
+    def export(
+        self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0, shards: Views | None = None, overwrite: bool = True
+    ) -> Path:
         """Write the souped UNet weights as .safetensors, with the recipe in the metadata (atomically)."""
         from safetensors.torch import save_file
 
         out = Path(out)
-        recipe, label = self.recipe(mix, mode, scale), self.label(mix, mode, scale)
-        tensors = self.souped_weights(mix, mode, scale)
+        recipe, label = self.recipe(mix, mode, scale, shards), self.label(mix, mode, scale, shards)
+        tensors = self.souped_weights(mix, mode, scale, shards)
         metadata = {
             "format": "pt",
             "soup_ui.recipe": json.dumps(recipe),
@@ -368,36 +555,46 @@ class Studio:
             "sd_merge_recipe": json.dumps({"type": "diffusion-soup", "label": label, **recipe}),
             "sd_merge_models": json.dumps({s["sha256"]: {"name": s["name"], "weight": s["weight"]} for s in recipe["shards"]}),
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(out)
+        with atomic_path(out, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
         logger.info("exported %s to %s", label, out)
         return out
 
-    def export_pipeline(self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0) -> Path:
+    def pipeline_files(self) -> list[Path]:
+        """What a pipeline export copies from the base folder: model_index.json and, in each
+        component folder it names (the UNet aside), the configs, tokenizer files and safetensors
+        weights; never hidden files, pickles or anything else lying in the folder."""
+        base = Path(self.preset.base)
+        index = json.loads((base / "model_index.json").read_text())
+        keep = {".json", ".txt", ".model", ".safetensors"}
+        files = [base / "model_index.json"]
+        for component, value in index.items():
+            folder = base / component
+            if component.startswith("_") or component == "unet" or not isinstance(value, list) or not folder.is_dir():
+                continue
+            files += sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.suffix in keep)
+        return files
+
+    def export_pipeline(
+        self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0, shards: Views | None = None, overwrite: bool = False
+    ) -> Path:
         """Write a complete diffusers pipeline folder whose UNet is the soup (StableDiffusionPipeline.from_pretrained loads it).
 
-        Written to a temporary folder first, then renamed into place."""
+        Written to a temporary folder first, then renamed into place (replacing `out` only with `overwrite`)."""
         import shutil
-        import tempfile
 
         out = Path(out)
-        if out.exists():
-            raise StudioError(f"{out} exists; choose a new folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            base = Path(self.preset.base)
-            for item in base.iterdir():  # everything but the UNet is the base's, byte for byte
-                if item.name != "unet":
-                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        if out.exists() and not overwrite:
+            raise StudioError(f"{out.name} exists; tick 'overwrite' (--overwrite) to replace it, or choose a new folder")
+        self.mix_key(mix, mode, scale, shards)
+        base = Path(self.preset.base)
+        with atomic_path(out, overwrite=True, folder=True) as tmp:
+            for file in self.pipeline_files():  # everything but the UNet is the base's, byte for byte
+                target = tmp / file.relative_to(base)
+                target.parent.mkdir(exist_ok=True)
+                shutil.copyfile(file, target)
             (tmp / "unet").mkdir()
-            shutil.copy2(base / "unet" / "config.json", tmp / "unet" / "config.json")
-            self.export(mix, tmp / "unet" / "diffusion_pytorch_model.safetensors", mode, scale)
-            (tmp / "soup_recipe.json").write_text(json.dumps(self.recipe(mix, mode, scale), indent=2))
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            shutil.copyfile(base / "unet" / "config.json", tmp / "unet" / "config.json")
+            self.export(mix, tmp / "unet" / "diffusion_pytorch_model.safetensors", mode, scale, shards)
+            (tmp / "soup_recipe.json").write_text(json.dumps(self.recipe(mix, mode, scale, shards), indent=2))
         return out

@@ -6,6 +6,7 @@ text encoder and VAE frozen). Checkpoints are safetensors files, so `--resume` n
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import load_captioned_images, to_model_range
+from .files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ class TrainConfig:
     learning_rate: float = 1e-4
     warmup_steps: int = 100
     caption_dropout: float = 0.1  # share of empty captions, so classifier-free guidance works
+    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's choice
+    ema_decay: float | None = None  # keep an EMA of the weights (warm-up decay) and save it instead of the raw weights
+    snapshot_steps: tuple[int, ...] = ()  # also save the (EMA) weights at these steps, for learning curves
     seed: int = 0
     checkpoint_every: int = 250
     checkpoint_dir: str | None = None  # default: <out>.ckpt/
@@ -44,8 +49,12 @@ class TrainConfig:
     device: str = "cpu"
 
 
-def diffusion_loss(unet, noise_scheduler, latents, text_states, generator) -> torch.Tensor:
-    """The DDPM training loss: predict the noise (or v) added at a random timestep."""
+def diffusion_loss(unet, noise_scheduler, latents, text_states, generator, min_snr_gamma: float | None = None) -> torch.Tensor:
+    """The DDPM training loss: predict the noise (or v) added at a random timestep.
+
+    With `min_snr_gamma`, each sample's loss is weighted by min(SNR, gamma) / SNR (by min(SNR, gamma) /
+    (SNR + 1) for v-prediction): Min-SNR weighting, Hang et al. 2023, Eq. 9, which keeps the many
+    low-noise steps from dominating the gradient."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
@@ -56,7 +65,39 @@ def diffusion_loss(unet, noise_scheduler, latents, text_states, generator) -> to
     else:
         target = noise
     pred = unet(noisy, timesteps, text_states).sample
-    return F.mse_loss(pred.float(), target.float())
+    if not min_snr_gamma:
+        return F.mse_loss(pred.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    weight = snr.clamp(max=min_snr_gamma) / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
+    return (per_sample * weight).mean()
+
+
+class EmaWeights:
+    """An exponential moving average of a module's weights (diffusers' `EMAModel`, with its warm-up
+    decay 1 - (1 + step)^-2/3 capped at `decay`), kept in a copy of the module so that it is
+    checkpointed, sampled from and saved like the module itself."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, step: int = 0, average: torch.nn.Module | None = None):
+        import copy
+
+        from diffusers.training_utils import EMAModel
+
+        self.module = average if average is not None else copy.deepcopy(module)
+        self.module.requires_grad_(False).eval()
+        self.ema = EMAModel(self.module.parameters(), decay=decay, use_ema_warmup=True, foreach=True)
+        self.ema.optimization_step = step
+
+    def update(self, module: torch.nn.Module) -> None:
+        self.ema.step(module.parameters())
+
+    def synced(self) -> torch.nn.Module:
+        """The averaged module, up to date."""
+        self.ema.copy_to(self.module.parameters())
+        return self.module
+
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -84,9 +125,8 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
         for slot, value in slots.items():
             tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).contiguous()
     meta = {"step": step, "param_groups": state["param_groups"], **(extra or {})}
-    tmp = path / "checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
-    tmp.replace(path / "checkpoint.safetensors")
+    with atomic_path(path / "checkpoint.safetensors", overwrite=True) as tmp:
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
     logger.info("checkpoint at step %d -> %s", step, path)
 
 
@@ -158,15 +198,22 @@ def finetune_unet(config: TrainConfig, resume: bool = False, disable_progress: b
     data = load_captioned_images(config.data, size, config.where, config.caption_column)
     lat_mean, lat_std = encode_images(vae, data.pixels, device=device)
     scale = vae.config.scaling_factor
-    unique = sorted(set(data.captions))
-    caption_index = torch.tensor([unique.index(c) for c in data.captions])
+    unique = sorted({c for v in data.variants for c in v})
+    position = {c: i for i, c in enumerate(unique)}
+    caption_index = torch.tensor([[position[c] for c in v] for v in data.variants])  # (images, variants)
     text_states = encode_captions(tokenizer, text_encoder, unique + [""], device=device)
     empty_index = len(unique)
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
+    modules = {"unet": unet}
+    average = None
+    if config.ema_decay:
+        average = copy.deepcopy(unet)
+        modules["ema"] = average
     start = 0
     if resume and (ckpt_dir / "checkpoint.safetensors").is_file():
-        start = load_checkpoint(ckpt_dir, {"unet": unet}, optimizer)["step"]
+        start = load_checkpoint(ckpt_dir, modules, optimizer)["step"]
+    ema = EmaWeights(unet, config.ema_decay, start, average) if config.ema_decay else None
 
     # 3. Train.
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=disable_progress, desc="finetune")
@@ -175,15 +222,18 @@ def finetune_unet(config: TrainConfig, resume: bool = False, disable_progress: b
         g = step_generator(config.seed, step)
         idx = torch.randint(0, len(data.captions), (config.batch_size,), generator=g)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scale
-        cap = caption_index[idx].clone()
+        variant = torch.randint(0, caption_index.shape[1], (len(idx),), generator=g)
+        cap = caption_index[idx, variant]
         cap[torch.rand(len(idx), generator=g) < config.caption_dropout] = empty_index
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config.learning_rate, config.warmup_steps, config.steps)
-        loss = diffusion_loss(unet, noise_scheduler, latents.to(device), text_states[cap.to(device)], g)
+        loss = diffusion_loss(unet, noise_scheduler, latents.to(device), text_states[cap.to(device)], g, config.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
+        if ema is not None:
+            ema.update(unet)
         losses.append(loss.item())
         if (step + 1) % 50 == 0:
             mean = sum(losses[-50:]) / len(losses[-50:])
@@ -191,14 +241,23 @@ def finetune_unet(config: TrainConfig, resume: bool = False, disable_progress: b
             logger.info("step %d loss %.4f (%.1f samples/s)", step + 1, mean, 50 * config.batch_size / (time.time() - t0))
             t0 = time.time()
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(ckpt_dir, {"unet": unet}, optimizer, step + 1, {"config": asdict(config)})
+            if ema is not None:
+                ema.synced()
+            save_checkpoint(ckpt_dir, modules, optimizer, step + 1, {"config": asdict(config)})
+        if step + 1 in config.snapshot_steps:
+            snapshot = ckpt_dir / f"snapshot-{step + 1}.safetensors"
+            write_unet(ema.synced() if ema else unet, snapshot, config, step + 1)
 
-    # 4. Write the shard: UNet weights only, in the UNet's own tensor names.
+    # 4. Write the shard: UNet weights only (the EMA's, if kept), in the UNet's own tensor names.
+    write_unet(ema.synced() if ema else unet, out, config, config.steps)
+    return out
+
+
+def write_unet(unet: torch.nn.Module, out: Path, config: TrainConfig, step: int) -> None:
+    """The UNet's weights as one .safetensors file in `config.save_dtype`, with the training
+    settings in its metadata; written to a temporary name, then renamed."""
     dtype = getattr(torch, config.save_dtype)
     weights = {k: v.detach().to(dtype).contiguous().cpu() for k, v in unet.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(weights, str(tmp), metadata={"soup_ui.train": json.dumps(asdict(config))})
-    tmp.replace(out)
-    logger.info("wrote %s", out)
-    return out
+    with atomic_path(out, overwrite=True) as tmp:
+        save_file(weights, str(tmp), metadata={"soup_ui.train": json.dumps({**asdict(config), "step": step})})
+    logger.info("wrote %s (step %d)", out, step)

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from . import soup
 from .presets import RenderSettings
-from .studio import Progress, Rendered, Studio, StudioError
+from .studio import Progress, Rendered, Studio, StudioError, Views
 
 logger = logging.getLogger(__name__)
 
@@ -23,30 +24,38 @@ def pixel_distance(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
 
 
-def _weights(studio: Studio, mix: dict[str, float], names: Sequence[str]) -> list[float]:
-    normalized = {s.name: w for s, w in studio.normalized(mix)}
+def _weights(studio: Studio, mix: dict[str, float], names: Sequence[str], shards: Views | None = None) -> list[float]:
+    normalized = {s.name: w for s, w in studio.normalized(mix, shards)}
     return [normalized.get(n, 0.0) for n in names]
 
 
-def leave_one_out(studio: Studio, mix: dict[str, float], settings: RenderSettings, progress: Progress | None = None) -> list[Rendered]:
+@torch.no_grad()
+def leave_one_out(
+    studio: Studio, mix: dict[str, float], settings: RenderSettings, progress: Progress | None = None, shards: Views | None = None
+) -> list[Rendered]:
     """The full soup, then the soup without each shard in turn (the paper's Fig. 4 unlearning
     experiment, as pictures); each labelled with how far it moved from the full soup, in pixels and
-    in weight space (RMS parameter difference)."""
+    in weight space (RMS parameter difference). Runs at background priority, image by image."""
+    with studio.lock.background():
+        return _leave_one_out(studio, mix, settings, progress, shards)
+
+
+def _leave_one_out(studio, mix, settings, progress, view) -> list[Rendered]:
     report = progress or (lambda f, d: None)
     names = list(mix)
     if len([n for n in names if mix[n] > 0]) < 2:
         raise StudioError("leave-one-out needs at least two shards with positive weight")
-    full = studio.render_soup(mix, settings)
-    shards = [studio.shards[n].tensors for n in names]
-    full_w = _weights(studio, mix, names)
+    full = studio.render_soup(mix, settings, shards=view)
+    shards = [studio._known(n, view).tensors for n in names]
+    full_w = _weights(studio, mix, names, view)
     out = [Rendered(f"full {full.label}", full.image, "soup", {"pixels": 0.0, "weights": 0.0})]
     for i, name in enumerate(names):
         report((i + 1) / (len(names) + 1), f"soup without {name}")
         rest = {n: w for n, w in mix.items() if n != name}
         if sum(rest.values()) <= 0:
             continue
-        image = studio.render_soup(rest, settings).image
-        rest_w = _weights(studio, rest, names)
+        image = studio.render_soup(rest, settings, shards=view).image
+        rest_w = _weights(studio, rest, names, view)
         dw = soup.weight_distance(shards, [a - b for a, b in zip(full_w, rest_w)])
         dp = pixel_distance(full.image, image)
         out.append(Rendered(f"without {name}: {dp:.1f} px, {dw:.2e} weights", image, "soup", {"without": name, "pixels": dp, "weights": dw}))
@@ -55,23 +64,32 @@ def leave_one_out(studio: Studio, mix: dict[str, float], settings: RenderSetting
 
 
 def interpolate(
-    studio: Studio, start: dict[str, float], end: dict[str, float], steps: int, settings: RenderSettings, progress: Progress | None = None
+    studio: Studio,
+    start: dict[str, float],
+    end: dict[str, float],
+    steps: int,
+    settings: RenderSettings,
+    progress: Progress | None = None,
+    shards: Views | None = None,
 ) -> list[Rendered]:
     """Soups along the line from mix `start` (t=0) to mix `end` (t=1): the paper's hybrid-style strip.
 
-    A shard alone is the mix {name: 1}; the current soup is its own mix."""
+    A shard alone is the mix {name: 1}; the current soup is its own mix. Runs at background priority."""
     if not 2 <= steps <= 32:
         raise StudioError(f"interpolation steps must be between 2 and 32, got {steps}")
-    report = progress or (lambda f, d: None)
     names = list(dict.fromkeys([*start, *end]))
-    a, b = _weights(studio, start, names), _weights(studio, end, names)
+    a, b = _weights(studio, start, names, shards), _weights(studio, end, names, shards)
+    if a == b:
+        raise StudioError("the two ends of the interpolation are the same mix: every image would be the same soup")
+    report = progress or (lambda f, d: None)
     out = []
-    for i in range(steps):
-        t = i / (steps - 1)
-        report(i / steps, f"t = {t:.2f}")
-        mix = {n: (1 - t) * wa + t * wb for n, wa, wb in zip(names, a, b)}
-        r = studio.render_soup(mix, settings)
-        out.append(Rendered(f"t={t:.2f}: {r.label}", r.image, "soup", {"t": t}))
+    with studio.lock.background():
+        for i in range(steps):
+            t = i / (steps - 1)
+            report(i / steps, f"t = {t:.2f}")
+            mix = {n: (1 - t) * wa + t * wb for n, wa, wb in zip(names, a, b)}
+            r = studio.render_soup(mix, settings, shards=shards)
+            out.append(Rendered(f"t={t:.2f}: {r.label}", r.image, "soup", {"t": t}))
     report(1.0, "done")
     return out
 
@@ -119,23 +137,40 @@ class Axis:
         if self.kind == "weight":
             return {**mix, self.shard: float(value)}, settings
         field = {"seed": "seed", "prompt": "prompt", "guidance": "guidance_scale", "steps": "steps"}[self.kind]
-        return mix, RenderSettings(**{**settings.model_dump(), field: value})
+        try:
+            return mix, RenderSettings(**{**settings.model_dump(), field: value})
+        except ValidationError as err:
+            problem = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise StudioError(f"grid axis {self.kind}: {self.label(value)} is not allowed ({field}: {problem})") from None
 
 
 def grid(
-    studio: Studio, mix: dict[str, float], settings: RenderSettings, x: Axis, y: Axis, progress: Progress | None = None
+    studio: Studio,
+    mix: dict[str, float],
+    settings: RenderSettings,
+    x: Axis,
+    y: Axis,
+    progress: Progress | None = None,
+    shards: Views | None = None,
 ) -> tuple[list[list[Rendered]], list[str], list[str]]:
-    """Soups over X x Y (an XY plot for N-shard soups); returns rows of images and the axis labels."""
+    """Soups over X x Y (an XY plot for N-shard soups); returns rows of images and the axis labels.
+
+    Every cell is checked before the first is rendered; runs at background priority, cell by cell."""
     report = progress or (lambda f, d: None)
-    rows = []
-    for j, yv in enumerate(y.values):
-        row = []
-        for i, xv in enumerate(x.values):
-            report((j * len(x.values) + i) / (len(x.values) * len(y.values)), f"{y.label(yv)}, {x.label(xv)}")
+    cells = []
+    for yv in y.values:
+        for xv in x.values:
             m, s = y.apply(yv, mix, settings)
             m, s = x.apply(xv, m, s)
-            row.append(studio.render_soup(m, s))
-        rows.append(row)
+            studio.mix_key(m, shards=shards)
+            cells.append((yv, xv, m, s))
+    rows: list[list[Rendered]] = []
+    with studio.lock.background():
+        for n, (yv, xv, m, s) in enumerate(cells):
+            report(n / len(cells), f"{y.label(yv)}, {x.label(xv)}")
+            if n % len(x.values) == 0:
+                rows.append([])
+            rows[-1].append(studio.render_soup(m, s, shards=shards))
     report(1.0, "done")
     return rows, [y.label(v) for v in y.values], [x.label(v) for v in x.values]
 
@@ -172,20 +207,20 @@ class EnsembleUNet(torch.nn.Module):
         return UNet2DConditionOutput(sample=total) if return_dict else (total,)
 
 
-def ensemble(studio: Studio, mix: dict[str, float], settings: RenderSettings) -> tuple[Rendered, Rendered]:
+def ensemble(studio: Studio, mix: dict[str, float], settings: RenderSettings, shards: Views | None = None) -> tuple[Rendered, Rendered]:
     """The geometric-mean reference (one UNet call per component per step) and the weight soup,
-    the first labelled with its pixel distance to the second."""
-    pairs = [(s, w) for s, w in studio.normalized(mix) if w > 0]
+    the first labelled with its pixel distance to the second. Runs at background priority."""
+    pairs = [(s, w) for s, w in studio.normalized(mix, shards) if w > 0]
     if any(s.unet is None for s, _ in pairs):
         raise StudioError("the ensemble needs every component in memory; it is not available in lean mode")
-    soup_image = studio.render_soup(mix, settings)
-    key = ("ensemble", studio.mix_key(mix), settings)
-    with studio.lock:
-        image = studio._images.hit(key)
-        if image is None:
-            studio.check_settings(settings)
-            image = studio._denoise(EnsembleUNet([s.unet for s, _ in pairs], [w for _, w in pairs]), settings, "ensemble")
-            studio._images.put(key, image)
+
+    def make():
+        studio.check_settings(settings)
+        return studio._denoise(EnsembleUNet([s.unet for s, _ in pairs], [w for _, w in pairs]), settings, "ensemble")
+
+    with studio.lock.background():
+        soup_image = studio.render_soup(mix, settings, shards=shards)
+        image = studio.cached(("ensemble", studio.mix_key(mix, shards=shards), settings), make)
     d = pixel_distance(image, soup_image.image)
     label = "ensemble: " + " + ".join(f"{w:.2f} {s.name}" for s, w in pairs)
     return Rendered(f"{label} ({d:.1f} px from the soup)", image, "ensemble", {"pixels": d}), soup_image

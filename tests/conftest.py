@@ -43,7 +43,8 @@ def server(tiny_preset):
     port = free_port()
     log = open(tiny_preset.parent / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "app.py", "--preset", str(tiny_preset), "--port", str(port)],
+        [sys.executable, "app.py", "--preset", str(tiny_preset), "--port", str(port), "--models-dir", str(tiny_preset.parent),
+         "--output-dir", str(tiny_preset.parent / "outputs")],
         cwd=root, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

@@ -37,7 +37,7 @@ def test_render_endpoint_and_its_errors(server):
 def test_concurrent_sessions_get_their_own_soups(server, studio, tmp_path):
     """Eight clients at once, four different mixes never rendered before: each gets its own soup."""
     from soup_ui.presets import RenderSettings
-    from soup_ui.ui import parse_api_mix
+    from soup_ui.presets import parse_mix as parse_api_mix
 
     mixes = ["alpha=1,beta=0.1", "alpha=0.1,beta=1", "beta=1,gamma=1", "alpha=1,gamma=0.2"]
     got, errors = {}, []

@@ -156,7 +156,7 @@ def test_weight_distance_is_the_rms_of_the_difference():
 
     s1, s2 = tensors(1), tensors(2)
     diff = torch.cat([(s1[k].double() - s2[k].double()).flatten() for k in s1])
-    assert weight_distance([s1, s2], [1.0, -1.0]) == pytest.approx(diff.square().mean().sqrt().item(), rel=1e-9)
+    assert weight_distance([s1, s2], [1.0, -1.0]) == pytest.approx(diff.square().mean().sqrt().item(), rel=1e-6)  # summed in float32
 
 
 def big_tensors(seed, dtype=torch.float16):

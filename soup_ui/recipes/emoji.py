@@ -38,7 +38,10 @@ from ..train import (
 logger = logging.getLogger(__name__)
 
 STYLES = ["twemoji", "openmoji", "fluent-hc", "noto", "fluent-color", "fluent-flat"]
-CAPTIONS = "text_ascii"  # the emoji's name, no style words, typographic quotes mapped to ASCII
+NAMES = "text_ascii"  # the emoji's name, no style words, typographic quotes mapped to ASCII
+# Half the samples are captioned with the name alone, half with the name and the dataset's subcategory
+# ("grinning face, face-smiling"), which teaches coarse content that 1-3 examples per name cannot.
+CAPTIONS = "{text_ascii}|{text_ascii}, {subcategory}"
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,12 @@ class Sizes:
 
 @dataclass(frozen=True)
 class Budget:
-    """Step counts: VAE ~9 min, base ~75 min (about 15 epochs), each shard ~5.5 min on 2 idle cores.
+    """Step counts and training settings (times on 2 idle cores at ~45 samples/s).
 
-    The shipped base was trained in two sessions: 1,500 steps on a 1,500-step schedule, then resumed
-    to 4,500 on this one (its learning rate went back up to 2.4e-4 at step 1,500). A run from
-    scratch follows the single 4,500-step schedule.
+    v3 (this recipe): VAE 2,000 steps (~9 min); base 4,500 steps from scratch (~75 min), then a second
+    stage of `base2_steps` that adds the subcategory captions, min-SNR weighting and an EMA (~30 min);
+    shards of `shard_steps` each with min-SNR and an EMA (~11 min each). The stages resume from their
+    checkpoints, so the recipe can be spread over sessions.
     """
 
     vae_steps: int = 2000
@@ -70,9 +74,14 @@ class Budget:
     base_steps: int = 4500
     base_batch: int = 32
     base_lr: float = 3e-4
-    shard_steps: int = 400
+    base2_steps: int = 2500  # continued base: subcategory captions, min-SNR, EMA
+    base2_lr: float = 2e-4
+    shard_steps: int = 800
     shard_batch: int = 32
-    shard_lr: float = 5e-4  # high for a finetune: 250 steps must move the mixed-style base to one style
+    shard_lr: float = 4e-4  # high for a finetune: the mixed-style base must move to one style
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    snapshots: tuple = (100, 200, 400, 600, 800)  # shard EMA snapshots, for the own-style curve
 
 
 SIZES, BUDGET = Sizes(), Budget()
@@ -87,7 +96,7 @@ def build_tokenizer(data: Path, out: Path) -> None:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    captions = sorted({r[CAPTIONS].lower() for r in read_metadata(data)})
+    captions = sorted({r[NAMES].lower() for r in read_metadata(data)})
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     # CLIP's own split pattern, so that CLIPTokenizer sees the same words.
     pattern = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -140,7 +149,7 @@ def make_vae():
 
 def train_vae(data: Path, out: Path, work: Path, seed: int = 0) -> None:
     """Train the autoencoder on random crops (L1 + MSE + a small KL), then fix its scaling factor."""
-    images = load_captioned_images(data, SIZES.image, caption_column=CAPTIONS).pixels
+    images = load_captioned_images(data, SIZES.image, caption_column=NAMES).pixels
     torch.manual_seed(seed)
     vae = make_vae().train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
@@ -246,50 +255,93 @@ def make_scheduler():
     )
 
 
-def train_base(data: Path, pipeline: Path, work: Path, seed: int = 0) -> None:
-    """Train text encoder and UNet together on every style, captions without style words."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTokenizer
+@dataclass(frozen=True)
+class BaseStage:
+    """One stage of the base's training (text encoder and UNet together, every style)."""
+
+    name: str  # its checkpoint folder under --work
+    steps: int
+    lr: float
+    captions: str  # see data.caption_templates
+    min_snr_gamma: float | None = None
+    ema_decay: float | None = None
+    resume_weights: bool = False  # start from the text encoder and UNet already in the pipeline folder
+
+
+def base_stages() -> list[BaseStage]:
+    return [
+        BaseStage("base", BUDGET.base_steps, BUDGET.base_lr, NAMES),
+        BaseStage("base2", BUDGET.base2_steps, BUDGET.base2_lr, CAPTIONS, BUDGET.min_snr_gamma, BUDGET.ema_decay, True),
+    ]
+
+
+def train_base(data: Path, pipeline: Path, work: Path, stage: BaseStage, seed: int = 0) -> None:
+    """Train text encoder and UNet together on every style, captions without style words; writes
+    the (EMA, if kept) text encoder and UNet into the pipeline folder."""
+    import copy
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..train import EmaWeights
 
     tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
     vae = AutoencoderKL.from_pretrained(pipeline / "vae").eval()
-    data_set = load_captioned_images(data, SIZES.image, caption_column=CAPTIONS)
+    data_set = load_captioned_images(data, SIZES.image, caption_column=stage.captions)
     lat_mean, lat_std = encode_images(vae, data_set.pixels)
-    ids = tokenizer(
-        data_set.captions + [""], padding="max_length", max_length=SIZES.max_tokens, truncation=True, return_tensors="pt"
-    ).input_ids
-    empty = len(data_set.captions)
+    variants = len(data_set.variants[0])
+    flat = [c for v in data_set.variants for c in v]
+    ids = tokenizer(flat + [""], padding="max_length", max_length=SIZES.max_tokens, truncation=True, return_tensors="pt").input_ids
+    empty = len(flat)
 
     torch.manual_seed(seed)
-    text_encoder, unet, scheduler = make_text_encoder(tokenizer).train(), make_unet().train(), make_scheduler()
+    if stage.resume_weights:
+        text_encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder").float().train()
+        unet = UNet2DConditionModel.from_pretrained(pipeline / "unet").float().train()
+    else:
+        text_encoder, unet = make_text_encoder(tokenizer).train(), make_unet().train()
+    scheduler = make_scheduler()
     params = list(text_encoder.parameters()) + list(unet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=BUDGET.base_lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=1e-2)
     modules = {"text_encoder": text_encoder, "unet": unet}
-    ckpt = work / "base"
+    if stage.ema_decay:  # the EMA covers both trained parts
+        averages = {"ema_text_encoder": copy.deepcopy(text_encoder), "ema_unet": copy.deepcopy(unet)}
+        modules.update(averages)
+    ckpt = work / stage.name
     start = load_checkpoint(ckpt, modules, optimizer)["step"] if (ckpt / "checkpoint.safetensors").is_file() else 0
-    logger.info("base: unet %.2fM, text encoder %.2fM parameters", *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (unet, text_encoder)))
+    emas = []
+    if stage.ema_decay:
+        emas = [EmaWeights(m, stage.ema_decay, start, averages[f"ema_{k}"]) for k, m in (("text_encoder", text_encoder), ("unet", unet))]
+    logger.info("%s: unet %.2fM, text encoder %.2fM parameters", stage.name, *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (unet, text_encoder)))
     t0 = time.time()
-    for step in tqdm(range(start, BUDGET.base_steps), initial=start, total=BUDGET.base_steps, desc="base"):
+    for step in tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=stage.name):
         g = step_generator(seed, step)
-        idx = torch.randint(0, empty, (BUDGET.base_batch,), generator=g)
+        idx = torch.randint(0, len(data_set.variants), (BUDGET.base_batch,), generator=g)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * vae.config.scaling_factor
-        rows = idx.clone()
+        rows = idx * variants + torch.randint(0, variants, (len(idx),), generator=g)
         rows[torch.rand(len(idx), generator=g) < 0.1] = empty  # caption dropout for classifier-free guidance
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, BUDGET.base_lr, 200, BUDGET.base_steps)
-        loss = diffusion_loss(unet, scheduler, latents, text_encoder(ids[rows])[0], g)
+            group["lr"] = lr_at(step, stage.lr, 200, stage.steps)
+        loss = diffusion_loss(unet, scheduler, latents, text_encoder(ids[rows])[0], g, stage.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        for ema, module in zip(emas, (text_encoder, unet)):
+            ema.update(module)
         if (step + 1) % 50 == 0:
-            logger.info("base step %d loss %.4f (%.1f samples/s)", step + 1, loss.item(), 50 * BUDGET.base_batch / (time.time() - t0))
+            logger.info("%s step %d loss %.4f (%.1f samples/s)", stage.name, step + 1, loss.item(), 50 * BUDGET.base_batch / (time.time() - t0))
             t0 = time.time()
-        if (step + 1) % 250 == 0 or step + 1 == BUDGET.base_steps:
+        if (step + 1) % 250 == 0 or step + 1 == stage.steps:
+            for ema in emas:
+                ema.synced()
             save_checkpoint(ckpt, modules, optimizer, step + 1)
+    if emas:
+        text_encoder, unet = (ema.synced() for ema in emas)
     text_encoder.eval().save_pretrained(pipeline / "text_encoder")
     unet.eval().to(torch.float16).save_pretrained(pipeline / "unet")
     scheduler.save_pretrained(pipeline / "scheduler")
+    (ckpt / "done").write_text(f"{stage.steps}\n")
 
 
 def write_model_index(pipeline: Path) -> None:
@@ -327,6 +379,9 @@ def train_shards(data: Path, pipeline: Path, shards: Path, work: Path, styles: l
             batch_size=BUDGET.shard_batch,
             learning_rate=BUDGET.shard_lr,
             warmup_steps=20,
+            min_snr_gamma=BUDGET.min_snr_gamma,
+            ema_decay=BUDGET.ema_decay,
+            snapshot_steps=tuple(BUDGET.snapshots),
             seed=seed,
             checkpoint_every=min(100, BUDGET.shard_steps),
             checkpoint_dir=str(work / f"shard-{style}"),
@@ -350,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.smoke:
         global BUDGET
-        BUDGET = Budget(vae_steps=2, base_steps=2, shard_steps=2)
+        BUDGET = Budget(vae_steps=2, base_steps=2, base2_steps=2, shard_steps=2, snapshots=(1,))
     if args.threads:
         torch.set_num_threads(args.threads)
     pipeline, shards = args.out / "pipeline", args.out / "shards"
@@ -363,10 +418,12 @@ def main(argv: list[str] | None = None) -> None:
         from diffusers import AutoencoderKL  # a VAE trained before normalize_latents existed
 
         vae = AutoencoderKL.from_pretrained(pipeline / "vae").eval()
-        normalize_latents(vae, load_captioned_images(args.data, SIZES.image, caption_column=CAPTIONS).pixels)
+        normalize_latents(vae, load_captioned_images(args.data, SIZES.image, caption_column=NAMES).pixels)
         vae.save_pretrained(pipeline / "vae")
     if "base" in stages and not (pipeline / "model_index.json").is_file():
-        train_base(args.data, pipeline, args.work, args.seed)
+        for stage in base_stages():  # each stage leaves a marker; a finished one is skipped
+            if not (args.work / stage.name / "done").is_file():
+                train_base(args.data, pipeline, args.work, stage, args.seed)
         write_model_index(pipeline)
     if "shards" in stages:
         train_shards(args.data, pipeline, shards, args.work, [s for s in args.styles.split(",") if s], args.seed)

@@ -1,0 +1,446 @@
+"""One visitor's view of the studio, and what the page does, as plain functions.
+
+Shared by everyone: the `StudioHost` (presets, a Studio per preset, the weight pool inside each
+Studio, the folders). Owned by one page session: a `Session` (which shards it shows, by name, and
+what its components were last rendered with). The Gradio layer (`ui.py`) only wires widgets to
+the handlers here, which tests call directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from . import checkpoints, workflows
+from .files import atomic_path, safe_name
+from .presets import (
+    Recipe,
+    RenderSettings,
+    ShardSpec,
+    describe_validation_error,
+    load_preset,
+    load_recipe,
+    parse_mix,
+    preset_data,
+    write_yaml_atomic,
+)
+from .presets import save_recipe as write_recipe
+from .soup import MERGE_MODES
+from .studio import Rendered, RuntimeOptions, Shard, Studio, StudioError
+
+logger = logging.getLogger(__name__)
+
+MAX_SHARDS = 24  # shard rows on the page; a session cannot show more
+
+
+class StudioHost:
+    """The presets offered by the page, a Studio per preset (loaded on first use), the folders
+    shards may be added from (only those given: nothing is opened implicitly), and where the
+    page writes files."""
+
+    def __init__(
+        self,
+        presets: list[Path],
+        options: RuntimeOptions = RuntimeOptions(),
+        loader: Callable = Studio,
+        models_dirs: list[Path] = (),
+        output_dir: Path | None = None,
+    ):
+        if not presets:
+            raise ValueError("no preset to serve")
+        self.presets = {p.stem: Path(p) for p in presets}
+        self.options = options
+        self.loader = loader
+        self.models_dirs = [Path(d).resolve() for d in models_dirs]
+        self.output_dir = Path(output_dir or Path.cwd() / "soup-outputs").resolve()  # uploads, exports, saved presets
+        self.image_dir = self.output_dir / ".images"  # PNGs served to the page, one folder per content hash
+        self._studios: dict[str, Studio] = {}
+        self._lock = threading.Lock()
+        self._image_writes = 0
+
+    @classmethod
+    def of(cls, name: str, studio, **kwargs) -> "StudioHost":
+        """A host serving one already-loaded studio (tests pass tiny or fake backends this way)."""
+        host = cls([Path(studio.preset.source or f"{name}.yaml")], loader=lambda *a, **k: studio, **kwargs)
+        host._studios[host.default] = studio
+        return host
+
+    @property
+    def default(self) -> str:
+        return next(iter(self.presets))
+
+    def get(self, name: str | None, progress=None) -> Studio:
+        name = name or self.default
+        if name not in self.presets:
+            raise ValueError(f"unknown preset {name!r} (available: {', '.join(self.presets)})")
+        with self._lock:
+            if name not in self._studios:
+                self._studios[name] = self.loader(load_preset(self.presets[name]), self.options, progress)
+            return self._studios[name]
+
+    def add_preset(self, path: Path) -> str:
+        """Offer a newly saved preset file in the page (for every visitor); returns its key."""
+        key = path.stem
+        with self._lock:
+            while key in self.presets and self.presets[key] != path:
+                key += "+"
+            self.presets[key] = path
+        return key
+
+    # -- folders ----------------------------------------------------------------------------------
+    def folder_names(self) -> list[str]:
+        """The model folders as the page shows them: by name, never as absolute server paths."""
+        return [d.name for d in self.models_dirs]
+
+    def allowed_path(self, text: str) -> Path:
+        """A path inside a model folder, given relative to one ("gamma.safetensors",
+        "shards/gamma.safetensors") or absolute; ValueError quoting only what the user typed."""
+        typed = text.strip()
+        if not typed:
+            raise ValueError("give a path inside a model folder, or upload a file")
+        if not self.models_dirs:
+            raise ValueError("no model folders are configured on this server (start it with --models-dir DIR); upload the file instead")
+        given = Path(typed).expanduser()
+        candidates = [given] if given.is_absolute() else [d / given for d in self.models_dirs]
+        if not given.is_absolute() and len(given.parts) > 1:
+            candidates += [d / Path(*given.parts[1:]) for d in self.models_dirs if d.name == given.parts[0]]
+        inside = [c.resolve() for c in candidates if any(c.resolve().is_relative_to(d) for d in self.models_dirs)]
+        if not inside:
+            raise ValueError(f"{typed!r} is outside the model folders ({', '.join(self.folder_names())})")
+        for path in inside:
+            if path.exists():
+                return path
+        raise ValueError(f"{typed!r}: no such file or folder in the model folders ({', '.join(self.folder_names())})")
+
+    def new_file(self, folder: str, name: str, suffix: str, overwrite: bool = False) -> Path:
+        """A path for a file the page writes, inside output_dir; an existing file needs `overwrite`."""
+        if not name.strip():
+            raise ValueError("give a file name")
+        stem = safe_name(name)
+        path = self.output_dir / folder / (stem if stem.endswith(suffix) else stem + suffix)
+        if path.exists() and not overwrite:
+            raise ValueError(f"{folder}/{path.name} exists; tick 'overwrite' to replace it, or choose another name")
+        return path
+
+    def shown(self, path: Path) -> str:
+        """A path as the page shows it: relative to the output or a model folder."""
+        for root in [self.output_dir, *self.models_dirs]:
+            if Path(path).resolve().is_relative_to(root):
+                return str(Path(root.name) / Path(path).resolve().relative_to(root))
+        return Path(path).name
+
+    # -- images the page serves -------------------------------------------------------------------
+    def image_file(self, rendered: Rendered, name: str) -> str:
+        """Write an image once, whole, under a folder named by its content hash, with a telling file
+        name (downloads are named after the shard or the mix and seed, not image.png)."""
+        import io
+
+        buffer = io.BytesIO()
+        rendered.image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        folder = self.image_dir / hashlib.sha256(data).hexdigest()[:24]
+        path = folder / f"{safe_name(name, 'image')}.png"
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path, overwrite=True) as tmp:
+                tmp.write_bytes(data)
+        self._image_writes += 1
+        if self._image_writes % 200 == 0:
+            self.prune_images()
+        return str(path)
+
+    def prune_images(self, max_age_s: float = 3600) -> None:
+        """Forget served images older than an hour (Gradio keeps its own copies while in use)."""
+        cutoff = time.time() - max_age_s
+        for folder in self.image_dir.glob("*"):
+            try:
+                if folder.stat().st_mtime < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except OSError:
+                pass
+
+
+@dataclass
+class Session:
+    """What one page session shows: its shards by name (in row order) and what its components
+    were last rendered with. Shards it added itself hold a use of their pooled weights."""
+
+    preset: str
+    shards: dict[str, Shard] = field(default_factory=dict)
+    owned: set[str] = field(default_factory=set)
+    rendered: tuple | None = None  # (names, settings) of the components on the page
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shards)
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The page's mix and render controls, as typed values (rows in the session's order)."""
+
+    flags: tuple[bool, ...]
+    weights: tuple[float, ...]
+    mode: str = "average"
+    scale: float = 1.0
+    settings: RenderSettings = RenderSettings()
+
+    def mix(self, session: Session) -> dict[str, float]:
+        """{name: weight} of the ticked rows."""
+        return {n: float(self.weights[i]) for i, n in enumerate(session.names) if i < len(self.flags) and self.flags[i]}
+
+
+def settings_from(prompt, negative, seed, steps, guidance, scheduler, height, width) -> RenderSettings:
+    """RenderSettings from widget values; ValueError naming each bad value (no clamping)."""
+    values = dict(prompt=prompt or "", negative_prompt=negative or "", seed=seed, steps=steps, guidance_scale=guidance,
+                  scheduler=scheduler, height=height, width=width)
+    for key in ("seed", "steps", "height", "width"):
+        if values[key] is None:
+            raise ValueError(f"settings: {key}: give a whole number")
+        if isinstance(values[key], float) and values[key].is_integer():
+            values[key] = int(values[key])
+    try:
+        return RenderSettings(**values)
+    except ValidationError as err:
+        raise ValueError(describe_validation_error("settings", err).replace("\n", "; ")) from None
+
+
+# -- sessions ---------------------------------------------------------------------------------------
+def open_session(host: StudioHost, preset: str | None, previous: Session | None = None, progress=None) -> Session:
+    """A new view on a preset (its shards); what `previous` added is given back."""
+    studio = host.get(preset, progress)
+    close_session(host, previous)
+    return Session(preset or host.default, dict(studio.shards))
+
+
+def close_session(host: StudioHost, session: Session | None) -> None:
+    """Give back the weights this session added (called when the page closes or switches preset)."""
+    if session is None:
+        return
+    studio = host._studios.get(session.preset)
+    for name in list(session.owned):
+        shard = session.shards.pop(name, None)
+        if studio is not None and shard is not None:
+            studio.release(shard.weights)
+    session.owned.clear()
+
+
+def require(session: Session | None) -> Session:
+    if session is None:
+        raise ValueError("the page is still loading; try again in a moment")
+    return session
+
+
+def add_shard(host: StudioHost, session: Session, name: str, path_text: str = "", upload: str | None = None) -> str:
+    """Validate a UNet and show it in this session only (its weights are pooled: loaded once for
+    everyone who adds the same file). An upload is validated before it is kept, and Gradio's
+    temporary copy is deleted either way. Returns the message for the page."""
+    session = require(session)
+    studio = host.get(session.preset)
+    name = (name or "").strip()
+    try:
+        ShardSpec(name=name, path=Path("x"))
+    except ValidationError:
+        raise ValueError(f"shard name {name!r}: use letters, digits and _.+- (at most 64), starting with a letter or digit") from None
+    if name in session.shards:
+        raise ValueError(f"this session already has a shard named {name!r}; choose another name")
+    if len(session.shards) >= MAX_SHARDS:
+        raise ValueError(f"this page shows at most {MAX_SHARDS} shards; remove one first")
+    if upload:
+        try:
+            path = keep_upload(host, studio, name, Path(upload))
+        finally:
+            Path(upload).unlink(missing_ok=True)
+        shown = f"upload {path.name}"
+    else:
+        path = host.allowed_path(path_text or "")
+        shown = path_text.strip()
+    try:
+        weights = studio.load(path, name)
+    except checkpoints.CheckpointError as err:
+        raise ValueError(str(err).replace(str(path), shown)) from None
+    session.shards[name] = Shard(name, weights, 1.0, f"added from {host.shown(path)}")
+    session.owned.add(name)
+    return f"added shard **{name}** from `{shown}` (in this session only)"
+
+
+def keep_upload(host: StudioHost, studio: Studio, name: str, upload: Path) -> Path:
+    """Validate an uploaded UNet (names, shapes, dtypes, finiteness), then keep it under uploads/
+    named by its content, so that no name is ever blocked and the same upload is kept once."""
+    if upload.suffix.lower() != ".safetensors":
+        raise ValueError(f"{upload.name}: upload a .safetensors file (pickle checkpoints are refused)")
+    try:
+        checkpoints.compare_specs(name, checkpoints.tensor_specs(upload), studio.base_specs)
+        checkpoints.check_finite(upload.name, checkpoints.LazyWeights(upload))
+    except checkpoints.CheckpointError as err:
+        raise ValueError(str(err).replace(str(upload), upload.name)) from None
+    kept = host.output_dir / "uploads" / f"{safe_name(name)}-{checkpoints.sha256_file(upload)[:12]}.safetensors"
+    if not kept.is_file():
+        with atomic_path(kept, overwrite=True) as tmp:
+            shutil.copyfile(upload, tmp)
+    return kept
+
+
+def remove_shard(host: StudioHost, session: Session, name: str) -> str:
+    """Hide a shard in this session (unlearning is a re-average); its weights are freed when no
+    one uses them, its file is untouched."""
+    session = require(session)
+    name = (name or "").strip()
+    if name not in session.shards:
+        raise ValueError(f"this session has no shard named {name!r} (it has: {', '.join(session.shards)})")
+    if len(session.shards) == 1:
+        raise ValueError("a session keeps at least one shard; add another before removing this one")
+    shard = session.shards.pop(name)
+    if name in session.owned:
+        session.owned.discard(name)
+        host.get(session.preset).release(shard.weights)
+    return f"removed shard **{name}** from this session (its file is untouched)"
+
+
+# -- rendering --------------------------------------------------------------------------------------
+def soup_caption(label: str, settings: RenderSettings) -> str:
+    """The soup's label with what it was rendered from: the recipe, the seed and the prompt."""
+    prompt = settings.prompt if len(settings.prompt) <= 60 else settings.prompt[:57] + "..."
+    return f"{label} · seed {settings.seed} · “{prompt}”"
+
+
+@dataclass
+class Images:
+    """What a render puts on the page: file paths with captions (None: leave as shown)."""
+
+    components: list[tuple[str, str]] | None
+    soup: tuple[str, str] | None
+    note: str = ""
+
+
+def image_files(host: StudioHost, results: list[Rendered], settings: RenderSettings) -> list[tuple[str, str]]:
+    return [(host.image_file(r, f"{r.label}-seed{settings.seed}"), r.label) for r in results]
+
+
+def soup_file(host: StudioHost, soup: Rendered, mix: dict[str, float], settings: RenderSettings) -> tuple[str, str]:
+    name = "soup-" + "-".join(f"{n}{round(100 * w)}" for n, w in mix.items() if w > 0) + f"-seed{settings.seed}"
+    return host.image_file(soup, name[:120]), soup_caption(soup.label, settings)
+
+
+def generate(host: StudioHost, session: Session, controls: Controls, progress=None) -> Images:
+    """Every ticked component and the soup, from the same noise."""
+    session = require(session)
+    studio = host.get(session.preset)
+    mix = controls.mix(session)
+    results = studio.render(mix, controls.settings, progress, controls.mode, controls.scale, session.shards)
+    session.rendered = (tuple(mix), controls.settings)
+    return Images(image_files(host, results[:-1], controls.settings), soup_file(host, results[-1], mix, controls.settings))
+
+
+def render_soup(host: StudioHost, session: Session, controls: Controls) -> Images:
+    """The soup alone (a slider, the mode, the scale); when the components on the page were
+    rendered with other settings or shards, they are rendered again too (from the cache when
+    they can), so that soup and components always correspond."""
+    session = require(session)
+    studio = host.get(session.preset)
+    mix = controls.mix(session)
+    if session.rendered is not None and session.rendered != (tuple(mix), controls.settings):
+        return generate(host, session, controls)
+    soup = studio.render_soup(mix, controls.settings, controls.mode, controls.scale, session.shards)
+    note = "" if session.rendered else "Components are not rendered yet: press Generate to see them beside the soup."
+    return Images(None, soup_file(host, soup, mix, controls.settings), note)
+
+
+# -- the paper's workflows ------------------------------------------------------------------------
+def leave_one_out(host: StudioHost, session: Session, controls: Controls, progress=None) -> list[tuple[str, str]]:
+    session = require(session)
+    results = workflows.leave_one_out(host.get(session.preset), controls.mix(session), controls.settings, progress, session.shards)
+    return image_files(host, results, controls.settings)
+
+
+def interpolate(host: StudioHost, session: Session, controls: Controls, start: str, end: str, count: int, progress=None):
+    session = require(session)
+    if not (end or "").strip():
+        raise ValueError("give the mix to interpolate to ('To'): a shard, a mix a=0.5,b=0.5, or 'soup'")
+    mix = controls.mix(session)
+    ends = [mix if text.strip() in ("", "soup") else parse_mix(text) for text in (start, end)]
+    results = workflows.interpolate(host.get(session.preset), ends[0], ends[1], int(count), controls.settings, progress, session.shards)
+    return image_files(host, results, controls.settings)
+
+
+def grid(host: StudioHost, session: Session, controls: Controls, x_text: str, y_text: str, progress=None) -> str:
+    from .sheet import grid as grid_sheet
+
+    session = require(session)
+    x, y = workflows.Axis.parse(x_text), workflows.Axis.parse(y_text)
+    rows, row_labels, col_labels = workflows.grid(host.get(session.preset), controls.mix(session), controls.settings, x, y, progress, session.shards)
+    sheet = grid_sheet([[r.image for r in row] for row in rows], row_labels, col_labels)
+    return host.image_file(Rendered("grid", sheet, "grid"), f"grid-{x.kind}-{y.kind}-seed{controls.settings.seed}")
+
+
+def ensemble(host: StudioHost, session: Session, controls: Controls) -> list[tuple[str, str]]:
+    session = require(session)
+    ens, soup = workflows.ensemble(host.get(session.preset), controls.mix(session), controls.settings, session.shards)
+    return image_files(host, [ens, soup], controls.settings)
+
+
+# -- files ----------------------------------------------------------------------------------------
+def save_recipe(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:
+    session = require(session)
+    studio = host.get(session.preset)
+    mix = controls.mix(session)
+    studio.mix_key(mix, controls.mode, controls.scale, session.shards)  # validate before writing
+    path = host.new_file("recipes", file_name, ".yaml", overwrite)
+    recipe = Recipe(preset=studio.preset.source, mix=mix, mode=controls.mode, scale=controls.scale, render=controls.settings)
+    write_recipe(recipe, path, overwrite=True)
+    return str(path), f"saved the recipe to `{host.shown(path)}`"
+
+
+def export_unet(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:
+    session = require(session)
+    studio = host.get(session.preset)
+    mix = controls.mix(session)
+    studio.mix_key(mix, controls.mode, controls.scale, session.shards)
+    path = host.new_file("exports", file_name, ".safetensors", overwrite)
+    studio.export(mix, path, controls.mode, controls.scale, session.shards)
+    return str(path), f"wrote `{host.shown(path)}` ({studio.label(mix, controls.mode, controls.scale, session.shards)})"
+
+
+def export_pipeline(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> str:
+    session = require(session)
+    studio = host.get(session.preset)
+    mix = controls.mix(session)
+    folder = host.new_file("pipelines", file_name, "", overwrite)
+    studio.export_pipeline(mix, folder, controls.mode, controls.scale, session.shards, overwrite=overwrite)
+    return f"wrote the pipeline folder `{host.shown(folder)}`; load it with `StableDiffusionPipeline.from_pretrained`"
+
+
+def save_preset(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:
+    """Save the ticked shards with their current weights as a new preset, offered in the page.
+    Returns (its key in the preset list, the message)."""
+    session = require(session)
+    studio = host.get(session.preset)
+    mix = controls.mix(session)
+    if not mix:
+        raise ValueError("tick at least one shard to save as a preset")
+    path = host.new_file("presets", file_name, ".yaml", overwrite)
+    shards = [ShardSpec(name=n, path=session.shards[n].path, weight=w, description=session.shards[n].description) for n, w in mix.items()]
+    preset = studio.preset.model_copy(update={"shards": shards, "name": Path(path).stem})
+    write_yaml_atomic(preset_data(preset, path.parent), path, overwrite=True)
+    key = host.add_preset(path)
+    return key, f"saved the preset `{host.shown(path)}` ({len(shards)} shards with their current weights); it is in the preset list"
+
+
+def load_recipe_controls(host: StudioHost, session: Session, path: str) -> tuple[dict[str, float], Recipe]:
+    """A recipe's mix and settings, checked against this session's shards."""
+    session = require(session)
+    recipe = load_recipe(path)
+    unknown = [n for n in recipe.mix if n not in session.shards]
+    if unknown:
+        raise ValueError(f"the recipe names shards this session does not have: {', '.join(unknown)}")
+    if recipe.mode not in MERGE_MODES:
+        raise ValueError(f"the recipe's merge mode {recipe.mode!r} is unknown")
+    return dict(recipe.mix), recipe
