@@ -18,6 +18,7 @@ SCHEDULERS = {
 }
 SchedulerName = Literal["dpm++", "euler", "euler-a", "ddim", "unipc", "pndm"]
 MAX_STEPS = 150
+MIN_STEPS = {"pndm": 4}  # PNDM's Runge-Kutta warm-up needs 4 steps (fewer fail inside diffusers)
 MAX_SIZE = 2048
 
 
@@ -47,6 +48,13 @@ class RenderSettings(Strict):
         if v % 8:
             raise ValueError(f"must be divisible by 8 but is {v}")
         return v
+
+    @model_validator(mode="after")
+    def _enough_steps(self):
+        least = MIN_STEPS.get(self.scheduler, 1)
+        if self.steps < least:
+            raise ValueError(f"steps: the {self.scheduler} scheduler needs at least {least} steps, got {self.steps}")
+        return self
 
 
 class RenderDefaults(RenderSettings):

@@ -326,7 +326,11 @@ def image_files(host: StudioHost, results: list[Rendered], settings: RenderSetti
 
 
 def soup_file(host: StudioHost, soup: Rendered, mix: dict[str, float], settings: RenderSettings) -> tuple[str, str]:
-    name = "soup-" + "-".join(f"{n}{round(100 * w)}" for n, w in mix.items() if w > 0) + f"-seed{settings.seed}"
+    from .soup import rounded_shares
+
+    total = sum(w for w in mix.values() if w > 0) or 1.0
+    shares = rounded_shares([max(w, 0) / total for w in mix.values()])
+    name = "soup-" + "-".join(f"{n}{round(100 * w)}" for n, w in zip(mix, shares) if w > 0) + f"-seed{settings.seed}"
     return host.image_file(soup, name[:120]), soup_caption(soup.label, settings)
 
 

@@ -348,9 +348,10 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
         return gr.Dropdown(choices=list(host.presets)), message
 
     check_values = [*checks, *sliders]
-    add_button.click(on_add, [state, add_name, add_path, add_file, *check_values], [state, *shard_outputs, shards_message, add_file], **work_opts)
-    remove_button.click(on_remove, [state, remove_name, *check_values], [state, *shard_outputs, shards_message], **work_opts)
-    preset_button.click(on_save_preset, [state, preset_file, preset_overwrite, *job_inputs[1:]], [preset, shards_message], **work_opts)
+    message_only = dict(show_progress_on=[shards_message])  # not a spinner over every shard row
+    add_button.click(on_add, [state, add_name, add_path, add_file, *check_values], [state, *shard_outputs, shards_message, add_file], **work_opts, **message_only)
+    remove_button.click(on_remove, [state, remove_name, *check_values], [state, *shard_outputs, shards_message], **work_opts, **message_only)
+    preset_button.click(on_save_preset, [state, preset_file, preset_overwrite, *job_inputs[1:]], [preset, shards_message], **work_opts, **message_only)
 
     @user_errors
     def on_loo(session, *values, progress=gr.Progress()):
@@ -376,15 +377,27 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     grid_button.click(on_grid, [state, grid_x, grid_y, *controls], [grid_image], **work_opts)
     ens_button.click(on_ensemble, [state, *controls], [ens_gallery], **work_opts)
 
-    @user_errors
+    def in_message_line(fn):
+        """File handlers report a refusal in the message line (the file box keeps what it offered)."""
+
+        @functools.wraps(fn)
+        def wrapper(*args):
+            try:
+                return fn(*args)
+            except (ValueError, KeyError, FileExistsError) as err:
+                return gr.skip(), error_line(err)
+
+        return user_errors(wrapper)
+
+    @in_message_line
     def on_save_recipe(session, file_name, overwrite, *values):
         return handlers.save_recipe(host, session, controls_from(values), file_name, overwrite)
 
-    @user_errors
+    @in_message_line
     def on_export(session, file_name, overwrite, *values):
         return handlers.export_unet(host, session, controls_from(values), file_name, overwrite)
 
-    @user_errors
+    @in_message_line
     def on_export_pipeline(session, file_name, overwrite, *values):
         return None, handlers.export_pipeline(host, session, controls_from(values), file_name, overwrite)
 
@@ -424,9 +437,9 @@ def require_session(session: Session | None) -> Session:
 
 
 def build_api(host: StudioHost, state) -> None:
-    """Named endpoints for gradio_client: `/mix`, `/render` (the preset's shards, mix given as
-    "a=0.5,b=0.5"), and per-client sessions: `/add_shard`, `/remove_shard`, `/session_render`,
-    `/grid`. A client's session is its own, like a page's."""
+    """Named endpoints for gradio_client: `/mix`, `/render` and `/soup` (the preset's shards, mix
+    given as "a=0.5,b=0.5"), and per-client sessions: `/add_shard`, `/remove_shard`,
+    `/session_render`, `/grid`. A client's session is its own, like a page's."""
     with gr.Group(visible=False):
         api_preset = gr.Textbox(label="preset")
         api_mix = gr.Textbox(label="mix")
@@ -447,7 +460,7 @@ def build_api(host: StudioHost, state) -> None:
         api_gallery = gr.Gallery(label="images", format="png")
         api_image = gr.Image(label="image", type="filepath", format="png")
         api_info = gr.JSON(label="info")
-        buttons = {n: gr.Button(n) for n in ("mix", "render", "add", "remove", "session_render", "grid")}
+        buttons = {n: gr.Button(n) for n in ("mix", "render", "soup", "add", "remove", "session_render", "grid")}
 
     def preset_session(preset_name: str) -> Session:
         return handlers.open_session(host, preset_name or None)
@@ -473,6 +486,14 @@ def build_api(host: StudioHost, state) -> None:
     def api_render_fn(preset_name, mix_text, *settings):
         """Render every component of the mix and the soup (the preset's shards); images are labelled, the soup last."""
         return render_with(preset_session(preset_name), mix_text, settings)
+
+    @user_errors
+    def api_soup_fn(preset_name, mix_text, *settings):
+        """The soup alone (what a slider release renders), over the preset's shards."""
+        mix, settings_ = handlers.parse_mix(mix_text), settings_from(*settings)
+        studio = host.get(preset_name or None)
+        soup = studio.render_soup(mix, settings_)
+        return handlers.soup_file(host, soup, mix, settings_)[0], {"label": soup.label, "recipe": studio.recipe(mix)}
 
     @user_errors
     def api_session_render_fn(session, preset_name, mix_text, *settings):
@@ -508,6 +529,7 @@ def build_api(host: StudioHost, state) -> None:
     opts = dict(concurrency_id="render", concurrency_limit=4)
     buttons["mix"].click(api_mix_fn, [api_preset, api_mix], [api_info], api_name="mix", **opts)
     buttons["render"].click(api_render_fn, [api_preset, api_mix, *api_settings], [api_gallery, api_info], api_name="render", **opts)
+    buttons["soup"].click(api_soup_fn, [api_preset, api_mix, *api_settings], [api_image, api_info], api_name="soup", **opts)
     buttons["session_render"].click(
         api_session_render_fn, [state, api_preset, api_mix, *api_settings], [state, api_gallery, api_info], api_name="session_render", **opts
     )

@@ -24,6 +24,17 @@ def studio(tiny_preset):
     return Studio(load_preset(tiny_preset))
 
 
+def second_preset(tiny_preset: Path) -> Path:
+    """Another preset over the same base: two of the shards, other render defaults (for switching)."""
+    import yaml
+
+    data = yaml.safe_load(tiny_preset.read_text())
+    data.update(name="tiny two", shards=data["shards"][1:], render={**data["render"], "prompts": ["a blue car"], "seed": 7})
+    path = tiny_preset.with_name("tiny-two.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def free_port() -> int:
     import socket
 
@@ -43,7 +54,8 @@ def server(tiny_preset):
     port = free_port()
     log = open(tiny_preset.parent / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "app.py", "--preset", str(tiny_preset), "--port", str(port), "--models-dir", str(tiny_preset.parent),
+        [sys.executable, "app.py", "--preset", str(tiny_preset), "--preset", str(second_preset(tiny_preset)), "--port", str(port),
+         "--models-dir", str(tiny_preset.parent),
          "--output-dir", str(tiny_preset.parent / "outputs")],
         cwd=root, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -68,8 +80,15 @@ def server(tiny_preset):
 
 @pytest.fixture(scope="session")
 def browser():
-    """Debian's Chromium driven by Playwright (no browser download)."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    """Debian's Chromium driven by Playwright (no browser download). In CI a missing Playwright fails."""
+    import os
+
+    try:
+        from playwright import sync_api
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("Playwright is missing in CI: pip install -r requirements.txt")
+        pytest.skip("Playwright is not installed")
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
         pytest.fail("/usr/bin/chromium is missing: apt-get install chromium")

@@ -136,3 +136,90 @@ def test_add_shard_validates_and_writes_a_new_preset(tiny_preset, tmp_path):
     save_file({"conv_in.weight": torch.zeros(1)}, str(bad))
     assert main(["add-shard", "--preset", str(tiny_preset), "--name", "bad", "--path", str(bad), "--out", str(tmp_path / "b.yaml")]) == 2
     assert not (tmp_path / "b.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def strips(tiny_preset, tmp_path_factory):
+    """The soup for one mix under several options, rendered through the CLI."""
+    folder = tmp_path_factory.mktemp("options")
+
+    def soup(*options) -> np.ndarray:
+        out = folder / ("-".join(o.strip("-") for o in options) or "plain")
+        assert main(["render", "--preset", str(tiny_preset), "--mix", "alpha=1,gamma=1", "--seed", "4", "--out-dir", str(out), *options]) == 0
+        return np.asarray(Image.open(out / "soup.png"), dtype=np.int16)
+
+    return soup
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler-a", "ddim", "unipc", "pndm"])
+def test_every_scheduler_renders_its_own_image(strips, scheduler):
+    plain, other = strips("--steps", "4"), strips("--scheduler", scheduler, "--steps", "4")
+    assert other.shape == plain.shape and np.abs(other - plain).max() > 0
+
+
+def test_too_few_steps_for_a_scheduler_is_one_line(tiny_preset, capsys):
+    assert main(["render", "--preset", str(tiny_preset), "--scheduler", "pndm", "--steps", "3", "--out", "x.png"]) == 2
+    assert "the pndm scheduler needs at least 4 steps, got 3" in capsys.readouterr().err
+
+
+def test_a_negative_prompt_changes_the_image(strips):
+    assert np.abs(strips("--negative-prompt", "a blue car") - strips()).max() > 0
+
+
+def test_float16_renders_close_to_float32(strips):
+    half, full = strips("--dtype", "float16"), strips()
+    assert np.abs(half - full).mean() < 8  # the same picture, up to half-precision rounding
+
+
+def test_task_arithmetic_in_lean_mode_equals_in_memory(tiny_preset, tmp_path):
+    args = ["export", "--preset", str(tiny_preset), "--mix", "alpha=1,beta=3", "--mode", "task-arithmetic", "--scale", "1.7"]
+    assert main([*args, "--out", str(tmp_path / "mem.safetensors")]) == 0
+    assert main([*args, "--lean", "--out", str(tmp_path / "lean.safetensors")]) == 0
+    mem, lean = load_file(str(tmp_path / "mem.safetensors")), load_file(str(tmp_path / "lean.safetensors"))
+    assert all(torch.equal(mem[k], lean[k]) for k in mem)
+
+
+def readme_commands() -> list[str]:
+    """Every `python -m soup_ui ...` command of the README, joined over line continuations."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S) + re.findall(r"`(python -m soup_ui [^`]+)`", text)
+    commands = []
+    for block in blocks:
+        for command in block.replace("\\\n", " ").splitlines():
+            command = " ".join(command.split())
+            if command.startswith("python -m soup_ui ") and command not in commands:
+                commands.append(command)
+    return commands
+
+
+def test_the_readme_has_runnable_commands():
+    names = {c.split()[3] for c in readme_commands()}
+    assert {"render", "export", "leave-one-out", "interpolate", "grid", "add-shard", "train"} <= names
+
+
+@pytest.fixture(scope="module")
+def scratch_repo(tmp_path_factory):
+    """The repository's layout in a scratch folder (the README's commands write their outputs there, in order)."""
+    top = tmp_path_factory.mktemp("readme")
+    root = top / "repo"
+    root.mkdir()
+    for name in ("presets", "assets", "soup_ui"):
+        (root / name).symlink_to(ROOT / name)
+    if (ROOT.parent / "shared").exists():
+        (top / "shared").symlink_to(ROOT.parent / "shared")
+    return root
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_every_readme_command_runs_as_printed(command, scratch_repo):
+    """Issue 12, item 11: each command of the README runs on the embedded default, in the order
+    printed, from the repository's layout (`train` runs 2 steps instead of its 400)."""
+    import shlex
+
+    argv = shlex.split(command, comments=True)[3:]
+    if argv[0] == "train":
+        argv += ["--steps", "2"]
+    proc = subprocess.run([sys.executable, "-m", "soup_ui", *argv], cwd=scratch_repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]

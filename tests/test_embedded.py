@@ -10,7 +10,7 @@ from soup_ui.presets import RenderSettings, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "presets" / "emoji-styles.yaml"
-SHIPPED = ["twemoji", "openmoji", "fluent-hc", "noto", "fluent-color"]
+SHIPPED = ["fluent-color", "fluent-flat", "fluent-hc", "twemoji", "noto", "openmoji"]  # the six styles, in preset order
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def emoji():
 
 def test_the_preset_loads_every_shipped_shard(emoji):
     assert emoji.failed == {}
-    assert set(SHIPPED) <= set(emoji.shards)
+    assert list(emoji.shards) == SHIPPED
     assert type(emoji.pipe).__name__ == "StableDiffusionPipeline"
     assert emoji.preset.render.prompts
 
@@ -43,6 +43,23 @@ def test_one_step_render_of_each_shard_and_the_soup(emoji):
     assert len({im.tobytes() for im in images}) == len(images)  # every shard draws differently
 
 
-def test_the_attribution_ships_with_the_weights():
+def licenses_in_assets_readme() -> dict[str, str]:
+    """Style -> license, from the bullets "- **a, b** (LICENSE...): ..." of assets/emoji/README.md."""
+    import re
+
     text = (ROOT / "assets" / "emoji" / "README.md").read_text()
-    assert "CC BY-SA 4.0" in text and "openmoji" in text and "Microsoft" in text and "Twitter" in text
+    out = {}
+    for names, license_ in re.findall(r"^- \*\*([^*]+)\*\* \(([^,)]+)", text, re.M):
+        for name in names.split(","):
+            out[name.strip()] = license_.strip()
+    return out
+
+
+def test_every_shipped_shard_states_one_license_everywhere():
+    """Each shard's license is in the attribution file and in its preset description, and they agree."""
+    licenses = licenses_in_assets_readme()
+    preset = load_preset(PRESET)
+    for shard in preset.shards:
+        assert shard.name in licenses, f"{shard.name}: no attribution in assets/emoji/README.md"
+        assert licenses[shard.name] in shard.description, (shard.name, licenses[shard.name], shard.description)
+    assert licenses["openmoji"] == "CC BY-SA 4.0"  # ShareAlike: its weights carry the license on

@@ -1,6 +1,7 @@
 """The soup maths, exactly."""
 
 import math
+import threading
 import weakref
 from collections.abc import Mapping
 
@@ -123,12 +124,20 @@ def test_integer_buffers_are_taken_from_the_first_source():
     assert target["n"].tolist() == [1, 2, 3]
 
 
+def require_compiled():
+    """Fused-vs-eager comparisons mean nothing if compiling failed (both sides would be eager)."""
+    if soup._broken:
+        pytest.skip(f"the soup kernel cannot be compiled here: {soup._broken[0]}")
+
+
 def test_fused_kernel_matches_the_eager_path():
-    """The compiled path (or its eager fallback where no compiler exists) gives the same soup."""
+    """The compiled path gives the same soup as the eager one."""
     sources = [tensors(i, torch.float16) for i in (1, 2, 3)]
     eager, fused = tensors(0, torch.float16), tensors(0, torch.float16)
     average_into(eager, sources, [0.2, 0.3, 0.5], fused=False)
     average_into(fused, sources, [0.2, 0.3, 0.5], fused=True)
+    require_compiled()
+    assert soup.compiled_ready("tensors", 3, torch.float16, "cpu")  # the compiled kernel ran
     for k in eager:
         assert torch.equal(eager[k], fused[k])
     average_into(fused, sources, [0.0, 1.0, 0.0], fused=True)
@@ -183,6 +192,8 @@ def test_flat_buffers_through_the_chunk_kernel(monkeypatch):
     eager, fused = FlatTensors.pack(big_tensors(0)), FlatTensors.pack(big_tensors(0))
     average_into(eager, sources, [0.2, 0.3, 0.5], fused=False)
     average_into(fused, sources, [0.2, 0.3, 0.5], fused=True)
+    require_compiled()
+    assert soup.compiled_ready("chunk", 3, torch.float16, "cpu")  # the compiled kernel ran
     torch.testing.assert_close(fused.buffer, eager.buffer, rtol=1e-3, atol=1e-3)  # fused multiply-adds may round differently
     average_into(fused, sources, [0.0, 1.0, 0.0], fused=True)
     assert torch.equal(fused.buffer, sources[1].buffer)
@@ -251,3 +262,55 @@ def test_lazy_sources_are_read_a_tensor_at_a_time(fused):
     for k in many:
         torch.testing.assert_close(target[k], many[k] + 0.5)
     assert all(s.most_alive <= 3 for s in sources), [s.most_alive for s in sources]  # a few of 12, never all
+
+
+def test_an_interactive_mix_never_compiles(monkeypatch):
+    """Issue 12, item 14: a mix whose kernel is not compiled yet runs eager at once and compiles the
+    kernel in the background; the next mix of that K uses it."""
+    monkeypatch.setattr(soup, "FLAT_CHUNK", 1 << 14)
+    sources = [FlatTensors.pack(big_tensors(i, torch.float32)) for i in (1, 2, 3, 4, 5)]
+    target = FlatTensors.pack(big_tensors(0, torch.float32))
+    variant = ("chunk", 5, torch.float32, "cpu")
+    soup._ready.discard(variant)
+    soup._warming.pop(variant, None)
+    calls = []
+    real = soup._run_compiled
+    monkeypatch.setattr(soup, "_run_compiled", lambda kind, it: calls.append(threading.current_thread().name) or real(kind, it))
+    average_into(target, sources, [1, 1, 1, 1, 1])  # fused=None: the interactive default
+    assert all(name.startswith("soup-compile") for name in calls)  # compiled only in the background
+    soup._warming[variant].join(timeout=300)
+    require_compiled()
+    assert soup.compiled_ready(*variant)
+    calls.clear()
+    average_into(target, sources, [1, 2, 3, 4, 5])
+    assert calls == [threading.current_thread().name]  # now the compiled kernel serves it
+
+
+def test_weighted_sum_takes_negative_coefficients_and_rounds_once():
+    from soup_ui.soup import weighted_sum_into
+
+    base, s1 = tensors(0, torch.float16), tensors(1, torch.float16)
+    target = tensors(9, torch.float16)
+    weighted_sum_into(target, [s1, base], [3.0, -2.0])
+    for k in target:
+        assert torch.equal(target[k], (3.0 * s1[k].double() - 2.0 * base[k].double()).to(torch.float16))
+
+
+class NoFloat64(torch.Tensor):
+    """Tensors that refuse float64 maths, as on Apple's MPS."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(a is torch.float64 for a in args) or kwargs.get("dtype") is torch.float64:
+            raise TypeError("MPS does not support float64")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_weight_distance_runs_without_float64():
+    """Item 19: leave-one-out's weight distance must run where float64 does not exist."""
+    from soup_ui.soup import weight_distance
+
+    s1 = {k: v.as_subclass(NoFloat64) for k, v in tensors(1).items()}
+    s2 = {k: v.as_subclass(NoFloat64) for k, v in tensors(2).items()}
+    assert weight_distance([s1, s2], [1.0, -1.0]) > 0

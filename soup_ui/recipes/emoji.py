@@ -64,7 +64,7 @@ class Budget:
 
     v3 (this recipe): VAE 2,000 steps (~9 min); base 4,500 steps from scratch (~75 min), then a second
     stage of `base2_steps` that adds the subcategory captions, min-SNR weighting and an EMA (~30 min);
-    shards of `shard_steps` each with min-SNR and an EMA (~11 min each). The stages resume from their
+    shards of `shard_steps` each with min-SNR and an EMA (~8 min each). The stages resume from their
     checkpoints, so the recipe can be spread over sessions.
     """
 
@@ -76,12 +76,12 @@ class Budget:
     base_lr: float = 3e-4
     base2_steps: int = 2500  # continued base: subcategory captions, min-SNR, EMA
     base2_lr: float = 2e-4
-    shard_steps: int = 800
+    shard_steps: int = 600
     shard_batch: int = 32
     shard_lr: float = 4e-4  # high for a finetune: the mixed-style base must move to one style
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
-    snapshots: tuple = (100, 200, 400, 600, 800)  # shard EMA snapshots, for the own-style curve
+    snapshots: tuple = (100, 200, 300, 400, 600)  # shard EMA snapshots, for the own-style curve
 
 
 SIZES, BUDGET = Sizes(), Budget()

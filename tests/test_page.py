@@ -1,0 +1,248 @@
+"""Every click does what the page shows, for every user at once: Chromium against a real `python app.py`."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+TIMEOUT = 90_000
+
+
+def open_page(browser, server, height=1400):
+    page = browser.new_page(viewport={"width": 1300, "height": height})
+    page.goto(server)
+    page.wait_for_selector("#shard-check-2", state="visible", timeout=TIMEOUT)
+    page.wait_for_function("document.querySelector('#generate')?.disabled === false", timeout=TIMEOUT)
+    return page
+
+
+def text(page, selector) -> str:
+    return page.locator(selector).inner_text()
+
+
+def fill(page, elem_id, value):
+    page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(str(value))
+
+
+def wait_text(page, selector, needle, timeout=TIMEOUT):
+    page.wait_for_function(
+        f"(document.querySelector({selector!r}) || {{}}).innerText?.includes({needle!r})", timeout=timeout
+    )
+
+
+def soup_src(page):
+    img = page.locator("#soup-image img")
+    return img.get_attribute("src") if img.count() else None
+
+
+def generate(page, needle="soup:"):
+    page.click("#generate")
+    wait_text(page, "#soup-label", needle)
+
+
+def tab(page, name):
+    page.get_by_role("tab", name=name).click()
+
+
+def test_generate_waits_for_the_page_to_load(server, browser):
+    """Item 3: while the preset loads, Generate is disabled (it used to render an empty prompt)."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1200})
+    held = []
+    page.route("**/queue/join*", lambda route: held.append(route) if not held else route.continue_())
+    page.goto(server)
+    page.wait_for_selector("#generate", timeout=TIMEOUT)
+    assert held, "the load request was not seen"
+    assert page.locator("#generate").is_disabled()
+    page.locator("#generate").click(force=True)  # nothing happens
+    held[0].continue_()
+    page.wait_for_function("document.querySelector('#generate')?.disabled === false", timeout=TIMEOUT)
+    assert page.locator("#prompt textarea, #prompt input").first.input_value() == "a red apple"
+    assert text(page, "#soup-label").strip() == "Soup"
+    generate(page, "“a red apple”")
+    page.close()
+
+
+def test_two_visitors_change_their_own_shards(server, browser, tiny_preset):
+    """Item 2: adding or removing is per page; a 13th shard gets its row; rows never drive another shard."""
+    a, b = open_page(browser, server), open_page(browser, server)
+    tab(a, "Add / remove shards")
+    fill(a, "remove-name", "alpha")
+    a.click("#remove-shard")
+    wait_text(a, "#shards-message", "removed shard alpha from this session")
+    assert text(a, "#shard-check-0").strip() == "beta"
+    for i in range(10):  # rows 3..12 in page a
+        fill(a, "add-name", f"copy{i}")
+        fill(a, "add-path", "gamma.safetensors")
+        a.click("#add-shard")
+        wait_text(a, "#shards-message", f"added shard copy{i}")
+    a.wait_for_selector("#shard-check-11", state="visible", timeout=TIMEOUT)
+    assert text(a, "#shard-check-11").strip() == "copy9"  # the 12th row, the 12th shard of page a
+    fill(a, "add-name", "copy10")
+    a.click("#add-shard")
+    a.wait_for_selector("#shard-check-12", state="visible", timeout=TIMEOUT)  # a 13th shard gets a row
+    # Page b still has its own three shards, and its ticks mean them.
+    assert [text(b, f"#shard-check-{i}").strip() for i in range(3)] == ["alpha", "beta", "gamma"]
+    assert not b.locator("#shard-check-3").is_visible()
+    b.locator("#shard-check-1 input[type=checkbox]").uncheck()
+    wait_text(b, "#soup-label", "soup: 0.50 alpha + 0.50 gamma")
+    a.close()
+    b.close()
+
+
+def test_a_slider_after_a_prompt_edit_renders_matching_components(server, browser):
+    """Item 5: the soup beside components of another prompt is never shown."""
+    page = open_page(browser, server)
+    generate(page)
+    before = [page.locator("#components img").nth(i).get_attribute("src") for i in range(3)]
+    fill(page, "prompt", "a blue car")
+    track = page.locator("#shard-weight-0 input[type=range]")
+    track.scroll_into_view_if_needed()
+    box = track.bounding_box()
+    page.mouse.click(box["x"] + 0.3 * box["width"], box["y"] + box["height"] / 2)
+    wait_text(page, "#soup-label", "“a blue car”")
+    page.wait_for_function(
+        f"[...document.querySelectorAll('#components img')].every((img, i) => img.getAttribute('src') !== {before!r}[i])", timeout=TIMEOUT
+    )
+    page.close()
+
+
+def test_a_typed_weight_and_enter_re_render_the_soup(server, browser):
+    """Item 6."""
+    page = open_page(browser, server)
+    generate(page, "soup: 0.34 alpha + 0.33 beta + 0.33 gamma")
+    box = page.locator("#shard-weight-0 input[type=number]")
+    box.fill("0.2")
+    box.press("Enter")
+    wait_text(page, "#soup-label", "soup: 0.09 alpha + 0.46 beta + 0.45 gamma")
+    assert "alpha 9%" in text(page, "#mixture")
+    page.close()
+
+
+def test_uniform_then_ticking_a_shard_puts_it_in_the_soup(server, browser):
+    """Item 7: Uniform gives every row the same weight, so a row ticked later is in the soup."""
+    page = open_page(browser, server)
+    page.locator("#shard-check-2 input[type=checkbox]").uncheck()
+    wait_text(page, "#soup-label", "soup: 0.50 alpha + 0.50 beta")
+    page.click("#uniform")
+    page.locator("#shard-check-2 input[type=checkbox]").check()
+    wait_text(page, "#soup-label", "soup: 0.34 alpha + 0.33 beta + 0.33 gamma")
+    assert page.locator("#components img").count() == 3
+    page.close()
+
+
+def test_a_ticked_row_at_weight_zero_joins_the_soup(server, browser):
+    page = open_page(browser, server)
+    box = page.locator("#shard-weight-1 input[type=number]")
+    box.fill("0")
+    box.press("Enter")
+    page.locator("#shard-check-1 input[type=checkbox]").uncheck()
+    wait_text(page, "#soup-label", "soup: 0.50 alpha + 0.50 gamma")
+    page.locator("#shard-check-1 input[type=checkbox]").check()
+    wait_text(page, "#soup-label", "soup: 0.34 alpha + 0.33 beta + 0.33 gamma")
+    page.close()
+
+
+def test_save_recipe_and_export_offer_their_files(server, browser):
+    """Item 1: the written file is offered for download; a second click asks for 'overwrite'."""
+    page = open_page(browser, server)
+    tab(page, "Recipe / export")
+    fill(page, "out-name", "page-recipe")
+    page.click("#save-recipe")
+    wait_text(page, "#export-message", "saved the recipe to outputs/recipes/page-recipe.yaml")
+    page.wait_for_selector("#export-file a[href$='page-recipe.yaml']", timeout=TIMEOUT)
+    assert b"mix:" in page.request.get(page.locator("#export-file a").first.get_attribute("href")).body()  # downloadable
+    page.click("#save-recipe")
+    wait_text(page, "#export-message", "recipes/page-recipe.yaml exists; tick 'overwrite'")
+    fill(page, "out-name", "page-soup")
+    page.click("#export-unet")
+    page.wait_for_selector("#export-file a[href$='page-soup.safetensors']", timeout=TIMEOUT)
+    wait_text(page, "#export-message", "wrote outputs/exports/page-soup.safetensors")
+    page.close()
+
+
+def test_failed_add_says_why_in_the_message_line(server, browser):
+    """Item 9: the reason stays in the message line; the shard rows show no error."""
+    page = open_page(browser, server)
+    tab(page, "Add / remove shards")
+    fill(page, "add-name", "delta")
+    fill(page, "add-path", "gamma.safetensors")
+    page.click("#add-shard")
+    wait_text(page, "#shards-message", "added shard delta")
+    fill(page, "add-name", "outsider")
+    fill(page, "add-path", "/etc/passwd")
+    page.click("#add-shard")
+    wait_text(page, "#shards-message", "'/etc/passwd' is outside the model folders")
+    assert "added shard delta" not in text(page, "#shards-message")
+    for i in range(4):
+        assert "Error" not in text(page, f"#shard-check-{i}")
+    assert page.locator("#shard-check-3").is_visible()  # the earlier add stands
+    page.close()
+
+
+def test_failed_upload_does_not_block_its_name(server, browser, tiny_preset, tmp_path):
+    """Item 8: a bad upload is refused and not kept; the same name then takes a good one."""
+    bad = tmp_path / "bad.safetensors"
+    save_file({"conv_in.weight": torch.zeros(3)}, str(bad))
+    page = open_page(browser, server)
+    tab(page, "Add / remove shards")
+    fill(page, "add-name", "uploaded")
+    page.locator("#add-file input[type=file]").set_input_files(str(bad))
+    page.wait_for_function("document.querySelector('#add-file').innerText.includes('bad')", timeout=TIMEOUT)
+    page.click("#add-shard")
+    wait_text(page, "#shards-message", "shard 'uploaded' does not match the base UNet")
+    page.locator("#add-file input[type=file]").set_input_files(str(tiny_preset.parent / "gamma.safetensors"))
+    page.wait_for_function("document.querySelector('#add-file').innerText.includes('gamma')", timeout=TIMEOUT)
+    page.click("#add-shard")
+    wait_text(page, "#shards-message", "added shard uploaded")
+    page.wait_for_function("document.querySelector('#shard-check-3').innerText.trim() === 'uploaded'", timeout=TIMEOUT)
+    kept = list((tiny_preset.parent / "outputs" / "uploads").glob("uploaded-*.safetensors"))
+    assert len(kept) == 1
+    page.close()
+
+
+def test_pipeline_export_honours_overwrite(server, browser, tiny_preset):
+    """Item 8: 'Export pipeline folder' replaces an existing folder only with the tick."""
+    page = open_page(browser, server)
+    tab(page, "Recipe / export")
+    fill(page, "out-name", "page-pipe")
+    page.click("#export-pipeline")
+    wait_text(page, "#export-message", "wrote the pipeline folder")
+    page.click("#export-pipeline")
+    wait_text(page, "#export-message", "pipelines/page-pipe exists; tick 'overwrite'")
+    page.locator("#out-overwrite input[type=checkbox]").check()
+    weights = tiny_preset.parent / "outputs" / "pipelines" / "page-pipe" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_ino
+    page.click("#export-pipeline")
+    wait_text(page, "#export-message", "wrote the pipeline folder")
+    assert weights.stat().st_ino != before  # a new folder replaced the old one
+    page.close()
+
+
+def test_a_grid_does_not_hold_up_another_visitor(server, browser):
+    """Item 13: a long workflow gives way to interactive renders between images."""
+    a, b = open_page(browser, server), open_page(browser, server)
+    fill(a, "steps", 25)
+    tab(a, "Interpolate / grid")
+    fill(a, "grid-x", "seed=" + ",".join(str(i) for i in range(8)))
+    fill(a, "grid-y", "guidance=1,2,3,4,5,6")
+    a.click("#grid-run")
+    a.wait_for_selector("#grid-image .progress-text, #grid-image .eta-bar, #grid-image .wrap.default", timeout=TIMEOUT)
+    generate(b, "soup: 0.34 alpha")
+    assert a.locator("#grid-image img").count() == 0, "the grid finished first: nothing was measured"
+    a.wait_for_selector("#grid-image img", timeout=TIMEOUT * 2)
+    a.close()
+    b.close()
+
+
+def test_switching_presets_changes_the_rows_and_defaults(server, browser):
+    page = open_page(browser, server)
+    page.locator("#preset input").first.click()
+    page.get_by_role("option", name="tiny-two").click()
+    wait_text(page, "#status", "tiny two")
+    assert [text(page, f"#shard-check-{i}").strip() for i in range(2)] == ["beta", "gamma"]
+    assert not page.locator("#shard-check-2").is_visible()
+    assert page.locator("#prompt textarea, #prompt input").first.input_value() == "a blue car"
+    generate(page, "soup: 0.50 beta + 0.50 gamma · seed 7")
+    page.close()

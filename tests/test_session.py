@@ -1,0 +1,330 @@
+"""The page's handlers, called directly: per-session shards, files, messages and scheduling."""
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from soup_ui import session as handlers
+from soup_ui.presets import RenderSettings, load_preset
+from soup_ui.session import Controls, StudioHost
+from soup_ui.studio import RuntimeOptions, Studio, StudioError
+
+SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=3)
+
+
+@pytest.fixture
+def host(studio, tiny_preset, tmp_path):
+    return StudioHost.of("tiny", studio, models_dirs=[tiny_preset.parent], output_dir=tmp_path / "out")
+
+
+def controls(session, mix: dict, settings=SETTINGS, mode="average", scale=1.0) -> Controls:
+    return Controls(tuple(n in mix for n in session.names), tuple(mix.get(n, 0.0) for n in session.names), mode, scale, settings)
+
+
+def png(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_sessions_add_and_remove_shards_for_themselves_only(host, studio):
+    """Issue 12, item 2: another visitor's add or remove never changes this session's shards."""
+    a, b = handlers.open_session(host, None), handlers.open_session(host, None)
+    before_pool = studio.pooled
+    handlers.remove_shard(host, a, "alpha")
+    handlers.add_shard(host, a, "delta", "gamma.safetensors")
+    assert a.names == ["beta", "gamma", "delta"]
+    assert b.names == ["alpha", "beta", "gamma"] and list(studio.shards) == ["alpha", "beta", "gamma"]
+    assert studio.pooled == before_pool  # delta has gamma's content: pooled once
+    # b's ticks still mean b's shards: a row can never drive another session's shard.
+    got = handlers.generate(host, b, controls(b, {"alpha": 1.0, "gamma": 1.0}))
+    assert got.soup[1].startswith("soup: 0.50 alpha + 0.50 gamma")
+    with pytest.raises(StudioError, match=r"unknown shard 'delta' \(loaded: alpha, beta, gamma\)"):
+        studio.render_soup({"delta": 1.0}, SETTINGS, shards=b.shards)
+    handlers.close_session(host, a)
+    assert studio.pooled == before_pool
+
+
+def test_weights_are_freed_when_no_session_uses_them(host, studio, tmp_path, tiny_preset):
+    other = tmp_path / "other.safetensors"
+    weights = load_file(str(tiny_preset.parent / "gamma.safetensors"))
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(other))
+    host.models_dirs.append(tmp_path.resolve())
+    a, b = handlers.open_session(host, None), handlers.open_session(host, None)
+    before = studio.pooled
+    handlers.add_shard(host, a, "x", str(other))
+    handlers.add_shard(host, b, "y", str(other))
+    assert studio.pooled == before + 1
+    handlers.remove_shard(host, a, "x")
+    assert studio.pooled == before + 1  # b still uses it
+    handlers.close_session(host, b)  # the page closed
+    assert studio.pooled == before
+
+
+def test_more_than_twelve_shards_and_the_limit(host):
+    s = handlers.open_session(host, None)
+    for i in range(handlers.MAX_SHARDS - 3):
+        handlers.add_shard(host, s, f"copy{i}", "beta.safetensors")
+    assert len(s.names) == handlers.MAX_SHARDS > 12
+    got = handlers.generate(host, s, controls(s, {"copy12": 1.0, "alpha": 1.0}))
+    assert [c for _, c in got.components] == ["alpha", "copy12"]
+    with pytest.raises(ValueError, match=f"this page shows at most {handlers.MAX_SHARDS} shards; remove one first"):
+        handlers.add_shard(host, s, "one-more", "beta.safetensors")
+    handlers.close_session(host, s)
+
+
+@pytest.mark.parametrize(
+    "name, path, message",
+    [
+        ("", "beta.safetensors", "shard name ''"),
+        ("alpha", "beta.safetensors", "already has a shard named 'alpha'"),
+        ("x", "/etc/passwd", r"'/etc/passwd' is outside the model folders \(tiny\d*\)"),
+        ("x", "../../etc/passwd", "is outside the model folders"),
+        ("x", "nothing.safetensors", r"'nothing.safetensors': no such file or folder in the model folders"),
+        ("x", "tiny.yaml", "not a .safetensors file"),
+    ],
+)
+def test_bad_adds_name_the_problem_without_server_paths(host, name, path, message):
+    s = handlers.open_session(host, None)
+    with pytest.raises(ValueError, match=message) as err:
+        handlers.add_shard(host, s, name, path)
+    assert str(host.models_dirs[0]) not in str(err.value)  # no absolute server path is shown
+    assert s.names == ["alpha", "beta", "gamma"]
+
+
+def test_a_failed_upload_is_not_kept_and_the_temporary_copy_is_deleted(host, tmp_path, tiny_preset):
+    """Items 8 and 15: validated before it is kept; Gradio's temporary copy never stays."""
+    s = handlers.open_session(host, None)
+    bad = tmp_path / "upload" / "bad.safetensors"
+    bad.parent.mkdir()
+    save_file({"conv_in.weight": torch.zeros(3)}, str(bad))
+    with pytest.raises(ValueError, match="shard 'mine' does not match the base UNet"):
+        handlers.add_shard(host, s, "mine", upload=str(bad))
+    assert not bad.exists() and not (host.output_dir / "uploads").exists()
+    good = tmp_path / "upload" / "good.safetensors"
+    good.write_bytes((tiny_preset.parent / "gamma.safetensors").read_bytes())
+    message = handlers.add_shard(host, s, "mine", upload=str(good))  # the same name is free
+    assert "added shard **mine**" in message and not good.exists()
+    kept = list((host.output_dir / "uploads").iterdir())
+    assert len(kept) == 1 and kept[0].read_bytes() == (tiny_preset.parent / "gamma.safetensors").read_bytes()
+    handlers.close_session(host, s)
+
+
+def test_soup_and_components_always_correspond(host, studio):
+    """Item 5: a slider release after a prompt edit renders the components again too."""
+    s = handlers.open_session(host, None)
+    first = handlers.generate(host, s, controls(s, {"alpha": 1, "beta": 1}))
+    moved = handlers.render_soup(host, s, controls(s, {"alpha": 1, "beta": 0.2}))
+    assert moved.components is None  # same settings: only the soup
+    edited = SETTINGS.model_copy(update={"prompt": "a blue car"})
+    again = handlers.render_soup(host, s, controls(s, {"alpha": 1, "beta": 0.2}, edited))
+    assert again.components is not None and len(again.components) == 2
+    assert not np.array_equal(png(again.components[0][0]), png(first.components[0][0]))
+    assert "seed 3" in again.soup[1] and "“a blue car”" in again.soup[1]
+
+
+def test_image_files_are_whole_and_named_after_what_they_show(host):
+    """Items 4 and 12: served PNGs are written once, atomically, named by shard or mix and seed."""
+    s = handlers.open_session(host, None)
+    got = handlers.generate(host, s, controls(s, {"alpha": 1, "gamma": 3}))
+    names = [Path(p).name for p, _ in got.components] + [Path(got.soup[0]).name]
+    assert names == ["alpha-seed3.png", "gamma-seed3.png", "soup-alpha25-gamma75-seed3.png"]
+    again = handlers.generate(host, s, controls(s, {"alpha": 1, "gamma": 3}))
+    assert again.soup[0] == got.soup[0]  # the same bytes are the same file, never rewritten
+    assert not list(Path(got.soup[0]).parent.glob(".*"))  # no temporary left
+
+
+def test_exports_and_recipes_are_offered_and_readable(host, studio):
+    """Items 1 and 12: the page gets a str path; files are 0644-like, folders 0755-like; the
+    overwrite tick is honoured by the pipeline export too (item 8)."""
+    s = handlers.open_session(host, None)
+    c = controls(s, {"alpha": 1, "beta": 1})
+    path, message = handlers.save_recipe(host, s, c, "r1", False)
+    assert isinstance(path, str) and Path(path).is_file() and "recipes/r1.yaml" in message
+    with pytest.raises(ValueError, match="recipes/r1.yaml exists; tick 'overwrite'"):
+        handlers.save_recipe(host, s, c, "r1", False)
+    path, _ = handlers.export_unet(host, s, c, "soup", False)
+    assert isinstance(path, str) and stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~handlers_umask()
+    handlers.export_pipeline(host, s, c, "pipe", False)
+    folder = host.output_dir / "pipelines" / "pipe"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~handlers_umask()
+    with pytest.raises(ValueError, match="pipelines/pipe exists; tick 'overwrite'"):
+        handlers.export_pipeline(host, s, c, "pipe", False)
+    before = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    handlers.export_pipeline(host, s, controls(s, {"gamma": 1}), "pipe", True)
+    after = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(before["conv_in.weight"], after["conv_in.weight"])
+    with pytest.raises(ValueError, match="give a file name"):
+        handlers.save_recipe(host, s, c, "  ", False)
+
+
+def handlers_umask():
+    from soup_ui.files import umask
+
+    return umask()
+
+
+def test_pipeline_export_copies_only_what_the_pipeline_loads(tiny_preset, studio, tmp_path):
+    """Item 17: no .git, no stray files, no pickles from the base folder."""
+    base = Path(studio.preset.base)
+    (base / ".git").mkdir(exist_ok=True)
+    (base / ".git" / "HEAD").write_text("ref")
+    (base / "notes.bin").write_bytes(b"0" * 1000)
+    (base / "vae" / "old.ckpt").write_bytes(b"0")
+    try:
+        out = studio.export_pipeline({"alpha": 1}, tmp_path / "p")
+        copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        assert not any(".git" in c or c.endswith((".bin", ".ckpt")) for c in copied), copied
+        assert "model_index.json" in copied and "vae/diffusion_pytorch_model.safetensors" in copied
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    finally:
+        import shutil
+
+        shutil.rmtree(base / ".git")
+        (base / "notes.bin").unlink()
+        (base / "vae" / "old.ckpt").unlink()
+
+
+def test_save_preset_keeps_ticks_and_weights_and_is_offered(host):
+    """Item 10: the ticked shards with their current weights; an empty name is refused."""
+    s = handlers.open_session(host, None)
+    with pytest.raises(ValueError, match="give a file name"):
+        handlers.save_preset(host, s, controls(s, {"alpha": 0.3}), "", False)
+    key, message = handlers.save_preset(host, s, controls(s, {"alpha": 0.3, "gamma": 0.6}), "mine", False)
+    saved = load_preset(host.presets[key])
+    assert [(x.name, x.weight) for x in saved.shards] == [("alpha", 0.3), ("gamma", 0.6)]
+    assert key in host.presets and "in the preset list" in message
+
+
+def test_interpolate_needs_two_different_ends(host):
+    s = handlers.open_session(host, None)
+    with pytest.raises(ValueError, match="give the mix to interpolate to"):
+        handlers.interpolate(host, s, controls(s, {"alpha": 1}), "soup", "", 5)
+    with pytest.raises(StudioError, match="the two ends of the interpolation are the same mix"):
+        handlers.interpolate(host, s, controls(s, {"alpha": 1}), "soup", "alpha", 5)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (("p", "", 0, 0, 5.0, "dpm++", 16, 16), r"settings: steps: Input should be greater than or equal to 1 \(got 0\)"),
+        (("p", "", 0, 1000, 5.0, "dpm++", 16, 16), r"settings: steps: Input should be less than or equal to 150 \(got 1000\)"),
+        (("p", "", 0, 20, 5.0, "dpm++", 17, 16), r"settings: height: must be divisible by 8 but is 17"),
+    ],
+)
+def test_settings_are_never_clamped_silently(values, message):
+    with pytest.raises(ValueError, match=message):
+        handlers.settings_from(*values)
+
+
+def test_grid_axis_out_of_range_is_a_plain_message(host):
+    s = handlers.open_session(host, None)
+    with pytest.raises(StudioError) as err:
+        handlers.grid(host, s, controls(s, {"alpha": 1}), "steps=0,5", "seed=0")
+    assert str(err.value) == "grid axis steps: steps=0 is not allowed (steps: Input should be greater than or equal to 1)"
+    assert "http" not in str(err.value)
+
+
+def test_long_workflows_give_way_to_interactive_renders(studio):
+    """Item 13: a grid takes the lock per image at background priority; a slider release waits for
+    at most the image being rendered, not for the whole grid."""
+    from soup_ui.workflows import Axis, grid
+
+    studio._images.clear()
+    done = {}
+    x, y = Axis.parse("seed=" + ",".join(str(500 + i) for i in range(6))), Axis.parse("guidance=1,2,3,4")
+    total = len(x.values) * len(y.values)
+    begin = studio.renders["soup"]
+    grid_thread = threading.Thread(target=lambda: done.setdefault("grid", grid(studio, {"alpha": 1, "beta": 1}, SETTINGS, x, y)))
+    grid_thread.start()
+    while studio.renders["soup"] == begin:
+        time.sleep(0.01)
+    start = studio.renders["soup"]
+    studio.render_soup({"alpha": 1, "gamma": 1}, SETTINGS.model_copy(update={"seed": 999}))
+    during = studio.renders["soup"] - start  # grid images rendered while the interactive one waited
+    grid_thread.join()
+    assert during <= 2, during  # the one in progress (and the interactive soup itself)
+    assert studio.renders["soup"] - begin == total + 1  # the grid went on after it
+    assert len(done["grid"][0]) == 4
+
+
+def test_label_shares_add_up():
+    from soup_ui.soup import mixture_label
+
+    assert mixture_label(["a", "b"], [0.375, 0.625]) == "soup: 0.38 a + 0.62 b"
+    assert mixture_label(["a", "b", "c"], [1, 1, 1]) == "soup: 0.34 a + 0.33 b + 0.33 c"
+
+
+def test_messages_keep_their_quotes():
+    """Item 12: a message that ends in a quote keeps it."""
+    import gradio as gr
+
+    from soup_ui.ui import user_errors
+
+    @user_errors
+    def fails():
+        raise ValueError("'/etc/passwd' is outside the model folders ('tiny')")
+
+    with pytest.raises(gr.Error) as err:
+        fails()
+    assert err.value.message == "'/etc/passwd' is outside the model folders ('tiny')"
+
+
+def test_lean_mode_rehashes_a_rewritten_file(tiny_preset, tmp_path):
+    """Item 18: a shard file rewritten on disk is never served under its old hash."""
+    import shutil
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_preset.parent, folder, ignore=shutil.ignore_patterns("*.log", "outputs"))
+    lean = Studio(load_preset(folder / "tiny.yaml"), RuntimeOptions(lean=True))
+    old_sha = lean.shards["beta"].sha256
+    before = np.asarray(lean.render_soup({"beta": 1}, SETTINGS).image)
+    weights = load_file(str(folder / "beta.safetensors"))
+    save_file({k: v + 0.05 for k, v in weights.items()}, str(folder / "beta.safetensors"))  # in place, same name
+    after = lean.render_soup({"beta": 1}, SETTINGS)
+    assert lean.shards["beta"].sha256 != old_sha
+    assert not np.array_equal(before, np.asarray(after.image))
+    assert lean.recipe({"beta": 1})["shards"][0]["sha256"] == lean.shards["beta"].sha256
+
+
+def test_task_arithmetic_in_the_studio_uses_one_rounding_and_the_base_in_memory(tiny_preset):
+    """Item 19: fp16 task arithmetic is one rounding of the exact result; the base is read once."""
+    from soup_ui import checkpoints
+
+    fp16 = Studio(load_preset(tiny_preset), RuntimeOptions(dtype="float16"))
+    base = {k: v.half().double() for k, v in checkpoints.load_weights(Path(fp16.preset.base) / "unet").items()}  # as the studio holds it
+    shards = {n: {k: v.double() for k, v in fp16.shards[n].tensors.items()} for n in ("alpha", "beta")}
+    reads = []
+    original = checkpoints.LazyWeights.__getitem__
+    checkpoints.LazyWeights.__getitem__ = lambda self, name: reads.append(name) or original(self, name)
+    try:
+        fp16.mix({"alpha": 1, "beta": 1}, "task-arithmetic", 2.5)
+        first = len(reads)
+        fp16.mix({"alpha": 1, "beta": 2}, "task-arithmetic", 2.5)
+        assert len(reads) == first  # the base was kept, not read again
+    finally:
+        checkpoints.LazyWeights.__getitem__ = original
+    wrong = total = 0
+    for k, out in fp16.hybrid_tensors.items():
+        exact = base[k] + 2.5 * ((shards["alpha"][k] + 2 * shards["beta"][k]) / 3 - base[k])
+        wrong += int((out != exact.to(torch.float16)).sum())
+        total += out.numel()
+    assert wrong / total < 0.01, wrong / total  # one rounding (float32 sums may round twice, rarely)
+
+
+def test_importing_the_library_leaves_the_environment_alone():
+    import subprocess
+    import sys
+
+    code = "import os; before = dict(os.environ); import soup_ui, soup_ui.studio, soup_ui.session; print(dict(os.environ) == before)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GRADIO_", "DO_NOT_TRACK"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
