@@ -2,12 +2,18 @@
 
     python bench/emoji_eval.py --data ../shared/data/emoji-styles
 
-1. Trains two small CNNs on the dataset (cached in .cache/emoji-eval/):
+1. Trains three small CNNs on the dataset (cached in .cache/emoji-eval/):
    - style: 6-way, accuracy on held-out emoji (10% of emoji ids, all their styles, never seen);
-   - content: which of the 1,595 emoji, top-5 on held-out images (one style per emoji held out).
-2. Renders N held-out-free prompts (emoji names) with the base model, every specialist, the uniform
-   soup and a few pair soups, all from the same seeds, through the studio's own code path.
-3. Prints the tables (markdown) and writes the contact sheet PNG.
+   - content: which of the 1,595 emoji, top-5 on held-out images (one style per emoji held out);
+   - category: the 9 top-level emoji categories, accuracy on held-out emoji.
+2. Renders N prompts (emoji names, with their subcategory unless --captions names) with the base
+   model, every specialist, the uniform soup, a few pair soups and every leave-one-out soup, all
+   from the same seeds, through the studio's own code path.
+3. Prints the table (mean style probabilities, own-style rate, category top-1, name top-5), the
+   paper's claims at toy scale (pair soups are mixtures, the uniform soup spreads, leaving a shard
+   out lowers its own style most) and writes the contact sheet PNG.
+
+    python bench/emoji_eval.py --curves .cache/recipe-emoji      # own style against shard steps
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +108,12 @@ def classifiers(data: Path, cache: Path, seed: int = 0):
     held_style = {e: STYLES[i % 6] for i, e in enumerate(ids)}  # one image per emoji held out for content
     s_train = torch.tensor([r["emoji_id"] not in held_emoji for r in images.rows])
     c_train = torch.tensor([held_style[r["emoji_id"]] != r["style"] for r in images.rows])
-    style, content = SmallCNN(6, 32), SmallCNN(len(ids), 48)
+    categories = sorted({r["category"] for r in images.rows})
+    category_y = torch.tensor([categories.index(r["category"]) for r in images.rows])
+    style, content, category = SmallCNN(6, 32), SmallCNN(len(ids), 48), SmallCNN(len(categories), 32)
     cache.mkdir(parents=True, exist_ok=True)
-    for name, model, y, train, epochs in (("style", style, style_y, s_train, 12), ("content", content, content_y, c_train, 20)):
+    jobs = (("style", style, style_y, s_train, 12), ("content", content, content_y, c_train, 20), ("category", category, category_y, s_train, 12))
+    for name, model, y, train, epochs in jobs:
         file = cache / f"{name}.safetensors"
         if file.is_file():
             model.load_state_dict(load_file(str(file)))
@@ -119,17 +129,96 @@ def classifiers(data: Path, cache: Path, seed: int = 0):
     per_style = {st: correct[style_y[~s_train] == i].float().mean().item() for i, st in enumerate(STYLES)}
     p_content = predict(content, x[~c_train])
     top5 = (p_content.topk(5, -1).indices == content_y[~c_train, None]).any(-1).float().mean().item()
-    return style, content, ids, held_emoji, {"style_acc": style_acc, "content_top5": top5, "per_style": per_style}
+    category_acc = (predict(category, x[~s_train]).argmax(-1) == category_y[~s_train]).float().mean().item()
+    scores = {"style_acc": style_acc, "content_top5": top5, "per_style": per_style, "category_acc": category_acc}
+    return Judges(style, content, category, categories), ids, held_emoji, scores
+
+
+@dataclass
+class Judges:
+    """The three classifiers: style (6-way), content (which emoji), coarse category (9-way)."""
+
+    style: nn.Module
+    content: nn.Module
+    category: nn.Module
+    categories: list[str]
+
+    def judge(self, images: list, truth_ids: torch.Tensor, truth_categories: torch.Tensor) -> dict:
+        x = torch.stack([to_model_range(torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)) for im in images])
+        ps, pc, pk = predict(self.style, x), predict(self.content, x), predict(self.category, x)
+        return {
+            "p_style": ps.mean(0).tolist(),
+            "style_of": ps.argmax(-1).tolist(),
+            "content_top5": (pc.topk(5, -1).indices == truth_ids[:, None]).any(-1).float().mean().item(),
+            "category_top1": (pk.argmax(-1) == truth_categories).float().mean().item(),
+        }
+
+
+def render_all(studio, models, prompts, base_settings, seed) -> dict[str, list]:
+    """Every model on every prompt, the same seed per prompt (so images differ by weights alone)."""
+    outputs = {}
+    for label, mix in models:
+        outputs[label] = [
+            studio.render_soup(mix, base_settings.model_copy(update={"prompt": p, "seed": seed + i})).image for i, p in enumerate(prompts)
+        ]
+        logger.info("rendered %s", label)
+    return outputs
+
+
+def paper_claims(verdicts: dict[str, dict], specialists: list[str]) -> list[str]:
+    """The paper's claims at toy scale, as lines of the report: pair soups are mixtures, the uniform
+    soup spreads over all styles, and removing a shard lowers its own style most (unlearning)."""
+    lines = []
+    for label, v in verdicts.items():
+        if " + " in label:
+            a, b = label.split(" + ")
+            pa, pb = v["p_style"][STYLES.index(a)], v["p_style"][STYLES.index(b)]
+            ok = pa >= 0.2 and pb >= 0.2 and max(v["p_style"]) < 0.8
+            lines.append(f"- pair soup {label}: P({a}) {pa:.2f}, P({b}) {pb:.2f}, max {max(v['p_style']):.2f}: {'a mixture' if ok else 'NOT a mixture'}")
+    if "uniform soup" in verdicts:
+        p = verdicts["uniform soup"]["p_style"]
+        entropy = -sum(x * np.log(x) for x in p if x > 0) / np.log(len(p))
+        lines.append(f"- uniform soup: P(style) {', '.join(f'{x:.2f}' for x in p)}; normalized entropy {entropy:.2f} (1 = even)")
+    for name in specialists:
+        label = f"without {name}"
+        if label in verdicts and "uniform soup" in verdicts:
+            drop = [u - w for u, w in zip(verdicts["uniform soup"]["p_style"], verdicts[label]["p_style"])]
+            own = drop[STYLES.index(name)]
+            most = STYLES[int(np.argmax(drop))]
+            lines.append(f"- leave {name} out: its P drops {own:+.2f}; the largest drop is {most}'s ({max(drop):+.2f}): "
+                         f"{'unlearned' if most == name else 'NOT the largest'}")
+    return lines
+
+
+def curves(args, studio, judges, prompts, truth, truth_cat, base_settings) -> None:
+    """Own-style rate and category top-1 of each specialist's EMA snapshots (the recipe's
+    `snapshot-<step>.safetensors` files under --curves), against its training steps."""
+    rows = []
+    for style in [s for s in STYLES if (args.curves / f"shard-{s}").is_dir()]:
+        for file in sorted((args.curves / f"shard-{style}").glob("snapshot-*.safetensors"), key=lambda f: int(f.stem.split("-")[1])):
+            name = f"{style}@{file.stem.split('-')[1]}"
+            studio.add_shard(name, file)
+            v = judges.judge(render_all(studio, [(name, {name: 1.0})], prompts, base_settings, args.seed)[name], truth, truth_cat)
+            studio.remove_shard(name)
+            own = np.mean([s == STYLES.index(style) for s in v["style_of"]])
+            rows.append((style, int(file.stem.split("-")[1]), own, v["category_top1"], v["content_top5"]))
+    print("\n| shard | steps | own style | category top-1 | name top-5 |")
+    print("|---|---|---|---|---|")
+    for style, step, own, cat, top5 in rows:
+        print(f"| {style} | {step} | {own:.0%} | {cat:.0%} | {top5:.0%} |")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "emoji-styles")
     parser.add_argument("--preset", type=Path, default=ROOT / "presets" / "emoji-styles.yaml")
-    parser.add_argument("--prompts", type=int, default=40, help="emoji names to render per model")
+    parser.add_argument("--prompts", type=int, default=40, help="emoji to render per model")
+    parser.add_argument("--captions", choices=["names", "names+subcategory"], default="names+subcategory",
+                        help="prompt form: the emoji's name, or name and subcategory as the v3 recipe trains")
     parser.add_argument("--sheet-prompts", default="", help="comma-separated prompts for the contact sheet (default: the preset's examples)")
     parser.add_argument("--sheet", type=Path, default=ROOT / "assets" / "emoji" / "contact-sheet.png")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "emoji-eval")
+    parser.add_argument("--curves", type=Path, help="a recipe --work folder: evaluate the shards' snapshots against their steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifiers-only", action="store_true", help="train and score the classifiers, then stop")
     parser.add_argument("--sheet-only", action="store_true", help="only render the contact sheet (no classifiers)")
@@ -138,61 +227,57 @@ def main(argv=None):
     quiet_libraries()
     torch.manual_seed(args.seed)
 
-    if args.sheet_only:
-        args.prompts = 0
-    else:
-        style, content, ids, held_emoji, scores = classifiers(args.data, args.cache, args.seed)
-    if args.classifiers_only:
-        print(f"style accuracy {scores['style_acc']:.1%}, content top-5 {scores['content_top5']:.1%}")
-        return
-    rows = [json.loads(line) for line in (args.data / "metadata.jsonl").read_text().splitlines()]
-    name_of = {r["emoji_id"]: r["text_ascii"] for r in rows}
-    rng = random.Random(args.seed + 1)
-    prompt_ids = rng.sample(ids, args.prompts) if args.prompts else []
-
     studio = Studio(load_preset(args.preset))
-    studio.add_shard("base", studio.preset.base / "unet", description="the base model, before finetuning")
+    r = studio.preset.render
+    base_settings = RenderSettings(**r.model_dump(exclude={"prompts", "prompt"}))
     specialists = [s for s in STYLES if s in studio.shards]
-    models: list[tuple[str, dict[str, float]]] = [("base", {"base": 1.0})]
+    studio.add_shard("base", studio.preset.base / "unet", description="the base model, before finetuning")
+    if args.sheet_only:
+        return write_sheet(args, studio, sheet_models(studio, specialists), base_settings)
+    judges, ids, held_emoji, scores = classifiers(args.data, args.cache, args.seed)
+    if args.classifiers_only:
+        print(f"style accuracy {scores['style_acc']:.1%}, content top-5 {scores['content_top5']:.1%}, category {scores['category_acc']:.1%}")
+        return
+    rows = {}
+    for row in (json.loads(line) for line in (args.data / "metadata.jsonl").read_text().splitlines()):
+        rows.setdefault(row["emoji_id"], row)
+    prompt_ids = random.Random(args.seed + 1).sample(ids, args.prompts)
+    form = (lambda e: rows[e]["text_ascii"]) if args.captions == "names" else (lambda e: f"{rows[e]['text_ascii']}, {rows[e]['subcategory']}")
+    prompts = [form(e) for e in prompt_ids]
+    truth = torch.tensor([ids.index(e) for e in prompt_ids])
+    truth_cat = torch.tensor([judges.categories.index(rows[e]["category"]) for e in prompt_ids])
+    if args.curves:
+        return curves(args, studio, judges, prompts, truth, truth_cat, base_settings)
+
+    models = sheet_models(studio, specialists)
+    models += [(f"without {s}", {o: 1.0 for o in specialists if o != s}) for s in specialists]
+    t0 = time.time()
+    outputs = render_all(studio, models, prompts, base_settings, args.seed)
+    per_image = (time.time() - t0) / max(1, sum(len(v) for v in outputs.values()))
+    verdicts = {label: judges.judge(images, truth, truth_cat) for label, images in outputs.items()}
+
+    per_style = ", ".join(f"{k} {v:.0%}" for k, v in scores["per_style"].items())
+    print(f"\nClassifiers on real held-out data: style accuracy {scores['style_acc']:.1%} (held-out emoji; {per_style}), "
+          f"content top-5 {scores['content_top5']:.1%} (held-out images), category top-1 {scores['category_acc']:.1%} (held-out emoji)\n")
+    print(f"Generated: {args.prompts} emoji ({args.captions} prompts) x {len(models)} models, {base_settings.steps} steps, "
+          f"guidance {base_settings.guidance_scale}, {base_settings.scheduler}; {per_image:.2f} s per 64x64 image on this machine\n")
+    print("| model | " + " | ".join(f"P({s})" for s in STYLES) + " | own style | category top-1 | name top-5 |")
+    print("|" + "---|" * (len(STYLES) + 4))
+    for label, v in verdicts.items():
+        own = f"{np.mean([s == STYLES.index(label) for s in v['style_of']]):.0%}" if label in STYLES else ""
+        probs = " | ".join(f"{p:.2f}" for p in v["p_style"])
+        print(f"| {label} | {probs} | {own} | {v['category_top1']:.0%} | {v['content_top5']:.0%} |")
+    print("\nThe paper's claims at toy scale:")
+    print("\n".join(paper_claims(verdicts, specialists)))
+    write_sheet(args, studio, [m for m in models if not m[0].startswith("without")], base_settings)
+
+
+def sheet_models(studio, specialists) -> list[tuple[str, dict[str, float]]]:
+    models: list[tuple[str, dict[str, float]]] = [("base", {"base": 1.0})] if "base" in studio.shards else []
     models += [(s, {s: 1.0}) for s in specialists]
     models += [("uniform soup", {s: 1.0 for s in specialists})]
     models += [(f"{a} + {b}", {a: 1.0, b: 1.0}) for a, b in PAIRS if a in specialists and b in specialists]
-    r = studio.preset.render
-    base_settings = RenderSettings(**r.model_dump(exclude={"prompts", "prompt"}))
-
-    # Render every model on every prompt, same seed per prompt.
-    t0 = time.time()
-    outputs: dict[str, list] = {}
-    for label, mix in models:
-        imgs = []
-        for i, e in enumerate(prompt_ids):
-            settings = base_settings.model_copy(update={"prompt": name_of[e], "seed": args.seed + i})
-            imgs.append(studio.render_soup(mix, settings).image)
-        outputs[label] = imgs
-        logger.info("rendered %s (%.0f s so far)", label, time.time() - t0)
-    per_image = (time.time() - t0) / max(1, sum(len(v) for v in outputs.values()))
-
-    # Judge them.
-    if args.sheet_only:
-        return write_sheet(args, studio, models, base_settings)
-    truth = torch.tensor([ids.index(e) for e in prompt_ids])
-    per_style = ", ".join(f"{k} {v:.0%}" for k, v in scores["per_style"].items())
-    print(f"\nClassifiers on real held-out data: style accuracy {scores['style_acc']:.1%} (held-out emoji; {per_style}), "
-          f"content top-5 {scores['content_top5']:.1%} (held-out images)\n")
-    print(f"Generated: {args.prompts} emoji names x {len(models)} models, {base_settings.steps} steps, "
-          f"guidance {base_settings.guidance_scale}, {base_settings.scheduler}; {per_image:.2f} s per 64x64 image on this machine\n")
-    header = "| model | " + " | ".join(f"P({s})" for s in STYLES) + " | own style | content top-5 |"
-    print(header)
-    print("|" + "---|" * (len(STYLES) + 3))
-    for label, imgs in outputs.items():
-        x = torch.stack([to_model_range(torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)) for im in imgs])
-        ps, pc = predict(style, x), predict(content, x)
-        own = f"{(ps.argmax(-1) == STYLES.index(label)).float().mean().item():.0%}" if label in STYLES else ""
-        top5 = (pc.topk(5, -1).indices == truth[:, None]).any(-1).float().mean().item()
-        probs = " | ".join(f"{p:.2f}" for p in ps.mean(0).tolist())
-        print(f"| {label} | {probs} | {own} | {top5:.0%} |")
-
-    write_sheet(args, studio, models, base_settings)
+    return models
 
 
 def write_sheet(args, studio, models, base_settings):

@@ -128,7 +128,7 @@ def user(index: int, url: str, until: float, folder: Path, results: Results, see
                 s = settings(rng)
                 mix = random_mix(rng)
                 x = "seed=" + ",".join(str(rng.randint(0, 50)) for _ in range(3))
-                (_, image), dt = call("/grid", "", mix, x, "guidance=3,6", *s)
+                image, dt = call("/grid", "", mix, x, "guidance=3,6", *s)
                 results.add("/grid", dt, ("/grid", mix, x, s), [image_bytes(image)])
                 continue
             s = settings(rng)
@@ -144,7 +144,7 @@ def user(index: int, url: str, until: float, folder: Path, results: Results, see
                 _, dt = call("/add_shard", "", name, file)
                 results.add("/add_shard", dt, (), [])
                 mix = f"{name}=1,{rng.choice(STYLES)}=0.5"
-                (_, gallery, _), dt = call("/session_render", "", mix, *s)
+                (gallery, _), dt = call("/session_render", "", mix, *s)
                 results.add("/session_render", dt, ("/session_render", mix, s, name, file), [image_bytes(item) for item in gallery])
                 _, dt = call("/remove_shard", "", name)
                 results.add("/remove_shard", dt, (), [])
@@ -164,7 +164,7 @@ def replay(url: str, requests: list[tuple], folder: Path) -> dict[tuple, list[by
         endpoint = request[0]
         if endpoint == "/grid":
             _, mix, x, s = request
-            _, image = client.predict("", mix, x, "guidance=3,6", *s, api_name="/grid")
+            image = client.predict("", mix, x, "guidance=3,6", *s, api_name="/grid")
             out[request] = [image_bytes(image)]
         elif endpoint == "/render":
             _, mix, s = request
@@ -177,7 +177,7 @@ def replay(url: str, requests: list[tuple], folder: Path) -> dict[tuple, list[by
         elif endpoint == "/session_render":  # the user's own shard, in the reference client's session
             _, mix, s, name, file = request
             client.predict("", name, file, api_name="/add_shard")
-            _, gallery, _ = client.predict("", mix, *s, api_name="/session_render")
+            gallery, _ = client.predict("", mix, *s, api_name="/session_render")
             client.predict("", name, api_name="/remove_shard")
             out[request] = [image_bytes(item) for item in gallery]
     return out

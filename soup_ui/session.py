@@ -9,6 +9,7 @@ the handlers here, which tests call directly.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import shutil
 import threading
@@ -177,10 +178,21 @@ class Session:
     shards: dict[str, Shard] = field(default_factory=dict)
     owned: set[str] = field(default_factory=set)
     rendered: tuple | None = None  # (names, settings) of the components on the page
+    tickets: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
+    latest: int = 0  # the newest render request of this page
 
     @property
     def names(self) -> list[str]:
         return list(self.shards)
+
+    def ticket(self) -> int:
+        """Number a render request; renders of one page may run at once and finish out of order."""
+        self.latest = number = next(self.tickets)  # next() on a count is atomic under the GIL
+        return number
+
+    def superseded(self, ticket: int) -> bool:
+        """Whether a newer render request of this page exists: then this one's images must not be shown."""
+        return ticket < self.latest
 
 
 @dataclass(frozen=True)
@@ -319,6 +331,10 @@ class Images:
     components: list[tuple[str, str]] | None
     soup: tuple[str, str] | None
     note: str = ""
+    superseded: bool = False  # a newer request of the same page came in: show nothing of this one
+
+
+SUPERSEDED = Images(None, None, superseded=True)
 
 
 def image_files(host: StudioHost, results: list[Rendered], settings: RenderSettings) -> list[tuple[str, str]]:
@@ -334,12 +350,16 @@ def soup_file(host: StudioHost, soup: Rendered, mix: dict[str, float], settings:
     return host.image_file(soup, name[:120]), soup_caption(soup.label, settings)
 
 
-def generate(host: StudioHost, session: Session, controls: Controls, progress=None) -> Images:
-    """Every ticked component and the soup, from the same noise."""
+def generate(host: StudioHost, session: Session, controls: Controls, progress=None, ticket: int | None = None) -> Images:
+    """Every ticked component and the soup, from the same noise. Superseded (nothing to show) when
+    a newer request of the same page came in meanwhile."""
     session = require(session)
+    ticket = session.ticket() if ticket is None else ticket
     studio = host.get(session.preset)
     mix = controls.mix(session)
     results = studio.render(mix, controls.settings, progress, controls.mode, controls.scale, session.shards)
+    if session.superseded(ticket):
+        return SUPERSEDED
     session.rendered = (tuple(mix), controls.settings)
     return Images(image_files(host, results[:-1], controls.settings), soup_file(host, results[-1], mix, controls.settings))
 
@@ -349,11 +369,14 @@ def render_soup(host: StudioHost, session: Session, controls: Controls) -> Image
     rendered with other settings or shards, they are rendered again too (from the cache when
     they can), so that soup and components always correspond."""
     session = require(session)
+    ticket = session.ticket()
     studio = host.get(session.preset)
     mix = controls.mix(session)
     if session.rendered is not None and session.rendered != (tuple(mix), controls.settings):
-        return generate(host, session, controls)
+        return generate(host, session, controls, ticket=ticket)
     soup = studio.render_soup(mix, controls.settings, controls.mode, controls.scale, session.shards)
+    if session.superseded(ticket):
+        return SUPERSEDED
     note = "" if session.rendered else "Components are not rendered yet: press Generate to see them beside the soup."
     return Images(None, soup_file(host, soup, mix, controls.settings), note)
 

@@ -200,6 +200,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             return mixture_html(list(flags), [weights[n] if flags[n] else 0 for n in flags])
 
         def show(images: handlers.Images):
+            if images.superseded:  # a newer click of this page is on its way: keep what is shown
+                return [gr.skip()] * 4
             gallery = gr.skip() if images.components is None else gr.Gallery(value=images.components, columns=max(1, len(images.components)))
             path, caption = images.soup
             return gallery, gr.Image(value=path), caption, images.note

@@ -246,3 +246,41 @@ def test_switching_presets_changes_the_rows_and_defaults(server, browser):
     assert page.locator("#prompt textarea, #prompt input").first.input_value() == "a blue car"
     generate(page, "soup: 0.50 beta + 0.50 gamma · seed 7")
     page.close()
+
+
+def test_quick_clicks_end_on_what_the_page_shows(server, browser):
+    """Renders of one page run at once and may finish out of order; the page ends on the last click."""
+    page = open_page(browser, server)
+    generate(page)
+    page.locator("#shard-check-0 input[type=checkbox]").uncheck()
+    page.locator("#shard-check-2 input[type=checkbox]").uncheck()
+    page.locator("#shard-check-0 input[type=checkbox]").check()
+    page.locator("#shard-check-1 input[type=checkbox]").uncheck()
+    wait_text(page, "#soup-label", "soup: 1.00 alpha ·")
+    page.wait_for_timeout(1500)  # anything still in flight has landed
+    assert text(page, "#soup-label").startswith("soup: 1.00 alpha ·")
+    assert page.locator("#components img").count() == 1
+
+
+def test_loading_a_recipe_restores_the_controls_and_renders(server, browser, tiny_preset, tmp_path):
+    """Item 10: a loaded recipe is rendered, not only restored."""
+    from soup_ui.presets import Recipe, RenderSettings, save_recipe
+
+    recipe = tmp_path / "r.yaml"
+    settings = RenderSettings(prompt="a cat face", seed=9, steps=3, guidance_scale=4.0, height=16, width=16)
+    save_recipe(Recipe(preset=tiny_preset, mix={"beta": 1.0, "gamma": 3.0}, render=settings), recipe)
+    page = open_page(browser, server)
+    tab(page, "Recipe / export")
+    page.locator("#recipe-upload input[type=file]").set_input_files(str(recipe))
+    wait_text(page, "#soup-label", "soup: 0.25 beta + 0.75 gamma · seed 9 · “a cat face”")
+    assert page.locator("#components img").count() == 2
+    assert not page.locator("#shard-check-0 input[type=checkbox]").is_checked()
+
+
+def test_enter_in_the_prompt_renders(server, browser):
+    page = open_page(browser, server)
+    box = page.locator("#prompt textarea, #prompt input").first
+    box.fill("a blue car")
+    box.press("Enter")
+    wait_text(page, "#soup-label", "“a blue car”")
+    assert page.locator("#components img").count() == 3

@@ -328,3 +328,11 @@ def test_importing_the_library_leaves_the_environment_alone():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GRADIO_", "DO_NOT_TRACK"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_a_superseded_render_shows_nothing(host):
+    s = handlers.open_session(host, None)
+    old = s.ticket()
+    s.ticket()  # a newer click
+    got = handlers.generate(host, s, controls(s, {"alpha": 1}), ticket=old)
+    assert got.superseded and s.rendered is None
