@@ -93,7 +93,7 @@ def predict(model, x, batch=256):
     return torch.cat([F.softmax(model(x[i : i + batch]), -1) for i in range(0, len(x), batch)])
 
 
-def classifiers(data: Path, cache: Path, seed: int = 0):
+def classifiers(data: Path, cache: Path, seed: int = 0, epoch_scale: float = 1.0):
     """Train (or load) the style and content classifiers; returns them, the split and their scores."""
     from safetensors.torch import load_file, save_file
 
@@ -120,7 +120,7 @@ def classifiers(data: Path, cache: Path, seed: int = 0):
             model.eval()
         else:
             t0 = time.time()
-            fit(model, x[train], y[train], epochs, seed=seed, desc=name)
+            fit(model, x[train], y[train], max(1, round(epochs * epoch_scale)), seed=seed, desc=name)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
             logger.info("%s classifier trained in %.0f s", name, time.time() - t0)
     p_style = predict(style, x[~s_train])
@@ -220,6 +220,7 @@ def main(argv=None):
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "emoji-eval")
     parser.add_argument("--curves", type=Path, help="a recipe --work folder: evaluate the shards' snapshots against their steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier-epochs", type=float, default=1.0, help="scale the classifiers' epochs (a smoke test uses 0.05)")
     parser.add_argument("--classifiers-only", action="store_true", help="train and score the classifiers, then stop")
     parser.add_argument("--sheet-only", action="store_true", help="only render the contact sheet (no classifiers)")
     args = parser.parse_args(argv)
@@ -234,7 +235,7 @@ def main(argv=None):
     studio.add_shard("base", studio.preset.base / "unet", description="the base model, before finetuning")
     if args.sheet_only:
         return write_sheet(args, studio, sheet_models(studio, specialists), base_settings)
-    judges, ids, held_emoji, scores = classifiers(args.data, args.cache, args.seed)
+    judges, ids, held_emoji, scores = classifiers(args.data, args.cache, args.seed, args.classifier_epochs)
     if args.classifiers_only:
         print(f"style accuracy {scores['style_acc']:.1%}, content top-5 {scores['content_top5']:.1%}, category {scores['category_acc']:.1%}")
         return

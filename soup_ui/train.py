@@ -55,22 +55,24 @@ def diffusion_loss(unet, noise_scheduler, latents, text_states, generator, min_s
     With `min_snr_gamma`, each sample's loss is weighted by min(SNR, gamma) / SNR (by min(SNR, gamma) /
     (SNR + 1) for v-prediction): Min-SNR weighting, Hang et al. 2023, Eq. 9, which keeps the many
     low-noise steps from dominating the gradient."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    # Drawn where the generator lives (the CPU), so a run draws the same numbers on any device.
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
     timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
-    )
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=generator.device
+    ).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    pred = unet(noisy, timesteps, text_states).sample
+    with autocast(latents.device):
+        pred = unet(noisy, timesteps, text_states).sample
     if not min_snr_gamma:
         return F.mse_loss(pred.float(), target.float())
     from diffusers.training_utils import compute_snr
 
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-    snr = compute_snr(noise_scheduler, timesteps).float()
+    snr = compute_snr(noise_scheduler, timesteps).float().to(per_sample.device)
     weight = snr.clamp(max=min_snr_gamma) / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
     return (per_sample * weight).mean()
 
@@ -98,6 +100,11 @@ class EmaWeights:
         self.ema.copy_to(self.module.parameters())
         return self.module
 
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights and optimizer stay fp32); nothing elsewhere (slow on CPUs)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -221,7 +228,7 @@ def finetune_unet(config: TrainConfig, resume: bool = False, disable_progress: b
     for step in bar:
         g = step_generator(config.seed, step)
         idx = torch.randint(0, len(data.captions), (config.batch_size,), generator=g)
-        latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scale
+        latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scale  # on the CPU
         variant = torch.randint(0, caption_index.shape[1], (len(idx),), generator=g)
         cap = caption_index[idx, variant]
         cap[torch.rand(len(idx), generator=g) < config.caption_dropout] = empty_index

@@ -240,7 +240,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         generate.click(**full, **render_opts)
         prompt.submit(**full, **render_opts)
         for check in checks:
-            check.input(on_tick, [state, *checks, *sliders], sliders, **quiet).then(
+            # always_last: a second click while the first one's render runs is queued, never dropped.
+            check.input(on_tick, [state, *checks, *sliders], sliders, trigger_mode="always_last", **quiet).then(
                 on_mixture, mixture_inputs, [mixture], **quiet
             ).then(**full, **render_opts)
         for slider in sliders:
@@ -249,7 +250,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             slider.release(**soup_only, **render_opts)
         for control in (mode, scale):
             control.input(**soup_only, **render_opts)
-        uniform.click(on_uniform, [state, *checks], sliders, **quiet).then(
+        uniform.click(on_uniform, [state, *checks], sliders, trigger_mode="always_last", **quiet).then(
             on_mixture, mixture_inputs, [mixture], **quiet
         ).then(**soup_only, **render_opts)
 
@@ -409,6 +410,8 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
         if not path:
             return [gr.skip()] * (2 * MAX_SHARDS + 2 + len(settings_inputs) + 1)
         mix, recipe = handlers.load_recipe_controls(host, session, path)
+        top = max(mix.values()) or 1.0
+        mix = {n: w / top for n, w in mix.items()}  # sliders run 0-1; only the ratios matter
         names = session.names
         blank = [gr.skip()] * (MAX_SHARDS - len(names))
         flags = [gr.Checkbox(value=n in mix) for n in names] + blank

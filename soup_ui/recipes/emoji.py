@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..data import load_captioned_images, read_metadata, to_model_range
 from ..train import (
     TrainConfig,
+    autocast,
     diffusion_loss,
     encode_images,
     finetune_unet,
@@ -85,6 +86,23 @@ class Budget:
 
 
 SIZES, BUDGET = Sizes(), Budget()
+DEVICE = torch.device("cpu")  # --device; the stages move models and batches there
+
+
+def scaled(budget: Budget, k: int) -> Budget:
+    """The same epochs in batches k times larger (for a GPU): steps / k, batch * k, rate * sqrt(k)."""
+    from dataclasses import replace
+
+    if k == 1:
+        return budget
+    return replace(
+        budget,
+        vae_steps=budget.vae_steps // k, vae_batch=budget.vae_batch * k,
+        base_steps=budget.base_steps // k, base_batch=budget.base_batch * k, base_lr=budget.base_lr * k**0.5,
+        base2_steps=budget.base2_steps // k, base2_lr=budget.base2_lr * k**0.5,
+        shard_steps=budget.shard_steps // k, shard_batch=budget.shard_batch * k, shard_lr=budget.shard_lr * k**0.5,
+        ema_decay=budget.ema_decay ** k, snapshots=tuple(max(1, s // k) for s in budget.snapshots),
+    )
 
 
 # 1. Tokenizer -------------------------------------------------------------------------------
@@ -151,7 +169,7 @@ def train_vae(data: Path, out: Path, work: Path, seed: int = 0) -> None:
     """Train the autoencoder on random crops (L1 + MSE + a small KL), then fix its scaling factor."""
     images = load_captioned_images(data, SIZES.image, caption_column=NAMES).pixels
     torch.manual_seed(seed)
-    vae = make_vae().train()
+    vae = make_vae().to(DEVICE).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
     ckpt = work / "vae"
     start = load_checkpoint(ckpt, {"vae": vae}, optimizer)["step"] if (ckpt / "checkpoint.safetensors").is_file() else 0
@@ -160,12 +178,14 @@ def train_vae(data: Path, out: Path, work: Path, seed: int = 0) -> None:
         g = step_generator(seed, step)
         idx = torch.randint(0, len(images), (BUDGET.vae_batch,), generator=g)
         y, x = torch.randint(0, SIZES.image - crop + 1, (2,), generator=g).tolist()
-        batch = to_model_range(images[idx, :, y : y + crop, x : x + crop])
+        batch = to_model_range(images[idx, :, y : y + crop, x : x + crop]).to(DEVICE)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, 5e-4, 100, BUDGET.vae_steps)
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample(generator=g)).sample
-        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        with autocast(DEVICE):
+            posterior = vae.encode(batch).latent_dist
+            recon = vae.decode(posterior.sample(generator=g)).sample
+        recon = recon.float()
+        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().float().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -173,7 +193,7 @@ def train_vae(data: Path, out: Path, work: Path, seed: int = 0) -> None:
             logger.info("vae step %d loss %.4f", step + 1, loss.item())
         if (step + 1) % 250 == 0 or step + 1 == BUDGET.vae_steps:
             save_checkpoint(ckpt, {"vae": vae}, optimizer, step + 1)
-    vae.eval()
+    vae = vae.cpu().eval()
     normalize_latents(vae, images)
     with torch.no_grad():
         sample = to_model_range(images[:256])
@@ -301,6 +321,7 @@ def train_base(data: Path, pipeline: Path, work: Path, stage: BaseStage, seed: i
     else:
         text_encoder, unet = make_text_encoder(tokenizer).train(), make_unet().train()
     scheduler = make_scheduler()
+    text_encoder, unet = text_encoder.to(DEVICE), unet.to(DEVICE)
     params = list(text_encoder.parameters()) + list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=1e-2)
     modules = {"text_encoder": text_encoder, "unet": unet}
@@ -322,7 +343,9 @@ def train_base(data: Path, pipeline: Path, work: Path, stage: BaseStage, seed: i
         rows[torch.rand(len(idx), generator=g) < 0.1] = empty  # caption dropout for classifier-free guidance
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, stage.lr, 200, stage.steps)
-        loss = diffusion_loss(unet, scheduler, latents, text_encoder(ids[rows])[0], g, stage.min_snr_gamma)
+        with autocast(DEVICE):
+            states = text_encoder(ids[rows].to(DEVICE))[0]
+        loss = diffusion_loss(unet, scheduler, latents.to(DEVICE), states, g, stage.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -338,6 +361,7 @@ def train_base(data: Path, pipeline: Path, work: Path, stage: BaseStage, seed: i
             save_checkpoint(ckpt, modules, optimizer, step + 1)
     if emas:
         text_encoder, unet = (ema.synced() for ema in emas)
+    text_encoder, unet = text_encoder.cpu(), unet.cpu()
     text_encoder.eval().save_pretrained(pipeline / "text_encoder")
     unet.eval().to(torch.float16).save_pretrained(pipeline / "unet")
     scheduler.save_pretrained(pipeline / "scheduler")
@@ -378,11 +402,12 @@ def train_shards(data: Path, pipeline: Path, shards: Path, work: Path, styles: l
             steps=BUDGET.shard_steps,
             batch_size=BUDGET.shard_batch,
             learning_rate=BUDGET.shard_lr,
-            warmup_steps=20,
+            warmup_steps=max(1, 20 * 32 // BUDGET.shard_batch),
             min_snr_gamma=BUDGET.min_snr_gamma,
             ema_decay=BUDGET.ema_decay,
             snapshot_steps=tuple(BUDGET.snapshots),
             seed=seed,
+            device=str(DEVICE),
             checkpoint_every=min(100, BUDGET.shard_steps),
             checkpoint_dir=str(work / f"shard-{style}"),
         )
@@ -401,10 +426,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage, to check the recipe runs")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    parser.add_argument("--batch-multiplier", type=int, default=1, help="batches k times larger, steps k times fewer (same epochs): 8 on a GPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    global BUDGET, DEVICE
+    DEVICE = torch.device(args.device)
+    BUDGET = scaled(BUDGET, args.batch_multiplier)
     if args.smoke:
-        global BUDGET
         BUDGET = Budget(vae_steps=2, base_steps=2, base2_steps=2, shard_steps=2, snapshots=(1,))
     if args.threads:
         torch.set_num_threads(args.threads)

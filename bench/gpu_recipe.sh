@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The emoji recipe end to end on one lent GPU, in a single call of the device tool.
+#
+#   bash bench/gpu_recipe.sh prepare          # here: wheels and the dataset into .gpu/ (git-ignored)
+#   bash bench/gpu_recipe.sh smoke            # here: the same run, a few steps per stage, on the CPU
+#   (device tool) command: bash bench/gpu_recipe.sh run, carry: [".gpu"], timeout_s: 600
+#
+# `run` installs the carried wheels, trains every stage from scratch with --device cuda (bf16
+# autocast, batches 8x larger, the same epochs), evaluates with bench/emoji_eval.py (table, paper
+# claims, shard curves) and leaves under $OUT: emoji.tgz (pipeline/ and shards/, to unpack over
+# assets/emoji/), eval.md, curves.md, contact-sheet.png, recipe.log. CI never runs this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+GPU=.gpu
+
+if [ "$mode" = prepare ]; then
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  mkdir -p "$GPU/whl"
+  # The device machine has torch, transformers, safetensors; diffusers travels as a wheel.
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$GPU/whl" diffusers==0.42.1
+  tar czf "$GPU/emoji-styles.tgz" -C ../shared/data emoji-styles
+  du -sh "$GPU"
+  exit 0
+fi
+
+if [ "$mode" = run ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$GPU"/whl/*.whl
+  export PYTHONPATH=/tmp/site
+  device=cuda; multiplier=8; smoke=""
+  OUT=${OUT:?the device tool sets OUT}
+else  # smoke: the same steps on this machine's CPU, a few steps per stage
+  device=cpu; multiplier=1; smoke="--smoke"
+  OUT=${OUT:-$(mktemp -d)}
+fi
+
+work=$(mktemp -d)
+mkdir -p "$work/data"
+if [ -f "$GPU/emoji-styles.tgz" ]; then tar xzf "$GPU/emoji-styles.tgz" -C "$work/data"; else ln -s "$(cd ../shared/data && pwd)/emoji-styles" "$work/data/emoji-styles"; fi
+data="$work/data/emoji-styles"
+start=$(date +%s)
+python3 -m soup_ui.recipes.emoji --data "$data" --out "$work/emoji" --work "$work/recipe" --device $device \
+  --batch-multiplier $multiplier $smoke 2>&1 | grep -v 'it/s]' | tee "$OUT/recipe.log" | tail -5
+echo "recipe: $(( $(date +%s) - start )) s on $device" | tee -a "$OUT/recipe.log"
+cp presets/emoji-styles.yaml "$work/emoji/preset.yaml"
+sed -i 's#\.\./assets/emoji/##' "$work/emoji/preset.yaml"
+prompts=40; epochs=1; [ -n "$smoke" ] && prompts=2 && epochs=0.05
+python3 bench/emoji_eval.py --data "$data" --preset "$work/emoji/preset.yaml" --prompts $prompts --classifier-epochs $epochs \
+  --cache "$work/eval" --sheet "$OUT/contact-sheet.png" > "$OUT/eval.md"
+python3 bench/emoji_eval.py --data "$data" --preset "$work/emoji/preset.yaml" --prompts $prompts --classifier-epochs $epochs \
+  --cache "$work/eval" --curves "$work/recipe" > "$OUT/curves.md"
+tar czf "$OUT/emoji.tgz" -C "$work/emoji" pipeline shards
+echo "total: $(( $(date +%s) - start )) s; results in $OUT" | tee -a "$OUT/recipe.log"
