@@ -4,11 +4,15 @@
 #   bash bench/gpu_recipe.sh prepare          # here: wheels and the dataset into .gpu/ (git-ignored)
 #   bash bench/gpu_recipe.sh smoke            # here: the same run, a few steps per stage, on the CPU
 #   (device tool) command: bash bench/gpu_recipe.sh run, carry: [".gpu"], timeout_s: 600
+#   (device tool, same warm machine) command: bash bench/gpu_recipe.sh fetch
 #
 # `run` installs the carried wheels, trains every stage from scratch with --device cuda (bf16
 # autocast, batches 8x larger, the same epochs), evaluates with bench/emoji_eval.py (table, paper
-# claims, shard curves) and leaves under $OUT: emoji.tgz (pipeline/ and shards/, to unpack over
-# assets/emoji/), eval.md, curves.md, contact-sheet.png, recipe.log. CI never runs this.
+# claims, shard curves) and leaves under $OUT: eval.md, curves.md, contact-sheet.png, recipe.log
+# and the first parts of emoji.tgz (pipeline/ and shards/, ~80 MB, to unpack over assets/emoji/).
+# The device tool brings back at most 64 MiB a call in files of 16 MiB, so the tarball is split in
+# 15 MiB parts; `fetch` hands over the rest from the same warm machine. Join them with
+# `cat emoji.tgz.part-* > emoji.tgz`. CI never runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
@@ -23,6 +27,13 @@ if [ "$mode" = prepare ]; then
     -d "$GPU/whl" diffusers==0.42.1
   tar czf "$GPU/emoji-styles.tgz" -C ../shared/data emoji-styles
   du -sh "$GPU"
+  exit 0
+fi
+
+keep=/tmp/gpu-result  # survives between calls while the machine stays warm
+if [ "$mode" = fetch ]; then
+  cp $(ls "$keep"/emoji.tgz.part-* | tail -n +4) "${OUT:?}/"
+  ls -la "$OUT"
   exit 0
 fi
 
@@ -51,5 +62,8 @@ python3 bench/emoji_eval.py --data "$data" --preset "$work/emoji/preset.yaml" --
   --cache "$work/eval" --sheet "$OUT/contact-sheet.png" > "$OUT/eval.md"
 python3 bench/emoji_eval.py --data "$data" --preset "$work/emoji/preset.yaml" --prompts $prompts --classifier-epochs $epochs \
   --cache "$work/eval" --curves "$work/recipe" > "$OUT/curves.md"
-tar czf "$OUT/emoji.tgz" -C "$work/emoji" pipeline shards
-echo "total: $(( $(date +%s) - start )) s; results in $OUT" | tee -a "$OUT/recipe.log"
+rm -rf "$keep" && mkdir -p "$keep"
+tar czf "$keep/emoji.tgz" -C "$work/emoji" pipeline shards
+split -b 15M -d "$keep/emoji.tgz" "$keep/emoji.tgz.part-"
+cp $(ls "$keep"/emoji.tgz.part-* | head -3) "$OUT/"
+echo "total: $(( $(date +%s) - start )) s; results in $OUT; $(ls "$keep"/emoji.tgz.part-* | wc -l) parts (fetch brings parts 4+)" | tee -a "$OUT/recipe.log"
