@@ -20,7 +20,7 @@ __all__ = ["StudioHost", "build_ui", "launch", "MAX_SHARDS"]
 
 CSS = """
 #soup-image { border: 4px solid #d66212; border-radius: 10px; }
-#soup-label { color: #d66212; font-weight: 600; }
+#soup-label, #soup-label * { color: #d66212 !important; font-weight: 600; }
 #stale-note { color: #b3261e; }
 .pixelated img { image-rendering: pixelated; }
 /* Component tiles no larger than the soup: Gradio stretches few items over the row, taller than the gallery. */
