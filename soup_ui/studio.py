@@ -364,7 +364,10 @@ class Studio:
 
     def mix_key(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> tuple:
         """What identifies a soup's weights: shard contents, normalized weights, mode and scale."""
-        pairs = self.normalized(mix, shards)
+        return self._key(self.normalized(mix, shards), mode, scale)
+
+    @staticmethod
+    def _key(pairs: list[tuple[Shard, float]], mode: str, scale: float) -> tuple:
         if mode not in soup.MERGE_MODES:
             raise StudioError(f"unknown merge mode {mode!r} (known: {', '.join(soup.MERGE_MODES)})")
         if not math.isfinite(scale) or not 0 <= scale <= 10:
@@ -380,16 +383,16 @@ class Studio:
 
         Skipped when the hybrid already holds this mix (same shards, normalized weights, mode)."""
         with self.lock:
-            for s, _ in self.normalized(mix, shards):
-                self._fresh(s.weights)
-            key = self.mix_key(mix, mode, scale, shards)
             pairs = self.normalized(mix, shards)
+            for s, _ in pairs:
+                self._fresh(s.weights)  # before the key: a rewritten lean file changes its hash
+            key = self._key(pairs, mode, scale)
             if key != self._mixed:
                 base = self.base_tensors if soup.MERGE_MODES[mode].needs_base else None
                 self._mixed = None  # if merging fails half way, the hybrid is not this mix
                 soup.merge_into(mode, self.hybrid_tensors, [s.tensors for s, _ in pairs], [w for _, w in pairs], base, scale)
                 self._mixed = key
-        return self.label(mix, mode, scale, shards)
+        return soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
 
     @property
     def base_tensors(self) -> Mapping[str, torch.Tensor]:
@@ -490,10 +493,11 @@ class Studio:
             return self._denoise(self.hybrid, settings, "soup")
 
         with self.lock:
-            for s, _ in self.normalized(mix, shards):
+            pairs = self.normalized(mix, shards)
+            for s, _ in pairs:
                 self._fresh(s.weights)
-            image = self.cached(("soup", self.mix_key(mix, mode, scale, shards), settings), make)
-        return Rendered(self.label(mix, mode, scale, shards), image, "soup")
+            image = self.cached(("soup", self._key(pairs, mode, scale), settings), make)
+        return Rendered(soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale), image, "soup")
 
     def render(
         self,

@@ -6,6 +6,7 @@ import functools
 import html
 import logging
 import random
+from pathlib import Path
 
 import gradio as gr
 
@@ -329,7 +330,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
 
     def on_add(session, name, path_text, upload, *values):
         try:
-            flags, weights = current(require_session(session), values)  # before the new row exists
+            flags, weights = current(handlers.require(session), values)  # before the new row exists
             message = handlers.add_shard(host, session, name, path_text, upload)
         except (ValueError, KeyError) as err:  # the reason goes in the message line; the rows stay as they are
             return [gr.skip()] * (1 + len(shard_outputs)) + [error_line(err), None]
@@ -337,7 +338,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
 
     def on_remove(session, name, *values):
         try:
-            flags, weights = current(require_session(session), values)
+            flags, weights = current(handlers.require(session), values)
             message = handlers.remove_shard(host, session, name)
         except (ValueError, KeyError) as err:
             return [gr.skip()] * (1 + len(shard_outputs)) + [error_line(err)]
@@ -406,7 +407,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
 
     @user_errors
     def on_load_recipe(session, path):
-        session = require_session(session)
+        session = handlers.require(session)
         if not path:
             return [gr.skip()] * (2 * MAX_SHARDS + 2 + len(settings_inputs) + 1)
         mix, recipe = handlers.load_recipe_controls(host, session, path)
@@ -418,7 +419,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
         weights = [gr.Slider(value=mix[n]) if n in mix else gr.skip() for n in names] + blank
         r = recipe.render
         return [*flags, *weights, recipe.mode, recipe.scale, r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale,
-                r.scheduler, r.height, r.width, f"loaded recipe `{html.escape(recipe_name(path))}`"]
+                r.scheduler, r.height, r.width, f"loaded recipe `{html.escape(Path(path).name)}`"]
 
     file_outputs = [export_file, export_message]
     recipe_button.click(on_save_recipe, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
@@ -429,16 +430,6 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(
         **full, api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4
     )
-
-
-def recipe_name(path: str) -> str:
-    from pathlib import Path
-
-    return Path(path).name
-
-
-def require_session(session: Session | None) -> Session:
-    return handlers.require(session)
 
 
 def build_api(host: StudioHost, state) -> None:

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from soup_ui import session as handlers
+from soup_ui.files import umask
 from soup_ui.presets import RenderSettings, load_preset
 from soup_ui.session import Controls, StudioHost
 from soup_ui.studio import RuntimeOptions, Studio, StudioError
@@ -150,10 +151,10 @@ def test_exports_and_recipes_are_offered_and_readable(host, studio):
     with pytest.raises(ValueError, match="recipes/r1.yaml exists; tick 'overwrite'"):
         handlers.save_recipe(host, s, c, "r1", False)
     path, _ = handlers.export_unet(host, s, c, "soup", False)
-    assert isinstance(path, str) and stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~handlers_umask()
+    assert isinstance(path, str) and stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask()
     handlers.export_pipeline(host, s, c, "pipe", False)
     folder = host.output_dir / "pipelines" / "pipe"
-    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~handlers_umask()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask()
     with pytest.raises(ValueError, match="pipelines/pipe exists; tick 'overwrite'"):
         handlers.export_pipeline(host, s, c, "pipe", False)
     before = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -162,12 +163,6 @@ def test_exports_and_recipes_are_offered_and_readable(host, studio):
     assert not torch.equal(before["conv_in.weight"], after["conv_in.weight"])
     with pytest.raises(ValueError, match="give a file name"):
         handlers.save_recipe(host, s, c, "  ", False)
-
-
-def handlers_umask():
-    from soup_ui.files import umask
-
-    return umask()
 
 
 def test_pipeline_export_copies_only_what_the_pipeline_loads(tiny_preset, studio, tmp_path):
