@@ -42,6 +42,7 @@ from soup_ui.sheet import grid  # noqa: E402
 from soup_ui.studio import Studio  # noqa: E402
 
 logger = logging.getLogger("emoji_eval")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the classifiers train and judge here
 STYLES = ["fluent-color", "fluent-flat", "fluent-hc", "twemoji", "noto", "openmoji"]
 PAIRS = [("twemoji", "openmoji"), ("fluent-hc", "noto"), ("fluent-color", "openmoji")]
 
@@ -76,8 +77,10 @@ def fit(model, x, y, epochs, batch=128, lr=2e-3, seed=0, desc=""):
     steps = epochs * (len(x) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
     model.train()
+    model.to(DEVICE)
+    x, y = x.to(DEVICE), y.to(DEVICE)
     for step in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
+        idx = torch.randint(0, len(x), (batch,), generator=g).to(DEVICE)
         loss = F.cross_entropy(model(shift(x[idx], g)), y[idx], label_smoothing=0.1)
         opt.zero_grad()
         loss.backward()
@@ -90,7 +93,8 @@ def fit(model, x, y, epochs, batch=128, lr=2e-3, seed=0, desc=""):
 
 @torch.no_grad()
 def predict(model, x, batch=256):
-    return torch.cat([F.softmax(model(x[i : i + batch]), -1) for i in range(0, len(x), batch)])
+    model.to(DEVICE)
+    return torch.cat([F.softmax(model(x[i : i + batch].to(DEVICE)), -1).cpu() for i in range(0, len(x), batch)])
 
 
 def classifiers(data: Path, cache: Path, seed: int = 0, epoch_scale: float = 1.0):
@@ -116,12 +120,12 @@ def classifiers(data: Path, cache: Path, seed: int = 0, epoch_scale: float = 1.0
     for name, model, y, train, epochs in jobs:
         file = cache / f"{name}.safetensors"
         if file.is_file():
-            model.load_state_dict(load_file(str(file)))
+            model.load_state_dict(load_file(str(file), device=str(DEVICE)))
             model.eval()
         else:
             t0 = time.time()
             fit(model, x[train], y[train], max(1, round(epochs * epoch_scale)), seed=seed, desc=name)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
+            save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(file))
             logger.info("%s classifier trained in %.0f s", name, time.time() - t0)
     p_style = predict(style, x[~s_train])
     correct = p_style.argmax(-1) == style_y[~s_train]
@@ -155,14 +159,24 @@ class Judges:
 
 
 def render_all(studio, models, prompts, base_settings, seed) -> dict[str, list]:
-    """Every model on every prompt, the same seed per prompt (so images differ by weights alone)."""
+    """Every model on every prompt, the same seed per prompt (so images differ by weights alone),
+    in batched denoising passes."""
+    batch = [base_settings.model_copy(update={"prompt": p, "seed": seed + i}) for i, p in enumerate(prompts)]
     outputs = {}
     for label, mix in models:
-        outputs[label] = [
-            studio.render_soup(mix, base_settings.model_copy(update={"prompt": p, "seed": seed + i})).image for i, p in enumerate(prompts)
-        ]
+        outputs[label] = studio.render_soup_batch(mix, batch)
         logger.info("rendered %s", label)
     return outputs
+
+
+def single_image_seconds(studio, mix, prompts, base_settings, seed, count: int = 8) -> float:
+    """Median seconds for one interactive soup render (one image, uncached seeds), as the page renders."""
+    times = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        studio.render_soup(mix, base_settings.model_copy(update={"prompt": prompts[i % len(prompts)], "seed": seed + 10_000 + i}))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def paper_claims(verdicts: dict[str, dict], specialists: list[str]) -> list[str]:
@@ -252,16 +266,15 @@ def main(argv=None):
 
     models = sheet_models(studio, specialists)
     models += [(f"without {s}", {o: 1.0 for o in specialists if o != s}) for s in specialists]
-    t0 = time.time()
     outputs = render_all(studio, models, prompts, base_settings, args.seed)
-    per_image = (time.time() - t0) / max(1, sum(len(v) for v in outputs.values()))
+    per_image = single_image_seconds(studio, {s: 1.0 for s in specialists}, prompts, base_settings, args.seed)
     verdicts = {label: judges.judge(images, truth, truth_cat) for label, images in outputs.items()}
 
     per_style = ", ".join(f"{k} {v:.0%}" for k, v in scores["per_style"].items())
     print(f"\nClassifiers on real held-out data: style accuracy {scores['style_acc']:.1%} (held-out emoji; {per_style}), "
           f"content top-5 {scores['content_top5']:.1%} (held-out images), category top-1 {scores['category_acc']:.1%} (held-out emoji)\n")
     print(f"Generated: {args.prompts} emoji ({args.captions} prompts) x {len(models)} models, {base_settings.steps} steps, "
-          f"guidance {base_settings.guidance_scale}, {base_settings.scheduler}; {per_image:.2f} s per 64x64 image on this machine\n")
+          f"guidance {base_settings.guidance_scale}, {base_settings.scheduler}; {per_image:.2f} s per 64x64 soup image rendered alone (median of 8) on {studio.device}\n")
     print("| model | " + " | ".join(f"P({s})" for s in STYLES) + " | own style | category top-1 | name top-5 |")
     print("|" + "---|" * (len(STYLES) + 4))
     for label, v in verdicts.items():

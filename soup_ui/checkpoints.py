@@ -46,7 +46,9 @@ class CheckpointError(ValueError):
 
 
 def weight_files(path: str | Path) -> list[Path]:
-    """The safetensors file(s) holding the UNet weights at `path` (a file or a diffusers unet/ folder)."""
+    """The safetensors file(s) holding the denoiser weights at `path`: a file, a diffusers `unet/`
+    folder (one file, sharded with an index, or a variant such as `diffusion_pytorch_model.fp16.safetensors`)
+    or a whole pipeline folder (its `unet/`)."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
@@ -59,13 +61,17 @@ def weight_files(path: str | Path) -> list[Path]:
         if path.suffix.lower() != ".safetensors":
             raise CheckpointError(f"{path}: not a .safetensors file (only safetensors checkpoints are read)")
         return [path]
-    index = path / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    single = path / "diffusion_pytorch_model.safetensors"
-    if single.is_file():
-        return [single]
+    if (path / "model_index.json").is_file():
+        if (path / "unet").is_dir():
+            return weight_files(path / "unet")
+        raise CheckpointError(f"{path}: a pipeline folder without a unet/ (its denoiser is not a UNet)")
+    for index in [path / "diffusion_pytorch_model.safetensors.index.json", *sorted(path.glob("diffusion_pytorch_model.safetensors.index.*.json"))]:
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [path / n for n in names]
+    for single in [path / "diffusion_pytorch_model.safetensors", *sorted(path.glob("diffusion_pytorch_model.*.safetensors"))]:
+        if single.is_file():
+            return [single]
     pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
         raise CheckpointError(
@@ -157,17 +163,27 @@ class LazyWeights(Mapping):
     # sequential speed, in 256 MB pieces at 1.0x (bench/RESULTS.md, lean mode).
     READ_AHEAD = 256 << 20
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def __init__(
+        self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+        names: Mapping[str, tuple[Path, str]] | None = None,
+    ):
+        """`names`: tensor name -> (file, name stored in that file), for checkpoints in another
+        naming (see `formats`); by default every tensor of the files at `path`, as stored."""
         self.path = Path(path)
         self.device, self.dtype = device, dtype
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, str]] = {}
         self._ranges: dict[str, tuple[int, int]] = {}
         self.specs: dict[str, tuple[tuple[int, ...], str]] = {}
-        for file in weight_files(path):
-            header = read_header(file)
-            self.specs.update(header)
-            self._where.update({name: file for name in header})
-            self._ranges.update(data_ranges(file))
+        headers, ranges = {}, {}
+        files = weight_files(path) if names is None else list(dict.fromkeys(f for f, _ in names.values()))
+        for file in files:
+            headers[file], ranges[file] = read_header(file), data_ranges(file)
+        if names is None:
+            names = {n: (file, n) for file in files for n in headers[file]}
+        for name, (file, stored) in names.items():
+            self._where[name] = (file, stored)
+            self.specs[name] = headers[file][stored]
+            self._ranges[name] = ranges[file][stored]
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
 
@@ -176,8 +192,8 @@ class LazyWeights(Mapping):
 
     def read_order(self) -> list[str]:
         """Names in the order their data lies on disk: reading in this order is sequential."""
-        files = list(dict.fromkeys(self._where.values()))
-        return sorted(self.specs, key=lambda n: (files.index(self._where[n]), self._ranges[n][0]))
+        files = list(dict.fromkeys(f for f, _ in self._where.values()))
+        return sorted(self.specs, key=lambda n: (files.index(self._where[n][0]), self._ranges[n][0]))
 
     def _read_ahead(self, file: Path, offset: int) -> None:
         if not hasattr(os, "posix_fadvise"):
@@ -187,11 +203,11 @@ class LazyWeights(Mapping):
         os.posix_fadvise(self._fds[file], offset, self.READ_AHEAD, os.POSIX_FADV_WILLNEED)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        file = self._where[name]
+        file, stored = self._where[name]
         if file not in self._handles:
             self._handles[file] = safe_open(str(file), "pt")
         self._read_ahead(file, self._ranges[name][1])
-        tensor = self._handles[file].get_tensor(name)
+        tensor = self._handles[file].get_tensor(stored)
         dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
         return tensor.to(device=self.device, dtype=dtype)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -148,7 +149,7 @@ def cmd_render(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    if args.format == "safetensors" and out.suffix != ".safetensors":
+    if args.format in ("safetensors", "single-file") and out.suffix != ".safetensors":
         raise UsageError(f"export: --out must end in .safetensors, got {str(out)!r}")
     if out.exists() and (args.format == "pipeline" or not args.overwrite):
         raise UsageError(f"export: {out} exists; " + ("choose a new folder" if args.format == "pipeline" else "pass --overwrite to replace it"))
@@ -156,6 +157,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     studio = open_studio(args, job.preset)
     if args.format == "pipeline":
         studio.export_pipeline(job.mix, out, job.mode, job.scale)
+    elif args.format == "single-file":
+        studio.export_single_file(job.mix, out, job.mode, job.scale)
     else:
         studio.export(job.mix, out, job.mode, job.scale)
     logger.info("wrote %s", out)
@@ -195,15 +198,16 @@ def cmd_grid(args: argparse.Namespace) -> None:
 
 
 def cmd_add_shard(args: argparse.Namespace) -> None:
-    from . import checkpoints
+    from . import checkpoints, formats
     from .presets import ShardSpec
 
     preset = load_preset(args.preset)
     if any(s.name == args.name for s in preset.shards):
         raise UsageError(f"add-shard: the preset already has a shard named {args.name!r}")
     path = Path(args.path).resolve()
-    checkpoints.compare_specs(args.name, checkpoints.tensor_specs(path), checkpoints.tensor_specs(Path(preset.base) / "unet"))
-    checkpoints.load_weights(path)  # NaN / Inf check
+    base_unet = Path(preset.base) / "unet"
+    found = formats.validate(path, json.loads((base_unet / "config.json").read_text()), checkpoints.tensor_specs(base_unet), args.name)
+    logger.info("%s: %s", args.name, found.kind)
     try:
         shard = ShardSpec(name=args.name, path=path, weight=args.weight, description=args.description)
     except ValidationError as err:
@@ -267,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = studio_command("export", "Write the souped UNet (.safetensors with the recipe in its metadata) or a whole pipeline folder.", False)
     p.add_argument("--out", required=True, help="output .safetensors file, or a new folder with --format pipeline")
-    p.add_argument("--format", choices=["safetensors", "pipeline"], default="safetensors")
+    p.add_argument("--format", choices=["safetensors", "single-file", "pipeline"], default="safetensors",
+                   help="safetensors: the soup UNet in diffusers naming; single-file: UNet + VAE + text encoder in the original LDM "
+                   "naming, fp16 (A1111, Forge, ComfyUI); pipeline: a diffusers pipeline folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing .safetensors --out")
     p.set_defaults(run=cmd_export, prompt=None, negative_prompt=None, seed=None, steps=None, guidance_scale=None, height=None, width=None, scheduler=None)
 

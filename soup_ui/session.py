@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import checkpoints, workflows
+from . import checkpoints, formats, workflows
 from .files import atomic_path, safe_name
 from .presets import (
     Recipe,
@@ -281,17 +281,16 @@ def add_shard(host: StudioHost, session: Session, name: str, path_text: str = ""
         raise ValueError(str(err).replace(str(path), shown)) from None
     session.shards[name] = Shard(name, weights, 1.0, f"added from {host.shown(path)}")
     session.owned.add(name)
-    return f"added shard **{name}** from `{shown}` (in this session only)"
+    return f"added shard **{name}** ({weights.kind}) from `{shown}` (in this session only)"
 
 
 def keep_upload(host: StudioHost, studio: Studio, name: str, upload: Path) -> Path:
-    """Validate an uploaded UNet (names, shapes, dtypes, finiteness), then keep it under uploads/
+    """Validate an uploaded checkpoint (format, names, shapes, finiteness), then keep it under uploads/
     named by its content, so that no name is ever blocked and the same upload is kept once."""
     if upload.suffix.lower() != ".safetensors":
         raise ValueError(f"{upload.name}: upload a .safetensors file (pickle checkpoints are refused)")
     try:
-        checkpoints.compare_specs(name, checkpoints.tensor_specs(upload), studio.base_specs)
-        checkpoints.check_finite(upload.name, checkpoints.LazyWeights(upload))
+        formats.validate(upload, studio.hybrid.config, studio.base_specs, name)
     except checkpoints.CheckpointError as err:
         raise ValueError(str(err).replace(str(upload), upload.name)) from None
     kept = host.output_dir / "uploads" / f"{safe_name(name)}-{checkpoints.sha256_file(upload)[:12]}.safetensors"
@@ -426,14 +425,18 @@ def save_recipe(host: StudioHost, session: Session, controls: Controls, file_nam
     return str(path), f"saved the recipe to `{host.shown(path)}`"
 
 
-def export_unet(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:
+def export_unet(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool, single_file: bool = False) -> tuple[str, str]:
+    """The soup UNet as .safetensors in diffusers' naming, or (`single_file`) the whole pipeline as
+    one fp16 checkpoint in the original LDM naming, for A1111, Forge and ComfyUI."""
     session = require(session)
     studio = host.get(session.preset)
     mix = controls.mix(session)
     studio.mix_key(mix, controls.mode, controls.scale, session.shards)
     path = host.new_file("exports", file_name, ".safetensors", overwrite)
-    studio.export(mix, path, controls.mode, controls.scale, session.shards)
-    return str(path), f"wrote `{host.shown(path)}` ({studio.label(mix, controls.mode, controls.scale, session.shards)})"
+    write = studio.export_single_file if single_file else studio.export
+    write(mix, path, controls.mode, controls.scale, session.shards)
+    what = "a single-file checkpoint (LDM naming, fp16) for A1111, Forge and ComfyUI" if single_file else studio.label(mix, controls.mode, controls.scale, session.shards)
+    return str(path), f"wrote `{host.shown(path)}` ({what})"
 
 
 def export_pipeline(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> str:

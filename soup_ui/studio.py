@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import checkpoints, soup
+from . import checkpoints, formats, soup
 from .files import atomic_path
 from .presets import SCHEDULERS, Preset, RenderSettings
 
@@ -82,6 +82,8 @@ class Weights:
     unet: torch.nn.Module | None  # None in lean mode: the weights stay in their files
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
     signature: tuple = ()  # the files' (size, mtime, inode) when hashed; lean mode re-checks it
+    kind: str = "diffusers UNet"  # the format detected (formats.Found.kind)
+    lora: dict[str, formats.LowRank] | None = None  # a LoRA: kept low rank, added to the base at mix time
 
 
 @dataclass
@@ -108,6 +110,26 @@ class Shard:
     @property
     def tensors(self) -> Mapping[str, torch.Tensor]:
         return self.weights.tensors
+
+
+class LoraTensors(Mapping):
+    """A LoRA shard's full weights, base + delta, made one tensor at a time on access (for weight
+    distances; the soup itself adds the low-rank deltas directly, see Studio.mix)."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], lora: dict[str, formats.LowRank]):
+        self.base, self.lora = base, lora
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.base[name]
+        if name not in self.lora:
+            return tensor
+        return (tensor.float() + self.lora[name].delta(tensor.shape).to(tensor.device)).to(tensor.dtype)
+
+    def __iter__(self):
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
 
 
 INTERACTIVE, BACKGROUND = 0, 1
@@ -263,23 +285,36 @@ class Studio:
 
     # -- the weight pool --------------------------------------------------------------------------
     def load(self, path: str | Path, name: str | None = None) -> Weights:
-        """Validate a UNet against the base and pool its weights (once per content); the caller
-        then holds one use of them (give it back with `release`). Raises CheckpointError."""
+        """Detect a checkpoint's format, validate it against the base and pool its weights (once per
+        content); the caller then holds one use of them (give it back with `release`). Raises
+        CheckpointError naming the format found and what is wrong."""
         path = Path(path)
-        checkpoints.compare_specs(name or path.name, checkpoints.tensor_specs(path), self.base_specs)
+        found = formats.detect(path, self.hybrid.config, self.base_specs)
+        formats.check_against_base(found, self.base_specs, name or path.name)
         signature = checkpoints.file_signature(path)
         sha = checkpoints.sha256_file(path)
         with self.lock:
             pooled = self._pool.get(sha)
         if pooled is None:
-            if self.lean:
-                lazy = checkpoints.LazyWeights(path, self.device, self.dtype)
+            if found.lora is not None:
+                lora = {k: formats.LowRank(r.up.to(self.device), r.down.to(self.device), r.scale) for k, r in found.lora.items()}
+                check = {f"{k}.{part}": t for k, r in lora.items() for part, t in (("up", r.up), ("down", r.down))}
+                checkpoints.check_finite(path, check)
+                pooled = Weights(path, sha, None, {}, signature, found.kind, lora)
+            elif self.lean:
+                lazy = checkpoints.LazyWeights(path, self.device, self.dtype, found.names)
                 checkpoints.check_finite(path, lazy)
-                pooled = Weights(path, sha, None, lazy, signature)
+                pooled = Weights(path, sha, None, lazy, signature, found.kind)
             else:
+                lazy = checkpoints.LazyWeights(path, self.device, self.dtype, found.names)
+                tensors = {k: lazy[k] for k in lazy.read_order()}
+                lazy.close()
+                checkpoints.check_finite(path, tensors)
                 unet = copy.deepcopy(self.hybrid)
-                unet.load_state_dict(checkpoints.load_weights(path, self.device, self.dtype), strict=True)
-                pooled = Weights(path, sha, unet, soup.flatten_module(unet), signature)
+                unet.load_state_dict(tensors, strict=True)
+                pooled = Weights(path, sha, unet, soup.flatten_module(unet), signature, found.kind)
+            if pooled.lora is not None:
+                pooled.tensors = LoraTensors(self.base_tensors, pooled.lora)
         with self.lock:
             pooled = self._pool.setdefault(sha, pooled)
             self._users[sha] += 1
@@ -304,7 +339,7 @@ class Studio:
     def _fresh(self, weights: Weights) -> None:
         """Lean mode reads files at mix time: if one was rewritten since it was hashed, validate and
         hash it again, so its images are never served under the old hash."""
-        if weights.unet is not None:
+        if weights.unet is not None or weights.lora is not None:
             return  # in memory: what was hashed is what is served
         try:
             signature = checkpoints.file_signature(weights.path)
@@ -314,8 +349,9 @@ class Studio:
             return
         logger.info("%s changed on disk; validating and hashing it again", weights.path)
         try:
-            checkpoints.compare_specs(weights.path.name, checkpoints.tensor_specs(weights.path), self.base_specs)
-            lazy = checkpoints.LazyWeights(weights.path, self.device, self.dtype)
+            found = formats.detect(weights.path, self.hybrid.config, self.base_specs)
+            formats.check_against_base(found, self.base_specs, weights.path.name)
+            lazy = checkpoints.LazyWeights(weights.path, self.device, self.dtype, found.names)
             checkpoints.check_finite(weights.path, lazy)
         except checkpoints.CheckpointError as err:
             raise StudioError(f"{weights.path.name} changed on disk and is no longer usable: {err}") from None
@@ -374,6 +410,18 @@ class Studio:
             raise StudioError(f"scale must be between 0 and 10, got {scale}")
         return (mode, scale if mode != "average" else 1.0, tuple((s.sha256, round(w, 12)) for s, w in pairs))
 
+    @torch.no_grad()
+    def _add_lora(self, terms: list[tuple[dict[str, formats.LowRank], float]]) -> None:
+        """hybrid += sum_j c_j * scale_j * up_j @ down_j, per adapted weight, summed in float32."""
+        targets = {k for lora, _ in terms for k in lora}
+        for key in targets:
+            tensor = self.hybrid_tensors[key]
+            total = tensor.float()
+            for lora, c in terms:
+                if key in lora and c:
+                    total = total + c * lora[key].delta(tensor.shape)
+            tensor.copy_(total)
+
     def label(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> str:
         pairs = self.normalized(mix, shards)
         return soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
@@ -390,7 +438,11 @@ class Studio:
             if key != self._mixed:
                 base = self.base_tensors if soup.MERGE_MODES[mode].needs_base else None
                 self._mixed = None  # if merging fails half way, the hybrid is not this mix
-                soup.merge_into(mode, self.hybrid_tensors, [s.tensors for s, _ in pairs], [w for _, w in pairs], base, scale)
+                # A LoRA shard is base + delta: the base stands in for it in the (linear) merge, and
+                # its low-rank delta, times the coefficient the merge gives that shard, is added after.
+                sources = [self.base_tensors if s.weights.lora is not None else s.tensors for s, _ in pairs]
+                soup.merge_into(mode, self.hybrid_tensors, sources, [w for _, w in pairs], base, scale)
+                self._add_lora([(s.weights.lora, w * (scale if mode == "task-arithmetic" else 1.0)) for s, w in pairs if s.weights.lora is not None])
                 self._mixed = key
         return soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
 
@@ -435,27 +487,36 @@ class Studio:
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
 
     def _denoise(self, unet: torch.nn.Module, settings: RenderSettings, kind: str) -> Image.Image:
+        return self._denoise_many(unet, [settings], kind)[0]
+
+    def _denoise_many(self, unet: torch.nn.Module, batch: list[RenderSettings], kind: str) -> list[Image.Image]:
+        """One denoising pass over a batch of prompts and seeds (steps, guidance, size and scheduler
+        shared); each image starts from its own seed's noise, as if rendered alone."""
         import diffusers
 
+        settings = batch[0]
+        shared = {"prompt", "negative_prompt", "seed"}
+        if any(s.model_dump(exclude=shared) != settings.model_dump(exclude=shared) for s in batch):
+            raise StudioError("a batched render needs the same steps, guidance, size and scheduler for every image")
         scheduler_cls = getattr(diffusers, SCHEDULERS[settings.scheduler])
-        prompt_embeds, negative_embeds = self._embeddings(settings)
+        embeds = [self._embeddings(s) for s in batch]
         self.pipe.unet = unet
         self.pipe.scheduler = scheduler_cls.from_config(self.scheduler_config)
         try:
             out = self.pipe(
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_embeds,
+                prompt_embeds=torch.cat([p for p, _ in embeds]),
+                negative_prompt_embeds=torch.cat([n for _, n in embeds]),
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
                 height=settings.height,
                 width=settings.width,
-                latents=self.initial_noise(settings),
+                latents=torch.cat([self.initial_noise(s) for s in batch]),
                 output_type="pil",
             )
         finally:
             self.pipe.unet = self.hybrid
-        self.renders[kind] += 1
-        return out.images[0]
+        self.renders[kind] += len(batch)
+        return out.images
 
     def cached(self, key, make: Callable[[], Image.Image]) -> Image.Image:
         """The image cached under `key`, or `make()` (called under the lock) cached under it."""
@@ -498,6 +559,19 @@ class Studio:
                 self._fresh(s.weights)
             image = self.cached(("soup", self._key(pairs, mode, scale), settings), make)
         return Rendered(soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale), image, "soup")
+
+    def render_soup_batch(
+        self, mix: dict[str, float], batch: list[RenderSettings], mode: str = "average", scale: float = 1.0,
+        shards: Views | None = None, batch_size: int = 64,
+    ) -> list[Image.Image]:
+        """The hybrid's images for many prompts and seeds, `batch_size` per denoising pass (for
+        evaluations: each equals `render_soup` of its settings up to the rounding of batched maths).
+        Not cached; the mix and its renders hold the lock throughout."""
+        with self.lock:
+            for settings in batch:
+                self.check_settings(settings)
+            self.mix(mix, mode, scale, shards)
+            return [im for i in range(0, len(batch), batch_size) for im in self._denoise_many(self.hybrid, batch[i : i + batch_size], "soup")]
 
     def render(
         self,
@@ -550,18 +624,50 @@ class Studio:
         from safetensors.torch import save_file
 
         out = Path(out)
-        recipe, label = self.recipe(mix, mode, scale, shards), self.label(mix, mode, scale, shards)
         tensors = self.souped_weights(mix, mode, scale, shards)
-        metadata = {
+        metadata = self._merge_metadata(mix, mode, scale, shards)
+        with atomic_path(out, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        logger.info("exported %s to %s", metadata["modelspec.title"], out)
+        return out
+
+    def _merge_metadata(self, mix: dict[str, float], mode: str, scale: float, shards: Views | None) -> dict[str, str]:
+        import datetime
+
+        recipe, label = self.recipe(mix, mode, scale, shards), self.label(mix, mode, scale, shards)
+        return {
             "format": "pt",
             "soup_ui.recipe": json.dumps(recipe),
             # What A1111's checkpoint merger and SuperMerger read to show a merge's origin.
             "sd_merge_recipe": json.dumps({"type": "diffusion-soup", "label": label, **recipe}),
             "sd_merge_models": json.dumps({s["sha256"]: {"name": s["name"], "weight": s["weight"]} for s in recipe["shards"]}),
+            # Stability AI's model spec, which ComfyUI, Forge and the A1111 model browser show.
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": "stable-diffusion-v1",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.title": label,
+            "modelspec.date": datetime.date.today().isoformat(),
         }
+
+    def export_single_file(
+        self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0, shards: Views | None = None, overwrite: bool = True
+    ) -> Path:
+        """Write the soup as one fp16 checkpoint in the original LDM naming, UNet + VAE + text encoder,
+        with the merge recipe in its metadata: what A1111, Forge and ComfyUI load as a checkpoint."""
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        unet = self.souped_weights(mix, mode, scale, shards)
+        metadata = self._merge_metadata(mix, mode, scale, shards)
+        with self.lock:
+            tensors = formats.ldm_checkpoint(
+                unet, self.hybrid.config, self.pipe.vae.state_dict(), self.pipe.vae.config,
+                self.pipe.text_encoder.state_dict(), type(self.pipe.text_encoder).__name__,
+            )
+            tensors = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous().clone() for k, v in tensors.items()}
         with atomic_path(out, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-        logger.info("exported %s to %s", label, out)
+        logger.info("exported %s to %s (single file, LDM naming)", metadata["modelspec.title"], out)
         return out
 
     def pipeline_files(self) -> list[Path]:

@@ -126,11 +126,11 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
     tensors = {}
     for prefix, module in modules.items():
         for name, value in module.state_dict().items():
-            tensors[f"{prefix}.{name}"] = value.detach().contiguous()
+            tensors[f"{prefix}.{name}"] = value.detach().contiguous().cpu()
     state = optimizer.state_dict()
     for index, slots in state["state"].items():
         for slot, value in slots.items():
-            tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).contiguous()
+            tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).contiguous().cpu()
     meta = {"step": step, "param_groups": state["param_groups"], **(extra or {})}
     with atomic_path(path / "checkpoint.safetensors", overwrite=True) as tmp:
         save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})

@@ -323,6 +323,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
             with gr.Row():
                 recipe_button = gr.Button("Save recipe (.yaml)", elem_id="save-recipe")
                 export_button = gr.Button("Export soup UNet (.safetensors)", elem_id="export-unet")
+                single_button = gr.Button("Export single file (A1111, Forge, ComfyUI)", elem_id="export-single")
                 pipeline_button = gr.Button("Export pipeline folder", elem_id="export-pipeline")
             recipe_upload = gr.File(label="Load a recipe", file_types=[".yaml", ".yml"], type="filepath", elem_id="recipe-upload")
             export_file = gr.File(label="Written file", interactive=False, elem_id="export-file")
@@ -402,6 +403,10 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
         return handlers.export_unet(host, session, controls_from(values), file_name, overwrite)
 
     @in_message_line
+    def on_export_single(session, file_name, overwrite, *values):
+        return handlers.export_unet(host, session, controls_from(values), file_name, overwrite, single_file=True)
+
+    @in_message_line
     def on_export_pipeline(session, file_name, overwrite, *values):
         return None, handlers.export_pipeline(host, session, controls_from(values), file_name, overwrite)
 
@@ -425,6 +430,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     recipe_button.click(on_save_recipe, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     export_button.click(on_export, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     pipeline_button.click(on_export_pipeline, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
+    single_button.click(on_export_single, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     recipe_upload.upload(
         on_load_recipe, [state, recipe_upload], [*check_values, mode, scale, *settings_inputs, export_message], api_visibility="private",
     ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from soup_ui.cli import main
 
@@ -223,3 +223,38 @@ def test_every_readme_command_runs_as_printed(command, scratch_repo):
         argv += ["--steps", "2"]
     proc = subprocess.run([sys.executable, "-m", "soup_ui", *argv], cwd=scratch_repo, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_add_shard_and_render_take_a_single_file_and_a_lora(tiny_preset, tmp_path, studio, capsys):
+    """The CLI reads what users own: the A1111-style file renders exactly as its diffusers twin;
+    a LyCORIS file is refused in one line naming it (exit 2)."""
+    from test_formats import save_kohya_lora, to_ldm
+
+    weights = {k: v.clone() for k, v in studio.shards["gamma"].tensors.items()}
+    save_file(to_ldm(weights, studio.hybrid.config), str(tmp_path / "single.safetensors"))
+    save_kohya_lora(studio, tmp_path / "lora.safetensors", seed=5)
+    preset = tiny_preset
+    for name in ("single", "lora"):
+        out = tmp_path / f"with-{name}.yaml"
+        assert main(["add-shard", "--preset", str(preset), "--name", name, "--path", str(tmp_path / f"{name}.safetensors"), "--out", str(out)]) == 0
+        preset = out
+    args = ["--prompt", "a cat face", "--seed", "2"]
+    assert main(["render", "--preset", str(preset), "--mix", "single=1,lora=1", *args, "--out-dir", str(tmp_path / "a"), "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["render", "--preset", str(preset), "--mix", "gamma=1,lora=1", *args, "--out-dir", str(tmp_path / "b"), "--out", str(tmp_path / "b.png")]) == 0
+    same = [np.asarray(Image.open(tmp_path / d / "soup.png")) for d in ("a", "b")]
+    assert np.array_equal(*same)
+    save_file({"lora_unet_x.lokr_w1": torch.ones(2, 2)}, str(tmp_path / "lokr.safetensors"))
+    capsys.readouterr()
+    assert main(["add-shard", "--preset", str(tiny_preset), "--name", "k", "--path", str(tmp_path / "lokr.safetensors"), "--out", str(tmp_path / "k.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a LyCORIS LoKr network (lokr_w1 tensors)" in err and len(err.splitlines()) == 1
+
+
+def test_export_single_file_writes_an_ldm_checkpoint(tiny_preset, tmp_path):
+    out = tmp_path / "soup-single.safetensors"
+    assert main(["export", "--preset", str(tiny_preset), "--mix", "beta=1,gamma=1", "--format", "single-file", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        names = list(f.keys())
+        assert json.loads(f.metadata()["sd_merge_recipe"])["shards"][0]["name"] == "beta"
+    assert "model.diffusion_model.input_blocks.0.0.weight" in names and "first_stage_model.encoder.conv_in.weight" in names
+    assert main(["export", "--preset", str(tiny_preset), "--mix", "beta=1", "--format", "single-file", "--out", str(tmp_path / "x.ckpt")]) == 2

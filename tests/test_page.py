@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 TIMEOUT = 90_000
@@ -191,7 +192,7 @@ def test_failed_upload_does_not_block_its_name(server, browser, tiny_preset, tmp
     page.locator("#add-file input[type=file]").set_input_files(str(bad))
     page.wait_for_function("document.querySelector('#add-file').innerText.includes('bad')", timeout=TIMEOUT)
     page.click("#add-shard")
-    wait_text(page, "#shards-message", "shard 'uploaded' does not match the base UNet")
+    wait_text(page, "#shards-message", "shard 'uploaded' (diffusers UNet) does not match the base UNet")
     page.locator("#add-file input[type=file]").set_input_files(str(tiny_preset.parent / "gamma.safetensors"))
     page.wait_for_function("document.querySelector('#add-file').innerText.includes('gamma')", timeout=TIMEOUT)
     page.click("#add-shard")
@@ -284,3 +285,40 @@ def test_enter_in_the_prompt_renders(server, browser):
     box.press("Enter")
     wait_text(page, "#soup-label", "“a blue car”")
     assert page.locator("#components img").count() == 3
+
+
+def test_a_single_file_checkpoint_and_a_kohya_lora_upload_and_render(server, browser, tiny_preset, tmp_path):
+    """Real checkpoints through the page: an A1111-style single file and a kohya LoRA join the soup."""
+    from test_formats import save_kohya_lora, to_ldm
+
+    from soup_ui.presets import load_preset
+    from soup_ui.studio import Studio
+
+    studio = Studio(load_preset(tiny_preset))
+    weights = {k: v.clone() for k, v in studio.shards["gamma"].tensors.items()}
+    save_file(to_ldm(weights, studio.hybrid.config), str(tmp_path / "a1111-style.safetensors"))
+    save_kohya_lora(studio, tmp_path / "style-lora.safetensors", seed=3)
+    page = open_page(browser, server)
+    tab(page, "Add / remove shards")
+    for name, file, kind in (("single", "a1111-style", "LDM single-file checkpoint"), ("lora", "style-lora", "kohya LoRA")):
+        fill(page, "add-name", name)
+        page.locator("#add-file input[type=file]").set_input_files(str(tmp_path / f"{file}.safetensors"))
+        page.wait_for_function(f"document.querySelector('#add-file').innerText.includes('{file}')", timeout=TIMEOUT)
+        page.click("#add-shard")
+        wait_text(page, "#shards-message", f"added shard {name}")
+        assert kind in text(page, "#shards-message")
+    page.wait_for_function("document.querySelector('#shard-check-4').innerText.trim() === 'lora'", timeout=TIMEOUT)
+    page.close()
+
+
+def test_export_single_file_from_the_page(server, browser, tiny_preset):
+    page = open_page(browser, server)
+    tab(page, "Recipe / export")
+    fill(page, "out-name", "page-single")
+    page.click("#export-single")
+    wait_text(page, "#export-message", "a single-file checkpoint (LDM naming, fp16) for A1111, Forge and ComfyUI")
+    out = tiny_preset.parent / "outputs" / "exports" / "page-single.safetensors"
+    assert out.is_file()
+    with safe_open(str(out), "pt") as f:
+        assert any(k.startswith("model.diffusion_model.") for k in f.keys())
+    page.close()

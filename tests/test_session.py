@@ -105,7 +105,7 @@ def test_a_failed_upload_is_not_kept_and_the_temporary_copy_is_deleted(host, tmp
     bad = tmp_path / "upload" / "bad.safetensors"
     bad.parent.mkdir()
     save_file({"conv_in.weight": torch.zeros(3)}, str(bad))
-    with pytest.raises(ValueError, match="shard 'mine' does not match the base UNet"):
+    with pytest.raises(ValueError, match=r"shard 'mine' \(diffusers UNet\) does not match the base UNet: it lacks tensor 'conv_in.bias'"):
         handlers.add_shard(host, s, "mine", upload=str(bad))
     assert not bad.exists() and not (host.output_dir / "uploads").exists()
     good = tmp_path / "upload" / "good.safetensors"

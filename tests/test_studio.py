@@ -134,3 +134,15 @@ def test_lean_mode_streams_shards_and_renders_the_same_images(tiny_preset, studi
     for a, b in zip(lean.render(mix, settings), studio.render(mix, settings)):
         assert a.label == b.label
         assert np.array_equal(pixels(a.image), pixels(b.image))
+
+
+def test_a_batched_render_gives_each_prompt_and_seed_its_own_image(studio):
+    batch = [SETTINGS.model_copy(update={"prompt": p, "seed": s}) for p, s in (("a red apple", 3), ("a blue sky", 4), ("a red apple", 5))]
+    together = studio.render_soup_batch({"alpha": 1, "beta": 2}, batch, batch_size=2)
+    alone = [studio.render_soup({"alpha": 1, "beta": 2}, s).image for s in batch]
+    assert len(together) == 3
+    for a, b in zip(together, alone):  # the same image, up to the rounding of batched maths
+        assert np.abs(pixels(a) - pixels(b)).max() <= 2
+    assert np.abs(pixels(together[0]) - pixels(together[2])).mean() > 5  # seeds differ
+    with pytest.raises(StudioError, match="same steps, guidance"):
+        studio.render_soup_batch({"alpha": 1}, [SETTINGS, SETTINGS.model_copy(update={"steps": 4})])

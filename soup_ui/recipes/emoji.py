@@ -89,19 +89,23 @@ SIZES, BUDGET = Sizes(), Budget()
 DEVICE = torch.device("cpu")  # --device; the stages move models and batches there
 
 
-def scaled(budget: Budget, k: int) -> Budget:
-    """The same epochs in batches k times larger (for a GPU): steps / k, batch * k, rate * sqrt(k)."""
+def scaled(budget: Budget, k: int, epochs: float = 1.0) -> Budget:
+    """Batches k times larger (for a GPU): steps / k, batch * k, rate * sqrt(k); and `epochs` times
+    the base's and the shards' training (the VAE's is unchanged)."""
     from dataclasses import replace
 
-    if k == 1:
+    def steps(n: int, more: float = epochs) -> int:
+        return max(1, round(n * more / k))
+
+    if k == 1 and epochs == 1:
         return budget
     return replace(
         budget,
-        vae_steps=budget.vae_steps // k, vae_batch=budget.vae_batch * k,
-        base_steps=budget.base_steps // k, base_batch=budget.base_batch * k, base_lr=budget.base_lr * k**0.5,
-        base2_steps=budget.base2_steps // k, base2_lr=budget.base2_lr * k**0.5,
-        shard_steps=budget.shard_steps // k, shard_batch=budget.shard_batch * k, shard_lr=budget.shard_lr * k**0.5,
-        ema_decay=budget.ema_decay ** k, snapshots=tuple(max(1, s // k) for s in budget.snapshots),
+        vae_steps=steps(budget.vae_steps, 1.0), vae_batch=budget.vae_batch * k,
+        base_steps=steps(budget.base_steps), base_batch=budget.base_batch * k, base_lr=budget.base_lr * k**0.5,
+        base2_steps=steps(budget.base2_steps), base2_lr=budget.base2_lr * k**0.5,
+        shard_steps=steps(budget.shard_steps), shard_batch=budget.shard_batch * k, shard_lr=budget.shard_lr * k**0.5,
+        ema_decay=budget.ema_decay ** k, snapshots=tuple(steps(s) for s in budget.snapshots),
     )
 
 
@@ -308,7 +312,7 @@ def train_base(data: Path, pipeline: Path, work: Path, stage: BaseStage, seed: i
     tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
     vae = AutoencoderKL.from_pretrained(pipeline / "vae").eval()
     data_set = load_captioned_images(data, SIZES.image, caption_column=stage.captions)
-    lat_mean, lat_std = encode_images(vae, data_set.pixels)
+    lat_mean, lat_std = encode_images(vae.to(DEVICE), data_set.pixels, device=DEVICE)
     variants = len(data_set.variants[0])
     flat = [c for v in data_set.variants for c in v]
     ids = tokenizer(flat + [""], padding="max_length", max_length=SIZES.max_tokens, truncation=True, return_tensors="pt").input_ids
@@ -428,13 +432,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage, to check the recipe runs")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
     parser.add_argument("--batch-multiplier", type=int, default=1, help="batches k times larger, steps k times fewer (same epochs): 8 on a GPU")
+    parser.add_argument("--epochs", type=float, default=1.0, help="train the base and the shards this many times longer (the GPU run uses 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     global BUDGET, DEVICE
     DEVICE = torch.device(args.device)
-    BUDGET = scaled(BUDGET, args.batch_multiplier)
+    BUDGET = scaled(BUDGET, args.batch_multiplier, args.epochs)
     if args.smoke:
         BUDGET = Budget(vae_steps=2, base_steps=2, base2_steps=2, shard_steps=2, snapshots=(1,))
+    logger.info("budget: %s", BUDGET)
     if args.threads:
         torch.set_num_threads(args.threads)
     pipeline, shards = args.out / "pipeline", args.out / "shards"

@@ -1,0 +1,367 @@
+"""What a checkpoint is, and its UNet weights in the base's (diffusers') naming.
+
+The format is read from the safetensors header (tensor names and shapes), never from a file name:
+
+| found                                   | becomes                                                    |
+|-----------------------------------------|------------------------------------------------------------|
+| diffusers UNet (file, `unet/` folder, sharded, `fp16` variant, or a pipeline folder's `unet/`) | itself |
+| LDM / A1111 / civitai single file (`model.diffusion_model.*`, or bare `input_blocks.*`), UNet-only or full | diffusers names via diffusers' own `convert_ldm_unet_checkpoint`; VAE, text encoder, EMA and scheduler tensors ignored |
+| LoRA, diffusers/peft or kohya naming     | low-rank deltas (up, down, scale) via diffusers' `lora_state_dict` |
+| LyCORIS (LoHa, LoKr, OFT...)              | refused, naming it                                         |
+
+Name mapping is header-only: diffusers' converter is run on "meta" tensors (shapes without data),
+so validating a single-file checkpoint reads no weights, and loading it reads each tensor once by
+its stored name (lean mode streams it like any other file).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoints import CheckpointError, read_header, weight_files
+
+logger = logging.getLogger(__name__)
+
+LDM_PREFIX = "model.diffusion_model."
+# Other parts of a full single-file checkpoint, by what a person would call them.
+OTHER_PARTS = {
+    "first_stage_model.": "VAE",
+    "cond_stage_model.": "text encoder",
+    "conditioner.": "text encoders",
+    "model_ema.": "EMA copy",
+    "text_encoders.": "text encoders",
+    "vae.": "VAE",
+}
+LYCORIS = {"hada_w1": "LoHa", "lokr_w1": "LoKr", "oft_blocks": "OFT", "oft_diag": "OFT", "lora_mid": "LoCon with a mid (Tucker) weight", "diag_oft": "OFT"}
+LORA_MARKERS = (".lora_down.", ".lora_up.", ".lora.down.", ".lora.up.", ".lora_A.", ".lora_B.")
+
+
+@dataclass
+class LowRank:
+    """One LoRA-adapted weight: delta = scale * up @ down (reshaped to the weight's shape)."""
+
+    up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
+    down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
+    scale: float
+
+    def delta(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        up, down = self.up.float().flatten(1), self.down.float().flatten(1)
+        return (self.scale * (up @ down)).reshape(shape)
+
+
+@dataclass
+class Found:
+    """A checkpoint as detected: what it is, where each UNet tensor is stored, what was left out."""
+
+    path: Path
+    kind: str  # for people: "diffusers UNet", "LDM single-file checkpoint (full: VAE, text encoder)", ...
+    files: list[Path]
+    names: dict[str, tuple[Path, str]] = field(default_factory=dict)  # diffusers name -> (file, stored name)
+    specs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # diffusers name -> (shape, dtype)
+    ignored: Counter = field(default_factory=Counter)  # what kind of tensor -> how many were left out
+    lora: dict[str, LowRank] | None = None  # a LoRA: base weight name -> its low-rank delta
+
+    def describe_ignored(self) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in self.ignored.items())
+
+
+def _prefix_kind(name: str) -> str | None:
+    return next((kind for prefix, kind in OTHER_PARTS.items() if name.startswith(prefix)), None)
+
+
+def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tuple]) -> Found:
+    """Detect the checkpoint at `path` and map its UNet tensors to the base's names (header only).
+
+    Raises CheckpointError naming what was found when it cannot be used."""
+    path = Path(path)
+    files = weight_files(path)
+    headers = {f: read_header(f) for f in files}
+    keys = [k for h in headers.values() for k in h]
+    where = "a pipeline folder's unet/" if path.is_dir() and (path / "model_index.json").is_file() else None
+    variant = files[0].name.split(".")[1] if files[0].name.count(".") >= 2 and files[0].name.startswith("diffusion_pytorch_model.") and "index" not in files[0].name else None
+    for marker, name in LYCORIS.items():
+        if any(marker in k for k in keys):
+            raise CheckpointError(f"{path.name}: a LyCORIS {name} network ({marker} tensors); only LoRA (diffusers, peft or kohya naming) is supported")
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return _lora(path, files, "kohya LoRA", keys, base_specs)
+    if any(m in k for k in keys for m in LORA_MARKERS):
+        return _lora(path, files, "diffusers/peft LoRA", keys, base_specs)
+    if any(k.startswith(LDM_PREFIX) for k in keys) or "input_blocks.0.0.weight" in keys:
+        return _ldm(path, files, headers, base_config, base_specs)
+    kind = "diffusers UNet"
+    if where:
+        kind += f" ({where})"
+    if variant:
+        kind += f" ({variant} variant)"
+    found = Found(path, kind, files)
+    for file, header in headers.items():
+        for name, spec in header.items():
+            if name in base_specs:
+                found.names[name], found.specs[name] = (file, name), spec
+            else:
+                found.ignored[_prefix_kind(name) or "tensors the base lacks"] += 1
+    if not found.names and keys:
+        raise CheckpointError(
+            f"{path.name}: not a checkpoint this studio reads: none of its {len(keys)} tensors is a UNet weight in diffusers "
+            f"or LDM naming, nor a LoRA (first names: {', '.join(keys[:3])})"
+        )
+    return found
+
+
+def _ldm(path: Path, files: list[Path], headers: dict, base_config: Mapping, base_specs: Mapping) -> Found:
+    """An original-LDM (A1111, civitai, ComfyUI) checkpoint, mapped by diffusers' own converter run on
+    meta tensors: each converted tensor is the very object it came from, which names its source."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    prefixed = any(k.startswith(LDM_PREFIX) for h in headers.values() for k in h)
+    meta, source, ignored = {}, {}, Counter()
+    for file, header in headers.items():
+        for name, (shape, _) in header.items():
+            full = name if prefixed else LDM_PREFIX + name
+            if not full.startswith(LDM_PREFIX):
+                ignored[_prefix_kind(name) or "other tensors (scheduler buffers...)"] += 1
+                continue
+            tensor = torch.empty(shape, device="meta")
+            meta[full], source[id(tensor)] = tensor, (file, name)
+    try:
+        converted = convert_ldm_unet_checkpoint(meta, dict(base_config))
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path.name}: an LDM single-file checkpoint that diffusers cannot convert to this base's UNet ({err!r})") from None
+    parts = sorted(set(ignored) - {"other tensors (scheduler buffers...)", "EMA copy"})
+    kind = "LDM single-file checkpoint" + (f" (full: {', '.join(parts)} too)" if parts else " (UNet only)")
+    found = Found(path, kind, files, ignored=ignored)
+    for name, tensor in converted.items():
+        if tensor is None:
+            continue
+        if id(tensor) not in source:  # the converter computed a new tensor: not a pure renaming
+            raise CheckpointError(f"{path.name}: {kind}: tensor {name!r} is not a renamed tensor; this converter is not supported")
+        file, stored = source.pop(id(tensor))
+        found.names[name] = (file, stored)
+        found.specs[name] = headers[file][stored]
+    if source:
+        found.ignored["UNet tensors the base lacks"] += len(source)
+    return found
+
+
+def _lora(path: Path, files: list[Path], kind: str, keys: list[str], base_specs: Mapping) -> Found:
+    """A LoRA through diffusers' own state-dict conversion (kohya and old diffusers namings become
+    peft's `lora_A`/`lora_B` with alphas); kept low rank: base weight name -> LowRank."""
+    from diffusers import StableDiffusionPipeline
+
+    if len(files) != 1:
+        raise CheckpointError(f"{path.name}: a {kind} split over {len(files)} files is not supported")
+    try:
+        out = StableDiffusionPipeline.lora_state_dict(str(files[0]))
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path.name}: a {kind} that diffusers cannot read ({err})") from None
+    state, alphas = out[0], out[1] or {}
+    found = Found(path, kind, files, lora={})
+    text = [k for k in state if k.startswith(("text_encoder", "te_"))]
+    if text:
+        found.ignored["text-encoder LoRA tensors"] += len(text)
+    pairs = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"))
+    for key in state:
+        marker = next((m for m in pairs if key.endswith(m[0])), None)
+        if not key.startswith("unet.") or marker is None:
+            continue
+        module = key[len("unet.") : -len(marker[0])]
+        down = state[key]
+        up = state.get(key[: -len(marker[0])] + marker[1])
+        if up is None:
+            raise CheckpointError(f"{path.name}: {kind}: {key!r} has no matching up (B) weight")
+        target = _lora_target(module, base_specs)
+        if target is None:
+            found.ignored["LoRA modules the base lacks"] += 1
+            continue
+        rank = down.shape[0]
+        alpha = next((alphas[k] for k in (f"{key}.alpha", f"unet.{module}.alpha", f"{module}.alpha") if k in alphas), None)
+        scale = float(alpha) / rank if alpha is not None else 1.0
+        shape = base_specs[target][0]
+        if up.shape[0] != shape[0] or math.prod(down.shape[1:]) != math.prod(shape[1:]):
+            raise CheckpointError(
+                f"{path.name}: {kind} for another architecture: its {target.removesuffix('.weight')} is "
+                f"{up.shape[0]}x{math.prod(down.shape[1:])}, this base's is {list(shape)}"
+            )
+        found.lora[target] = LowRank(up, down, scale)
+    if not found.lora:
+        raise CheckpointError(f"{path.name}: a {kind} with no UNet module this base has")
+    return found
+
+
+def _lora_target(module: str, base_specs: Mapping) -> str | None:
+    """The base weight a LoRA module adapts (`...to_q` -> `...to_q.weight`; the old attention-processor
+    names `...attn1.processor.to_out_lora` -> `...attn1.to_out.0.weight` too)."""
+    plain = module.replace(".processor.", ".")
+    for candidate in (module, plain, plain + ".0"):
+        for name in (f"{candidate}.weight", f"{candidate}.base_layer.weight"):
+            if name in base_specs:
+                return name
+    return None
+
+
+def check_against_base(found: Found, base_specs: Mapping[str, tuple], label: str) -> None:
+    """Every base tensor present with the base's shape, any floating dtype; raises CheckpointError
+    naming the detected format and the first tensor that is wrong."""
+    if found.lora is not None:
+        return
+    missing = [k for k in base_specs if k not in found.specs]
+    if missing:
+        raise CheckpointError(
+            f"shard {label!r} ({found.kind}) does not match the base UNet: it lacks tensor {missing[0]!r} ({len(missing)} missing)"
+        )
+    for key, (shape, dtype) in base_specs.items():
+        other_shape, other_dtype = found.specs[key]
+        if tuple(other_shape) != tuple(shape):
+            raise CheckpointError(
+                f"shard {label!r} ({found.kind}) does not match the base UNet: tensor {key!r} has shape {list(other_shape)}, "
+                f"the base has {list(shape)}"
+            )
+        if other_dtype[0] in "FB" and dtype[0] in "FB":  # F16, F32, BF16...: mixed in fp32, rounded once
+            continue
+        if other_dtype != dtype:
+            raise CheckpointError(f"shard {label!r} ({found.kind}): tensor {key!r} is {other_dtype}, the base is {dtype}")
+    if found.ignored:
+        logger.info("%s (%s): ignored %s", label, found.kind, found.describe_ignored())
+
+
+# -- export: diffusers names -> original LDM names --------------------------------------------------
+# diffusers ships only LDM -> diffusers. Its converter renames: fixed layers (DIFFUSERS_TO_LDM_MAPPING,
+# used here as is), resnet sub-layers (the replacements below, the inverse of
+# `update_unet_resnet_ldm_to_diffusers`) and blocks by index arithmetic (the inverse of
+# `convert_ldm_unet_checkpoint`'s). `ldm_unet_names` checks its result by running that converter on it.
+RESNET_TO_LDM = [
+    ("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"),
+]
+
+
+def ldm_unet_names(names: list[str], config: Mapping) -> dict[str, str]:
+    """diffusers UNet tensor name -> its name in an original LDM checkpoint (without the
+    `model.diffusion_model.` prefix), proven by diffusers' own converter mapping every result back."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_ldm_unet_checkpoint
+
+    fixed = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    if config.get("class_embed_type") in ("timestep", "projection"):
+        fixed.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["class_embed_type"])
+    if config.get("addition_embed_type") == "text_time":
+        fixed.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
+    stride = config["layers_per_block"] + 1
+    up_has_attention = {i: any(n.startswith(f"up_blocks.{i}.attentions.") for n in names) for i in range(len(config["block_out_channels"]))}
+
+    def resnet(rest: str) -> str:
+        for new, old in RESNET_TO_LDM:
+            if rest.startswith(new + "."):
+                return old + rest[len(new) :]
+        return rest
+
+    def rename(name: str) -> str:
+        if name in fixed:
+            return fixed[name]
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            block, kind = int(parts[1]), parts[2]
+            if kind == "downsamplers":  # down_blocks.i.downsamplers.0.conv.* -> input_blocks.{stride(i+1)}.0.op.*
+                return f"input_blocks.{stride * (block + 1)}.0.op." + ".".join(parts[5:])
+            index = stride * block + int(parts[3]) + 1
+            rest = ".".join(parts[4:])
+            return f"input_blocks.{index}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+        if parts[0] == "mid_block":
+            rest = ".".join(parts[3:])
+            return f"middle_block.{2 * int(parts[2])}.{resnet(rest)}" if parts[1] == "resnets" else f"middle_block.1.{rest}"
+        if parts[0] == "up_blocks":
+            block, kind = int(parts[1]), parts[2]
+            if kind == "upsamplers":
+                return f"output_blocks.{stride * block + stride - 1}.{2 if up_has_attention[block] else 1}.conv." + ".".join(parts[5:])
+            index = stride * block + int(parts[3])
+            rest = ".".join(parts[4:])
+            return f"output_blocks.{index}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+        raise CheckpointError(f"no LDM name for UNet tensor {name!r}")
+
+    out = {name: rename(name) for name in names}
+    # The proof: diffusers' converter takes every LDM name back to the name it came from.
+    tagged = {LDM_PREFIX + ldm: torch.empty(1, device="meta") for ldm in out.values()}
+    back = convert_ldm_unet_checkpoint(tagged, dict(config))
+    origin = {id(t): name for name, t in zip(out, tagged.values())}
+    wrong = [n for n, t in back.items() if t is not None and origin.get(id(t)) != n]
+    if len(tagged) != len(out) or wrong or {n for n, t in back.items() if t is not None} != set(out):
+        raise CheckpointError(f"the LDM names of this UNet do not convert back (first: {wrong[:1] or sorted(set(out) - set(back))[:1]})")
+    return out
+
+
+def validate(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tuple], label: str) -> Found:
+    """Detect, check against the base and check every tensor is finite (reads the data once)."""
+    from .checkpoints import LazyWeights, check_finite
+
+    found = detect(path, base_config, base_specs)
+    check_against_base(found, base_specs, label)
+    if found.lora is not None:
+        check_finite(path, {f"{k}.{p}": t for k, r in found.lora.items() for p, t in (("up", r.up), ("down", r.down))})
+    else:
+        lazy = LazyWeights(path, names=found.names)
+        check_finite(path, lazy)
+        lazy.close()
+    return found
+
+
+def ldm_vae_names(names: list[str], config: Mapping) -> dict[str, str]:
+    """diffusers AutoencoderKL tensor name -> its LDM name (without `first_stage_model.`): the inverse
+    of diffusers' `convert_ldm_vae_checkpoint`, whose fixed map it uses as is. The attention's
+    q/k/v/proj_out are 1x1 convolutions in LDM (see `ldm_tensor`)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    blocks = len(config["up_block_types"])
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+    def rename(name: str) -> str:
+        if name in fixed:
+            return fixed[name]
+        side, rest = name.split(".", 1)
+        parts = rest.split(".")
+        if parts[0] == "mid_block":
+            if parts[1] == "resnets":
+                return f"{side}.mid.block_{int(parts[2]) + 1}." + ".".join(parts[3:]).replace("conv_shortcut", "nin_shortcut")
+            tail = ".".join(parts[3:])
+            for new, old in attention.items():
+                if tail.startswith(new + "."):
+                    return f"{side}.mid.attn_1.{old}{tail[len(new):]}"
+        if parts[0] in ("down_blocks", "up_blocks"):
+            i = int(parts[1]) if parts[0] == "down_blocks" else blocks - 1 - int(parts[1])
+            where = "down" if parts[0] == "down_blocks" else "up"
+            if parts[2] == "resnets":
+                return f"{side}.{where}.{i}.block.{parts[3]}." + ".".join(parts[4:]).replace("conv_shortcut", "nin_shortcut")
+            return f"{side}.{where}.{i}.{'downsample' if where == 'down' else 'upsample'}.conv." + ".".join(parts[5:])
+        raise CheckpointError(f"no LDM name for VAE tensor {name!r}")
+
+    return {name: rename(name) for name in names}
+
+
+def ldm_checkpoint(unet: Mapping[str, torch.Tensor], unet_config: Mapping, vae: Mapping[str, torch.Tensor], vae_config: Mapping,
+                   text_encoder: Mapping[str, torch.Tensor], text_encoder_class: str) -> dict[str, torch.Tensor]:
+    """A whole pipeline as one original-LDM checkpoint (what A1111, Forge and ComfyUI load), every
+    name checked by diffusers' own LDM -> diffusers converters mapping it back to the same tensor."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
+
+    if text_encoder_class != "CLIPTextModel":
+        raise CheckpointError(f"single-file export supports SD 1.x pipelines (a CLIPTextModel text encoder); this one has {text_encoder_class}")
+    out = {LDM_PREFIX + ldm: unet[name] for name, ldm in ldm_unet_names(list(unet), unet_config).items()}
+    vae_names = ldm_vae_names(list(vae), vae_config)
+    attention = (".mid.attn_1.q.weight", ".mid.attn_1.k.weight", ".mid.attn_1.v.weight", ".mid.attn_1.proj_out.weight")
+    vae_ldm = {ldm: vae[name][:, :, None, None] if ldm.endswith(attention) and vae[name].ndim == 2 else vae[name] for name, ldm in vae_names.items()}
+    back = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in vae_ldm.items()}, dict(vae_config))
+    if set(back) != set(vae) or any(not torch.equal(back[k], vae[k]) for k in vae):
+        raise CheckpointError("the LDM names of this VAE do not convert back")
+    out.update({"first_stage_model." + k: v for k, v in vae_ldm.items()})
+    # LDM keeps transformers' `text_model.` level (CLIPTextModel's own state dict drops it since transformers 5.6).
+    text = {"cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in text_encoder.items()}
+    if {k.removeprefix("text_model.") for k in convert_ldm_clip_checkpoint(text)} != {k.removeprefix("text_model.") for k in text_encoder}:
+        raise CheckpointError("the LDM names of this text encoder do not convert back")
+    out.update(text)
+    return out

@@ -1,0 +1,247 @@
+"""Checkpoints as users own them: single-file LDM (A1111/civitai), variants, pipeline folders, any
+float dtype, LoRA in diffusers/peft and kohya naming; each equals its diffusers form in the soup."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from soup_ui import formats
+from soup_ui.checkpoints import CheckpointError
+from soup_ui.presets import RenderSettings, load_preset
+from soup_ui.studio import Studio
+
+SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_preset):
+    return Studio(load_preset(tiny_preset))
+
+
+def base_unet_dir(studio):
+    return studio.preset.base / "unet"
+
+
+def diffusers_weights(tiny_preset):
+    return load_file(str(tiny_preset.parent / "beta.safetensors"))
+
+
+def to_ldm(weights, config, prefix=formats.LDM_PREFIX):
+    names = formats.ldm_unet_names(list(weights), config)
+    return {prefix + names[k]: v for k, v in weights.items()}
+
+
+def hybrid_after(studio, mix):
+    studio.mix(mix)
+    return {k: v.clone() for k, v in studio.hybrid_tensors.items()}
+
+
+def test_the_ldm_export_names_round_trip_through_diffusers_from_single_file(tmp_path, tiny_preset, studio):
+    from diffusers import UNet2DConditionModel
+
+    weights = diffusers_weights(tiny_preset)
+    save_file(to_ldm(weights, studio.hybrid.config), str(tmp_path / "ldm.safetensors"))
+    unet = UNet2DConditionModel.from_single_file(str(tmp_path / "ldm.safetensors"), config=str(base_unet_dir(studio).parent), subfolder="unet")
+    back = unet.state_dict()
+    assert set(back) == set(weights)
+    assert all(torch.equal(back[k], weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("form", ["unet-only", "full", "bare"])
+def test_a_single_file_checkpoint_soups_exactly_like_its_diffusers_form(tmp_path, tiny_preset, studio, form, caplog):
+    weights = diffusers_weights(tiny_preset)
+    ldm = to_ldm(weights, studio.hybrid.config, prefix="" if form == "bare" else formats.LDM_PREFIX)
+    if form == "full":  # what A1111 saves: VAE, text encoder, an EMA copy and the schedule too
+        ldm.update({"first_stage_model.decoder.conv_in.weight": torch.ones(2, 2), "cond_stage_model.transformer.x": torch.ones(3),
+                    "model_ema.decay": torch.tensor(0.999), "betas": torch.ones(1000), "alphas_cumprod": torch.ones(1000)})
+    save_file({k: v.to(torch.bfloat16) if form == "full" else v for k, v in ldm.items()}, str(tmp_path / f"{form}.safetensors"))
+    found = formats.detect(tmp_path / f"{form}.safetensors", studio.hybrid.config, studio.base_specs)
+    assert found.kind.startswith("LDM single-file checkpoint")
+    if form == "full":
+        assert found.kind == "LDM single-file checkpoint (full: VAE, text encoder too)"
+        assert found.ignored == {"VAE": 1, "text encoder": 1, "EMA copy": 1, "other tensors (scheduler buffers...)": 2}
+    name = f"ldm-{form}"
+    with caplog.at_level("INFO"):
+        studio.add_shard(name, tmp_path / f"{form}.safetensors")
+    try:
+        if form == "full":
+            line = next(r.getMessage() for r in caplog.records if "ignored" in r.getMessage())
+            assert all(part in line for part in ("1 VAE", "1 text encoder", "1 EMA copy", "2 other tensors (scheduler buffers...)"))
+        converted = hybrid_after(studio, {name: 1, "gamma": 1})
+        expected_source = {k: v.to(torch.bfloat16).float() for k, v in weights.items()} if form == "full" else weights
+        save_file(expected_source, str(tmp_path / "same.safetensors"))
+        studio.add_shard(f"{name}-diffusers", tmp_path / "same.safetensors")
+        reference = hybrid_after(studio, {f"{name}-diffusers": 1, "gamma": 1})
+        assert all(torch.equal(converted[k], reference[k]) for k in reference)
+        studio.remove_shard(f"{name}-diffusers")
+    finally:
+        studio.remove_shard(name)
+
+
+def test_variant_and_pipeline_folders_load_as_shards(tmp_path, tiny_preset, studio):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base_unet_dir(studio))
+    unet.load_state_dict(diffusers_weights(tiny_preset))
+    shutil.copytree(studio.preset.base, tmp_path / "pipeline", ignore=shutil.ignore_patterns("unet"))
+    unet.save_pretrained(tmp_path / "pipeline" / "unet")
+    unet.half().save_pretrained(tmp_path / "variant", variant="fp16")
+    assert (tmp_path / "variant" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    for name, path, kind in (("variant", "variant", "diffusers UNet (fp16 variant)"), ("pipe", "pipeline", "diffusers UNet (a pipeline folder's unet/)")):
+        shard = studio.add_shard(name, tmp_path / path)
+        assert shard.weights.kind == kind
+    try:
+        full = hybrid_after(studio, {"pipe": 1})
+        assert all(torch.equal(full[k], v) for k, v in diffusers_weights(tiny_preset).items())
+        half = hybrid_after(studio, {"variant": 1})
+        assert all(torch.equal(half[k], v.half().float()) for k, v in diffusers_weights(tiny_preset).items())
+    finally:
+        studio.remove_shard("variant")
+        studio.remove_shard("pipe")
+
+
+def peft_lora(studio, seed, rank=2, alpha=4):
+    """A LoRA made with peft on the base UNet (random B, so that it changes something), as diffusers saves it."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(base_unet_dir(studio))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    return get_peft_model_state_dict(unet)
+
+
+def save_diffusers_lora(studio, folder, seed):
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=peft_lora(studio, seed), safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def save_kohya_lora(studio, file, seed, rank=2, alpha=4):
+    """The same kind of LoRA in kohya's naming: lora_unet_<module_with_underscores>.lora_down/up, .alpha."""
+    state = peft_lora(studio, seed, rank, alpha)
+    kohya = {}
+    for key, value in state.items():
+        module, part = key.rsplit(".lora_", 1)
+        stem = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{stem}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value
+        kohya[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    save_file(kohya, str(file))
+    return file
+
+
+def fused_weights(studio, lora_file):
+    """What diffusers itself makes of the LoRA: load_lora_weights + fuse_lora on the base pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(studio.preset.base, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(lora_file))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+
+
+@pytest.mark.parametrize("naming", ["diffusers", "kohya"])
+def test_a_lora_shard_soups_like_the_lora_fused_first(tmp_path, tiny_preset, studio, naming):
+    lora_file = save_diffusers_lora(studio, tmp_path, 7) if naming == "diffusers" else save_kohya_lora(studio, tmp_path / "kohya.safetensors", 7)
+    fused = fused_weights(studio, lora_file)
+    base = {k: v.clone() for k, v in studio.base_tensors.items()}
+    assert any(not torch.equal(fused[k], base[k]) for k in base)  # the LoRA changes something
+    shard = studio.add_shard("lora", lora_file)
+    try:
+        assert shard.weights.kind == ("diffusers/peft LoRA" if naming == "diffusers" else "kohya LoRA")
+        adapted = [k for k in base if k.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight"))]
+        assert shard.weights.unet is None and sorted(shard.weights.lora) == sorted(adapted)  # kept low rank, no full UNet
+        alone = hybrid_after(studio, {"lora": 1})
+        for k in base:
+            torch.testing.assert_close(alone[k], fused[k], rtol=0, atol=1e-6)
+        # A soup of a LoRA and a full shard equals the soup of the fused LoRA and that shard.
+        mixed = hybrid_after(studio, {"lora": 1, "gamma": 3})
+        gamma = {k: v.clone() for k, v in studio.shards["gamma"].tensors.items()}
+        for k in base:
+            torch.testing.assert_close(mixed[k], 0.25 * fused[k] + 0.75 * gamma[k], rtol=0, atol=1e-6)
+        # Task arithmetic: base + scale * w * delta.
+        studio.mix({"lora": 1}, "task-arithmetic", 2.0)
+        for k in base:
+            torch.testing.assert_close(studio.hybrid_tensors[k], base[k] + 2 * (fused[k] - base[k]), rtol=0, atol=1e-5)
+        image = studio.render_soup({"lora": 1, "gamma": 1}, SETTINGS).image
+        assert image.size == (16, 16)
+    finally:
+        studio.remove_shard("lora")
+
+
+def test_lycoris_foreign_and_pickle_files_are_refused_naming_what_they_are(tmp_path, studio):
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.ones(2, 2)}, str(tmp_path / "loha.safetensors"))
+    save_file({"encoder.layer.0.weight": torch.ones(2)}, str(tmp_path / "bert.safetensors"))
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    cases = {
+        "loha.safetensors": "a LyCORIS LoHa network (hada_w1 tensors); only LoRA (diffusers, peft or kohya naming) is supported",
+        "bert.safetensors": "not a checkpoint this studio reads: none of its 1 tensors is a UNet weight in diffusers or LDM naming, nor a LoRA (first names: encoder.layer.0.weight)",
+        "model.ckpt": "refused: .ckpt is a pickle checkpoint",
+    }
+    for file, message in cases.items():
+        with pytest.raises(CheckpointError, match=None) as err:
+            studio.add_shard(file, tmp_path / file)
+        assert message in str(err.value)
+    assert not any(n.endswith((".safetensors", ".ckpt")) for n in studio.shards)
+
+
+def test_a_lora_for_another_architecture_is_refused_with_both_shapes(tmp_path, studio):
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.lora_down.weight": torch.ones(2, 640), f"{key}.lora_up.weight": torch.ones(640, 2), f"{key}.alpha": torch.tensor(2.0)},
+              str(tmp_path / "wide.safetensors"))
+    with pytest.raises(CheckpointError, match=r"kohya LoRA for another architecture: its down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q is 640x640, this base's is \[16, 16\]"):
+        studio.add_shard("wide", tmp_path / "wide.safetensors")
+
+
+def test_a_single_file_shard_streams_in_lean_mode(tmp_path, tiny_preset):
+    from soup_ui.studio import RuntimeOptions
+
+    lean = Studio(load_preset(tiny_preset), RuntimeOptions(lean=True))
+    weights = diffusers_weights(tiny_preset)
+    save_file(to_ldm(weights, lean.hybrid.config), str(tmp_path / "ldm.safetensors"))
+    lean.add_shard("ldm", tmp_path / "ldm.safetensors")
+    a = np.asarray(lean.render_soup({"ldm": 1}, SETTINGS).image)
+    b = np.asarray(lean.render_soup({"beta": 1}, SETTINGS).image)
+    assert np.array_equal(a, b)
+    assert json.loads(json.dumps(lean.recipe({"ldm": 1})))["shards"][0]["name"] == "ldm"
+
+
+def test_the_single_file_export_loads_in_diffusers_and_back_as_a_shard(tmp_path, studio):
+    """The export other tools load, proven through diffusers' own from_single_file: every tensor of
+    UNet, VAE and text encoder comes back exactly (as fp16); the file is also a shard again."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    out = studio.export_single_file({"alpha": 1, "gamma": 1}, tmp_path / "soup.safetensors")
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")) for k in f.keys())
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert json.loads(meta["sd_merge_recipe"])["label"] == meta["modelspec.title"] == "soup: 0.50 alpha + 0.50 gamma"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1" and len(json.loads(meta["sd_merge_models"])) == 2
+    back = StableDiffusionPipeline.from_single_file(str(out), config=str(studio.preset.base), safety_checker=None, requires_safety_checker=False)
+    soup = studio.souped_weights({"alpha": 1, "gamma": 1})
+    expected = {"unet": soup, "vae": studio.pipe.vae.state_dict(), "text_encoder": studio.pipe.text_encoder.state_dict()}
+    for part, tensors in expected.items():
+        got = getattr(back, part).state_dict()
+        assert set(got) == set(tensors), part
+        for k, v in tensors.items():
+            assert torch.equal(got[k].half(), v.half()), (part, k)
+    studio.add_shard("exported", out)
+    try:
+        assert studio.shards["exported"].weights.kind == "LDM single-file checkpoint (full: VAE, text encoder too)"
+        again = hybrid_after(studio, {"exported": 1})
+        assert all(torch.equal(again[k], soup[k].half().float()) for k in soup)
+    finally:
+        studio.remove_shard("exported")
