@@ -77,7 +77,8 @@ class Preset(Strict):
 
     name: str = ""
     description: str = ""
-    base: Path  # a diffusers pipeline folder (model_index.json)
+    base: Path  # a diffusers pipeline folder (model_index.json), or a single-file checkpoint with `config`
+    config: Path | None = None  # for a single-file base: a diffusers pipeline folder giving configs and tokenizer
     shards: list[ShardSpec] = Field(min_length=1)
     render: RenderDefaults = RenderDefaults()
     source: Path | None = None  # the file this preset was read from (set by load_preset)
@@ -118,7 +119,16 @@ def parse_preset(data: dict, source: Path) -> Preset:
         raise PresetError(describe_validation_error(source, err)) from None
     folder = source.parent
     base = resolve(preset.base, folder)
-    if not (base / "model_index.json").is_file():
+    config = resolve(preset.config, folder) if preset.config is not None else None
+    if base.is_file():
+        if base.suffix.lower() != ".safetensors":
+            raise PresetError(f"{source}: base: a single-file base must be .safetensors (pickle checkpoints are refused), got {str(preset.base)!r}")
+        if config is None or not (config / "model_index.json").is_file():
+            raise PresetError(
+                f"{source}: config: a single-file base needs `config:` naming a diffusers pipeline folder of the same family "
+                f"(its configs and tokenizer), got {str(preset.config) if preset.config else 'none'}"
+            )
+    elif not (base / "model_index.json").is_file():
         raise PresetError(f"{source}: base: no diffusers pipeline (model_index.json) at {str(preset.base)!r}")
     shards = []
     for i, shard in enumerate(preset.shards):
@@ -126,7 +136,7 @@ def parse_preset(data: dict, source: Path) -> Preset:
         if not path.exists():
             raise PresetError(f"{source}: shards.{i}.path: no such file or folder {str(shard.path)!r}")
         shards.append(shard.model_copy(update={"path": path}))
-    return preset.model_copy(update={"base": base, "shards": shards, "source": source.resolve()})
+    return preset.model_copy(update={"base": base, "config": config, "shards": shards, "source": source.resolve()})
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -236,6 +246,10 @@ def preset_data(preset: Preset, folder: Path) -> dict:
 
     data = preset.model_dump(mode="json", exclude={"source"})
     data["base"] = rel(preset.base)
+    if preset.config is not None:
+        data["config"] = rel(preset.config)
+    else:
+        data.pop("config", None)
     for shard, spec in zip(data["shards"], preset.shards):
         shard["path"] = rel(spec.path)
     return data

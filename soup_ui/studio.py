@@ -245,20 +245,21 @@ class Studio:
         # 1. The base pipeline: tokenizer, text encoder, VAE and scheduler are shared by all shards.
         report = progress or (lambda f, d: None)
         report(0.0, "loading base pipeline")
+        base = Path(preset.base)
+        common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         try:
-            self.pipe = StableDiffusionPipeline.from_pretrained(
-                preset.base,
-                dtype=self.dtype,
-                use_safetensors=True,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            ).to(self.device)
+            if base.is_file():  # a single-file checkpoint; configs and tokenizer from the preset's `config` folder
+                self.pipe = StableDiffusionPipeline.from_single_file(str(base), config=str(preset.config), torch_dtype=self.dtype, **common)
+            else:
+                self.pipe = StableDiffusionPipeline.from_pretrained(base, dtype=self.dtype, use_safetensors=True, **common)
+            self.pipe = self.pipe.to(self.device)
         except (OSError, ValueError, EnvironmentError) as err:
             raise StudioError(f"{preset.base}: cannot load the base pipeline ({err})") from None
         self.pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = self.pipe.scheduler.config
-        self.base_specs = checkpoints.tensor_specs(Path(preset.base) / "unet")
+        # Where the base UNet's tensors lie on disk, by diffusers name (a folder's unet/, or mapped from a single file).
+        self.base_found = formats.detect(base if base.is_file() else base / "unet", self.pipe.unet.config, {k: None for k in self.pipe.unet.state_dict()})
+        self.base_specs = self.base_found.specs
         # The base UNet's memory becomes the hybrid: mixing writes into it, never allocating anew.
         self.hybrid = self.pipe.unet.eval()
         self.hybrid_tensors = soup.flatten_module(self.hybrid)  # one buffer: the soup is one pass
@@ -451,7 +452,7 @@ class Studio:
         """The base UNet's weights (the hybrid overwrote them in memory): loaded once into a buffer of
         the hybrid's layout, or in lean mode read from its files on demand."""
         if self._base_tensors is None:
-            lazy = checkpoints.LazyWeights(Path(self.preset.base) / "unet", self.device, self.dtype)
+            lazy = checkpoints.LazyWeights(self.base_found.path, self.device, self.dtype, self.base_found.names)
             if self.lean or not isinstance(self.hybrid_tensors, soup.FlatTensors):
                 self._base_tensors = lazy
             else:
@@ -698,6 +699,13 @@ class Studio:
             raise StudioError(f"{out.name} exists; tick 'overwrite' (--overwrite) to replace it, or choose a new folder")
         self.mix_key(mix, mode, scale, shards)
         base = Path(self.preset.base)
+        if base.is_file():  # a single-file base: every component is written from memory, the UNet being the soup
+            with self.lock:
+                self.mix(mix, mode, scale, shards)
+                with atomic_path(out, overwrite=True, folder=True) as tmp:
+                    self.pipe.save_pretrained(tmp, safe_serialization=True)
+                    (tmp / "soup_recipe.json").write_text(json.dumps(self.recipe(mix, mode, scale, shards), indent=2))
+            return out
         with atomic_path(out, overwrite=True, folder=True) as tmp:
             for file in self.pipeline_files():  # everything but the UNet is the base's, byte for byte
                 target = tmp / file.relative_to(base)

@@ -245,3 +245,35 @@ def test_the_single_file_export_loads_in_diffusers_and_back_as_a_shard(tmp_path,
         assert all(torch.equal(again[k], soup[k].half().float()) for k in soup)
     finally:
         studio.remove_shard("exported")
+
+
+def test_a_single_file_base_with_a_config_folder_renders_like_the_folder(tmp_path, tiny_preset, studio):
+    """A preset whose base is an A1111-style file (configs and tokenizer from `config:`) gives the
+    same images as the same pipeline as a diffusers folder, and exports a loadable pipeline."""
+    import yaml
+    from diffusers import StableDiffusionPipeline
+
+    pipe = studio.pipe
+    single = formats.ldm_checkpoint(dict(studio.base_tensors), pipe.unet.config, pipe.vae.state_dict(),
+                                    pipe.vae.config, pipe.text_encoder.state_dict(), "CLIPTextModel")
+    save_file({k: v.contiguous().clone() for k, v in single.items()}, str(tmp_path / "base.safetensors"))
+    data = yaml.safe_load(tiny_preset.read_text())
+    data["base"], data["config"] = str(tmp_path / "base.safetensors"), str(studio.preset.base)
+    data["shards"] = [{**s, "path": str(tiny_preset.parent / s["path"])} for s in data["shards"]]
+    (tmp_path / "single.yaml").write_text(yaml.safe_dump(data))
+    other = Studio(load_preset(tmp_path / "single.yaml"))
+    assert other.base_found.kind == "LDM single-file checkpoint (full: VAE, text encoder too)"
+    for mix in ({"alpha": 1}, {"alpha": 1, "gamma": 2}):
+        a, b = studio.render_soup(mix, SETTINGS).image, other.render_soup(mix, SETTINGS).image
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    other.mix({"alpha": 1}, "task-arithmetic", 1.5)  # uses the base's own tensors, read through the name map
+    studio.mix({"alpha": 1}, "task-arithmetic", 1.5)
+    assert all(torch.equal(other.hybrid_tensors[k], studio.hybrid_tensors[k]) for k in studio.base_specs)
+    out = other.export_pipeline({"alpha": 1, "beta": 1}, tmp_path / "exported")
+    loaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    soup = studio.souped_weights({"alpha": 1, "beta": 1})
+    assert all(torch.equal(loaded.unet.state_dict()[k], soup[k]) for k in soup)
+    data["config"] = None
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(Exception, match="a single-file base needs `config:` naming a diffusers pipeline folder"):
+        load_preset(tmp_path / "bad.yaml")
