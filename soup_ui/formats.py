@@ -72,6 +72,23 @@ class Found:
         return ", ".join(f"{n} {kind}" for kind, n in self.ignored.items())
 
 
+FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # by the UNet's cross-attention (text) width
+
+
+def cross_attention_width(specs: Mapping[str, tuple], lora: bool = False) -> int | None:
+    """The text width a UNet (or a LoRA of one) attends to: the input width of a cross-attention key
+    projection (`attn2.to_k`, in diffusers', LDM's and kohya's spellings)."""
+    for name, spec in specs.items():
+        flat = name.replace("_", ".")
+        if "attn2.to.k" in flat and flat.endswith("weight") and (not lora or "down" in flat or "lora.A" in flat):
+            return int(spec[0][1])
+    return None
+
+
+def family(width: int) -> str:
+    return f"{FAMILIES[width]} ({width}-wide cross-attention)" if width in FAMILIES else f"a UNet with {width}-wide cross-attention"
+
+
 def _prefix_kind(name: str) -> str | None:
     return next((kind for prefix, kind in OTHER_PARTS.items() if name.startswith(prefix)), None)
 
@@ -90,12 +107,22 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
         if any(marker in k for k in keys):
             raise CheckpointError(f"{path.name}: a LyCORIS {name} network ({marker} tensors); only LoRA (diffusers, peft or kohya naming) is supported")
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        return _lora(path, files, "kohya LoRA", keys, base_specs)
-    if any(m in k for k in keys for m in LORA_MARKERS):
-        return _lora(path, files, "diffusers/peft LoRA", keys, base_specs)
-    if any(k.startswith(LDM_PREFIX) for k in keys) or "input_blocks.0.0.weight" in keys:
+        kind = "kohya LoRA"
+    elif any(m in k for k in keys for m in LORA_MARKERS):
+        kind = "diffusers/peft LoRA"
+    elif any(k.startswith(LDM_PREFIX) for k in keys) or "input_blocks.0.0.weight" in keys:
+        kind = "LDM single-file checkpoint"
+    else:
+        kind = "diffusers UNet"
+    # A checkpoint of another family says so before any tensor-by-tensor comparison.
+    width = cross_attention_width({k: v for h in headers.values() for k, v in h.items()}, lora="LoRA" in kind)
+    base_width = cross_attention_width(base_specs) if base_specs and all(v is not None for v in base_specs.values()) else None
+    if width and base_width and width != base_width:
+        raise CheckpointError(f"{path.name}: {'an' if kind.startswith('LDM') else 'a'} {kind} for {family(width)}; this base is {family(base_width)}")
+    if "LoRA" in kind:
+        return _lora(path, files, kind, keys, base_specs)
+    if kind.startswith("LDM"):
         return _ldm(path, files, headers, base_config, base_specs)
-    kind = "diffusers UNet"
     if where:
         kind += f" ({where})"
     if variant:

@@ -277,3 +277,19 @@ def test_a_single_file_base_with_a_config_folder_renders_like_the_folder(tmp_pat
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(Exception, match="a single-file base needs `config:` naming a diffusers pipeline folder"):
         load_preset(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("naming", ["kohya", "ldm"])
+def test_a_checkpoint_of_another_family_is_named(tmp_path, studio, naming):
+    """An SDXL LoRA or an SD 2.x single file on this base: the message names both families."""
+    if naming == "kohya":
+        key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+        tensors = {f"{key}.lora_down.weight": torch.ones(4, 2048), f"{key}.lora_up.weight": torch.ones(640, 4), f"{key}.alpha": torch.tensor(4.0)}
+        expected = "xl.safetensors: a kohya LoRA for SDXL (2048-wide cross-attention); this base is a UNet with 32-wide cross-attention"
+    else:
+        tensors = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.ones(320, 1024)}
+        expected = "xl.safetensors: an LDM single-file checkpoint for SD 2.x (1024-wide cross-attention); this base is a UNet with 32-wide"
+    save_file(tensors, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        studio.add_shard("xl", tmp_path / "xl.safetensors")
+    assert expected in str(err.value)
