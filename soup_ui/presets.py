@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Literal
 
@@ -111,6 +113,22 @@ def resolve(path: Path, relative_to: Path) -> Path:
     return path if path.is_absolute() else (relative_to / path).resolve()
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+
+
+def hub_snapshot(repo_id: str, source: Path) -> Path:
+    """A Hugging Face Hub id as base: its snapshot in the local Hub cache, never a download."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError and friends: not cached (or an unusable cache entry)
+        raise PresetError(
+            f"{source}: base: {repo_id!r} is not a folder here nor in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            f"download it once with `hf download {repo_id}` where there is internet, or give a pipeline folder"
+        ) from None
+
+
 def parse_preset(data: dict, source: Path) -> Preset:
     """Validate a preset mapping read from `source`; relative paths are taken from its folder."""
     try:
@@ -119,6 +137,8 @@ def parse_preset(data: dict, source: Path) -> Preset:
         raise PresetError(describe_validation_error(source, err)) from None
     folder = source.parent
     base = resolve(preset.base, folder)
+    if not base.exists() and HUB_ID.match(str(preset.base)):
+        base = hub_snapshot(str(preset.base), source)
     config = resolve(preset.config, folder) if preset.config is not None else None
     if base.is_file():
         if base.suffix.lower() != ".safetensors":

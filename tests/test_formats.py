@@ -293,3 +293,30 @@ def test_a_checkpoint_of_another_family_is_named(tmp_path, studio, naming):
     with pytest.raises(CheckpointError) as err:
         studio.add_shard("xl", tmp_path / "xl.safetensors")
     assert expected in str(err.value)
+
+
+def test_a_hub_id_base_resolves_from_the_local_cache_only(tmp_path, tiny_preset, studio, monkeypatch):
+    import huggingface_hub.constants
+    import yaml
+
+    from soup_ui.presets import PresetError
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--someone--tiny-sd" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(studio.preset.base, snapshot)
+    (hub / "models--someone--tiny-sd" / "refs").mkdir()
+    (hub / "models--someone--tiny-sd" / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    data = yaml.safe_load(tiny_preset.read_text())
+    data["shards"] = [{**s, "path": str(tiny_preset.parent / s["path"])} for s in data["shards"]]
+    for repo, ok in (("someone/tiny-sd", True), ("someone/not-downloaded", False)):
+        data["base"] = repo
+        (tmp_path / "hub.yaml").write_text(yaml.safe_dump(data))
+        if ok:
+            assert load_preset(tmp_path / "hub.yaml").base == snapshot
+        else:
+            with pytest.raises(PresetError) as err:
+                load_preset(tmp_path / "hub.yaml")
+            message = str(err.value)
+            assert "'someone/not-downloaded' is not a folder here nor in the local Hugging Face cache" in message
+            assert "hf download someone/not-downloaded" in message and len(message.splitlines()) == 1
