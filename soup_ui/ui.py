@@ -275,14 +275,15 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     with gr.Tabs():
         with gr.Tab("Add / remove shards", elem_id="tab-shards"):
             gr.Markdown(
-                "Continual learning and unlearning are re-averages: add a finetuned UNet (validated against the "
-                "base exactly like the preset's shards) or remove one. Changes apply to **this page only**. "
+                "Continual learning and unlearning are re-averages: add a finetune (a diffusers UNet, an A1111 / civitai "
+                "single file or a LoRA; validated against the base exactly like the preset's shards) or remove one. "
+                "Changes apply to **this page only**. "
                 f"Paths are relative to a model folder: {folders}."
             )
             with gr.Row():
                 add_name = gr.Textbox(label="New shard name", elem_id="add-name")
-                add_path = gr.Textbox(label="Path in a model folder (a .safetensors UNet file or a diffusers unet/ folder)", elem_id="add-path")
-                add_file = gr.File(label="...or upload a .safetensors UNet", file_types=[".safetensors"], type="filepath", elem_id="add-file")
+                add_path = gr.Textbox(label="Path in a model folder (.safetensors UNet, single file or LoRA; or a unet/ or pipeline folder)", elem_id="add-path")
+                add_file = gr.File(label="...or upload a .safetensors checkpoint or LoRA", file_types=[".safetensors"], type="filepath", elem_id="add-file")
                 add_button = gr.Button("Add shard", elem_id="add-shard")
             with gr.Row():
                 remove_name = gr.Textbox(label="Shard to remove", elem_id="remove-name")
