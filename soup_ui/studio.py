@@ -412,15 +412,18 @@ class Studio:
         return (mode, scale if mode != "average" else 1.0, tuple((s.sha256, round(w, 12)) for s, w in pairs))
 
     @torch.no_grad()
-    def _add_lora(self, terms: list[tuple[dict[str, formats.LowRank], float]]) -> None:
-        """hybrid += sum_j c_j * scale_j * up_j @ down_j, per adapted weight, summed in float32."""
-        targets = {k for lora, _ in terms for k in lora}
-        for key in targets:
+    def _add_lora(self, sources: list[Mapping[str, torch.Tensor]], coefficients: list[float], terms: list[tuple[dict[str, formats.LowRank], float]]) -> None:
+        """Each weight a LoRA adapts, computed again in float32 and rounded once:
+        sum_i c_i source_i + sum_j c_j * scale_j * up_j @ down_j (the rest of the merge is untouched)."""
+        for key in {k for lora, _ in terms for k in lora}:
             tensor = self.hybrid_tensors[key]
-            total = tensor.float()
+            total = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
+            for source, c in zip(sources, coefficients):
+                if c:
+                    total += c * source[key].float()
             for lora, c in terms:
                 if key in lora and c:
-                    total = total + c * lora[key].delta(tensor.shape)
+                    total += c * lora[key].delta(tensor.shape).to(tensor.device)
             tensor.copy_(total)
 
     def label(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> str:
@@ -443,7 +446,11 @@ class Studio:
                 # its low-rank delta, times the coefficient the merge gives that shard, is added after.
                 sources = [self.base_tensors if s.weights.lora is not None else s.tensors for s, _ in pairs]
                 soup.merge_into(mode, self.hybrid_tensors, sources, [w for _, w in pairs], base, scale)
-                self._add_lora([(s.weights.lora, w * (scale if mode == "task-arithmetic" else 1.0)) for s, w in pairs if s.weights.lora is not None])
+                loras = [(s.weights.lora, w) for s, w in pairs if s.weights.lora is not None]
+                if loras:  # the merge's coefficients: w_i for an average; scale w_i and (1 - scale) for the base in task arithmetic
+                    k = scale if mode == "task-arithmetic" else 1.0
+                    extra = [self.base_tensors] if mode == "task-arithmetic" else []
+                    self._add_lora(sources + extra, [k * w for _, w in pairs] + [1.0 - k] * len(extra), [(lora, k * w) for lora, w in loras])
                 self._mixed = key
         return soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
 

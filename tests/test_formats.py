@@ -320,3 +320,17 @@ def test_a_hub_id_base_resolves_from_the_local_cache_only(tmp_path, tiny_preset,
             message = str(err.value)
             assert "'someone/not-downloaded' is not a folder here nor in the local Hugging Face cache" in message
             assert "hf download someone/not-downloaded" in message and len(message.splitlines()) == 1
+
+
+def test_a_lora_soup_in_fp16_is_summed_in_fp32_and_rounded_once(tmp_path, tiny_preset):
+    from soup_ui.studio import RuntimeOptions
+
+    half = Studio(load_preset(tiny_preset), RuntimeOptions(dtype="float16"))
+    lora_file = save_kohya_lora(half, tmp_path / "k.safetensors", seed=11)
+    half.add_shard("lora", lora_file)
+    half.mix({"lora": 1, "gamma": 3})
+    lora = half.shards["lora"].weights.lora
+    for key, low in lora.items():
+        base, gamma = half.base_tensors[key].float(), half.shards["gamma"].tensors[key].float()
+        expected = (0.25 * base + 0.75 * gamma + 0.25 * low.delta(base.shape)).half()  # one fp32 sum, one rounding
+        assert torch.equal(half.hybrid_tensors[key], expected), key
