@@ -48,13 +48,36 @@ SD21_UNET = dict(
 )
 
 
-def sd21_shapes() -> dict[str, torch.Size]:
-    """Tensor names and shapes of SD 2.1's UNet, built on the meta device (no memory, no download)."""
+SDXL_UNET = dict(  # stable-diffusion-xl-base-1.0's unet/config.json
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+UNETS = {"sd21": ("SD-2.1", SD21_UNET), "sdxl": ("SDXL", SDXL_UNET)}
+
+
+def unet_shapes(config: dict) -> dict[str, torch.Size]:
+    """Tensor names and shapes of a UNet, built on the meta device (no memory, no download)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD21_UNET)
+        unet = UNet2DConditionModel(**config)
     return {k: v.shape for k, v in unet.state_dict().items()}
+
+
+def sd21_shapes() -> dict[str, torch.Size]:
+    return unet_shapes(SD21_UNET)
 
 
 def random_shard(shapes, dtype, seed, device="cpu") -> FlatTensors:
@@ -193,18 +216,22 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="float16,float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="where the shards live (cpu or cuda)")
+    parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True, help="compile the soup kernel for each K before timing")
+    parser.add_argument("--unet", choices=sorted(UNETS), default="sd21", help="whose UNet shapes (SD 2.1: 865.9M parameters; SDXL: 2.57B)")
     parser.add_argument("--mecha", action=argparse.BooleanOptionalAction, default=True, help="also time sd-mecha if installed")
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     parser.add_argument("--lean-k", type=int, default=0, help="also stream K fp16 shards from disk (lean mode)")
     parser.add_argument("--lean-dir", type=Path, default=Path("/tmp/soup-bench-shards"), help="where the lean benchmark writes its shards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # sd-mecha warns that in-memory recipes are not serialized
-    shapes = sd21_shapes()
+    label, config = UNETS[args.unet]
+    shapes = unet_shapes(config)
     params = sum(s.numel() for s in shapes.values())
-    lines = [f"Machine: {machine()}", f"SD-2.1-shaped UNet: {params / 1e6:.1f}M parameters, {len(shapes)} tensors; medians of {args.repeats} runs", ""]
+    where = f"{torch.cuda.get_device_name()} ({args.device})" if args.device.startswith("cuda") else args.device
+    lines = [f"Machine: {machine()}; shards on {where}", f"{label}-shaped UNet: {params / 1e6:.1f}M parameters, {len(shapes)} tensors; medians of {args.repeats} runs", ""]
     mecha = mecha_version() if args.mecha else None
     lines += [
-        "| dtype | K | bound (s) | average_into, flat buffers (s) | / bound | average_into, 686 tensors (s) | / bound "
+        f"| dtype | K | bound (s) | average_into, flat buffers (s) | / bound | average_into, {len(shapes)} tensors (s) | / bound "
         "| naive loop (s) | naive / flat | sd-mecha (s) | sd-mecha / flat |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -214,11 +241,16 @@ def main(argv=None):
         shard_bytes = params * torch.finfo(dtype).bits // 8
         for k in [int(x) for x in args.k.split(",") if x]:
             need = (k + 2) * shard_bytes * 1.05  # K shards, the target, the naive loop's new dict
-            if need > available_bytes():
-                line = f"| {dtype_name} | {k} | skipped: needs {need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB free |"
+            free = torch.cuda.mem_get_info()[0] if args.device.startswith("cuda") else available_bytes()
+            if need > free:
+                line = f"| {dtype_name} | {k} | skipped: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free |"
                 print(line, flush=True)
                 lines.append(line)
                 continue
+            if args.warm_up:  # compile the flat kernel for this K first, as the studio does at load
+                from soup_ui.soup import warm_up
+
+                warm_up([k], dtype, torch.device(args.device), background=False)
             sources = [random_shard(shapes, dtype, seed, args.device) for seed in range(k)]
             target = FlatTensors.empty(shapes, dtype, args.device)
             per_tensor_target, per_tensor_sources = dict(target), [dict(s) for s in sources]  # the same memory, as views
