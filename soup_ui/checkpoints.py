@@ -72,6 +72,9 @@ def weight_files(path: str | Path) -> list[Path]:
     for single in [path / "diffusion_pytorch_model.safetensors", *sorted(path.glob("diffusion_pytorch_model.*.safetensors"))]:
         if single.is_file():
             return [single]
+    lora = path / "pytorch_lora_weights.safetensors"  # a LoRA folder as diffusers' save_lora_weights writes it
+    if lora.is_file():
+        return [lora]
     pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
         raise CheckpointError(
