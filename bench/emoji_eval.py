@@ -169,6 +169,21 @@ def render_all(studio, models, prompts, base_settings, seed) -> dict[str, list]:
     return outputs
 
 
+@torch.no_grad()
+def vae_round_trips(vae, style: nn.Module, data: Path, held_emoji: set, per_style: int = 40) -> str:
+    """How often the style classifier still reads real held-out emoji as their style after a trip
+    through the VAE (encode, decode): the ceiling the VAE puts on every shard; and the L1 error."""
+    images = load_captioned_images(data, 64, caption_column="text_ascii")
+    parts = []
+    for i, name in enumerate(STYLES):
+        idx = [j for j, r in enumerate(images.rows) if r["style"] == name and r["emoji_id"] in held_emoji][:per_style]
+        x = to_model_range(images.pixels[idx]).to(vae.device, vae.dtype)
+        r = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).float()
+        own = (predict(style, r).argmax(-1) == i).float().mean().item()
+        parts.append(f"{name} {own:.0%} (L1 {(r - x.float()).abs().mean().item():.3f})")
+    return "; ".join(parts)
+
+
 def single_image_seconds(studio, mix, prompts, base_settings, seed, count: int = 8) -> float:
     """Median seconds for one interactive soup render (one image, uncached seeds), as the page renders."""
     times = []
@@ -271,8 +286,10 @@ def main(argv=None):
     verdicts = {label: judges.judge(images, truth, truth_cat) for label, images in outputs.items()}
 
     per_style = ", ".join(f"{k} {v:.0%}" for k, v in scores["per_style"].items())
+    trips = vae_round_trips(studio.pipe.vae, judges.style, args.data, held_emoji)
     print(f"\nClassifiers on real held-out data: style accuracy {scores['style_acc']:.1%} (held-out emoji; {per_style}), "
           f"content top-5 {scores['content_top5']:.1%} (held-out images), category top-1 {scores['category_acc']:.1%} (held-out emoji)\n")
+    print(f"VAE round trips of held-out emoji, read as their own style: {trips}\n")
     print(f"Generated: {args.prompts} emoji ({args.captions} prompts) x {len(models)} models, {base_settings.steps} steps, "
           f"guidance {base_settings.guidance_scale}, {base_settings.scheduler}; {per_image:.2f} s per 64x64 soup image rendered alone (median of 8) on {studio.device}\n")
     print("| model | " + " | ".join(f"P({s})" for s in STYLES) + " | own style | category top-1 | name top-5 |")

@@ -7,7 +7,7 @@
 #   (device tool, same warm machine) command: bash bench/gpu_recipe.sh fetch
 #
 # `run` installs the carried wheels, trains every stage from scratch with --device cuda (bf16
-# autocast, batches 8x larger, twice the base's and shards' epochs), evaluates with bench/emoji_eval.py (table, paper
+# autocast, base and shards in batches 8x larger for twice the epochs, the VAE as on the CPU), evaluates with bench/emoji_eval.py (table, paper
 # claims, shard curves) and leaves under $OUT: eval.md, curves.md, contact-sheet.png, recipe.log
 # and the first parts of emoji.tgz (pipeline/ and shards/, ~80 MB, to unpack over assets/emoji/).
 # The device tool brings back at most 64 MiB a call in files of 16 MiB, so the tarball is split in

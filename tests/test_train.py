@@ -130,7 +130,7 @@ def test_the_gpu_budget_keeps_the_samples_seen_and_scales_epochs():
     gpu = scaled(cpu, 8, epochs=2)
     assert gpu.base_steps * gpu.base_batch == 2 * cpu.base_steps * cpu.base_batch
     assert gpu.shard_steps * gpu.shard_batch == 2 * cpu.shard_steps * cpu.shard_batch
-    assert gpu.vae_steps * gpu.vae_batch == cpu.vae_steps * cpu.vae_batch  # the VAE's epochs unchanged
+    assert (gpu.vae_steps, gpu.vae_batch) == (cpu.vae_steps, cpu.vae_batch)  # the VAE's schedule unchanged
     assert gpu.snapshots == tuple(s * 2 // 8 for s in cpu.snapshots) and gpu.snapshots[-1] == gpu.shard_steps
     assert gpu.ema_decay == pytest.approx(cpu.ema_decay**8)  # the same averaging horizon in samples
     assert scaled(cpu, 1) is cpu
