@@ -25,22 +25,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import interleaved_medians, machine  # noqa: E402
+from soup_bench import SD15_UNET  # noqa: E402
 
 from soup_ui import formats  # noqa: E402
 from soup_ui.checkpoints import LazyWeights, check_finite  # noqa: E402
-
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-
 
 def write_files(folder: Path, dtype: torch.dtype) -> tuple[Path, Path, dict, dict]:
     from diffusers import UNet2DConditionModel

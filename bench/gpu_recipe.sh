@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_recipe.sh prepare          # here: wheels and the dataset into .gpu/ (git-ignored)
 #   bash bench/gpu_recipe.sh smoke            # here: the same run, a few steps per stage, on the CPU
+#   mv assets/emoji /tmp/  # the tree the device tool copies must stay under 64 MiB (run trains from scratch)
 #   (device tool) command: bash bench/gpu_recipe.sh run, carry: [".gpu"], timeout_s: 600
 #   (device tool, same warm machine) command: bash bench/gpu_recipe.sh fetch
 #
@@ -12,7 +13,7 @@
 # and the first parts of emoji.tgz (pipeline/ and shards/, ~80 MB, to unpack over assets/emoji/).
 # The device tool brings back at most 64 MiB a call in files of 16 MiB, so the tarball is split in
 # 15 MiB parts; `fetch` hands over the rest from the same warm machine. Join them with
-# `cat emoji.tgz.part-* > emoji.tgz`. CI never runs this.
+# `cat emoji.tgz.part-* > emoji.tgz`; then move assets/emoji back. CI never runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}

@@ -48,6 +48,7 @@ SD21_UNET = dict(
 )
 
 
+SD15_UNET = dict(SD21_UNET, sample_size=64, cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False)
 SDXL_UNET = dict(  # stable-diffusion-xl-base-1.0's unet/config.json
     sample_size=128,
     in_channels=4,
@@ -64,7 +65,7 @@ SDXL_UNET = dict(  # stable-diffusion-xl-base-1.0's unet/config.json
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
-UNETS = {"sd21": ("SD-2.1", SD21_UNET), "sdxl": ("SDXL", SDXL_UNET)}
+UNETS = {"sd15": ("SD-1.5", SD15_UNET), "sd21": ("SD-2.1", SD21_UNET), "sdxl": ("SDXL", SDXL_UNET)}
 
 
 def unet_shapes(config: dict) -> dict[str, torch.Size]:
