@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -198,15 +197,15 @@ def cmd_grid(args: argparse.Namespace) -> None:
 
 
 def cmd_add_shard(args: argparse.Namespace) -> None:
-    from . import checkpoints, formats
+    from . import formats
     from .presets import ShardSpec
 
     preset = load_preset(args.preset)
     if any(s.name == args.name for s in preset.shards):
         raise UsageError(f"add-shard: the preset already has a shard named {args.name!r}")
     path = Path(args.path).resolve()
-    base_unet = Path(preset.base) / "unet"
-    found = formats.validate(path, json.loads((base_unet / "config.json").read_text()), checkpoints.tensor_specs(base_unet), args.name)
+    config, base = formats.base_unet(preset.base, preset.config)
+    found = formats.validate(path, config, base.specs, args.name)
     logger.info("%s: %s", args.name, found.kind)
     try:
         shard = ShardSpec(name=args.name, path=path, weight=args.weight, description=args.description)

@@ -93,8 +93,9 @@ def _prefix_kind(name: str) -> str | None:
     return next((kind for prefix, kind in OTHER_PARTS.items() if name.startswith(prefix)), None)
 
 
-def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tuple]) -> Found:
+def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tuple] | None = None) -> Found:
     """Detect the checkpoint at `path` and map its UNet tensors to the base's names (header only).
+    Without `base_specs` (detecting the base itself), every UNet tensor found is kept.
 
     Raises CheckpointError naming what was found when it cannot be used."""
     path = Path(path)
@@ -116,7 +117,7 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
         kind = "diffusers UNet"
     # A checkpoint of another family says so before any tensor-by-tensor comparison.
     width = cross_attention_width({k: v for h in headers.values() for k, v in h.items()}, lora="LoRA" in kind)
-    base_width = cross_attention_width(base_specs) if base_specs and all(v is not None for v in base_specs.values()) else None
+    base_width = cross_attention_width(base_specs) if base_specs else None
     if width and base_width and width != base_width:
         raise CheckpointError(f"{path.name}: {'an' if kind.startswith('LDM') else 'a'} {kind} for {family(width)}; this base is {family(base_width)}")
     if "LoRA" in kind:
@@ -130,7 +131,7 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
     found = Found(path, kind, files)
     for file, header in headers.items():
         for name, spec in header.items():
-            if name in base_specs:
+            if base_specs is None or name in base_specs:
                 found.names[name], found.specs[name] = (file, name), spec
             else:
                 found.ignored[_prefix_kind(name) or "tensors the base lacks"] += 1
@@ -320,6 +321,16 @@ def ldm_unet_names(names: list[str], config: Mapping) -> dict[str, str]:
     if len(tagged) != len(out) or wrong or {n for n, t in back.items() if t is not None} != set(out):
         raise CheckpointError(f"the LDM names of this UNet do not convert back (first: {wrong[:1] or sorted(set(out) - set(back))[:1]})")
     return out
+
+
+def base_unet(base: str | Path, config: str | Path | None = None) -> tuple[dict, Found]:
+    """A preset's base UNet: its config and where its tensors lie. `base` is a pipeline folder or a
+    single-file checkpoint whose configs come from the pipeline folder `config`."""
+    import json
+
+    base = Path(base)
+    unet_config = json.loads((Path(config if base.is_file() else base) / "unet" / "config.json").read_text())
+    return unet_config, detect(base if base.is_file() else base / "unet", unet_config)
 
 
 def validate(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tuple], label: str) -> Found:

@@ -258,7 +258,7 @@ class Studio:
         self.pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = self.pipe.scheduler.config
         # Where the base UNet's tensors lie on disk, by diffusers name (a folder's unet/, or mapped from a single file).
-        self.base_found = formats.detect(base if base.is_file() else base / "unet", self.pipe.unet.config, {k: None for k in self.pipe.unet.state_dict()})
+        _, self.base_found = formats.base_unet(base, preset.config)
         self.base_specs = self.base_found.specs
         # The base UNet's memory becomes the hybrid: mixing writes into it, never allocating anew.
         self.hybrid = self.pipe.unet.eval()

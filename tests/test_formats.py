@@ -336,3 +336,24 @@ def test_a_lora_soup_in_fp16_is_summed_in_fp32_and_rounded_once(tmp_path, tiny_p
         base, gamma = half.base_tensors[key].float(), half.shards["gamma"].tensors[key].float()
         expected = (0.25 * base + 0.75 * gamma + 0.25 * low.delta(base.shape)).half()  # one fp32 sum, one rounding
         assert torch.equal(half.hybrid_tensors[key], expected), key
+
+
+def test_cli_add_shard_on_a_single_file_base(tmp_path, tiny_preset, studio):
+    """add-shard validates against the base the preset names, also when it is a single file with
+    `config:` (it used to look for <base>/unet and fail)."""
+    import yaml
+
+    from soup_ui.cli import main
+
+    pipe = studio.pipe
+    single = formats.ldm_checkpoint(dict(studio.base_tensors), pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config,
+                                    pipe.text_encoder.state_dict(), "CLIPTextModel")
+    save_file({k: v.contiguous().clone() for k, v in single.items()}, str(tmp_path / "base.safetensors"))
+    data = yaml.safe_load(tiny_preset.read_text())
+    data["base"], data["config"] = str(tmp_path / "base.safetensors"), str(studio.preset.base)
+    data["shards"] = [{**s, "path": str(tiny_preset.parent / s["path"])} for s in data["shards"]]
+    (tmp_path / "single.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "more.yaml"
+    shard = tiny_preset.parent / "gamma.safetensors"
+    assert main(["add-shard", "--preset", str(tmp_path / "single.yaml"), "--name", "delta", "--path", str(shard), "--out", str(out)]) == 0
+    assert [s.name for s in load_preset(out).shards][-1] == "delta" and load_preset(out).config == studio.preset.base
