@@ -114,30 +114,6 @@ def tensor_specs(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return specs
 
 
-def compare_specs(name: str, specs: dict, base: dict) -> None:
-    """Raise CheckpointError naming shard `name` and the first tensor that differs from the base."""
-    missing = [k for k in base if k not in specs]
-    if missing:
-        raise CheckpointError(
-            f"shard {name!r} does not match the base UNet: it lacks tensor {missing[0]!r}"
-            f" ({len(missing)} missing); is it a UNet of the same architecture, in diffusers' naming?"
-        )
-    extra = [k for k in specs if k not in base]
-    if extra:
-        raise CheckpointError(f"shard {name!r} does not match the base UNet: unexpected tensor {extra[0]!r}")
-    for key, (shape, dtype) in base.items():
-        other_shape, other_dtype = specs[key]
-        if other_shape != shape:
-            raise CheckpointError(
-                f"shard {name!r} does not match the base UNet: tensor {key!r} has shape {list(other_shape)}, "
-                f"the base has {list(shape)}"
-            )
-        if other_dtype != dtype:
-            raise CheckpointError(
-                f"shard {name!r} does not match the base UNet: tensor {key!r} is {other_dtype}, the base is {dtype}"
-            )
-
-
 def load_weights(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Read every tensor of the UNet at `path`, optionally cast, and check that all are finite."""
     out: dict[str, torch.Tensor] = {}
@@ -158,7 +134,7 @@ class LazyWeights(Mapping):
     """A UNet's tensors read from memory-mapped safetensors on access, one at a time ("lean" mode).
 
     Souping from these keeps only the target and the tensor being read resident, so shards that
-    would not fit in (GPU) memory can still be mixed. Validate with `compare_specs` first.
+    would not fit in (GPU) memory can still be mixed. Validate with `formats.check_against_base` first.
     """
 
     # Bytes to ask the kernel to read ahead after each tensor. A soup reads K files in step; on this

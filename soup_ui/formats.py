@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
     headers = {f: read_header(f) for f in files}
     keys = [k for h in headers.values() for k in h]
     where = "a pipeline folder's unet/" if path.is_dir() and (path / "model_index.json").is_file() else None
-    variant = files[0].name.split(".")[1] if files[0].name.count(".") >= 2 and files[0].name.startswith("diffusion_pytorch_model.") and "index" not in files[0].name else None
+    variant = re.fullmatch(r"diffusion_pytorch_model[^.]*\.(\w+)\.safetensors", files[0].name)
     for marker, name in LYCORIS.items():
         if any(marker in k for k in keys):
             raise CheckpointError(f"{path.name}: a LyCORIS {name} network ({marker} tensors); only LoRA (diffusers, peft or kohya naming) is supported")
@@ -127,7 +128,7 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
     if where:
         kind += f" ({where})"
     if variant:
-        kind += f" ({variant} variant)"
+        kind += f" ({variant.group(1)} variant)"
     found = Found(path, kind, files)
     for file, header in headers.items():
         for name, spec in header.items():
@@ -323,6 +324,11 @@ def ldm_unet_names(names: list[str], config: Mapping) -> dict[str, str]:
     return out
 
 
+def lora_tensors(lora: Mapping[str, LowRank]) -> dict[str, torch.Tensor]:
+    """A LoRA's factors by name (`<weight>.up`, `<weight>.down`), e.g. for the NaN / Inf check."""
+    return {f"{k}.{part}": t for k, r in lora.items() for part, t in (("up", r.up), ("down", r.down))}
+
+
 def base_unet(base: str | Path, config: str | Path | None = None) -> tuple[dict, Found]:
     """A preset's base UNet: its config and where its tensors lie. `base` is a pipeline folder or a
     single-file checkpoint whose configs come from the pipeline folder `config`."""
@@ -340,7 +346,7 @@ def validate(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tu
     found = detect(path, base_config, base_specs)
     check_against_base(found, base_specs, label)
     if found.lora is not None:
-        check_finite(path, {f"{k}.{p}": t for k, r in found.lora.items() for p, t in (("up", r.up), ("down", r.down))})
+        check_finite(path, lora_tensors(found.lora))
     else:
         lazy = LazyWeights(path, names=found.names)
         check_finite(path, lazy)

@@ -299,9 +299,8 @@ class Studio:
         if pooled is None:
             if found.lora is not None:
                 lora = {k: formats.LowRank(r.up.to(self.device), r.down.to(self.device), r.scale) for k, r in found.lora.items()}
-                check = {f"{k}.{part}": t for k, r in lora.items() for part, t in (("up", r.up), ("down", r.down))}
-                checkpoints.check_finite(path, check)
-                pooled = Weights(path, sha, None, {}, signature, found.kind, lora)
+                checkpoints.check_finite(path, formats.lora_tensors(lora))
+                pooled = Weights(path, sha, None, LoraTensors(self.base_tensors, lora), signature, found.kind, lora)
             elif self.lean:
                 lazy = checkpoints.LazyWeights(path, self.device, self.dtype, found.names)
                 checkpoints.check_finite(path, lazy)
@@ -314,8 +313,6 @@ class Studio:
                 unet = copy.deepcopy(self.hybrid)
                 unet.load_state_dict(tensors, strict=True)
                 pooled = Weights(path, sha, unet, soup.flatten_module(unet), signature, found.kind)
-            if pooled.lora is not None:
-                pooled.tensors = LoraTensors(self.base_tensors, pooled.lora)
         with self.lock:
             pooled = self._pool.setdefault(sha, pooled)
             self._users[sha] += 1

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soup_ui import checkpoints
+from soup_ui import formats
 from soup_ui.presets import RenderSettings, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +29,11 @@ def test_the_preset_loads_every_shipped_shard(emoji):
 
 def test_every_shard_matches_the_base_architecture():
     preset = load_preset(PRESET)
-    base = checkpoints.tensor_specs(preset.base / "unet")
+    config, base = formats.base_unet(preset.base)
     for shard in preset.shards:
-        checkpoints.compare_specs(shard.name, checkpoints.tensor_specs(shard.path), base)  # raises on a mismatch
+        found = formats.detect(shard.path, config, base.specs)
+        formats.check_against_base(found, base.specs, shard.name)  # raises on a mismatch
+        assert found.kind == "diffusers UNet" and not found.ignored and found.specs == base.specs  # names, shapes, dtypes
 
 
 def test_one_step_render_of_each_shard_and_the_soup(emoji):
