@@ -220,8 +220,13 @@ def check_finite(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 def sha256_file(path: str | Path) -> str:
     """Content hash of a weights file or of every weights file of a folder (in name order)."""
+    return sha256_files(weight_files(path))
+
+
+def sha256_files(files: list[Path]) -> str:
+    """Content hash of these files, in this order."""
     digest = hashlib.sha256()
-    for file in weight_files(path):
+    for file in files:
         with open(file, "rb") as f:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)

@@ -107,10 +107,11 @@ class Job:
             self.mix = parse_mix(args.mix, self.preset)
         self.mode = args.mode or (self.recipe.mode if self.recipe else "average")
         self.scale = args.scale if args.scale is not None else (self.recipe.scale if self.recipe else 1.0)
+        self.text_encoders = next(v for v in (getattr(args, "mix_text_encoders", None), self.recipe and self.recipe.text_encoders, self.preset.mix_text_encoders) if v is not None)
         self.settings = render_settings(args, self.preset, self.recipe)
 
     def as_recipe(self) -> Recipe:
-        return Recipe(preset=self.preset.source, mix=self.mix, mode=self.mode, scale=self.scale, render=self.settings)
+        return Recipe(preset=self.preset.source, mix=self.mix, mode=self.mode, scale=self.scale, text_encoders=self.text_encoders, render=self.settings)
 
 
 def write_strip(results, out: str | None, title: str) -> None:
@@ -128,7 +129,7 @@ def cmd_render(args: argparse.Namespace) -> None:
         raise UsageError("render: give --out FILE.png and/or --out-dir DIR")
     job = Job(args)
     studio = open_studio(args, job.preset)
-    results = studio.render(job.mix, job.settings, mode=job.mode, scale=job.scale)
+    results = studio.render(job.mix, job.settings, mode=job.mode, scale=job.scale, text_encoders=job.text_encoders)
     if args.ensemble:
         from .workflows import ensemble
 
@@ -148,17 +149,20 @@ def cmd_render(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    if args.format in ("safetensors", "single-file") and out.suffix != ".safetensors":
+    args.format = {"diffusers": "pipeline", "safetensors": "unet"}.get(args.format, args.format)
+    if args.format != "pipeline" and out.suffix != ".safetensors":
         raise UsageError(f"export: --out must end in .safetensors, got {str(out)!r}")
     if out.exists() and (args.format == "pipeline" or not args.overwrite):
         raise UsageError(f"export: {out} exists; " + ("choose a new folder" if args.format == "pipeline" else "pass --overwrite to replace it"))
     job = Job(args)
     studio = open_studio(args, job.preset)
     if args.format == "pipeline":
-        studio.export_pipeline(job.mix, out, job.mode, job.scale)
+        studio.export_pipeline(job.mix, out, job.mode, job.scale, text_encoders=job.text_encoders)
     elif args.format == "single-file":
-        studio.export_single_file(job.mix, out, job.mode, job.scale)
+        studio.export_single_file(job.mix, out, job.mode, job.scale, text_encoders=job.text_encoders)
     else:
+        if job.text_encoders:
+            logger.warning("a UNet file holds no text encoder: the mixed text encoders are not written (use --format single-file or pipeline)")
         studio.export(job.mix, out, job.mode, job.scale)
     logger.info("wrote %s", out)
 
@@ -253,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mix", help="NAME=WEIGHT,... (default: the recipe's, else every shard at its preset weight)")
         p.add_argument("--mode", choices=["average", "task-arithmetic"], help="merge mode (default: average, the paper's soup)")
         p.add_argument("--scale", type=float, help="task-arithmetic's lambda: base + scale * sum w_i (theta_i - base)")
+        p.add_argument("--mix-text-encoders", action=argparse.BooleanOptionalAction, default=None,
+                       help="mix the shards' own text encoders with the same weights (a shard without one counts as the base's); "
+                            "default: the recipe's, else the preset's mix_text_encoders (off)")
         p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
         p.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
         p.add_argument("--lean", action="store_true", help="stream shards from their files (default: when they would not fit)")
@@ -270,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = studio_command("export", "Write the souped UNet (.safetensors with the recipe in its metadata) or a whole pipeline folder.", False)
     p.add_argument("--out", required=True, help="output .safetensors file, or a new folder with --format pipeline")
-    p.add_argument("--format", choices=["safetensors", "single-file", "pipeline"], default="safetensors",
-                   help="safetensors: the soup UNet in diffusers naming; single-file: UNet + VAE + text encoder in the original LDM "
-                   "naming, fp16 (A1111, Forge, ComfyUI); pipeline: a diffusers pipeline folder")
+    p.add_argument("--format", choices=["unet", "safetensors", "single-file", "diffusers", "pipeline"], default="unet",
+                   help="unet (or safetensors): the soup UNet in diffusers naming; single-file: UNet + VAE + text encoder in the original LDM "
+                   "naming, fp16 (A1111, Forge, ComfyUI); diffusers (or pipeline): a diffusers pipeline folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing .safetensors --out")
     p.set_defaults(run=cmd_export, prompt=None, negative_prompt=None, seed=None, steps=None, guidance_scale=None, height=None, width=None, scheduler=None)
 

@@ -16,6 +16,7 @@ its stored name (lean mode streams it like any other file).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -332,7 +333,6 @@ def lora_tensors(lora: Mapping[str, LowRank]) -> dict[str, torch.Tensor]:
 def base_unet(base: str | Path, config: str | Path | None = None) -> tuple[dict, Found]:
     """A preset's base UNet: its config and where its tensors lie. `base` is a pipeline folder or a
     single-file checkpoint whose configs come from the pipeline folder `config`."""
-    import json
 
     base = Path(base)
     unet_config = json.loads((Path(config if base.is_file() else base) / "unet" / "config.json").read_text())
@@ -409,3 +409,82 @@ def ldm_checkpoint(unet: Mapping[str, torch.Tensor], unet_config: Mapping, vae: 
         raise CheckpointError("the LDM names of this text encoder do not convert back")
     out.update(text)
     return out
+
+
+# -- text encoders ("mix text encoders too") --------------------------------------------------------
+@dataclass
+class TextEncoderFound:
+    """A shard's own text encoder: where each of its tensors lies, under the base text encoder's names."""
+
+    kind: str  # for people: "the pipeline folder's text_encoder/", "CLIP text encoder of an LDM single file"
+    files: list[Path]
+    names: dict[str, tuple[Path, str]] = field(default_factory=dict)  # base name -> (file, stored name)
+    ignored: Counter = field(default_factory=Counter)
+
+
+def text_encoder_files(folder: Path) -> list[Path]:
+    """The safetensors file(s) of a transformers model folder: `model.safetensors`, sharded with an
+    index, or a variant (`model.fp16.safetensors`); pickles are refused, saying why."""
+    for index in [folder / "model.safetensors.index.json", *sorted(folder.glob("model.safetensors.index.*.json"))]:
+        if index.is_file():
+            return [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    for single in [folder / "model.safetensors", *sorted(folder.glob("model.*.safetensors"))]:
+        if single.is_file():
+            return [single]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".bin", ".ckpt", ".pt", ".pth"))
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: the text encoder is stored only as a pickle ({', '.join(pickles)}), refused because unpickling can run "
+            "arbitrary code; save it with safe_serialization=True"
+        )
+    raise CheckpointError(f"{folder}: no model.safetensors in this text encoder folder")
+
+
+def find_text_encoder(path: str | Path, base_specs: Mapping[str, tuple]) -> TextEncoderFound | None:
+    """The shard's own text encoder, mapped to the base text encoder's names (`base_specs`: name ->
+    (shape, dtype), floating tensors only), or None when the shard has none (a UNet file or folder,
+    a LoRA): it then counts as the base's. Header only. Integer buffers (`position_ids`, which some
+    checkpoints store) are never mixed: they are left out here. Raises CheckpointError naming the first
+    tensor that does not fit the base's text encoder."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "text_encoder"
+        if not (path / "model_index.json").is_file() or not folder.is_dir():
+            return None
+        files = text_encoder_files(folder)
+        found = TextEncoderFound("the pipeline folder's text_encoder/", files)
+        stored = {name: (file, name) for file in files for name in read_header(file)}
+    else:
+        header = read_header(path)
+        if any(k.startswith("cond_stage_model.model.") for k in header):
+            logger.info("%s: its SD 2.x (OpenCLIP) text encoder is not read; it counts as the base's", path.name)
+            return None
+        if not any(k.startswith("cond_stage_model.transformer.") for k in header):
+            return None
+        # diffusers' own LDM -> transformers renaming, run on meta tensors (a pure renaming: each
+        # result is the very tensor it came from, which names its source)
+        meta = {k: torch.empty(shape, device="meta") for k, (shape, _) in header.items() if k.startswith("cond_stage_model.transformer.")}
+        source = {id(t): k for k, t in meta.items()}
+        converted = convert_ldm_clip_checkpoint(meta)
+        found = TextEncoderFound("the CLIP text encoder of an LDM single file", [path])
+        stored = {name: (path, source[id(t)]) for name, t in converted.items() if id(t) in source}
+    specs = {file: read_header(file) for file in found.files}
+    plain = {name.removeprefix("text_model."): name for name in base_specs}  # transformers >= 5.6 drops `text_model.`
+    for name, (file, key) in stored.items():
+        target = plain.get(name.removeprefix("text_model."))
+        if target is None:
+            found.ignored["integer buffers (position_ids), never mixed" if name.endswith("position_ids") else "text-encoder tensors the base lacks"] += 1
+            continue
+        shape, dtype = specs[file][key]
+        if tuple(shape) != tuple(base_specs[target][0]) or dtype[0] not in "FB":
+            raise CheckpointError(
+                f"{path.name}: {found.kind} does not match the base's: tensor {name!r} is {dtype} {list(shape)}, "
+                f"the base has {base_specs[target][1]} {list(base_specs[target][0])}"
+            )
+        found.names[target] = (file, key)
+    missing = [n for n in base_specs if n not in found.names]
+    if missing:
+        raise CheckpointError(f"{path.name}: {found.kind} does not match the base's: it lacks tensor {missing[0]!r} ({len(missing)} missing)")
+    return found

@@ -83,6 +83,9 @@ class Preset(Strict):
     config: Path | None = None  # for a single-file base: a diffusers pipeline folder giving configs and tokenizer
     shards: list[ShardSpec] = Field(min_length=1)
     render: RenderDefaults = RenderDefaults()
+    # Mix the shards' own text encoders with the same weights (full single files and pipeline folders
+    # carry one; a shard without counts as the base's). Off by default: the paper soups the denoiser.
+    mix_text_encoders: bool = False
     source: Path | None = None  # the file this preset was read from (set by load_preset)
 
     @model_validator(mode="after")
@@ -188,6 +191,7 @@ class Recipe(Strict):
     mix: dict[str, float] = Field(min_length=1)
     mode: Literal["average", "task-arithmetic"] = "average"
     scale: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    text_encoders: bool = False  # the shards' text encoders mixed too
     render: RenderSettings = RenderSettings()
 
     @field_validator("mix")

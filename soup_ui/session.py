@@ -204,6 +204,7 @@ class Controls:
     mode: str = "average"
     scale: float = 1.0
     settings: RenderSettings = RenderSettings()
+    text_encoders: bool = False  # "mix text encoders too"
 
     def mix(self, session: Session) -> dict[str, float]:
         """{name: weight} of the ticked rows."""
@@ -356,10 +357,10 @@ def generate(host: StudioHost, session: Session, controls: Controls, progress=No
     ticket = session.ticket() if ticket is None else ticket
     studio = host.get(session.preset)
     mix = controls.mix(session)
-    results = studio.render(mix, controls.settings, progress, controls.mode, controls.scale, session.shards)
+    results = studio.render(mix, controls.settings, progress, controls.mode, controls.scale, session.shards, text_encoders=controls.text_encoders)
     if session.superseded(ticket):
         return SUPERSEDED
-    session.rendered = (tuple(mix), controls.settings)
+    session.rendered = (tuple(mix), controls.settings, controls.text_encoders)
     return Images(image_files(host, results[:-1], controls.settings), soup_file(host, results[-1], mix, controls.settings))
 
 
@@ -371,9 +372,9 @@ def render_soup(host: StudioHost, session: Session, controls: Controls) -> Image
     ticket = session.ticket()
     studio = host.get(session.preset)
     mix = controls.mix(session)
-    if session.rendered is not None and session.rendered != (tuple(mix), controls.settings):
+    if session.rendered is not None and session.rendered != (tuple(mix), controls.settings, controls.text_encoders):
         return generate(host, session, controls, ticket=ticket)
-    soup = studio.render_soup(mix, controls.settings, controls.mode, controls.scale, session.shards)
+    soup = studio.render_soup(mix, controls.settings, controls.mode, controls.scale, session.shards, text_encoders=controls.text_encoders)
     if session.superseded(ticket):
         return SUPERSEDED
     note = "" if session.rendered else "Components are not rendered yet: press Generate to see them beside the soup."
@@ -420,7 +421,7 @@ def save_recipe(host: StudioHost, session: Session, controls: Controls, file_nam
     mix = controls.mix(session)
     studio.mix_key(mix, controls.mode, controls.scale, session.shards)  # validate before writing
     path = host.new_file("recipes", file_name, ".yaml", overwrite)
-    recipe = Recipe(preset=studio.preset.source, mix=mix, mode=controls.mode, scale=controls.scale, render=controls.settings)
+    recipe = Recipe(preset=studio.preset.source, mix=mix, mode=controls.mode, scale=controls.scale, text_encoders=controls.text_encoders, render=controls.settings)
     write_recipe(recipe, path, overwrite=True)
     return str(path), f"saved the recipe to `{host.shown(path)}`"
 
@@ -433,8 +434,10 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
     mix = controls.mix(session)
     studio.mix_key(mix, controls.mode, controls.scale, session.shards)
     path = host.new_file("exports", file_name, ".safetensors", overwrite)
-    write = studio.export_single_file if single_file else studio.export
-    write(mix, path, controls.mode, controls.scale, session.shards)
+    if single_file:
+        studio.export_single_file(mix, path, controls.mode, controls.scale, session.shards, text_encoders=controls.text_encoders)
+    else:
+        studio.export(mix, path, controls.mode, controls.scale, session.shards)
     what = "a single-file checkpoint (LDM naming, fp16) for A1111, Forge and ComfyUI" if single_file else studio.label(mix, controls.mode, controls.scale, session.shards)
     return str(path), f"wrote `{host.shown(path)}` ({what})"
 
@@ -444,7 +447,7 @@ def export_pipeline(host: StudioHost, session: Session, controls: Controls, file
     studio = host.get(session.preset)
     mix = controls.mix(session)
     folder = host.new_file("pipelines", file_name, "", overwrite)
-    studio.export_pipeline(mix, folder, controls.mode, controls.scale, session.shards, overwrite=overwrite)
+    studio.export_pipeline(mix, folder, controls.mode, controls.scale, session.shards, overwrite=overwrite, text_encoders=controls.text_encoders)
     return f"wrote the pipeline folder `{host.shown(folder)}`; load it with `StableDiffusionPipeline.from_pretrained`"
 
 
@@ -458,7 +461,7 @@ def save_preset(host: StudioHost, session: Session, controls: Controls, file_nam
         raise ValueError("tick at least one shard to save as a preset")
     path = host.new_file("presets", file_name, ".yaml", overwrite)
     shards = [ShardSpec(name=n, path=session.shards[n].path, weight=w, description=session.shards[n].description) for n, w in mix.items()]
-    preset = studio.preset.model_copy(update={"shards": shards, "name": Path(path).stem})
+    preset = studio.preset.model_copy(update={"shards": shards, "name": Path(path).stem, "mix_text_encoders": controls.text_encoders})
     write_yaml_atomic(preset_data(preset, path.parent), path, overwrite=True)
     key = host.add_preset(path)
     return key, f"saved the preset `{host.shown(path)}` ({len(shards)} shards with their current weights); it is in the preset list"

@@ -84,6 +84,11 @@ class Weights:
     signature: tuple = ()  # the files' (size, mtime, inode) when hashed; lean mode re-checks it
     kind: str = "diffusers UNet"  # the format detected (formats.Found.kind)
     lora: dict[str, formats.LowRank] | None = None  # a LoRA: kept low rank, added to the base at mix time
+    # The shard's own text encoder (a full single file, a pipeline folder), mixed with "text encoders
+    # too"; None: it counts as the base's. Its identity is `text_sha` (the hash of its files).
+    text_encoder: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
+    text_sha: str | None = None
+    text_kind: str = ""
 
 
 @dataclass
@@ -110,6 +115,10 @@ class Shard:
     @property
     def tensors(self) -> Mapping[str, torch.Tensor]:
         return self.weights.tensors
+
+    @property
+    def text_sha(self) -> str | None:
+        return self.weights.text_sha
 
 
 class LoraTensors(Mapping):
@@ -241,6 +250,8 @@ class Studio:
         self._text = LRU(64)
         self._mixed: tuple | None = None
         self._base_tensors: Mapping[str, torch.Tensor] | None = None
+        self._text_mixed: tuple | None = None  # what the text encoder holds: None for the base's, else a mix key
+        self._base_text: dict[str, torch.Tensor] | None = None  # the base's, copied when first mixed
 
         # 1. The base pipeline: tokenizer, text encoder, VAE and scheduler are shared by all shards.
         report = progress or (lambda f, d: None)
@@ -256,6 +267,10 @@ class Studio:
         except (OSError, ValueError, EnvironmentError) as err:
             raise StudioError(f"{preset.base}: cannot load the base pipeline ({err})") from None
         self.pipe.set_progress_bar_config(disable=True)
+        # The text encoder's floating weights: the base's, or with "text encoders too" a soup of the
+        # shards' own, written in place. Integer buffers (position_ids) are never touched.
+        self.text_tensors = {n: p for n, p in self.pipe.text_encoder.named_parameters() if p.is_floating_point()}
+        self.text_specs = {n: (tuple(p.shape), "F32") for n, p in self.text_tensors.items()}
         self.scheduler_config = self.pipe.scheduler.config
         # Where the base UNet's tensors lie on disk, by diffusers name (a folder's unet/, or mapped from a single file).
         _, self.base_found = formats.base_unet(base, preset.config)
@@ -292,6 +307,11 @@ class Studio:
         path = Path(path)
         found = formats.detect(path, self.hybrid.config, self.base_specs)
         formats.check_against_base(found, self.base_specs, name or path.name)
+        try:
+            text = formats.find_text_encoder(path, self.text_specs)
+        except checkpoints.CheckpointError as err:  # the denoiser is still usable: its text encoder counts as the base's
+            logger.warning("%s: its text encoder is not used (it counts as the base's): %s", name or path.name, err)
+            text = None
         signature = checkpoints.file_signature(path)
         sha = checkpoints.sha256_file(path)
         with self.lock:
@@ -313,10 +333,22 @@ class Studio:
                 unet = copy.deepcopy(self.hybrid)
                 unet.load_state_dict(tensors, strict=True)
                 pooled = Weights(path, sha, unet, soup.flatten_module(unet), signature, found.kind)
+            if text is not None:
+                pooled.text_encoder, pooled.text_kind = self._load_text_encoder(path, text), text.kind
+                pooled.text_sha = sha if text.files == [path] else checkpoints.sha256_files(text.files)
         with self.lock:
             pooled = self._pool.setdefault(sha, pooled)
             self._users[sha] += 1
         return pooled
+
+    def _load_text_encoder(self, path: Path, text: formats.TextEncoderFound) -> Mapping[str, torch.Tensor]:
+        """A shard's own text encoder, in the studio's dtype on its device (streamed in lean mode)."""
+        lazy = checkpoints.LazyWeights(path, self.device, self.dtype, text.names)
+        if text.ignored:
+            logger.info("%s (%s): ignored %s", path.name, text.kind, ", ".join(f"{n} {k}" for k, n in text.ignored.items()))
+        tensors = lazy if self.lean else {k: lazy[k] for k in lazy.read_order()}
+        checkpoints.check_finite(path, tensors)
+        return tensors
 
     def release(self, weights: Weights) -> None:
         """Give back one use of pooled weights; they are freed when nothing uses them."""
@@ -423,6 +455,36 @@ class Studio:
                     total += c * lora[key].delta(tensor.shape).to(tensor.device)
             tensor.copy_(total)
 
+    @staticmethod
+    def _text_key(pairs: list[tuple[Shard, float]], mode: str, scale: float, text_encoders: bool) -> tuple | None:
+        """What identifies the text encoder a mix renders with: None for the base's (text encoders not
+        mixed, or no selected shard has its own), else the mode and each shard's text-encoder hash
+        ("base" for a shard without one) with its weight."""
+        if not text_encoders or all(s.text_sha is None for s, _ in pairs):
+            return None
+        return ("text", mode, scale if mode != "average" else 1.0, tuple((s.text_sha or "base", round(w, 12)) for s, w in pairs))
+
+    @torch.no_grad()
+    def _use_text_encoder(self, pairs: list[tuple[Shard, float]], mode: str, scale: float, text_encoders: bool) -> tuple | None:
+        """Make the pipeline's text encoder the one this mix renders with (the base's, or the soup of
+        the shards' own with the mix's weights and mode, a shard without one counting as the base);
+        in place, summed in float32 and rounded once. Call under the lock; returns its key."""
+        key = self._text_key(pairs, mode, scale, text_encoders)
+        if key == self._text_mixed:
+            return key
+        if self._base_text is None:
+            self._base_text = {n: t.detach().clone() for n, t in self.text_tensors.items()}
+        self._text_mixed = ("changing",)  # if mixing fails half way, the text encoder is no known mix
+        if key is None:
+            for name, tensor in self.text_tensors.items():
+                tensor.copy_(self._base_text[name])
+        else:
+            sources = [s.weights.text_encoder if s.weights.text_encoder is not None else self._base_text for s, _ in pairs]
+            base = self._base_text if soup.MERGE_MODES[mode].needs_base else None
+            soup.merge_into(mode, self.text_tensors, sources, [w for _, w in pairs], base, scale)
+        self._text_mixed = key
+        return key
+
     def label(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> str:
         pairs = self.normalized(mix, shards)
         return soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
@@ -475,7 +537,7 @@ class Studio:
                 raise StudioError(f"the {label} is {n} tokens long; this model reads at most {limit} (shorten it)")
 
     def _embeddings(self, settings: RenderSettings):
-        key = (settings.prompt, settings.negative_prompt)
+        key = (self._text_mixed, settings.prompt, settings.negative_prompt)  # per text encoder
         cached = self._text.hit(key)
         if cached is None:
             cached = self.pipe.encode_prompt(
@@ -532,42 +594,49 @@ class Studio:
                 self._images.put(key, image)
         return image
 
-    def render_component(self, name: str, settings: RenderSettings, shards: Views | None = None) -> Rendered:
-        """One shard's image; cached by the shard's content hash and every render setting."""
+    def render_component(self, name: str, settings: RenderSettings, shards: Views | None = None, *, text_encoders: bool = False) -> Rendered:
+        """One shard's image (with its own text encoder, if it has one, under `text_encoders`);
+        cached by the shard's content hash and every render setting."""
         shard = self._known(name, shards)
 
         def make():
             self.check_settings(settings)
             if shard.unet is None:  # lean mode: the component is the soup of itself alone
                 self.mix({name: 1.0}, shards=shards)
+            self._use_text_encoder([(shard, 1.0)], "average", 1.0, text_encoders)
             return self._denoise(shard.unet or self.hybrid, settings, "component")
 
         with self.lock:
             self._fresh(shard.weights)
-            image = self.cached(("component", shard.sha256, settings), make)
+            own_text = shard.text_sha if text_encoders else None
+            image = self.cached(("component", shard.sha256, own_text, settings), make)
         return Rendered(name, image, "component")
 
     def render_soup(
-        self, mix: dict[str, float], settings: RenderSettings, mode: str = "average", scale: float = 1.0, shards: Views | None = None
+        self, mix: dict[str, float], settings: RenderSettings, mode: str = "average", scale: float = 1.0, shards: Views | None = None,
+        *, text_encoders: bool = False,
     ) -> Rendered:
-        """The hybrid's image for this mix; mix and render happen under one lock, so concurrent
-        sessions never see each other's weights."""
+        """The hybrid's image for this mix (and, with `text_encoders`, the soup of the shards' text
+        encoders); mix and render happen under one lock, so concurrent sessions never see each other's weights."""
 
         def make():
             self.check_settings(settings)
             self.mix(mix, mode, scale, shards)
+            self._use_text_encoder(pairs, mode, scale, text_encoders)
             return self._denoise(self.hybrid, settings, "soup")
 
         with self.lock:
             pairs = self.normalized(mix, shards)
             for s, _ in pairs:
                 self._fresh(s.weights)
-            image = self.cached(("soup", self._key(pairs, mode, scale), settings), make)
-        return Rendered(soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale), image, "soup")
+            text = self._text_key(pairs, mode, scale, text_encoders)
+            image = self.cached(("soup", self._key(pairs, mode, scale), text, settings), make)
+        label = soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
+        return Rendered(label + (", text encoders mixed" if text else ""), image, "soup")
 
     def render_soup_batch(
         self, mix: dict[str, float], batch: list[RenderSettings], mode: str = "average", scale: float = 1.0,
-        shards: Views | None = None, batch_size: int = 64,
+        shards: Views | None = None, batch_size: int = 64, *, text_encoders: bool = False,
     ) -> list[Image.Image]:
         """The hybrid's images for many prompts and seeds, `batch_size` per denoising pass (for
         evaluations: each equals `render_soup` of its settings up to the rounding of batched maths).
@@ -576,6 +645,7 @@ class Studio:
             for settings in batch:
                 self.check_settings(settings)
             self.mix(mix, mode, scale, shards)
+            self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
             return [im for i in range(0, len(batch), batch_size) for im in self._denoise_many(self.hybrid, batch[i : i + batch_size], "soup")]
 
     def render(
@@ -586,6 +656,8 @@ class Studio:
         mode: str = "average",
         scale: float = 1.0,
         shards: Views | None = None,
+        *,
+        text_encoders: bool = False,
     ) -> list[Rendered]:
         """Every selected component (in mix order), then the soup, all from the same initial noise.
 
@@ -597,20 +669,25 @@ class Studio:
         out = []
         for i, name in enumerate(mix):
             report(i / (len(mix) + 1), f"rendering {name}")
-            out.append(self.render_component(name, settings, shards))
+            out.append(self.render_component(name, settings, shards, text_encoders=text_encoders))
         report(len(mix) / (len(mix) + 1), "rendering the soup")
-        out.append(self.render_soup(mix, settings, mode, scale, shards))
+        out.append(self.render_soup(mix, settings, mode, scale, shards, text_encoders=text_encoders))
         report(1.0, "done")
         return out
 
     # -- export ---------------------------------------------------------------------------------
-    def recipe(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> dict:
-        """Where a soup comes from: mode, scale, and each shard's name, content hash and weight."""
+    def recipe(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None, *, text_encoders: bool = False) -> dict:
+        """Where a soup comes from: mode, scale, whether text encoders were mixed, and each shard's
+        name, content hash (and its text encoder's, when mixed) and weight."""
         self.mix_key(mix, mode, scale, shards)
         return {
             "mode": mode,
             "scale": scale,
-            "shards": [{"name": s.name, "sha256": s.sha256, "weight": w} for s, w in self.normalized(mix, shards)],
+            "text_encoders": text_encoders,
+            "shards": [
+                {"name": s.name, "sha256": s.sha256, "weight": w, **({"text_encoder_sha256": s.text_sha} if text_encoders and s.text_sha else {})}
+                for s, w in self.normalized(mix, shards)
+            ],
         }
 
     def souped_weights(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> dict[str, torch.Tensor]:
@@ -636,10 +713,10 @@ class Studio:
         logger.info("exported %s to %s", metadata["modelspec.title"], out)
         return out
 
-    def _merge_metadata(self, mix: dict[str, float], mode: str, scale: float, shards: Views | None) -> dict[str, str]:
+    def _merge_metadata(self, mix: dict[str, float], mode: str, scale: float, shards: Views | None, text_encoders: bool = False) -> dict[str, str]:
         import datetime
 
-        recipe, label = self.recipe(mix, mode, scale, shards), self.label(mix, mode, scale, shards)
+        recipe, label = self.recipe(mix, mode, scale, shards, text_encoders=text_encoders), self.label(mix, mode, scale, shards)
         return {
             "format": "pt",
             "soup_ui.recipe": json.dumps(recipe),
@@ -655,16 +732,19 @@ class Studio:
         }
 
     def export_single_file(
-        self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0, shards: Views | None = None, overwrite: bool = True
+        self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0, shards: Views | None = None, overwrite: bool = True,
+        *, text_encoders: bool = False,
     ) -> Path:
-        """Write the soup as one fp16 checkpoint in the original LDM naming, UNet + VAE + text encoder,
-        with the merge recipe in its metadata: what A1111, Forge and ComfyUI load as a checkpoint."""
+        """Write the soup as one fp16 checkpoint in the original LDM naming, UNet + VAE + text encoder
+        (the base's, or with `text_encoders` the soup of the shards'), with the merge recipe in its
+        metadata: what A1111, Forge and ComfyUI load as a checkpoint."""
         from safetensors.torch import save_file
 
         out = Path(out)
         unet = self.souped_weights(mix, mode, scale, shards)
-        metadata = self._merge_metadata(mix, mode, scale, shards)
+        metadata = self._merge_metadata(mix, mode, scale, shards, text_encoders)
         with self.lock:
+            self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
             tensors = formats.ldm_checkpoint(
                 unet, self.hybrid.config, self.pipe.vae.state_dict(), self.pipe.vae.config,
                 self.pipe.text_encoder.state_dict(), type(self.pipe.text_encoder).__name__,
@@ -691,7 +771,8 @@ class Studio:
         return files
 
     def export_pipeline(
-        self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0, shards: Views | None = None, overwrite: bool = False
+        self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0, shards: Views | None = None, overwrite: bool = False,
+        *, text_encoders: bool = False,
     ) -> Path:
         """Write a complete diffusers pipeline folder whose UNet is the soup (StableDiffusionPipeline.from_pretrained loads it).
 
@@ -703,20 +784,29 @@ class Studio:
             raise StudioError(f"{out.name} exists; tick 'overwrite' (--overwrite) to replace it, or choose a new folder")
         self.mix_key(mix, mode, scale, shards)
         base = Path(self.preset.base)
+        recipe = json.dumps(self.recipe(mix, mode, scale, shards, text_encoders=text_encoders), indent=2)
         if base.is_file():  # a single-file base: every component is written from memory, the UNet being the soup
             with self.lock:
                 self.mix(mix, mode, scale, shards)
+                self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
                 with atomic_path(out, overwrite=True, folder=True) as tmp:
                     self.pipe.save_pretrained(tmp, safe_serialization=True)
-                    (tmp / "soup_recipe.json").write_text(json.dumps(self.recipe(mix, mode, scale, shards), indent=2))
+                    (tmp / "soup_recipe.json").write_text(recipe)
             return out
+        mixed_text = self._text_key(self.normalized(mix, shards), mode, scale, text_encoders) is not None
         with atomic_path(out, overwrite=True, folder=True) as tmp:
-            for file in self.pipeline_files():  # everything but the UNet is the base's, byte for byte
+            for file in self.pipeline_files():  # everything but the UNet (and a mixed text encoder) is the base's, byte for byte
+                if mixed_text and file.parent.name == "text_encoder" and file.suffix == ".safetensors":
+                    continue
                 target = tmp / file.relative_to(base)
                 target.parent.mkdir(exist_ok=True)
                 shutil.copyfile(file, target)
             (tmp / "unet").mkdir()
             shutil.copyfile(base / "unet" / "config.json", tmp / "unet" / "config.json")
             self.export(mix, tmp / "unet" / "diffusion_pytorch_model.safetensors", mode, scale, shards)
-            (tmp / "soup_recipe.json").write_text(json.dumps(self.recipe(mix, mode, scale, shards), indent=2))
+            if mixed_text:
+                with self.lock:
+                    self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
+                    self.pipe.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+            (tmp / "soup_recipe.json").write_text(recipe)
         return out

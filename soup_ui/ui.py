@@ -114,6 +114,10 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 with gr.Row():
                     mode = gr.Radio(list(MERGE_MODES), value="average", label="Merge mode", elem_id="mode")
                     scale = gr.Slider(0.0, 3.0, value=1.0, step=0.05, label="Task-arithmetic scale (lambda)", elem_id="scale")
+                text_mix = gr.Checkbox(
+                    False, label="Mix text encoders too", elem_id="mix-text-encoders",
+                    info="the shards' own text encoders (full checkpoints, pipeline folders) with the same weights; a shard without one counts as the base's",
+                )
             with gr.Column(scale=1):
                 examples = gr.Dropdown([], label="Example prompts", interactive=True)
                 prompt = gr.Textbox(label="Prompt (Enter renders)", elem_id="prompt")
@@ -145,16 +149,16 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 )
 
         settings_inputs = [prompt, negative, seed, steps, guidance, scheduler, height, width]
-        control_inputs = [mode, scale, *checks, *sliders, *settings_inputs]
+        control_inputs = [mode, scale, text_mix, *checks, *sliders, *settings_inputs]
         job_inputs = [state, *control_inputs]
         shard_outputs = [*rows, *checks, *sliders, *notes, mixture]
 
         def controls_from(values) -> Controls:
             """Typed controls from the values of `control_inputs`."""
-            mode_, scale_ = values[0], values[1]
-            flags = tuple(bool(v) for v in values[2 : 2 + MAX_SHARDS])
-            weights = tuple(float(v or 0.0) for v in values[2 + MAX_SHARDS : 2 + 2 * MAX_SHARDS])
-            return Controls(flags, weights, mode_, float(scale_), settings_from(*values[2 + 2 * MAX_SHARDS :]))
+            mode_, scale_, text_ = values[:3]
+            flags = tuple(bool(v) for v in values[3 : 3 + MAX_SHARDS])
+            weights = tuple(float(v or 0.0) for v in values[3 + MAX_SHARDS : 3 + 2 * MAX_SHARDS])
+            return Controls(flags, weights, mode_, float(scale_), settings_from(*values[3 + 2 * MAX_SHARDS :]), bool(text_))
 
         def shard_updates(session: Session, flags=None, weights=None):
             """Rows for the session's shards, in its order (keeping given ticks and weights by name)."""
@@ -167,7 +171,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 *[gr.Group(visible=i < len(shards)) for i in range(MAX_SHARDS)],
                 *[gr.Checkbox(value=t, label=s.name) for s, t in zip(shards, ticks)], *[gr.Checkbox(value=False, label="")] * blank,
                 *[gr.Slider(value=v) for v in values], *[gr.Slider(value=0)] * blank,
-                *[gr.Markdown(html.escape(s.description)) for s in shards], *[gr.Markdown("")] * blank,
+                *[gr.Markdown(html.escape(s.description) + (" *(has its own text encoder)*" if s.text_sha else "")) for s in shards],
+                *[gr.Markdown("")] * blank,
                 mixture_html([s.name for s in shards], [v if t else 0 for t, v in zip(ticks, values)]),
             ]
 
@@ -191,7 +196,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 f" ({len(session.shards)} shards on {studio.device}, {str(studio.dtype).removeprefix('torch.')}{lean}){failed}",
                 gr.Dropdown(choices=r.prompts, value=first if first in r.prompts else None),
                 first, r.negative_prompt, r.seed, r.steps, r.guidance_scale, r.scheduler, r.height, r.width,
-                gr.Button(interactive=True), gr.Dropdown(interactive=True), None, None, "**Soup**", "",
+                gr.Button(interactive=True), gr.Dropdown(interactive=True), None, None, "**Soup**", "", studio.preset.mix_text_encoders,
             ]
 
         def on_mixture(session, *values):
@@ -231,7 +236,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         render_opts = dict(api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4)
         mixture_inputs = [state, *checks, *sliders]
         render_outputs = [components, soup_image, soup_label, stale]
-        preset_outputs = [state, *shard_outputs, status, examples, *settings_inputs, generate, preset, components, soup_image, soup_label, stale]
+        preset_outputs = [state, *shard_outputs, status, examples, *settings_inputs, generate, preset, components, soup_image, soup_label, stale, text_mix]
         demo.load(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
         preset.input(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
         examples.input(lambda p: p, [examples], [prompt], **quiet)
@@ -251,13 +256,14 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             slider.release(**soup_only, **render_opts)
         for control in (mode, scale):
             control.input(**soup_only, **render_opts)
+        text_mix.input(**full, **render_opts)  # components change too (those with their own text encoder)
         uniform.click(on_uniform, [state, *checks], sliders, trigger_mode="always_last", **quiet).then(
             on_mixture, mixture_inputs, [mixture], **quiet
         ).then(**soup_only, **render_opts)
 
         wiring = dict(
             state=state, job_inputs=job_inputs, controls_from=controls_from, shard_updates=shard_updates, current=current,
-            shard_outputs=shard_outputs, preset=preset, checks=checks, sliders=sliders, mode=mode, scale=scale,
+            shard_outputs=shard_outputs, preset=preset, checks=checks, sliders=sliders, mode=mode, scale=scale, text_mix=text_mix,
             settings_inputs=settings_inputs, mixture=mixture, on_mixture=on_mixture, full=full,
         )
         build_workflow_tabs(host, **wiring)
@@ -266,7 +272,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
 
 def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, shard_updates, current, shard_outputs, preset,
-                        checks, sliders, mode, scale, settings_inputs, mixture, on_mixture, full) -> None:
+                        checks, sliders, mode, scale, text_mix, settings_inputs, mixture, on_mixture, full) -> None:
     """The paper's workflows: shards in and out, leave-one-out, interpolation and grids, the
     ensemble reference, recipes and export."""
     # Long workflows queue apart from interactive renders and give way to them between images.
@@ -415,7 +421,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     def on_load_recipe(session, path):
         session = handlers.require(session)
         if not path:
-            return [gr.skip()] * (2 * MAX_SHARDS + 2 + len(settings_inputs) + 1)
+            return [gr.skip()] * (2 * MAX_SHARDS + 3 + len(settings_inputs) + 1)
         mix, recipe = handlers.load_recipe_controls(host, session, path)
         top = max(mix.values()) or 1.0
         mix = {n: w / top for n, w in mix.items()}  # sliders run 0-1; only the ratios matter
@@ -424,7 +430,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
         flags = [gr.Checkbox(value=n in mix) for n in names] + blank
         weights = [gr.Slider(value=mix[n]) if n in mix else gr.skip() for n in names] + blank
         r = recipe.render
-        return [*flags, *weights, recipe.mode, recipe.scale, r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale,
+        return [*flags, *weights, recipe.mode, recipe.scale, recipe.text_encoders, r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale,
                 r.scheduler, r.height, r.width, f"loaded recipe `{html.escape(Path(path).name)}`"]
 
     file_outputs = [export_file, export_message]
@@ -433,7 +439,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     pipeline_button.click(on_export_pipeline, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     single_button.click(on_export_single, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     recipe_upload.upload(
-        on_load_recipe, [state, recipe_upload], [*check_values, mode, scale, *settings_inputs, export_message], api_visibility="private",
+        on_load_recipe, [state, recipe_upload], [*check_values, mode, scale, text_mix, *settings_inputs, export_message], api_visibility="private",
     ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(
         **full, api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4
     )
@@ -481,9 +487,10 @@ def build_api(host: StudioHost, state) -> None:
     def render_with(session: Session, mix_text: str, settings_values) -> tuple:
         mix, settings = handlers.parse_mix(mix_text), settings_from(*settings_values)
         studio = host.get(session.preset)
-        results = studio.render(mix, settings, shards=session.shards)
+        text = studio.preset.mix_text_encoders  # the preset's choice
+        results = studio.render(mix, settings, shards=session.shards, text_encoders=text)
         files = handlers.image_files(host, results[:-1], settings) + [handlers.soup_file(host, results[-1], mix, settings)]
-        return files, {"labels": [r.label for r in results], "recipe": studio.recipe(mix, shards=session.shards)}
+        return files, {"labels": [r.label for r in results], "recipe": studio.recipe(mix, shards=session.shards, text_encoders=text)}
 
     @user_errors
     def api_render_fn(preset_name, mix_text, *settings):
@@ -495,8 +502,9 @@ def build_api(host: StudioHost, state) -> None:
         """The soup alone (what a slider release renders), over the preset's shards."""
         mix, settings_ = handlers.parse_mix(mix_text), settings_from(*settings)
         studio = host.get(preset_name or None)
-        soup = studio.render_soup(mix, settings_)
-        return handlers.soup_file(host, soup, mix, settings_)[0], {"label": soup.label, "recipe": studio.recipe(mix)}
+        text = studio.preset.mix_text_encoders  # the preset's choice
+        soup = studio.render_soup(mix, settings_, text_encoders=text)
+        return handlers.soup_file(host, soup, mix, settings_)[0], {"label": soup.label, "recipe": studio.recipe(mix, text_encoders=text)}
 
     @user_errors
     def api_session_render_fn(session, preset_name, mix_text, *settings):

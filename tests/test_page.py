@@ -322,3 +322,38 @@ def test_export_single_file_from_the_page(server, browser, tiny_preset):
     with safe_open(str(out), "pt") as f:
         assert any(k.startswith("model.diffusion_model.") for k in f.keys())
     page.close()
+
+
+def test_mix_text_encoders_checkbox(server, browser, tiny_preset, tmp_path):
+    """A full single file with its own text encoder, uploaded; ticking "Mix text encoders too"
+    re-renders with the souped text encoder (the label says so, the image changes), unticking goes back."""
+    from test_text_encoders import shifted
+
+    from soup_ui import formats
+    from soup_ui.presets import load_preset
+    from soup_ui.studio import Studio
+
+    studio = Studio(load_preset(tiny_preset))
+    pipe = studio.pipe
+    unet = {k: v.clone() for k, v in studio.shards["gamma"].tensors.items()}
+    own_text = shifted(pipe.text_encoder.state_dict(), 9, scale=0.5)
+    single = formats.ldm_checkpoint(unet, pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config, own_text, "CLIPTextModel")
+    save_file({k: v.contiguous().clone() for k, v in single.items()}, str(tmp_path / "full-ckpt.safetensors"))
+    page = open_page(browser, server)
+    tab(page, "Add / remove shards")
+    fill(page, "add-name", "full")
+    page.locator("#add-file input[type=file]").set_input_files(str(tmp_path / "full-ckpt.safetensors"))
+    page.wait_for_function("document.querySelector('#add-file').innerText.includes('full-ckpt')", timeout=TIMEOUT)
+    page.click("#add-shard")
+    wait_text(page, "#shards-message", "added shard full")
+    page.wait_for_function("document.querySelector('#shard-check-3').innerText.trim() === 'full'", timeout=TIMEOUT)
+    wait_text(page, "body", "(has its own text encoder)")
+    generate(page)
+    before = soup_src(page)
+    assert "text encoders mixed" not in text(page, "#soup-label")
+    page.locator("#mix-text-encoders input").check()
+    wait_text(page, "#soup-label", "text encoders mixed")
+    page.wait_for_function(f"document.querySelector('#soup-image img')?.src !== {before!r}", timeout=TIMEOUT)
+    page.locator("#mix-text-encoders input").uncheck()
+    page.wait_for_function("!document.querySelector('#soup-label').innerText.includes('text encoders mixed')", timeout=TIMEOUT)
+    page.close()

@@ -1,0 +1,173 @@
+""""Mix text encoders too": full single files and pipeline folders carry their own (often finetuned)
+text encoder; with the option on they are souped with the mix's weights, a shard without one counting
+as the base's; integer buffers are never averaged; off (the paper's default), the base's is used."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from soup_ui import formats
+from soup_ui.cli import main as cli_main
+from soup_ui.presets import RenderSettings, load_preset, load_recipe
+from soup_ui.studio import Studio
+
+SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=0)
+
+
+def shifted(tensors, seed, scale=0.2):
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v + scale * torch.randn(v.shape, generator=g)).contiguous() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_preset, tmp_path_factory):
+    """A full LDM single file and a pipeline folder, each with its own finetuned text encoder; and
+    the preset extended with both."""
+    folder = tmp_path_factory.mktemp("text")
+    studio = Studio(load_preset(tiny_preset))
+    pipe = studio.pipe
+    unet = load_file(str(tiny_preset.parent / "beta.safetensors"))
+    text_a = shifted(pipe.text_encoder.state_dict(), 1)
+    single = formats.ldm_checkpoint(unet, pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config, text_a, "CLIPTextModel")
+    # Some checkpoints store position_ids, as floats even: averaging them is a known merger bug.
+    single["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(16, dtype=torch.float32)[None] + 0.3
+    save_file({k: v.contiguous().clone() for k, v in single.items()}, str(folder / "full.safetensors"))
+    text_b = shifted(pipe.text_encoder.state_dict(), 2)
+    shutil.copytree(studio.preset.base, folder / "pipeline")
+    pipe.text_encoder.load_state_dict(text_b)
+    pipe.text_encoder.save_pretrained(folder / "pipeline" / "text_encoder")
+    data = yaml.safe_load(tiny_preset.read_text())
+    data["base"] = str(tiny_preset.parent / data["base"])
+    data["shards"] = [{**s, "path": str(tiny_preset.parent / s["path"])} for s in data["shards"]]
+    data["shards"] += [{"name": "full", "path": str(folder / "full.safetensors")}, {"name": "pipe", "path": str(folder / "pipeline")}]
+    (folder / "text.yaml").write_text(yaml.safe_dump(data))
+    return folder, text_a, text_b
+
+
+@pytest.fixture(scope="module")
+def studio(shards):
+    return Studio(load_preset(shards[0] / "text.yaml"))
+
+
+def text_state(studio):
+    return {k: v.detach().clone() for k, v in studio.pipe.text_encoder.state_dict().items()}
+
+
+def test_shards_with_their_own_text_encoder_are_found(studio):
+    assert studio.shards["full"].weights.text_kind == "the CLIP text encoder of an LDM single file"
+    assert studio.shards["pipe"].weights.text_kind == "the pipeline folder's text_encoder/"
+    assert studio.shards["alpha"].text_sha is None and studio.shards["beta"].text_sha is None  # UNet-only shards
+
+
+def test_text_encoders_are_souped_with_the_mix_weights_and_a_shard_without_counts_as_the_base(studio, shards):
+    _, text_a, text_b = shards
+    studio.render_soup({"full": 1, "pipe": 1}, SETTINGS.model_copy(update={"seed": 5}))  # renders with the base's text encoder
+    base = text_state(studio)
+    studio.render_soup({"full": 1, "pipe": 1, "beta": 2}, SETTINGS, text_encoders=True)
+    mixed = text_state(studio)
+    for k, v in base.items():
+        if k.endswith("position_ids"):
+            assert torch.equal(mixed[k], v) and mixed[k].dtype == torch.int64  # copied, never averaged
+            continue
+        expected = 0.25 * text_a[k].float() + 0.25 * text_b[k].float() + 0.5 * v.float()
+        assert torch.allclose(mixed[k], expected, atol=1e-6), k
+    studio.render_soup({"full": 1, "pipe": 1}, SETTINGS.model_copy(update={"seed": 3}))  # off (the default): the base's text encoder
+    assert all(torch.equal(text_state(studio)[k], v) for k, v in base.items())
+
+
+def test_the_option_changes_the_images_and_the_caches_keep_them_apart(studio):
+    mix = {"full": 1, "pipe": 1}
+    off = np.asarray(studio.render_soup(mix, SETTINGS).image)
+    on = studio.render_soup(mix, SETTINGS, text_encoders=True)
+    assert on.label.endswith(", text encoders mixed")
+    assert not np.array_equal(off, np.asarray(on.image))
+    fresh = SETTINGS.model_copy(update={"seed": 7})  # not cached: the prompt embeddings must be the base's again
+    a = np.asarray(studio.render_soup(mix, fresh).image)
+    studio._images.clear()
+    studio._text.clear()
+    assert np.array_equal(a, np.asarray(studio.render_soup(mix, fresh).image))
+    # UNet-only shards have no text encoder of their own: the option changes nothing for them
+    plain = {"alpha": 1, "beta": 1}
+    assert np.array_equal(np.asarray(studio.render_soup(plain, SETTINGS).image), np.asarray(studio.render_soup(plain, SETTINGS, text_encoders=True).image))
+    assert studio._text_key(studio.normalized(plain), "average", 1.0, True) is None
+
+
+def test_a_component_renders_with_its_own_text_encoder(studio):
+    own = studio.render_component("full", SETTINGS, text_encoders=True).image
+    base = studio.render_component("full", SETTINGS).image
+    assert not np.array_equal(np.asarray(own), np.asarray(base))
+    alone = studio.render_soup({"full": 1}, SETTINGS, text_encoders=True).image
+    assert np.array_equal(np.asarray(own), np.asarray(alone))
+
+
+def test_task_arithmetic_applies_to_text_encoders_too(studio, shards):
+    _, text_a, _ = shards
+    studio.render_soup({"full": 1}, SETTINGS.model_copy(update={"seed": 4}))  # renders with the base's text encoder
+    base = text_state(studio)
+    studio.render_soup({"full": 1}, SETTINGS, "task-arithmetic", 1.5, text_encoders=True)
+    mixed = text_state(studio)
+    k = "encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(mixed[k], base[k] + 1.5 * (text_a[k] - base[k]), atol=1e-5)
+    studio.render_soup({"full": 1}, SETTINGS)
+
+
+def test_exports_carry_the_mixed_text_encoder(studio, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    mix = {"full": 1, "pipe": 1}
+    studio.render_soup(mix, SETTINGS, text_encoders=True)
+    mixed = text_state(studio)
+    out = studio.export_single_file(mix, tmp_path / "soup.safetensors", text_encoders=True)
+    back = StableDiffusionPipeline.from_single_file(str(out), config=str(studio.preset.base), safety_checker=None, requires_safety_checker=False)
+    got = back.text_encoder.state_dict()
+    assert all(torch.equal(got[k].half(), v.half()) for k, v in mixed.items() if v.is_floating_point())
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["soup_ui.recipe"])["text_encoders"] is True
+    folder = studio.export_pipeline(mix, tmp_path / "pipeline", text_encoders=True)
+    loaded = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    assert all(torch.equal(loaded.text_encoder.state_dict()[k], v) for k, v in mixed.items())
+    recipe = json.loads((folder / "soup_recipe.json").read_text())
+    assert recipe["text_encoders"] is True and all("text_encoder_sha256" in s for s in recipe["shards"])
+    plain = studio.export_pipeline(mix, tmp_path / "plain")  # off: the base's text encoder, byte for byte
+    base_te = studio.preset.base / "text_encoder" / "model.safetensors"
+    assert (plain / "text_encoder" / "model.safetensors").read_bytes() == base_te.read_bytes()
+
+
+def test_a_broken_text_encoder_leaves_the_denoiser_usable(studio, shards, tmp_path, caplog):
+    folder = shards[0]
+    tensors = load_file(str(folder / "full.safetensors"))
+    del tensors["cond_stage_model.transformer.text_model.final_layer_norm.weight"]
+    save_file(tensors, str(tmp_path / "broken.safetensors"))
+    with caplog.at_level("WARNING"):
+        shard = studio.add_shard("broken", tmp_path / "broken.safetensors")
+    try:
+        assert shard.text_sha is None
+        assert any("its text encoder is not used" in r.getMessage() and "final_layer_norm.weight" in r.getMessage() for r in caplog.records)
+    finally:
+        studio.remove_shard("broken")
+
+
+def test_a_pickled_text_encoder_is_refused_saying_why(tmp_path):
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(Exception, match="stored only as a pickle .*pytorch_model.bin.*arbitrary code"):
+        formats.text_encoder_files(tmp_path / "text_encoder")
+
+
+def test_cli_flag_and_recipe_field(shards, tmp_path):
+    folder = shards[0]
+    preset = str(folder / "text.yaml")
+    assert cli_main(["render", "--preset", preset, "--mix", "full=1,pipe=1", "--mix-text-encoders", "--steps", "2",
+                     "--out", str(tmp_path / "on.png"), "--save-recipe", str(tmp_path / "r.yaml")]) == 0
+    assert load_recipe(tmp_path / "r.yaml").text_encoders is True
+    assert cli_main(["export", "--recipe", str(tmp_path / "r.yaml"), "--format", "diffusers", "--out", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "soup_recipe.json").read_text())["text_encoders"] is True
+    assert cli_main(["export", "--recipe", str(tmp_path / "r.yaml"), "--no-mix-text-encoders", "--format", "diffusers", "--out", str(tmp_path / "q")]) == 0
+    assert json.loads((tmp_path / "q" / "soup_recipe.json").read_text())["text_encoders"] is False
