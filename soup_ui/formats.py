@@ -332,10 +332,12 @@ def lora_tensors(lora: Mapping[str, LowRank]) -> dict[str, torch.Tensor]:
 
 def base_unet(base: str | Path, config: str | Path | None = None) -> tuple[dict, Found]:
     """A preset's base UNet: its config and where its tensors lie. `base` is a pipeline folder or a
-    single-file checkpoint whose configs come from the pipeline folder `config`."""
+    single-file checkpoint whose configs come from the pipeline folder `config` (by default, the
+    shipped configs of its family)."""
+    from .families import base_config
 
     base = Path(base)
-    unet_config = json.loads((Path(config if base.is_file() else base) / "unet" / "config.json").read_text())
+    unet_config = json.loads((base_config(base, config) / "unet" / "config.json").read_text())
     return unet_config, detect(base if base.is_file() else base / "unet", unet_config)
 
 

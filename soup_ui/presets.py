@@ -80,7 +80,8 @@ class Preset(Strict):
     name: str = ""
     description: str = ""
     base: Path  # a diffusers pipeline folder (model_index.json), or a single-file checkpoint with `config`
-    config: Path | None = None  # for a single-file base: a diffusers pipeline folder giving configs and tokenizer
+    config: Path | None = None  # for a single-file base: a diffusers pipeline folder giving configs and tokenizer (default: shipped, by family)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # override the base's scheduler (SD 2.x 512-px files are epsilon)
     shards: list[ShardSpec] = Field(min_length=1)
     render: RenderDefaults = RenderDefaults()
     # Mix the shards' own text encoders with the same weights (full single files and pipeline folders
@@ -146,11 +147,18 @@ def parse_preset(data: dict, source: Path) -> Preset:
     if base.is_file():
         if base.suffix.lower() != ".safetensors":
             raise PresetError(f"{source}: base: a single-file base must be .safetensors (pickle checkpoints are refused), got {str(preset.base)!r}")
-        if config is None or not (config / "model_index.json").is_file():
-            raise PresetError(
-                f"{source}: config: a single-file base needs `config:` naming a diffusers pipeline folder of the same family "
-                f"(its configs and tokenizer), got {str(preset.config) if preset.config else 'none'}"
-            )
+        if config is not None and not (config / "model_index.json").is_file():
+            raise PresetError(f"{source}: config: not a diffusers pipeline folder (no model_index.json): {str(preset.config)!r}")
+        if config is None:  # the shipped configs of its family
+            from .checkpoints import CheckpointError
+            from .families import NAMES, single_file_family
+
+            try:
+                family = single_file_family(base)
+            except CheckpointError as err:
+                raise PresetError(f"{source}: base: {err}") from None
+            if family == "sdxl":
+                raise PresetError(f"{source}: base: an {NAMES[family]} single file; this studio soups SD 1.x and 2.x pipelines for now")
     elif not (base / "model_index.json").is_file():
         raise PresetError(f"{source}: base: no diffusers pipeline (model_index.json) at {str(preset.base)!r}")
     shards = []

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import checkpoints, formats, soup
+from . import checkpoints, families, formats, soup
 from .files import atomic_path
 from .presets import SCHEDULERS, Preset, RenderSettings
 
@@ -259,8 +259,9 @@ class Studio:
         base = Path(preset.base)
         common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         try:
-            if base.is_file():  # a single-file checkpoint; configs and tokenizer from the preset's `config` folder
-                self.pipe = StableDiffusionPipeline.from_single_file(str(base), config=str(preset.config), torch_dtype=self.dtype, **common)
+            if base.is_file():  # a single-file checkpoint; configs and tokenizer from `config:`, else the shipped ones of its family
+                config = families.base_config(base, preset.config)
+                self.pipe = StableDiffusionPipeline.from_single_file(str(base), config=str(config), torch_dtype=self.dtype, **common)
             else:
                 self.pipe = StableDiffusionPipeline.from_pretrained(base, dtype=self.dtype, use_safetensors=True, **common)
             self.pipe = self.pipe.to(self.device)
@@ -271,7 +272,9 @@ class Studio:
         # shards' own, written in place. Integer buffers (position_ids) are never touched.
         self.text_tensors = {n: p for n, p in self.pipe.text_encoder.named_parameters() if p.is_floating_point()}
         self.text_specs = {n: (tuple(p.shape), "F32") for n, p in self.text_tensors.items()}
-        self.scheduler_config = self.pipe.scheduler.config
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        if preset.prediction_type is not None:  # e.g. an SD 2.x 512-px (epsilon) single file: the shipped SD 2.x config says v-prediction
+            self.scheduler_config["prediction_type"] = preset.prediction_type
         # Where the base UNet's tensors lie on disk, by diffusers name (a folder's unet/, or mapped from a single file).
         _, self.base_found = formats.base_unet(base, preset.config)
         self.base_specs = self.base_found.specs

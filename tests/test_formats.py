@@ -277,7 +277,7 @@ def test_a_single_file_base_with_a_config_folder_renders_like_the_folder(tmp_pat
     assert all(torch.equal(loaded.unet.state_dict()[k], soup[k]) for k in soup)
     data["config"] = None
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
-    with pytest.raises(Exception, match="a single-file base needs `config:` naming a diffusers pipeline folder"):
+    with pytest.raises(Exception, match="32-wide cross-attention; give `config:` naming a diffusers pipeline folder"):
         load_preset(tmp_path / "bad.yaml")
 
 
