@@ -389,14 +389,67 @@ def ldm_vae_names(names: list[str], config: Mapping) -> dict[str, str]:
     return {name: rename(name) for name in names}
 
 
+# Where each family's text encoder(s) live in an original single file: OpenAI CLIP under `transformer.`
+# (transformers' naming, diffusers' `convert_ldm_clip_checkpoint`), OpenCLIP under `model.` (open_clip's
+# naming, diffusers' `convert_open_clip_checkpoint`).
+TEXT_PREFIXES = {
+    "sd1": [("clip", "cond_stage_model.transformer.")],
+    "sd2": [("open_clip", "cond_stage_model.model.")],
+    "sdxl": [("clip", "conditioner.embedders.0.transformer."), ("open_clip", "conditioner.embedders.1.model.")],
+}
+ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}  # modelspec
+OPEN_CLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]
+
+
+def ldm_open_clip_tensors(text_encoder: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model (SD 2.x's, SDXL's second) in open_clip's naming: the inverse of
+    diffusers' `convert_open_clip_checkpoint` (its fixed map used as is; q, k and v joined into
+    `in_proj`; the projection transposed), checked by running that converter on the result."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_open_clip_checkpoint
+
+    state = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in text_encoder.items()}
+    fixed = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    out = {}
+    for name, tensor in state.items():
+        if name in fixed:
+            out[prefix + fixed[name]] = tensor.T.contiguous() if name == "text_projection.weight" else tensor
+            continue
+        match = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", name)
+        if match is None:
+            if name.endswith("position_ids"):
+                continue
+            raise CheckpointError(f"no open_clip name for text-encoder tensor {name!r}")
+        layer, rest = match.groups()
+        block = f"{prefix}transformer.resblocks.{layer}."
+        attention = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+        if attention:
+            if attention.group(1) == "q":  # q, k, v stacked, as nn.MultiheadAttention stores them
+                parts = [state[f"text_model.encoder.layers.{layer}.self_attn.{x}_proj.{attention.group(2)}"] for x in "qkv"]
+                out[f"{block}attn.in_proj_{attention.group(2)}"] = torch.cat(parts)
+            continue
+        for new, old in OPEN_CLIP_LAYER:
+            if rest.startswith(new + "."):
+                rest = old + rest[len(new) :]
+                break
+        out[block + rest] = tensor
+    width = state["text_model.final_layer_norm.weight"].shape[0]
+    config = SimpleNamespace(config=SimpleNamespace(hidden_size=width))
+    back = convert_open_clip_checkpoint(config, out, prefix=prefix)
+    expected = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    if set(back) != set(expected) or any(not torch.equal(back[k], v) for k, v in expected.items()):
+        raise CheckpointError("the open_clip names of this text encoder do not convert back")
+    return out
+
+
 def ldm_checkpoint(unet: Mapping[str, torch.Tensor], unet_config: Mapping, vae: Mapping[str, torch.Tensor], vae_config: Mapping,
-                   text_encoder: Mapping[str, torch.Tensor], text_encoder_class: str) -> dict[str, torch.Tensor]:
+                   text_encoders: list[Mapping[str, torch.Tensor]], family: str) -> dict[str, torch.Tensor]:
     """A whole pipeline as one original-LDM checkpoint (what A1111, Forge and ComfyUI load), every
-    name checked by diffusers' own LDM -> diffusers converters mapping it back to the same tensor."""
+    name checked by diffusers' own LDM -> diffusers converters mapping it back to the same tensor.
+    `family`: "sd1" (a CLIP text encoder), "sd2" (OpenCLIP) or "sdxl" (both), see `text_family`."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
 
-    if text_encoder_class != "CLIPTextModel":
-        raise CheckpointError(f"single-file export supports SD 1.x pipelines (a CLIPTextModel text encoder); this one has {text_encoder_class}")
     out = {LDM_PREFIX + ldm: unet[name] for name, ldm in ldm_unet_names(list(unet), unet_config).items()}
     vae_names = ldm_vae_names(list(vae), vae_config)
     attention = (".mid.attn_1.q.weight", ".mid.attn_1.k.weight", ".mid.attn_1.v.weight", ".mid.attn_1.proj_out.weight")
@@ -405,12 +458,27 @@ def ldm_checkpoint(unet: Mapping[str, torch.Tensor], unet_config: Mapping, vae: 
     if set(back) != set(vae) or any(not torch.equal(back[k], vae[k]) for k in vae):
         raise CheckpointError("the LDM names of this VAE do not convert back")
     out.update({"first_stage_model." + k: v for k, v in vae_ldm.items()})
-    # LDM keeps transformers' `text_model.` level (CLIPTextModel's own state dict drops it since transformers 5.6).
-    text = {"cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in text_encoder.items()}
-    if {k.removeprefix("text_model.") for k in convert_ldm_clip_checkpoint(text)} != {k.removeprefix("text_model.") for k in text_encoder}:
-        raise CheckpointError("the LDM names of this text encoder do not convert back")
-    out.update(text)
+    if len(text_encoders) != len(TEXT_PREFIXES[family]):
+        raise CheckpointError(f"a {family} pipeline has {len(TEXT_PREFIXES[family])} text encoder(s), got {len(text_encoders)}")
+    for text_encoder, (naming, prefix) in zip(text_encoders, TEXT_PREFIXES[family]):
+        if naming == "open_clip":
+            out.update(ldm_open_clip_tensors(text_encoder, prefix))
+            continue
+        # LDM keeps transformers' `text_model.` level (CLIPTextModel's own state dict drops it since transformers 5.6).
+        text = {prefix + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in text_encoder.items()}
+        plain = lambda names: {k.removeprefix("text_model.") for k in names}  # noqa: E731
+        if plain(convert_ldm_clip_checkpoint(text, prefix)) != plain(text_encoder):
+            raise CheckpointError("the LDM names of this text encoder do not convert back")
+        out.update(text)
     return out
+
+
+def text_family(pipe) -> str:
+    """Which original layout a pipeline's text encoders take: "sdxl" (two), "sd2" (OpenCLIP, whose
+    activation is gelu) or "sd1" (OpenAI CLIP, quick_gelu)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    return "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"
 
 
 # -- text encoders ("mix text encoders too") --------------------------------------------------------
@@ -422,6 +490,7 @@ class TextEncoderFound:
     files: list[Path]
     names: dict[str, tuple[Path, str]] = field(default_factory=dict)  # base name -> (file, stored name)
     ignored: Counter = field(default_factory=Counter)
+    open_clip: str | None = None  # an OpenCLIP text encoder under this prefix: converted when read (`read_open_clip`)
 
 
 def text_encoder_files(folder: Path) -> list[Path]:
@@ -460,9 +529,8 @@ def find_text_encoder(path: str | Path, base_specs: Mapping[str, tuple]) -> Text
         stored = {name: (file, name) for file in files for name in read_header(file)}
     else:
         header = read_header(path)
-        if any(k.startswith("cond_stage_model.model.") for k in header):
-            logger.info("%s: its SD 2.x (OpenCLIP) text encoder is not read; it counts as the base's", path.name)
-            return None
+        if any(k.startswith("cond_stage_model.model.") for k in header):  # converted with its data, when first used
+            return TextEncoderFound("the OpenCLIP text encoder of an SD 2.x single file", [path], open_clip="cond_stage_model.model.")
         if not any(k.startswith("cond_stage_model.transformer.") for k in header):
             return None
         # diffusers' own LDM -> transformers renaming, run on meta tensors (a pure renaming: each
@@ -472,20 +540,44 @@ def find_text_encoder(path: str | Path, base_specs: Mapping[str, tuple]) -> Text
         converted = convert_ldm_clip_checkpoint(meta)
         found = TextEncoderFound("the CLIP text encoder of an LDM single file", [path])
         stored = {name: (path, source[id(t)]) for name, t in converted.items() if id(t) in source}
-    specs = {file: read_header(file) for file in found.files}
+    headers = {file: read_header(file) for file in found.files}
+    return _match_text_encoder(path, found, {name: headers[file][key] for name, (file, key) in stored.items()}, stored, base_specs)
+
+
+def read_open_clip(found: TextEncoderFound, base_specs: Mapping[str, tuple]) -> dict[str, torch.Tensor]:
+    """An SD 2.x single file's OpenCLIP text encoder under the base's names, through diffusers'
+    `convert_open_clip_checkpoint` (it slices q, k and v out of one tensor, so this reads the data)."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors import safe_open
+
+    path, prefix = found.files[0], found.open_clip
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    width = tensors[prefix + "ln_final.weight"].shape[0] if prefix + "ln_final.weight" in tensors else 0
+    converted = convert_open_clip_checkpoint(SimpleNamespace(config=SimpleNamespace(hidden_size=width)), tensors, prefix=prefix)
+    specs = {k: (tuple(v.shape), "F32" if v.is_floating_point() else str(v.dtype)) for k, v in converted.items()}
+    matched = _match_text_encoder(path, TextEncoderFound(found.kind, [path]), specs, {k: k for k in converted}, base_specs)
+    return {target: converted[name] for target, name in matched.names.items()}
+
+
+def _match_text_encoder(path: Path, found: TextEncoderFound, specs: dict, sources: dict, base_specs: Mapping[str, tuple]) -> TextEncoderFound:
+    """Map a text encoder's tensors (`specs`: name -> (shape, dtype); `sources`: name -> where it is) to
+    the base's names; every base tensor must be there with its shape."""
     plain = {name.removeprefix("text_model."): name for name in base_specs}  # transformers >= 5.6 drops `text_model.`
-    for name, (file, key) in stored.items():
+    for name, source in sources.items():
         target = plain.get(name.removeprefix("text_model."))
         if target is None:
             found.ignored["integer buffers (position_ids), never mixed" if name.endswith("position_ids") else "text-encoder tensors the base lacks"] += 1
             continue
-        shape, dtype = specs[file][key]
+        shape, dtype = specs[name]
         if tuple(shape) != tuple(base_specs[target][0]) or dtype[0] not in "FB":
             raise CheckpointError(
                 f"{path.name}: {found.kind} does not match the base's: tensor {name!r} is {dtype} {list(shape)}, "
                 f"the base has {base_specs[target][1]} {list(base_specs[target][0])}"
             )
-        found.names[target] = (file, key)
+        found.names[target] = source
     missing = [n for n in base_specs if n not in found.names]
     if missing:
         raise CheckpointError(f"{path.name}: {found.kind} does not match the base's: it lacks tensor {missing[0]!r} ({len(missing)} missing)")

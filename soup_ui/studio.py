@@ -84,11 +84,23 @@ class Weights:
     signature: tuple = ()  # the files' (size, mtime, inode) when hashed; lean mode re-checks it
     kind: str = "diffusers UNet"  # the format detected (formats.Found.kind)
     lora: dict[str, formats.LowRank] | None = None  # a LoRA: kept low rank, added to the base at mix time
-    # The shard's own text encoder (a full single file, a pipeline folder), mixed with "text encoders
-    # too"; None: it counts as the base's. Its identity is `text_sha` (the hash of its files).
+    # The shard's own text encoder (a full single file, a pipeline folder), found from the header at
+    # load; hashed and read only when "mix text encoders too" first uses it. None: it counts as the base's.
+    text_found: formats.TextEncoderFound | None = None
     text_encoder: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
-    text_sha: str | None = None
-    text_kind: str = ""
+    _text_sha: str | None = None
+
+    @property
+    def text_sha(self) -> str | None:
+        """The identity of its own text encoder (the hash of the files holding it), or None."""
+        if self.text_found is not None and self._text_sha is None:
+            files = self.text_found.files
+            self._text_sha = self.sha256 if files == [self.path] else checkpoints.sha256_files(files)
+        return self._text_sha
+
+    @property
+    def text_kind(self) -> str:
+        return self.text_found.kind if self.text_found is not None else ""
 
 
 @dataclass
@@ -336,22 +348,30 @@ class Studio:
                 unet = copy.deepcopy(self.hybrid)
                 unet.load_state_dict(tensors, strict=True)
                 pooled = Weights(path, sha, unet, soup.flatten_module(unet), signature, found.kind)
-            if text is not None:
-                pooled.text_encoder, pooled.text_kind = self._load_text_encoder(path, text), text.kind
-                pooled.text_sha = sha if text.files == [path] else checkpoints.sha256_files(text.files)
+            pooled.text_found = text
         with self.lock:
             pooled = self._pool.setdefault(sha, pooled)
             self._users[sha] += 1
         return pooled
 
-    def _load_text_encoder(self, path: Path, text: formats.TextEncoderFound) -> Mapping[str, torch.Tensor]:
-        """A shard's own text encoder, in the studio's dtype on its device (streamed in lean mode)."""
-        lazy = checkpoints.LazyWeights(path, self.device, self.dtype, text.names)
-        if text.ignored:
-            logger.info("%s (%s): ignored %s", path.name, text.kind, ", ".join(f"{n} {k}" for k, n in text.ignored.items()))
-        tensors = lazy if self.lean else {k: lazy[k] for k in lazy.read_order()}
-        checkpoints.check_finite(path, tensors)
-        return tensors
+    def _text_encoder_of(self, weights: Weights) -> Mapping[str, torch.Tensor]:
+        """A shard's own text encoder, in the studio's dtype on its device (streamed in lean mode);
+        read when first used. Call under the lock."""
+        if weights.text_encoder is None:
+            text, path = weights.text_found, weights.path
+            if text.ignored:
+                logger.info("%s (%s): ignored %s", path.name, text.kind, ", ".join(f"{n} {k}" for k, n in text.ignored.items()))
+            try:
+                if text.open_clip is not None:  # converted with its data
+                    tensors = {k: v.to(self.device, self.dtype) for k, v in formats.read_open_clip(text, self.text_specs).items()}
+                else:
+                    lazy = checkpoints.LazyWeights(path, self.device, self.dtype, text.names)
+                    tensors = lazy if self.lean else {k: lazy[k] for k in lazy.read_order()}
+                checkpoints.check_finite(path, tensors)
+            except checkpoints.CheckpointError as err:
+                raise StudioError(f"cannot mix the text encoder of {path.name}: {err}") from None
+            weights.text_encoder = tensors
+        return weights.text_encoder
 
     def release(self, weights: Weights) -> None:
         """Give back one use of pooled weights; they are freed when nothing uses them."""
@@ -482,7 +502,7 @@ class Studio:
             for name, tensor in self.text_tensors.items():
                 tensor.copy_(self._base_text[name])
         else:
-            sources = [s.weights.text_encoder if s.weights.text_encoder is not None else self._base_text for s, _ in pairs]
+            sources = [self._text_encoder_of(s.weights) if s.weights.text_found is not None else self._base_text for s, _ in pairs]
             base = self._base_text if soup.MERGE_MODES[mode].needs_base else None
             soup.merge_into(mode, self.text_tensors, sources, [w for _, w in pairs], base, scale)
         self._text_mixed = key
@@ -728,7 +748,7 @@ class Studio:
             "sd_merge_models": json.dumps({s["sha256"]: {"name": s["name"], "weight": s["weight"]} for s in recipe["shards"]}),
             # Stability AI's model spec, which ComfyUI, Forge and the A1111 model browser show.
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-v1",
+            "modelspec.architecture": formats.ARCHITECTURES[formats.text_family(self.pipe)],
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.title": label,
             "modelspec.date": datetime.date.today().isoformat(),
@@ -748,10 +768,9 @@ class Studio:
         metadata = self._merge_metadata(mix, mode, scale, shards, text_encoders)
         with self.lock:
             self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
-            tensors = formats.ldm_checkpoint(
-                unet, self.hybrid.config, self.pipe.vae.state_dict(), self.pipe.vae.config,
-                self.pipe.text_encoder.state_dict(), type(self.pipe.text_encoder).__name__,
-            )
+            family = formats.text_family(self.pipe)
+            texts = [self.pipe.text_encoder.state_dict()] + ([self.pipe.text_encoder_2.state_dict()] if family == "sdxl" else [])
+            tensors = formats.ldm_checkpoint(unet, self.hybrid.config, self.pipe.vae.state_dict(), self.pipe.vae.config, texts, family)
             tensors = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous().clone() for k, v in tensors.items()}
         with atomic_path(out, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)

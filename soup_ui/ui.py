@@ -171,7 +171,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 *[gr.Group(visible=i < len(shards)) for i in range(MAX_SHARDS)],
                 *[gr.Checkbox(value=t, label=s.name) for s, t in zip(shards, ticks)], *[gr.Checkbox(value=False, label="")] * blank,
                 *[gr.Slider(value=v) for v in values], *[gr.Slider(value=0)] * blank,
-                *[gr.Markdown(html.escape(s.description) + (" *(has its own text encoder)*" if s.text_sha else "")) for s in shards],
+                *[gr.Markdown(html.escape(s.description) + (" *(has its own text encoder)*" if s.weights.text_kind else "")) for s in shards],
                 *[gr.Markdown("")] * blank,
                 mixture_html([s.name for s in shards], [v if t else 0 for t, v in zip(ticks, values)]),
             ]

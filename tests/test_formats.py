@@ -257,7 +257,7 @@ def test_a_single_file_base_with_a_config_folder_renders_like_the_folder(tmp_pat
 
     pipe = studio.pipe
     single = formats.ldm_checkpoint(dict(studio.base_tensors), pipe.unet.config, pipe.vae.state_dict(),
-                                    pipe.vae.config, pipe.text_encoder.state_dict(), "CLIPTextModel")
+                                    pipe.vae.config, [pipe.text_encoder.state_dict()], "sd1")
     save_file({k: v.contiguous().clone() for k, v in single.items()}, str(tmp_path / "base.safetensors"))
     data = yaml.safe_load(tiny_preset.read_text())
     data["base"], data["config"] = str(tmp_path / "base.safetensors"), str(studio.preset.base)
@@ -347,7 +347,7 @@ def test_cli_add_shard_on_a_single_file_base(tmp_path, tiny_preset, studio):
 
     pipe = studio.pipe
     single = formats.ldm_checkpoint(dict(studio.base_tensors), pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config,
-                                    pipe.text_encoder.state_dict(), "CLIPTextModel")
+                                    [pipe.text_encoder.state_dict()], "sd1")
     save_file({k: v.contiguous().clone() for k, v in single.items()}, str(tmp_path / "base.safetensors"))
     data = yaml.safe_load(tiny_preset.read_text())
     data["base"], data["config"] = str(tmp_path / "base.safetensors"), str(studio.preset.base)

@@ -337,7 +337,7 @@ def test_mix_text_encoders_checkbox(server, browser, tiny_preset, tmp_path):
     pipe = studio.pipe
     unet = {k: v.clone() for k, v in studio.shards["gamma"].tensors.items()}
     own_text = shifted(pipe.text_encoder.state_dict(), 9, scale=0.5)
-    single = formats.ldm_checkpoint(unet, pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config, own_text, "CLIPTextModel")
+    single = formats.ldm_checkpoint(unet, pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config, [own_text], "sd1")
     save_file({k: v.contiguous().clone() for k, v in single.items()}, str(tmp_path / "full-ckpt.safetensors"))
     page = open_page(browser, server)
     tab(page, "Add / remove shards")

@@ -33,7 +33,7 @@ def shards(tiny_preset, tmp_path_factory):
     pipe = studio.pipe
     unet = load_file(str(tiny_preset.parent / "beta.safetensors"))
     text_a = shifted(pipe.text_encoder.state_dict(), 1)
-    single = formats.ldm_checkpoint(unet, pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config, text_a, "CLIPTextModel")
+    single = formats.ldm_checkpoint(unet, pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config, [text_a], "sd1")
     # Some checkpoints store position_ids, as floats even: averaging them is a known merger bug.
     single["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(16, dtype=torch.float32)[None] + 0.3
     save_file({k: v.contiguous().clone() for k, v in single.items()}, str(folder / "full.safetensors"))
@@ -171,3 +171,72 @@ def test_cli_flag_and_recipe_field(shards, tmp_path):
     assert json.loads((tmp_path / "p" / "soup_recipe.json").read_text())["text_encoders"] is True
     assert cli_main(["export", "--recipe", str(tmp_path / "r.yaml"), "--no-mix-text-encoders", "--format", "diffusers", "--out", str(tmp_path / "q")]) == 0
     assert json.loads((tmp_path / "q" / "soup_recipe.json").read_text())["text_encoders"] is False
+
+
+@pytest.fixture(scope="module")
+def sd2_like(tiny_preset, tmp_path_factory):
+    """The tiny pipeline with an OpenCLIP-style text encoder (gelu, as SD 2.x's): a preset on it."""
+    folder = tmp_path_factory.mktemp("sd2like")
+    base = folder / "base"
+    shutil.copytree(tiny_preset.parent / "base", base)
+    config = json.loads((base / "text_encoder" / "config.json").read_text())
+    (base / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    data = yaml.safe_load(tiny_preset.read_text())
+    data["base"] = str(base)
+    data["shards"] = [{**s, "path": str(tiny_preset.parent / s["path"])} for s in data["shards"]]
+    (folder / "sd2.yaml").write_text(yaml.safe_dump(data))
+    return Studio(load_preset(folder / "sd2.yaml"))
+
+
+def test_an_sd2_export_writes_open_clip_names_that_diffusers_reads_back(sd2_like, tmp_path):
+    """SD 2.x single files keep OpenCLIP's layout (resblocks, q/k/v in one in_proj): the export
+    inverts diffusers' converter, and diffusers' from_single_file gives every tensor back."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    out = sd2_like.export_single_file({"alpha": 1, "beta": 1}, tmp_path / "sd2.safetensors")
+    with safe_open(str(out), "pt") as f:
+        names = set(f.keys())
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in names
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in names)
+    back = StableDiffusionPipeline.from_single_file(str(out), config=str(sd2_like.preset.base), safety_checker=None, requires_safety_checker=False)
+    expected = sd2_like.pipe.text_encoder.state_dict()
+    got = back.text_encoder.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k].half(), v.half()) for k, v in expected.items())
+
+
+def test_an_sd2_single_file_text_encoder_mixes(sd2_like, tmp_path):
+    pipe = sd2_like.pipe
+    own = shifted(pipe.text_encoder.state_dict(), 11)
+    unet = {k: v.clone() for k, v in sd2_like.shards["gamma"].tensors.items()}
+    single = formats.ldm_checkpoint(unet, pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config, [own], "sd2")
+    save_file({k: v.contiguous().clone() for k, v in single.items()}, str(tmp_path / "sd2-full.safetensors"))
+    shard = sd2_like.add_shard("sd2full", tmp_path / "sd2-full.safetensors")
+    try:
+        assert shard.weights.text_kind == "the OpenCLIP text encoder of an SD 2.x single file"
+        sd2_like.render_soup({"sd2full": 1}, SETTINGS.model_copy(update={"seed": 21}), text_encoders=True)
+        mixed = text_state(sd2_like)
+        assert all(torch.equal(mixed[k], v) for k, v in own.items())
+    finally:
+        sd2_like.remove_shard("sd2full")
+
+
+def test_sdxl_text_encoders_take_both_original_layouts():
+    """SDXL: CLIP-L under conditioner.embedders.0.transformer, OpenCLIP-bigG (with its projection)
+    under conditioner.embedders.1.model; diffusers' converters take both back exactly."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(**small)).state_dict()
+    big = CLIPTextModelWithProjection(CLIPTextConfig(**small, hidden_act="gelu", projection_dim=16)).state_dict()
+    out = {}
+    for state, (naming, prefix) in zip((clip, big), formats.TEXT_PREFIXES["sdxl"]):
+        out.update(formats.ldm_open_clip_tensors(state, prefix) if naming == "open_clip" else {})
+    assert out["conditioner.embedders.1.model.text_projection"].shape == (16, 16)
+    assert torch.equal(out["conditioner.embedders.1.model.text_projection"], big["text_projection.weight"].T)
+    texts = {"conditioner.embedders.0.transformer.text_model." + k: v for k, v in clip.items()}
+    back = convert_ldm_clip_checkpoint(texts, "conditioner.embedders.0.transformer.")
+    assert {k.removeprefix("text_model.") for k in back} == set(clip)

@@ -1,0 +1,126 @@
+"""Slow check (not in the default test run): the shipped family configs load real-size single files offline.
+
+    python bench/family_check.py [--families sd1 sd2 sdxl] [--folder /tmp/family-check]
+
+For each family, random weights of its real shapes (from `soup_ui/configs/<family>`: SD 1.5, SD 2.1,
+SDXL base 1.0) are written in fp16 as one original-LDM single file (UNet + VAE + text encoder(s),
+through `formats.ldm_checkpoint`, i.e. A1111's layout), then loaded with no `config:`:
+- SD 1.x and SD 2.x through the studio itself (a preset whose base and shard are that file), which
+  renders one 64x64 image;
+- SDXL through diffusers' `StableDiffusionXLPipeline.from_single_file(file, config=<shipped folder>)`
+  (the studio's engine does not run SDXL pipelines yet).
+Every tensor of every component must come back exactly. Each tensor's random values come from a
+seed derived from its name, so they are regenerated for the comparison instead of held in memory.
+Needs about 2x the fp16 checkpoint in RAM (SDXL: ~14 GB) and prints one line per family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from soup_ui import families, formats  # noqa: E402
+
+logger = logging.getLogger("family_check")
+
+
+def random_tensor(component: str, name: str, shape) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.sha256(f"{component}/{name}".encode()).digest()[:8], "little") % (2**63)
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(tuple(shape), generator=g) * 0.02).half()
+
+
+def meta_states(family: str) -> dict[str, tuple[dict, dict]]:
+    """Component -> (config, {name: shape}) from the shipped configs, built on the meta device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = families.config_folder(family)
+    out = {}
+    with torch.device("meta"):
+        for name, build in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+            model = build.from_config(json.loads((folder / name / "config.json").read_text()))
+            out[name] = (dict(model.config), {k: v.shape for k, v in model.state_dict().items()})
+        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            if (folder / name).is_dir():
+                model = cls(CLIPTextConfig.from_pretrained(folder / name))
+                out[name] = ({}, {k: v.shape for k, v in model.state_dict().items() if not k.endswith("position_ids")})
+    return out
+
+
+def write_single_file(family: str, path: Path) -> dict:
+    from safetensors.torch import save_file
+
+    states = meta_states(family)
+    tensors = {c: {k: random_tensor(c, k, s) for k, s in shapes.items()} for c, (_, shapes) in states.items()}
+    texts = [tensors[c] for c in ("text_encoder", "text_encoder_2") if c in tensors]
+    single = formats.ldm_checkpoint(tensors["unet"], states["unet"][0], tensors["vae"], states["vae"][0], texts, family)
+    save_file({k: v.contiguous() for k, v in single.items()}, str(path))
+    return states
+
+
+def compare(component: str, got: dict, shapes: dict) -> int:
+    """How many tensors differ from the random values written."""
+    plain = {k.removeprefix("text_model."): v for k, v in got.items()} if component.startswith("text") else got
+    bad = 0
+    for name, shape in shapes.items():
+        key = name.removeprefix("text_model.") if component.startswith("text") else name
+        if key not in plain or not torch.equal(plain[key].half(), random_tensor(component, name, shape)):
+            bad += 1
+    return bad
+
+
+def check(family: str, folder: Path) -> str:
+    path = folder / f"{family}-random.safetensors"
+    t0 = time.perf_counter()
+    states = write_single_file(family, path)
+    written = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(families.config_folder(family)), torch_dtype=torch.float16)
+        extra = ""
+    else:
+        from soup_ui.presets import RenderSettings, load_preset
+        from soup_ui.studio import Studio
+
+        (folder / f"{family}.yaml").write_text(f"base: {path}\nshards:\n  - name: same\n    path: {path}\n")
+        studio = Studio(load_preset(folder / f"{family}.yaml"))
+        pipe = studio.pipe
+        image = studio.render_soup({"same": 1}, RenderSettings(prompt="a red heart", steps=2, height=64, width=64)).image
+        extra = f", rendered a {image.size[0]}x{image.size[1]} image through the studio"
+    loaded = time.perf_counter() - t0
+    bad = {c: compare(c, getattr(pipe, c).state_dict(), shapes) for c, (_, shapes) in states.items()}
+    total = sum(len(s) for _, s in states.values())
+    size = path.stat().st_size / 1e9
+    path.unlink()
+    verdict = "every tensor exact" if not any(bad.values()) else f"MISMATCHES {bad}"
+    return (f"{families.NAMES[family]}: {total} tensors, {size:.2f} GB fp16 file written in {written:.0f} s, "
+            f"loaded with no config in {loaded:.0f} s{extra}: {verdict}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", choices=["sd1", "sd2", "sdxl"], default=["sd1", "sd2", "sdxl"])
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/family-check"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.folder.mkdir(parents=True, exist_ok=True)
+    lines = [check(f, args.folder) for f in args.families]
+    print("\n".join(lines))
+    return 0 if all("every tensor exact" in line for line in lines) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
