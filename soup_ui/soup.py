@@ -157,7 +157,10 @@ _kernels: dict[str, object] = {}
 _broken: list[str] = []  # why compiling failed, once; then everything runs eager
 _ready: set[tuple] = set()  # (kind, K, dtype, device type) variants compiled already
 _warming: dict[tuple, object] = {}  # variant -> the thread compiling it
-_compile_lock = __import__("threading").Lock()
+# Compiling traces with torch.fx, which patches torch.nn.Module.__call__ for the whole process while
+# it runs: a model running in another thread meanwhile fails ("module is not installed as a
+# submodule"). Compiles and model forward passes (the studio's renders) therefore hold this lock.
+TRACING = __import__("threading").RLock()
 
 
 def _kernel(kind: str):
@@ -186,7 +189,7 @@ def compiled_ready(kind: str, k: int, dtype: torch.dtype, device) -> bool:
 
 def _compile_chunk_variant(k: int, dtype: torch.dtype, device) -> None:
     variant = _variant("chunk", k, dtype, device)
-    with _compile_lock:
+    with TRACING:
         if variant in _ready or _broken:
             return
         out = torch.zeros(FLAT_CHUNK, dtype=dtype, device=device)
@@ -228,7 +231,8 @@ def _run_compiled(kind: str, calls: Iterator[tuple]) -> bool:
     if first is None:
         return False
     try:  # compiles on the first call, before anything else is written
-        kernel(*first)
+        with TRACING:
+            kernel(*first)
     except Exception as err:  # no C++ compiler, unsupported device, ...
         logger.warning("fused soup kernel unavailable (%s: %s); using the eager path", type(err).__name__, err)
         _broken.append(f"{type(err).__name__}: {err}")

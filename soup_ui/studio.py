@@ -581,7 +581,12 @@ class Studio:
 
     def _denoise_many(self, unet: torch.nn.Module, batch: list[RenderSettings], kind: str) -> list[Image.Image]:
         """One denoising pass over a batch of prompts and seeds (steps, guidance, size and scheduler
-        shared); each image starts from its own seed's noise, as if rendered alone."""
+        shared); each image starts from its own seed's noise, as if rendered alone. Never while a
+        soup kernel compiles in the background (see `soup.TRACING`)."""
+        with soup.TRACING:
+            return self._denoise_locked(unet, batch, kind)
+
+    def _denoise_locked(self, unet: torch.nn.Module, batch: list[RenderSettings], kind: str) -> list[Image.Image]:
         import diffusers
 
         settings = batch[0]

@@ -314,3 +314,35 @@ def test_weight_distance_runs_without_float64():
     s1 = {k: v.as_subclass(NoFloat64) for k, v in tensors(1).items()}
     s2 = {k: v.as_subclass(NoFloat64) for k, v in tensors(2).items()}
     assert weight_distance([s1, s2], [1.0, -1.0]) > 0
+
+
+def test_a_render_never_overlaps_a_background_compile(studio, monkeypatch):
+    """Compiling traces with torch.fx, which patches nn.Module.__call__ for the whole process: a UNet
+    running meanwhile in another thread died with "NameError: module is not installed as a
+    submodule" (seen on an SD-1.5-sized base, whose kernel compiles in the background after loading).
+    Renders and compiles now exclude each other."""
+    import threading
+    import time
+
+    from soup_ui import soup as soup_module
+    from soup_ui.presets import RenderSettings
+
+    tracing = threading.Event()
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            tracing.set()
+            time.sleep(1.5)  # while this is traced, every module call in the process goes through fx
+            return x + 1
+
+    def fake_compile(kind, calls):
+        torch.fx.symbolic_trace(Slow())
+        return True
+
+    monkeypatch.setattr(soup_module, "_run_compiled", fake_compile)
+    monkeypatch.setattr(soup_module, "_ready", set())
+    threads = soup_module.warm_up([1], torch.float64, "cpu")
+    assert threads and tracing.wait(30)
+    image = studio.render_soup({"alpha": 1, "beta": 1}, RenderSettings(prompt="a cat", steps=2, height=16, width=16, seed=12345)).image
+    assert image.size == (16, 16)
+    threads[0].join()
