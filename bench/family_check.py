@@ -4,12 +4,10 @@
 
 For each family, random weights of its real shapes (from `soup_ui/configs/<family>`: SD 1.5, SD 2.1,
 SDXL base 1.0) are written in fp16 as one original-LDM single file (UNet + VAE + text encoder(s),
-through `formats.ldm_checkpoint`, i.e. A1111's layout), then loaded with no `config:`:
-- SD 1.x and SD 2.x through the studio itself (a preset whose base and shard are that file), which
-  renders one 64x64 image;
-- SDXL through diffusers' `StableDiffusionXLPipeline.from_single_file(file, config=<shipped folder>)`
-  (the studio's engine does not run SDXL pipelines yet).
-Every tensor of every component must come back exactly. Each tensor's random values come from a
+through `formats.ldm_checkpoint`, i.e. A1111's layout), then loaded with no `config:` by the
+studio itself (a preset whose base and shard are that file; SDXL in lean mode, so that its 2.6B
+UNet is not held three times), which renders one 64x64 image. Every tensor of every component must
+come back exactly. Each tensor's random values come from a
 seed derived from its name, so they are regenerated for the comparison instead of held in memory.
 Needs about 2x the fp16 checkpoint in RAM (SDXL: ~14 GB) and prints one line per family.
 """
@@ -86,22 +84,16 @@ def check(family: str, folder: Path) -> str:
     states = write_single_file(family, path)
     written = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
+    from soup_ui.presets import RenderSettings, load_preset
+    from soup_ui.studio import RuntimeOptions, Studio
 
-        pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(families.config_folder(family)), torch_dtype=torch.float16)
-        extra = ""
-    else:
-        from soup_ui.presets import RenderSettings, load_preset
-        from soup_ui.studio import Studio
-
-        (folder / f"{family}.yaml").write_text(f"base: {path}\nshards:\n  - name: same\n    path: {path}\n")
-        studio = Studio(load_preset(folder / f"{family}.yaml"))
-        pipe = studio.pipe
-        image = studio.render_soup({"same": 1}, RenderSettings(prompt="a red heart", steps=2, height=64, width=64)).image
-        extra = f", rendered a {image.size[0]}x{image.size[1]} image through the studio"
+    (folder / f"{family}.yaml").write_text(f"base: {path}\nshards:\n  - name: same\n    path: {path}\n")
+    studio = Studio(load_preset(folder / f"{family}.yaml"), RuntimeOptions(lean=family == "sdxl"))
     loaded = time.perf_counter() - t0
-    bad = {c: compare(c, getattr(pipe, c).state_dict(), shapes) for c, (_, shapes) in states.items()}
+    pipe = studio.pipe
+    bad = {c: compare(c, getattr(pipe, c).state_dict(), shapes) for c, (_, shapes) in states.items()}  # before any mix
+    image = studio.render_soup({"same": 1}, RenderSettings(prompt="a red heart", steps=2, height=64, width=64)).image
+    extra = f", rendered a {image.size[0]}x{image.size[1]} image through the studio ({type(pipe).__name__})"
     total = sum(len(s) for _, s in states.values())
     size = path.stat().st_size / 1e9
     path.unlink()

@@ -151,14 +151,12 @@ def parse_preset(data: dict, source: Path) -> Preset:
             raise PresetError(f"{source}: config: not a diffusers pipeline folder (no model_index.json): {str(preset.config)!r}")
         if config is None:  # the shipped configs of its family
             from .checkpoints import CheckpointError
-            from .families import NAMES, single_file_family
+            from .families import single_file_family
 
             try:
-                family = single_file_family(base)
+                single_file_family(base)
             except CheckpointError as err:
                 raise PresetError(f"{source}: base: {err}") from None
-            if family == "sdxl":
-                raise PresetError(f"{source}: base: an {NAMES[family]} single file; this studio soups SD 1.x and 2.x pipelines for now")
     elif not (base / "model_index.json").is_file():
         raise PresetError(f"{source}: base: no diffusers pipeline (model_index.json) at {str(preset.base)!r}")
     shards = []

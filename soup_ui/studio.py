@@ -73,6 +73,25 @@ def resolve_dtype(device: torch.device, name: str | None) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # whose UNet the studio soups
+
+
+def pipeline_class(folder: Path) -> tuple[type, dict]:
+    """The diffusers pipeline class a base folder (or config folder) names in its model_index.json,
+    and the arguments it loads with; StudioError naming any other class."""
+    import diffusers
+
+    try:
+        name = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as err:
+        raise StudioError(f"{folder}: no readable model_index.json ({err})") from None
+    if name not in PIPELINES:
+        raise StudioError(f"{folder}: a {name}; the studio soups the UNet of {' and '.join(PIPELINES)} (SD 1.x, SD 2.x, SDXL)")
+    if name == "StableDiffusionXLPipeline":
+        return diffusers.StableDiffusionXLPipeline, dict(add_watermarker=False)
+    return diffusers.StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 @dataclass
 class Weights:
     """A shard's weights as loaded once, shared by every name and session that uses them (the pool)."""
@@ -246,8 +265,6 @@ class Studio:
     """
 
     def __init__(self, preset: Preset, options: RuntimeOptions = RuntimeOptions(), progress: Progress | None = None):
-        from diffusers import StableDiffusionPipeline
-
         self.preset = preset
         self.options = options
         self.device = resolve_device(options.device)
@@ -269,16 +286,17 @@ class Studio:
         report = progress or (lambda f, d: None)
         report(0.0, "loading base pipeline")
         base = Path(preset.base)
-        common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        config = families.base_config(base, preset.config)  # the base folder, `config:`, or the shipped configs of a single file's family
+        cls, common = pipeline_class(config)
         try:
-            if base.is_file():  # a single-file checkpoint; configs and tokenizer from `config:`, else the shipped ones of its family
-                config = families.base_config(base, preset.config)
-                self.pipe = StableDiffusionPipeline.from_single_file(str(base), config=str(config), torch_dtype=self.dtype, **common)
+            if base.is_file():  # a single-file checkpoint
+                self.pipe = cls.from_single_file(str(base), config=str(config), torch_dtype=self.dtype, **common)
             else:
-                self.pipe = StableDiffusionPipeline.from_pretrained(base, dtype=self.dtype, use_safetensors=True, **common)
+                self.pipe = cls.from_pretrained(base, dtype=self.dtype, use_safetensors=True, **common)
             self.pipe = self.pipe.to(self.device)
         except (OSError, ValueError, EnvironmentError) as err:
             raise StudioError(f"{preset.base}: cannot load the base pipeline ({err})") from None
+        self.family = formats.text_family(self.pipe)  # "sd1", "sd2" or "sdxl": how its text encoders are laid out
         self.pipe.set_progress_bar_config(disable=True)
         # The text encoder's floating weights: the base's, or with "text encoders too" a soup of the
         # shards' own, written in place. Integer buffers (position_ids) are never touched.
@@ -478,13 +496,14 @@ class Studio:
                     total += c * lora[key].delta(tensor.shape).to(tensor.device)
             tensor.copy_(total)
 
-    @staticmethod
-    def _text_key(pairs: list[tuple[Shard, float]], mode: str, scale: float, text_encoders: bool) -> tuple | None:
+    def _text_key(self, pairs: list[tuple[Shard, float]], mode: str, scale: float, text_encoders: bool) -> tuple | None:
         """What identifies the text encoder a mix renders with: None for the base's (text encoders not
         mixed, or no selected shard has its own), else the mode and each shard's text-encoder hash
         ("base" for a shard without one) with its weight."""
-        if not text_encoders or all(s.text_sha is None for s, _ in pairs):
+        if not text_encoders or all(s.weights.text_found is None for s, _ in pairs):
             return None
+        if self.family == "sdxl":
+            raise StudioError("mixing text encoders is available for SD 1.x and 2.x pipelines (one text encoder); this base is SDXL")
         return ("text", mode, scale if mode != "average" else 1.0, tuple((s.text_sha or "base", round(w, 12)) for s, w in pairs))
 
     @torch.no_grad()
@@ -559,13 +578,18 @@ class Studio:
             if n > limit:
                 raise StudioError(f"the {label} is {n} tokens long; this model reads at most {limit} (shorten it)")
 
-    def _embeddings(self, settings: RenderSettings):
+    def _embeddings(self, settings: RenderSettings) -> dict[str, torch.Tensor]:
+        """The pipeline's prompt embeddings for these prompts, by the pipeline's argument names (SDXL
+        adds the pooled ones), cached per text encoder."""
         key = (self._text_mixed, settings.prompt, settings.negative_prompt)  # per text encoder
         cached = self._text.hit(key)
         if cached is None:
-            cached = self.pipe.encode_prompt(
-                settings.prompt, self.device, 1, True, negative_prompt=settings.negative_prompt
+            out = self.pipe.encode_prompt(
+                prompt=settings.prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                negative_prompt=settings.negative_prompt,
             )
+            names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+            cached = dict(zip(names, out))
             self._text.put(key, cached)
         return cached
 
@@ -599,8 +623,7 @@ class Studio:
         self.pipe.scheduler = scheduler_cls.from_config(self.scheduler_config)
         try:
             out = self.pipe(
-                prompt_embeds=torch.cat([p for p, _ in embeds]),
-                negative_prompt_embeds=torch.cat([n for _, n in embeds]),
+                **{name: torch.cat([e[name] for e in embeds]) for name in embeds[0]},
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
                 height=settings.height,

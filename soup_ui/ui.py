@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from . import families
 from . import session as handlers
 from .presets import SCHEDULERS
 from .session import MAX_SHARDS, Controls, Session, StudioHost, settings_from
@@ -193,7 +194,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 session,
                 *shard_updates(session),
                 f"**{studio.preset.name or name}**: {html.escape(studio.preset.description)}"
-                f" ({len(session.shards)} shards on {studio.device}, {str(studio.dtype).removeprefix('torch.')}{lean}){failed}",
+                f" ({len(session.shards)} shards; {type(studio.pipe).__name__}, {families.NAMES[studio.family]} layout;"
+                f" {studio.device}, {str(studio.dtype).removeprefix('torch.')}{lean}){failed}",
                 gr.Dropdown(choices=r.prompts, value=first if first in r.prompts else None),
                 first, r.negative_prompt, r.seed, r.steps, r.guidance_scale, r.scheduler, r.height, r.width,
                 gr.Button(interactive=True), gr.Dropdown(interactive=True), None, None, "**Soup**", "", studio.preset.mix_text_encoders,

@@ -129,10 +129,14 @@ def test_a_single_file_base_without_config_uses_the_shipped_family_configs(tmp_p
 
     save_file({formats.LDM_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 2048)}, str(head))
     (tmp_path / "p.yaml").write_text(f"base: {head}\nshards:\n  - name: a\n    path: {head}\n")
-    with pytest.raises(PresetError, match="base: an SDXL single file; this studio soups SD 1.x and 2.x pipelines for now"):
-        load_preset(tmp_path / "p.yaml")
+    assert load_preset(tmp_path / "p.yaml").config is None
+    config = json.loads((families.base_config(head, None) / "unet" / "config.json").read_text())
+    assert config["cross_attention_dim"] == 2048 and config["addition_embed_type"] == "text_time"
     save_file({formats.LDM_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768)}, str(head))
     preset = load_preset(tmp_path / "p.yaml")
     assert preset.config is None
     config, _ = formats.base_unet(preset.base, preset.config)
     assert config["cross_attention_dim"] == 768 and config["block_out_channels"] == [320, 640, 1280, 1280]
+    save_file({formats.LDM_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 100)}, str(head))
+    with pytest.raises(PresetError, match="base: base.safetensors: not a single file of a family with shipped configs .*100-wide"):
+        load_preset(tmp_path / "p.yaml")

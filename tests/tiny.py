@@ -132,3 +132,62 @@ def make_preset(folder: Path, names=("alpha", "beta", "gamma")) -> Path:
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(preset, sort_keys=False))
     return path
+
+
+def make_sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A StableDiffusionXLPipeline of a few thousand parameters: two CLIP text encoders (the second
+    with a projection, as SDXL's OpenCLIP-bigG), a UNet with SDXL's `text_time` conditioning."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = make_tokenizer(folder / "_tokenizer_src")
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    # Widths differ, as in SDXL (768 and 1280): diffusers' single-file loader tells the encoders apart by width.
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text, "hidden_size": 48}, hidden_act="gelu", projection_dim=48))
+    unet = make_sdxl_unet(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def make_sdxl_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 48,  # time ids + pooled text
+        cross_attention_dim=32 + 48, norm_num_groups=8,  # the two text encoders' widths, concatenated
+    ).eval()
+
+
+def make_sdxl_preset(folder: Path, names=("ink", "pastel")) -> Path:
+    """An SDXL base pipeline folder and UNet shards as .safetensors files, and a preset."""
+    from diffusers import UNet2DConditionModel
+
+    base = make_sdxl_pipeline(folder / "base")
+    base_unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    shards = []
+    for i, name in enumerate(names):
+        save_file(finetuned(base_unet, seed=200 + i), str(folder / f"{name}.safetensors"))
+        shards.append({"name": name, "path": f"{name}.safetensors", "description": f"test SDXL shard {name}"})
+    preset = {
+        "name": "tiny-sdxl",
+        "description": "tiny random SDXL test models",
+        "base": "base",
+        "shards": shards,
+        "render": {"prompts": ["a red apple"], "seed": 0, "steps": 3, "guidance_scale": 4.0, "height": 16, "width": 16, "scheduler": "euler"},
+    }
+    path = folder / "tiny-sdxl.yaml"
+    path.write_text(yaml.safe_dump(preset, sort_keys=False))
+    return path

@@ -1,0 +1,106 @@
+"""SDXL: the studio soups the UNet of a StableDiffusionXLPipeline (two text encoders, pooled
+embeddings and size conditioning), built tiny the way diffusers' own SDXL tests build theirs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soup_ui import formats
+from soup_ui.checkpoints import CheckpointError
+from soup_ui.presets import RenderSettings, load_preset
+from soup_ui.studio import Studio, StudioError
+from tiny import make_sdxl_preset
+
+SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=0, scheduler="euler")
+
+
+@pytest.fixture(scope="module")
+def sdxl_preset(tmp_path_factory):
+    return make_sdxl_preset(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(scope="module")
+def studio(sdxl_preset):
+    return Studio(load_preset(sdxl_preset))
+
+
+def test_an_sdxl_preset_loads_mixes_and_renders_from_the_same_noise(studio, sdxl_preset):
+    assert type(studio.pipe).__name__ == "StableDiffusionXLPipeline" and studio.family == "sdxl"
+    results = studio.render({"ink": 1, "pastel": 1}, SETTINGS)
+    images = [np.asarray(r.image) for r in results]
+    assert [r.label for r in results][:2] == ["ink", "pastel"] and results[-1].kind == "soup"
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2])
+    # the soup's weights are the average, and the component is the same file's weights
+    ink, pastel = (load_file(str(sdxl_preset.parent / f"{n}.safetensors")) for n in ("ink", "pastel"))
+    soup = studio.souped_weights({"ink": 1, "pastel": 1})
+    assert all(torch.allclose(soup[k], (ink[k] + pastel[k]) / 2, atol=1e-6) for k in soup)
+    # every image of a render starts from the seed's noise: a soup of one shard is that shard's image
+    alone = studio.render_soup({"ink": 1}, SETTINGS).image
+    assert np.array_equal(np.asarray(alone), images[0])
+
+
+def test_an_sdxl_soup_exports_as_a_single_file_diffusers_reads_back(studio, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    out = studio.export_single_file({"ink": 1, "pastel": 2}, tmp_path / "sdxl.safetensors")
+    with safe_open(str(out), "pt") as f:
+        names = set(f.keys())
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj") for k in names)
+    assert any(k.startswith("model.diffusion_model.label_emb.") for k in names)
+    back = StableDiffusionXLPipeline.from_single_file(str(out), config=str(studio.preset.base))
+    soup = studio.souped_weights({"ink": 1, "pastel": 2})
+    for part, expected in (("unet", soup), ("text_encoder", studio.pipe.text_encoder.state_dict()),
+                           ("text_encoder_2", studio.pipe.text_encoder_2.state_dict()), ("vae", studio.pipe.vae.state_dict())):
+        got = getattr(back, part).state_dict()
+        assert set(got) == set(expected), part
+        assert all(torch.equal(got[k].half(), v.half()) for k, v in expected.items()), part
+    studio.add_shard("exported", out)  # and the file is an SDXL shard again
+    try:
+        assert studio.shards["exported"].weights.kind.startswith("LDM single-file checkpoint")
+    finally:
+        studio.remove_shard("exported")
+
+
+def test_an_sdxl_pipeline_export_loads(studio, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    folder = studio.export_pipeline({"ink": 1, "pastel": 1}, tmp_path / "pipe")
+    loaded = DiffusionPipeline.from_pretrained(folder)
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    soup = studio.souped_weights({"ink": 1, "pastel": 1})
+    assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in soup.items())
+
+
+def test_a_shard_of_another_family_is_refused_in_one_line(studio, tiny_preset):
+    with pytest.raises(CheckpointError, match="a UNet with 32-wide cross-attention; this base is a UNet with 80-wide cross-attention"):
+        studio.add_shard("sd1", tiny_preset.parent / "beta.safetensors")
+
+
+def test_text_encoder_mixing_says_it_is_not_there_for_sdxl(studio):
+    studio.shards["ink"].weights.text_found = formats.TextEncoderFound("a test text encoder", [])
+    try:
+        with pytest.raises(StudioError, match="mixing text encoders is available for SD 1.x and 2.x pipelines"):
+            studio.render_soup({"ink": 1}, SETTINGS, text_encoders=True)
+    finally:
+        studio.shards["ink"].weights.text_found = None
+
+
+def test_an_unsupported_pipeline_class_is_named(tmp_path, sdxl_preset):
+    import shutil
+
+    import yaml
+
+    shutil.copytree(sdxl_preset.parent / "base", tmp_path / "base")
+    index = json.loads((tmp_path / "base" / "model_index.json").read_text())
+    (tmp_path / "base" / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    data = yaml.safe_load(sdxl_preset.read_text())
+    data["base"] = str(tmp_path / "base")
+    data["shards"] = [{**s, "path": str(sdxl_preset.parent / s["path"])} for s in data["shards"]]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(StudioError, match="a FluxPipeline; the studio soups the UNet of StableDiffusionPipeline and StableDiffusionXLPipeline"):
+        Studio(load_preset(tmp_path / "p.yaml"))
