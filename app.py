@@ -7,9 +7,9 @@ import logging
 import os
 from pathlib import Path
 
-# Before gradio is imported: no analytics, no hub calls.
+# Before gradio is imported: no analytics, no telemetry. Offline mode is not forced: the studio reads
+# only local files (shipped configs for single-file bases, the local Hub cache for Hub ids).
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 HERE = Path(__file__).resolve().parent
