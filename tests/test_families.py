@@ -140,3 +140,15 @@ def test_a_single_file_base_without_config_uses_the_shipped_family_configs(tmp_p
     save_file({formats.LDM_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 100)}, str(head))
     with pytest.raises(PresetError, match="base: base.safetensors: not a single file of a family with shipped configs .*100-wide"):
         load_preset(tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[1] / "presets" / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_presets_are_valid_and_only_lack_their_files(example):
+    """presets/examples/: every field valid; loading says which path to fill in."""
+    import yaml
+
+    from soup_ui.presets import Preset, PresetError, load_preset
+
+    Preset.model_validate(yaml.safe_load(example.read_text()))
+    with pytest.raises(PresetError, match="base: no diffusers pipeline|no such file"):
+        load_preset(example)
