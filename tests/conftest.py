@@ -43,27 +43,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tiny_preset):
-    """`python app.py` serving the tiny preset on a free loopback port; yields its URL."""
+def serve(presets: list[Path], folder: Path):
+    """`python app.py` serving these presets on a free loopback port; yields its URL."""
     import subprocess
     import time
     import urllib.request
 
     root = Path(__file__).resolve().parents[1]
     port = free_port()
-    log = open(tiny_preset.parent / "server.log", "w")
+    log = open(folder / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "app.py", "--preset", str(tiny_preset), "--preset", str(second_preset(tiny_preset)), "--port", str(port),
-         "--models-dir", str(tiny_preset.parent),
-         "--output-dir", str(tiny_preset.parent / "outputs")],
+        [sys.executable, "app.py", *[a for p in presets for a in ("--preset", str(p))], "--port", str(port),
+         "--models-dir", str(folder), "--output-dir", str(folder / "outputs")],
         cwd=root, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("app.py exited: " + (tiny_preset.parent / "server.log").read_text()[-2000:])
+            raise RuntimeError("app.py exited: " + (folder / "server.log").read_text()[-2000:])
         try:
             urllib.request.urlopen(url, timeout=2)
             break
@@ -76,6 +74,12 @@ def server(tiny_preset):
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_preset):
+    """`python app.py` serving the tiny preset (and a second one over the same base)."""
+    yield from serve([tiny_preset, second_preset(tiny_preset)], tiny_preset.parent)
 
 
 @pytest.fixture(scope="session")

@@ -357,3 +357,32 @@ def test_mix_text_encoders_checkbox(server, browser, tiny_preset, tmp_path):
     page.locator("#mix-text-encoders input").uncheck()
     page.wait_for_function("!document.querySelector('#soup-label').innerText.includes('text encoders mixed')", timeout=TIMEOUT)
     page.close()
+
+
+@pytest.fixture(scope="module")
+def sdxl_server(tmp_path_factory):
+    from conftest import serve
+    from tiny import make_sdxl_preset
+
+    folder = tmp_path_factory.mktemp("sdxl-page")
+    yield from serve([make_sdxl_preset(folder)], folder)
+
+
+def test_an_sdxl_preset_in_the_page(sdxl_server, browser):
+    """An SDXL base: the header names the pipeline, Generate renders both components and the soup,
+    a slider release re-renders the soup."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1400})
+    page.goto(sdxl_server)
+    page.wait_for_selector("#shard-check-1", state="visible", timeout=TIMEOUT)
+    page.wait_for_function("document.querySelector('#generate')?.disabled === false", timeout=TIMEOUT)
+    wait_text(page, "#status", "StableDiffusionXLPipeline, SDXL layout")
+    generate(page, "soup: 0.50 ink + 0.50 pastel")
+    page.wait_for_function("document.querySelectorAll('#components img').length === 2", timeout=TIMEOUT)
+    before = soup_src(page)
+    box = page.locator("#shard-weight-1 input[type=number]")
+    box.fill("0.25")
+    box.press("Enter")
+    wait_text(page, "#soup-label", "soup: 0.80 ink + 0.20 pastel")
+    assert soup_src(page) != before
+    page.screenshot(path="/tmp/sdxl-page.png")
+    page.close()
