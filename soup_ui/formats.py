@@ -482,15 +482,25 @@ def text_family(pipe) -> str:
 
 
 # -- text encoders ("mix text encoders too") --------------------------------------------------------
+# Text-encoder tensors are named "<pipeline component>.<name>": "text_encoder.encoder.layers.0...",
+# and for SDXL also "text_encoder_2....". In an original single file each component has its place:
+TEXT_PARTS = {  # prefix -> (component, naming)
+    "cond_stage_model.transformer.": ("text_encoder", "clip"),  # SD 1.x
+    "cond_stage_model.model.": ("text_encoder", "open_clip"),  # SD 2.x
+    "conditioner.embedders.0.transformer.": ("text_encoder", "clip"),  # SDXL
+    "conditioner.embedders.1.model.": ("text_encoder_2", "open_clip"),
+}
+
+
 @dataclass
 class TextEncoderFound:
-    """A shard's own text encoder: where each of its tensors lies, under the base text encoder's names."""
+    """A shard's own text encoder(s): where each tensor lies, under the base's "<component>.<name>" names."""
 
-    kind: str  # for people: "the pipeline folder's text_encoder/", "CLIP text encoder of an LDM single file"
+    kind: str  # for people: "the pipeline folder's text_encoder/", "the CLIP text encoder of an LDM single file"
     files: list[Path]
     names: dict[str, tuple[Path, str]] = field(default_factory=dict)  # base name -> (file, stored name)
     ignored: Counter = field(default_factory=Counter)
-    open_clip: str | None = None  # an OpenCLIP text encoder under this prefix: converted when read (`read_open_clip`)
+    open_clip: dict[str, str] = field(default_factory=dict)  # component -> prefix of an OpenCLIP encoder, converted when read
 
 
 def text_encoder_files(folder: Path) -> list[Path]:
@@ -511,74 +521,96 @@ def text_encoder_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors in this text encoder folder")
 
 
+def _component(base_specs: Mapping[str, tuple], component: str) -> dict[str, tuple]:
+    return {k[len(component) + 1 :]: v for k, v in base_specs.items() if k.startswith(component + ".")}
+
+
 def find_text_encoder(path: str | Path, base_specs: Mapping[str, tuple]) -> TextEncoderFound | None:
-    """The shard's own text encoder, mapped to the base text encoder's names (`base_specs`: name ->
-    (shape, dtype), floating tensors only), or None when the shard has none (a UNet file or folder,
-    a LoRA): it then counts as the base's. Header only. Integer buffers (`position_ids`, which some
-    checkpoints store) are never mixed: they are left out here. Raises CheckpointError naming the first
-    tensor that does not fit the base's text encoder."""
+    """The shard's own text encoder(s), mapped to the base's names (`base_specs`: "<component>.<name>"
+    -> (shape, dtype), floating tensors only), or None when the shard has none (a UNet file or
+    folder, a LoRA): it then counts as the base's. Header only (an OpenCLIP encoder is converted when
+    first read, `read_open_clip`). Integer buffers (`position_ids`, which some checkpoints store) are
+    never mixed: they are left out here. Raises CheckpointError naming the first tensor that does not
+    fit the base's text encoder."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
     path = Path(path)
+    components = sorted({k.split(".", 1)[0] for k in base_specs})
     if path.is_dir():
-        folder = path / "text_encoder"
-        if not (path / "model_index.json").is_file() or not folder.is_dir():
+        if not (path / "model_index.json").is_file() or not (path / "text_encoder").is_dir():
             return None
-        files = text_encoder_files(folder)
-        found = TextEncoderFound("the pipeline folder's text_encoder/", files)
-        stored = {name: (file, name) for file in files for name in read_header(file)}
-    else:
-        header = read_header(path)
-        if any(k.startswith("cond_stage_model.model.") for k in header):  # converted with its data, when first used
-            return TextEncoderFound("the OpenCLIP text encoder of an SD 2.x single file", [path], open_clip="cond_stage_model.model.")
-        if not any(k.startswith("cond_stage_model.transformer.") for k in header):
-            return None
+        found = TextEncoderFound(f"the pipeline folder's {', '.join(c + '/' for c in components)}", [])
+        for component in components:
+            if not (path / component).is_dir():
+                raise CheckpointError(f"{path.name}: a pipeline folder without {component}/ (the base has one)")
+            files = text_encoder_files(path / component)
+            found.files += files
+            stored = {name: (file, name) for file in files for name in read_header(file)}
+            specs = {name: read_header(file)[key] for name, (file, key) in stored.items()}
+            _match_text_encoder(path, found, specs, stored, base_specs, component)
+        return found
+    header = read_header(path)
+    parts = {prefix: part for prefix, part in TEXT_PARTS.items() if any(k.startswith(prefix) for k in header)}
+    if not parts:
+        return None
+    names = {"clip": "CLIP", "open_clip": "OpenCLIP"}
+    found = TextEncoderFound(f"the {' and '.join(names[n] for _, n in parts.values())} text encoder{'s' if len(parts) > 1 else ''} of an LDM single file", [path])
+    if sorted(c for c, _ in parts.values()) != components:
+        raise CheckpointError(f"{path.name}: {found.kind} do not match the base's ({', '.join(components)})")
+    for prefix, (component, naming) in parts.items():
+        if naming == "open_clip":  # q, k and v are slices of one tensor: converted with its data, when first used
+            found.open_clip[component] = prefix
+            continue
         # diffusers' own LDM -> transformers renaming, run on meta tensors (a pure renaming: each
         # result is the very tensor it came from, which names its source)
-        meta = {k: torch.empty(shape, device="meta") for k, (shape, _) in header.items() if k.startswith("cond_stage_model.transformer.")}
+        meta = {k: torch.empty(shape, device="meta") for k, (shape, _) in header.items() if k.startswith(prefix)}
         source = {id(t): k for k, t in meta.items()}
-        converted = convert_ldm_clip_checkpoint(meta)
-        found = TextEncoderFound("the CLIP text encoder of an LDM single file", [path])
+        converted = convert_ldm_clip_checkpoint(meta, prefix)
         stored = {name: (path, source[id(t)]) for name, t in converted.items() if id(t) in source}
-    headers = {file: read_header(file) for file in found.files}
-    return _match_text_encoder(path, found, {name: headers[file][key] for name, (file, key) in stored.items()}, stored, base_specs)
+        _match_text_encoder(path, found, {n: header[k] for n, (_, k) in stored.items()}, stored, base_specs, component)
+    return found
 
 
 def read_open_clip(found: TextEncoderFound, base_specs: Mapping[str, tuple]) -> dict[str, torch.Tensor]:
-    """An SD 2.x single file's OpenCLIP text encoder under the base's names, through diffusers'
-    `convert_open_clip_checkpoint` (it slices q, k and v out of one tensor, so this reads the data)."""
+    """The OpenCLIP text encoder(s) of a single file (SD 2.x's, SDXL's second) under the base's names,
+    through diffusers' `convert_open_clip_checkpoint` (it slices q, k and v out of one tensor, so
+    this reads the data)."""
     from types import SimpleNamespace
 
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from safetensors import safe_open
 
-    path, prefix = found.files[0], found.open_clip
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    width = tensors[prefix + "ln_final.weight"].shape[0] if prefix + "ln_final.weight" in tensors else 0
-    converted = convert_open_clip_checkpoint(SimpleNamespace(config=SimpleNamespace(hidden_size=width)), tensors, prefix=prefix)
-    specs = {k: (tuple(v.shape), "F32" if v.is_floating_point() else str(v.dtype)) for k, v in converted.items()}
-    matched = _match_text_encoder(path, TextEncoderFound(found.kind, [path]), specs, {k: k for k in converted}, base_specs)
-    return {target: converted[name] for target, name in matched.names.items()}
+    path, out = found.files[0], {}
+    for component, prefix in found.open_clip.items():
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        width = tensors[prefix + "ln_final.weight"].shape[0] if prefix + "ln_final.weight" in tensors else 0
+        converted = convert_open_clip_checkpoint(SimpleNamespace(config=SimpleNamespace(hidden_size=width)), tensors, prefix=prefix)
+        specs = {k: (tuple(v.shape), "F32" if v.is_floating_point() else str(v.dtype)) for k, v in converted.items()}
+        matched = _match_text_encoder(path, TextEncoderFound(found.kind, [path]), specs, {k: k for k in converted}, base_specs, component)
+        out.update({target: converted[name] for target, name in matched.names.items()})
+    return out
 
 
-def _match_text_encoder(path: Path, found: TextEncoderFound, specs: dict, sources: dict, base_specs: Mapping[str, tuple]) -> TextEncoderFound:
-    """Map a text encoder's tensors (`specs`: name -> (shape, dtype); `sources`: name -> where it is) to
-    the base's names; every base tensor must be there with its shape."""
-    plain = {name.removeprefix("text_model."): name for name in base_specs}  # transformers >= 5.6 drops `text_model.`
+def _match_text_encoder(path: Path, found: TextEncoderFound, specs: dict, sources: dict, base_specs: Mapping[str, tuple],
+                        component: str) -> TextEncoderFound:
+    """Map one text encoder's tensors (`specs`: name -> (shape, dtype); `sources`: name -> where it is)
+    to the base's `component`; every tensor of the base's must be there with its shape."""
+    base = _component(base_specs, component)
+    plain = {name.removeprefix("text_model."): name for name in base}  # transformers >= 5.6 drops `text_model.` (CLIPTextModel)
     for name, source in sources.items():
         target = plain.get(name.removeprefix("text_model."))
         if target is None:
             found.ignored["integer buffers (position_ids), never mixed" if name.endswith("position_ids") else "text-encoder tensors the base lacks"] += 1
             continue
         shape, dtype = specs[name]
-        if tuple(shape) != tuple(base_specs[target][0]) or dtype[0] not in "FB":
+        if tuple(shape) != tuple(base[target][0]) or dtype[0] not in "FB":
             raise CheckpointError(
-                f"{path.name}: {found.kind} does not match the base's: tensor {name!r} is {dtype} {list(shape)}, "
-                f"the base has {base_specs[target][1]} {list(base_specs[target][0])}"
+                f"{path.name}: {found.kind} does not match the base's {component}: tensor {name!r} is {dtype} {list(shape)}, "
+                f"the base has {base[target][1]} {list(base[target][0])}"
             )
-        found.names[target] = source
-    missing = [n for n in base_specs if n not in found.names]
+        found.names[f"{component}.{target}"] = source
+    missing = [n for n in base if f"{component}.{n}" not in found.names]
     if missing:
-        raise CheckpointError(f"{path.name}: {found.kind} does not match the base's: it lacks tensor {missing[0]!r} ({len(missing)} missing)")
+        raise CheckpointError(f"{path.name}: {found.kind} does not match the base's {component}: it lacks tensor {missing[0]!r} ({len(missing)} missing)")
     return found

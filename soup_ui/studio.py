@@ -300,7 +300,10 @@ class Studio:
         self.pipe.set_progress_bar_config(disable=True)
         # The text encoder's floating weights: the base's, or with "text encoders too" a soup of the
         # shards' own, written in place. Integer buffers (position_ids) are never touched.
-        self.text_tensors = {n: p for n, p in self.pipe.text_encoder.named_parameters() if p.is_floating_point()}
+        self.text_components = [c for c in ("text_encoder", "text_encoder_2") if getattr(self.pipe, c, None) is not None]
+        self.text_tensors = {
+            f"{c}.{n}": p for c in self.text_components for n, p in getattr(self.pipe, c).named_parameters() if p.is_floating_point()
+        }
         self.text_specs = {n: (tuple(p.shape), "F32") for n, p in self.text_tensors.items()}
         self.scheduler_config = dict(self.pipe.scheduler.config)
         if preset.prediction_type is not None:  # e.g. an SD 2.x 512-px (epsilon) single file: the shipped SD 2.x config says v-prediction
@@ -380,11 +383,12 @@ class Studio:
             if text.ignored:
                 logger.info("%s (%s): ignored %s", path.name, text.kind, ", ".join(f"{n} {k}" for k, n in text.ignored.items()))
             try:
-                if text.open_clip is not None:  # converted with its data
-                    tensors = {k: v.to(self.device, self.dtype) for k, v in formats.read_open_clip(text, self.text_specs).items()}
-                else:
-                    lazy = checkpoints.LazyWeights(path, self.device, self.dtype, text.names)
-                    tensors = lazy if self.lean else {k: lazy[k] for k in lazy.read_order()}
+                lazy = checkpoints.LazyWeights(path, self.device, self.dtype, text.names)
+                if self.lean and not text.open_clip:
+                    tensors = lazy
+                else:  # an OpenCLIP encoder is converted with its data, so it is held
+                    tensors = {k: lazy[k] for k in lazy.read_order()}
+                    tensors.update({k: v.to(self.device, self.dtype) for k, v in formats.read_open_clip(text, self.text_specs).items()})
                 checkpoints.check_finite(path, tensors)
             except checkpoints.CheckpointError as err:
                 raise StudioError(f"cannot mix the text encoder of {path.name}: {err}") from None
@@ -502,8 +506,6 @@ class Studio:
         ("base" for a shard without one) with its weight."""
         if not text_encoders or all(s.weights.text_found is None for s, _ in pairs):
             return None
-        if self.family == "sdxl":
-            raise StudioError("mixing text encoders is available for SD 1.x and 2.x pipelines (one text encoder); this base is SDXL")
         return ("text", mode, scale if mode != "average" else 1.0, tuple((s.text_sha or "base", round(w, 12)) for s, w in pairs))
 
     @torch.no_grad()
@@ -845,8 +847,8 @@ class Studio:
             return out
         mixed_text = self._text_key(self.normalized(mix, shards), mode, scale, text_encoders) is not None
         with atomic_path(out, overwrite=True, folder=True) as tmp:
-            for file in self.pipeline_files():  # everything but the UNet (and a mixed text encoder) is the base's, byte for byte
-                if mixed_text and file.parent.name == "text_encoder" and file.suffix == ".safetensors":
+            for file in self.pipeline_files():  # everything but the UNet (and mixed text encoders) is the base's, byte for byte
+                if mixed_text and file.parent.name in self.text_components and file.suffix == ".safetensors":
                     continue
                 target = tmp / file.relative_to(base)
                 target.parent.mkdir(exist_ok=True)
@@ -857,6 +859,7 @@ class Studio:
             if mixed_text:
                 with self.lock:
                     self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
-                    self.pipe.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+                    for component in self.text_components:
+                        getattr(self.pipe, component).save_pretrained(tmp / component, safe_serialization=True)
             (tmp / "soup_recipe.json").write_text(recipe)
         return out

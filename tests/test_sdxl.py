@@ -81,13 +81,49 @@ def test_a_shard_of_another_family_is_refused_in_one_line(studio, tiny_preset):
         studio.add_shard("sd1", tiny_preset.parent / "beta.safetensors")
 
 
-def test_text_encoder_mixing_says_it_is_not_there_for_sdxl(studio):
-    studio.shards["ink"].weights.text_found = formats.TextEncoderFound("a test text encoder", [])
+def test_sdxl_text_encoders_mix_from_single_files_and_pipeline_folders(studio, tmp_path):
+    """Both SDXL text encoders: CLIP-L from conditioner.embedders.0 (renamed on meta tensors), OpenCLIP
+    from conditioner.embedders.1 (converted with its data), or a pipeline folder's two folders."""
+    import shutil
+
+    from test_text_encoders import shifted
+
+    from soup_ui import formats
+
+    pipe = studio.pipe
+    own = [shifted(pipe.text_encoder.state_dict(), 31), shifted(pipe.text_encoder_2.state_dict(), 32)]
+    unet = {k: v.clone() for k, v in studio.shards["ink"].tensors.items()}
+    single = formats.ldm_checkpoint(unet, pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config, own, "sdxl")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().clone() for k, v in single.items()}, str(tmp_path / "xl-full.safetensors"))
+    shutil.copytree(studio.preset.base, tmp_path / "xl-pipe")
+    other = [shifted(pipe.text_encoder.state_dict(), 33), shifted(pipe.text_encoder_2.state_dict(), 34)]
+    for component, state in zip(("text_encoder", "text_encoder_2"), other):
+        module = getattr(pipe, component)
+        base = {k: v.clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(state)
+        module.save_pretrained(tmp_path / "xl-pipe" / component)
+        module.load_state_dict(base)
+    studio.add_shard("full", tmp_path / "xl-full.safetensors")
+    studio.add_shard("folder", tmp_path / "xl-pipe")
     try:
-        with pytest.raises(StudioError, match="mixing text encoders is available for SD 1.x and 2.x pipelines"):
-            studio.render_soup({"ink": 1}, SETTINGS, text_encoders=True)
+        assert studio.shards["full"].weights.text_kind == "the CLIP and OpenCLIP text encoders of an LDM single file"
+        assert studio.shards["folder"].weights.text_kind == "the pipeline folder's text_encoder/, text_encoder_2/"
+        result = studio.render_soup({"full": 1, "folder": 1, "pastel": 2}, SETTINGS.model_copy(update={"seed": 41}), text_encoders=True)
+        assert result.label.endswith("text encoders mixed")
+        for component, a, b in zip(("text_encoder", "text_encoder_2"), own, other):
+            base = studio._base_text
+            got = getattr(pipe, component).state_dict()
+            for k, v in got.items():
+                if k.endswith("position_ids"):
+                    continue
+                expected = 0.25 * a[k] + 0.25 * b[k] + 0.5 * base[f"{component}.{k}"]
+                assert torch.allclose(v, expected, atol=1e-6), (component, k)
     finally:
-        studio.shards["ink"].weights.text_found = None
+        studio.render_soup({"ink": 1}, SETTINGS.model_copy(update={"seed": 42}))  # back to the base's text encoders
+        studio.remove_shard("full")
+        studio.remove_shard("folder")
 
 
 def test_an_unsupported_pipeline_class_is_named(tmp_path, sdxl_preset):

@@ -214,7 +214,7 @@ def test_an_sd2_single_file_text_encoder_mixes(sd2_like, tmp_path):
     save_file({k: v.contiguous().clone() for k, v in single.items()}, str(tmp_path / "sd2-full.safetensors"))
     shard = sd2_like.add_shard("sd2full", tmp_path / "sd2-full.safetensors")
     try:
-        assert shard.weights.text_kind == "the OpenCLIP text encoder of an SD 2.x single file"
+        assert shard.weights.text_kind == "the OpenCLIP text encoder of an LDM single file"
         sd2_like.render_soup({"sd2full": 1}, SETTINGS.model_copy(update={"seed": 21}), text_encoders=True)
         mixed = text_state(sd2_like)
         assert all(torch.equal(mixed[k], v) for k, v in own.items())
