@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from soup_ui.cli import quiet_libraries  # noqa: E402
-from soup_ui.data import load_captioned_images, to_model_range  # noqa: E402
+from soup_ui.data import held_out_ids, load_captioned_images, to_model_range  # noqa: E402
 from soup_ui.presets import RenderSettings, load_preset  # noqa: E402
 from soup_ui.sheet import grid  # noqa: E402
 from soup_ui.studio import Studio  # noqa: E402
@@ -104,8 +104,7 @@ def classifiers(data: Path, cache: Path, seed: int = 0, epoch_scale: float = 1.0
     images = load_captioned_images(data, 64, caption_column="text_ascii")
     x = to_model_range(images.pixels)
     ids = sorted({r["emoji_id"] for r in images.rows})
-    rng = random.Random(seed)
-    held_emoji = set(rng.sample(ids, len(ids) // 10))
+    held_emoji = held_out_ids(ids, seed)
     content_of = {e: i for i, e in enumerate(ids)}
     style_y = torch.tensor([STYLES.index(r["style"]) for r in images.rows])
     content_y = torch.tensor([content_of[r["emoji_id"]] for r in images.rows])

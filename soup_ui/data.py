@@ -94,3 +94,12 @@ def load_captioned_images(
 def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1], the range diffusers' VAEs expect."""
     return pixels.float().div(127.5).sub(1.0)
+
+
+def held_out_ids(ids: list[str], seed: int = 0, fraction: int = 10) -> set[str]:
+    """One emoji id in `fraction`, drawn by `seed` from the sorted ids: the evaluation's held-out emoji
+    (bench/emoji_eval.py judges round trips on them; the recipe's decoder stage never trains on them)."""
+    import random
+
+    ordered = sorted(ids)
+    return set(random.Random(seed).sample(ordered, len(ordered) // fraction))

@@ -131,6 +131,16 @@ def test_the_gpu_budget_keeps_the_samples_seen_and_scales_epochs():
     assert gpu.base_steps * gpu.base_batch == 2 * cpu.base_steps * cpu.base_batch
     assert gpu.shard_steps * gpu.shard_batch == 2 * cpu.shard_steps * cpu.shard_batch
     assert (gpu.vae_steps, gpu.vae_batch) == (cpu.vae_steps, cpu.vae_batch)  # the VAE's schedule unchanged
+    assert (gpu.decoder_steps, gpu.decoder_batch) == (cpu.decoder_steps, cpu.decoder_batch)  # and its decoder's
     assert gpu.snapshots == tuple(s * 2 // 8 for s in cpu.snapshots) and gpu.snapshots[-1] == gpu.shard_steps
     assert gpu.ema_decay == pytest.approx(cpu.ema_decay**8)  # the same averaging horizon in samples
     assert scaled(cpu, 1) is cpu
+
+
+def test_the_held_out_emoji_are_one_in_ten_and_fixed_by_the_seed():
+    from soup_ui.data import held_out_ids
+
+    ids = [f"e{i:04d}" for i in range(1595)]
+    held = held_out_ids(list(reversed(ids)), seed=0)
+    assert len(held) == 159 and held == held_out_ids(ids, seed=0)  # order of the input does not matter
+    assert held != held_out_ids(ids, seed=1)
