@@ -123,7 +123,7 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
     if width and base_width and width != base_width:
         raise CheckpointError(f"{path.name}: {'an' if kind.startswith('LDM') else 'a'} {kind} for {family(width)}; this base is {family(base_width)}")
     if "LoRA" in kind:
-        return _lora(path, files, kind, keys, base_specs)
+        return _lora(path, files, kind, base_config, base_specs)
     if kind.startswith("LDM"):
         return _ldm(path, files, headers, base_config, base_specs)
     if where:
@@ -180,15 +180,19 @@ def _ldm(path: Path, files: list[Path], headers: dict, base_config: Mapping, bas
     return found
 
 
-def _lora(path: Path, files: list[Path], kind: str, keys: list[str], base_specs: Mapping) -> Found:
+def _lora(path: Path, files: list[Path], kind: str, base_config: Mapping, base_specs: Mapping) -> Found:
     """A LoRA through diffusers' own state-dict conversion (kohya and old diffusers namings become
     peft's `lora_A`/`lora_B` with alphas); kept low rank: base weight name -> LowRank."""
+    from types import SimpleNamespace
+
     from diffusers import StableDiffusionPipeline
 
     if len(files) != 1:
         raise CheckpointError(f"{path.name}: a {kind} split over {len(files)} files is not supported")
     try:
-        out = StableDiffusionPipeline.lora_state_dict(str(files[0]))
+        # unet_config: kohya SDXL LoRAs name blocks as the original model does (input_blocks_4_1_...)
+        config = SimpleNamespace(**dict(base_config))  # read by attribute, as a model's config is
+        out = StableDiffusionPipeline.lora_state_dict(str(files[0]), unet_config=config, use_safetensors=True)
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path.name}: a {kind} that diffusers cannot read ({err})") from None
     state, alphas = out[0], out[1] or {}

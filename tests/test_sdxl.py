@@ -140,3 +140,45 @@ def test_an_unsupported_pipeline_class_is_named(tmp_path, sdxl_preset):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(StudioError, match="a FluxPipeline; the studio soups the UNet of StableDiffusionPipeline and StableDiffusionXLPipeline"):
         Studio(load_preset(tmp_path / "p.yaml"))
+
+
+@pytest.mark.parametrize("naming", ["peft", "kohya-sgm"])
+def test_an_sdxl_lora_soups_like_the_lora_fused_first(studio, tmp_path, naming):
+    """SDXL LoRAs: peft naming, and kohya's SDXL naming, which names blocks as the original model
+    does (lora_unet_input_blocks_4_1_..., with .alpha)."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+    from test_formats import peft_lora
+
+    state = peft_lora(studio, seed=5)
+    if naming == "peft":
+        from diffusers import StableDiffusionXLPipeline
+
+        StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=state, safe_serialization=True)
+        lora_file = tmp_path / "pytorch_lora_weights.safetensors"
+    else:
+        ldm = formats.ldm_unet_names(list(studio.base_specs), studio.hybrid.config)
+        kohya = {}
+        for key, value in state.items():
+            module, part = key.rsplit(".lora_", 1)
+            stem = "lora_unet_" + ldm[module + ".weight"].removesuffix(".weight").replace(".", "_")
+            kohya[f"{stem}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value
+            kohya[f"{stem}.alpha"] = torch.tensor(4.0)
+        assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)
+        lora_file = tmp_path / "kohya-sdxl.safetensors"
+        save_file(kohya, str(lora_file))
+    pipe = DiffusionPipeline.from_pretrained(studio.preset.base)
+    pipe.load_lora_weights(str(lora_file))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    shard = studio.add_shard("lora", lora_file)
+    try:
+        assert shard.weights.lora and shard.weights.unet is None
+        studio.mix({"lora": 1})
+        base = dict(studio.base_tensors)
+        assert any(not torch.equal(fused[k], base[k]) for k in base)
+        for k in base:
+            torch.testing.assert_close(studio.hybrid_tensors[k], fused[k], rtol=0, atol=1e-6)
+    finally:
+        studio.remove_shard("lora")
