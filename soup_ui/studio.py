@@ -315,9 +315,16 @@ class Studio:
         self.hybrid = self.pipe.unet.eval()
         self.hybrid_tensors = soup.flatten_module(self.hybrid)  # one buffer: the soup is one pass
         unet_bytes = sum(t.numel() * t.element_size() for t in self.hybrid_tensors.values())
-        self.lean = options.lean if options.lean is not None else len(preset.shards) * unet_bytes > 0.8 * free_memory(self.device)
-        if self.lean:
-            logger.info("lean mode: %d shards of %.0f MB are streamed from their files", len(preset.shards), unet_bytes / 1e6)
+        need, free = len(preset.shards) * unet_bytes, free_memory(self.device)
+        self.lean = options.lean if options.lean is not None else need > 0.8 * free
+        sizes = f"{len(preset.shards)} shards of {unet_bytes / 1e6:,.0f} MB"
+        if options.lean is not None:
+            why = "as asked (--lean)" if self.lean else "as asked"
+        else:
+            why = f"{need / 1e9:.1f} GB {'would not fit' if self.lean else 'fit'} in 80% of the {free / 1e9:.1f} GB free on {self.device.type}"
+        # What the studio chose for the shards' memory, and why (the log, the page header).
+        self.memory_plan = f"{sizes} {'streamed from their files (lean)' if self.lean else 'held in memory'}: {why}"
+        logger.info("memory: %s", self.memory_plan)
 
         # 2. Every shard, validated against the base; a bad one is reported and left out.
         for i, spec in enumerate(preset.shards):

@@ -190,6 +190,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             first = r.prompt or (r.prompts[0] if r.prompts else "")
             failed = "".join(f"\n\n⚠️ shard **{n}** left out: {html.escape(why)}" for n, why in studio.failed.items())
             lean = ", lean mode (shards streamed from disk)" if studio.lean else ""
+            lean += f"<br><small>memory: {html.escape(studio.memory_plan)}</small>"
             return [
                 session,
                 *shard_updates(session),

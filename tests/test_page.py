@@ -376,6 +376,8 @@ def test_an_sdxl_preset_in_the_page(sdxl_server, browser):
     page.wait_for_selector("#shard-check-1", state="visible", timeout=TIMEOUT)
     page.wait_for_function("document.querySelector('#generate')?.disabled === false", timeout=TIMEOUT)
     wait_text(page, "#status", "StableDiffusionXLPipeline, SDXL layout")
+    wait_text(page, "#status", "memory: 2 shards of")  # what the studio chose for the shards, and why
+    assert "held in memory" in text(page, "#status") and "GB free on cpu" in text(page, "#status")
     generate(page, "soup: 0.50 ink + 0.50 pastel")
     page.wait_for_function("document.querySelectorAll('#components img').length === 2", timeout=TIMEOUT)
     before = soup_src(page)

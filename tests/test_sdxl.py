@@ -182,3 +182,11 @@ def test_an_sdxl_lora_soups_like_the_lora_fused_first(studio, tmp_path, naming):
             torch.testing.assert_close(studio.hybrid_tensors[k], fused[k], rtol=0, atol=1e-6)
     finally:
         studio.remove_shard("lora")
+
+
+def test_the_memory_plan_says_what_was_chosen_and_why(studio, sdxl_preset):
+    from soup_ui.studio import RuntimeOptions
+
+    assert studio.memory_plan.startswith("2 shards of 1 MB held in memory: 0.0 GB fit in 80% of the ")
+    lean = Studio(load_preset(sdxl_preset), RuntimeOptions(lean=True))
+    assert lean.memory_plan.endswith("streamed from their files (lean): as asked (--lean)")
