@@ -448,7 +448,10 @@ def export_pipeline(host: StudioHost, session: Session, controls: Controls, file
     mix = controls.mix(session)
     folder = host.new_file("pipelines", file_name, "", overwrite)
     studio.export_pipeline(mix, folder, controls.mode, controls.scale, session.shards, overwrite=overwrite, text_encoders=controls.text_encoders)
-    return f"wrote the pipeline folder `{host.shown(folder)}`; load it with `StableDiffusionPipeline.from_pretrained`"
+    from .studio import folder_variant
+
+    variant = folder_variant(folder)
+    return f"wrote the pipeline folder `{host.shown(folder)}`; load it with `DiffusionPipeline.from_pretrained`" + (f' (variant="{variant}")' if variant else "")
 
 
 def save_preset(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:

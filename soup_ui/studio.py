@@ -76,6 +76,21 @@ def resolve_dtype(device: torch.device, name: str | None) -> torch.dtype:
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # whose UNet the studio soups
 
 
+def folder_variant(folder: Path) -> str | None:
+    """The variant a pipeline folder was saved with (`save_pretrained(variant="fp16")` writes
+    `unet/diffusion_pytorch_model.fp16.safetensors`), or None for plain files."""
+    unet = Path(folder) / "unet"
+    if not unet.is_dir() or (unet / "diffusion_pytorch_model.safetensors").is_file() or (unet / "diffusion_pytorch_model.safetensors.index.json").is_file():
+        return None
+    import re
+
+    for file in sorted(unet.glob("diffusion_pytorch_model.*.safetensors")):
+        match = re.fullmatch(r"diffusion_pytorch_model\.(\w+)\.safetensors", file.name)
+        if match:
+            return match.group(1)
+    return None
+
+
 def pipeline_class(folder: Path) -> tuple[type, dict]:
     """The diffusers pipeline class a base folder (or config folder) names in its model_index.json,
     and the arguments it loads with; StudioError naming any other class."""
@@ -291,8 +306,8 @@ class Studio:
         try:
             if base.is_file():  # a single-file checkpoint
                 self.pipe = cls.from_single_file(str(base), config=str(config), torch_dtype=self.dtype, **common)
-            else:
-                self.pipe = cls.from_pretrained(base, dtype=self.dtype, use_safetensors=True, **common)
+            else:  # a diffusers folder, also one saved with variant="fp16" (files named *.fp16.safetensors)
+                self.pipe = cls.from_pretrained(base, dtype=self.dtype, use_safetensors=True, variant=folder_variant(base), **common)
             self.pipe = self.pipe.to(self.device)
         except (OSError, ValueError, EnvironmentError) as err:
             raise StudioError(f"{preset.base}: cannot load the base pipeline ({err})") from None
@@ -862,11 +877,12 @@ class Studio:
                 shutil.copyfile(file, target)
             (tmp / "unet").mkdir()
             shutil.copyfile(base / "unet" / "config.json", tmp / "unet" / "config.json")
-            self.export(mix, tmp / "unet" / "diffusion_pytorch_model.safetensors", mode, scale, shards)
+            variant = folder_variant(base)  # the soup UNet named like the base's files, so the folder loads as the base did
+            self.export(mix, tmp / "unet" / f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors", mode, scale, shards)
             if mixed_text:
                 with self.lock:
                     self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
                     for component in self.text_components:
-                        getattr(self.pipe, component).save_pretrained(tmp / component, safe_serialization=True)
+                        getattr(self.pipe, component).save_pretrained(tmp / component, safe_serialization=True, variant=variant)
             (tmp / "soup_recipe.json").write_text(recipe)
         return out

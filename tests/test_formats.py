@@ -357,3 +357,28 @@ def test_cli_add_shard_on_a_single_file_base(tmp_path, tiny_preset, studio):
     shard = tiny_preset.parent / "gamma.safetensors"
     assert main(["add-shard", "--preset", str(tmp_path / "single.yaml"), "--name", "delta", "--path", str(shard), "--out", str(out)]) == 0
     assert [s.name for s in load_preset(out).shards][-1] == "delta" and load_preset(out).config == studio.preset.base
+
+
+def test_a_base_folder_saved_as_a_variant_loads_and_exports_alike(tmp_path, tiny_preset, studio):
+    """A base saved with save_pretrained(variant="fp16") (every file *.fp16.safetensors) loads, and its
+    pipeline export names the soup UNet the same way, so it loads as the base does."""
+    import yaml
+    from diffusers import StableDiffusionPipeline
+
+    from soup_ui.studio import folder_variant
+
+    pipe = StableDiffusionPipeline.from_pretrained(studio.preset.base, safety_checker=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(tmp_path / "base", variant="fp16")
+    assert folder_variant(tmp_path / "base") == "fp16" and folder_variant(studio.preset.base) is None
+    data = yaml.safe_load(tiny_preset.read_text())
+    data["base"] = str(tmp_path / "base")
+    data["shards"] = [{**s, "path": str(tiny_preset.parent / s["path"])} for s in data["shards"]]
+    (tmp_path / "variant.yaml").write_text(yaml.safe_dump(data))
+    other = Studio(load_preset(tmp_path / "variant.yaml"))
+    assert other.base_found.kind == "diffusers UNet (fp16 variant)"
+    assert other.render_soup({"alpha": 1, "beta": 1}, SETTINGS).image.size == (16, 16)
+    out = other.export_pipeline({"alpha": 1, "beta": 1}, tmp_path / "exported")
+    assert (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    loaded = StableDiffusionPipeline.from_pretrained(out, variant="fp16", safety_checker=None, requires_safety_checker=False)
+    soup = other.souped_weights({"alpha": 1, "beta": 1})
+    assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in soup.items())
