@@ -24,7 +24,15 @@ def text(page, selector) -> str:
 
 
 def fill(page, elem_id, value):
-    page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(str(value))
+    """Type a value and leave the box, so the page has committed it before the next click (under load,
+    a click right after typing could send the box's previous value)."""
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(str(value))
+    box.blur()
+    page.wait_for_function(
+        f"(document.querySelector('#{elem_id} textarea') || document.querySelector('#{elem_id} input')).value === {str(value)!r}",
+        timeout=TIMEOUT,
+    )
 
 
 def wait_text(page, selector, needle, timeout=TIMEOUT):
