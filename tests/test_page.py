@@ -24,15 +24,21 @@ def text(page, selector) -> str:
 
 
 def fill(page, elem_id, value):
-    """Type a value and leave the box, so the page has committed it before the next click (under load,
-    a click right after typing could send the box's previous value)."""
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    box.fill(str(value))
-    box.blur()
-    page.wait_for_function(
-        f"(document.querySelector('#{elem_id} textarea') || document.querySelector('#{elem_id} input')).value === {str(value)!r}",
-        timeout=TIMEOUT,
-    )
+    """Type a value and leave the box, until the page keeps it: under load, a tab's boxes can be
+    mounted again just after typing (the value is then the default again), and a click right after
+    typing could send the previous value."""
+    selector = f"#{elem_id} textarea, #{elem_id} input"
+    read = f"(document.querySelector('#{elem_id} textarea') || document.querySelector('#{elem_id} input')).value"
+    for _ in range(20):
+        box = page.locator(selector).first
+        box.fill(str(value))
+        box.blur()
+        page.wait_for_timeout(250)
+        if page.evaluate(read) == str(value):
+            page.wait_for_timeout(250)
+            if page.evaluate(read) == str(value):
+                return
+    raise AssertionError(f"#{elem_id} does not keep the value {value!r}")
 
 
 def wait_text(page, selector, needle, timeout=TIMEOUT):
