@@ -5,8 +5,8 @@
 For each family, random weights of its real shapes (from `soup_ui/configs/<family>`: SD 1.5, SD 2.1,
 SDXL base 1.0) are written in fp16 as one original-LDM single file (UNet + VAE + text encoder(s),
 through `formats.ldm_checkpoint`, i.e. A1111's layout), then loaded with no `config:` by the
-studio itself (a preset whose base and shard are that file; SDXL in lean mode, so that its 2.6B
-UNet is not held three times), which renders one 64x64 image. Every tensor of every component must
+studio itself (a preset whose base and shard are that file; SDXL in lean mode and fp16, so that its
+2.6B UNet is held once), which renders one 64x64 image. Every tensor of every component must
 come back exactly. Each tensor's random values come from a
 seed derived from its name, so they are regenerated for the comparison instead of held in memory.
 Needs about 2x the fp16 checkpoint in RAM (SDXL: ~14 GB) and prints one line per family.
@@ -88,7 +88,8 @@ def check(family: str, folder: Path) -> str:
     from soup_ui.studio import RuntimeOptions, Studio
 
     (folder / f"{family}.yaml").write_text(f"base: {path}\nshards:\n  - name: same\n    path: {path}\n")
-    studio = Studio(load_preset(folder / f"{family}.yaml"), RuntimeOptions(lean=family == "sdxl"))
+    # SDXL: lean (shards streamed) and fp16, so that the 2.6B UNet fits next to the file being read
+    studio = Studio(load_preset(folder / f"{family}.yaml"), RuntimeOptions(lean=family == "sdxl", dtype="float16" if family == "sdxl" else None))
     loaded = time.perf_counter() - t0
     pipe = studio.pipe
     bad = {c: compare(c, getattr(pipe, c).state_dict(), shapes) for c, (_, shapes) in states.items()}  # before any mix
