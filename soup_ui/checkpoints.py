@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -82,6 +83,12 @@ def weight_files(path: str | Path) -> list[Path]:
             "arbitrary code; save the UNet with safe_serialization=True"
         )
     raise CheckpointError(f"{path}: no diffusion_pytorch_model.safetensors in this folder")
+
+
+def file_variant(file: Path) -> str | None:
+    """The variant in a diffusers weights file's name (`diffusion_pytorch_model.fp16.safetensors`: "fp16"), or None."""
+    match = re.fullmatch(r"diffusion_pytorch_model[^.]*\.(\w+)\.safetensors", Path(file).name)
+    return match.group(1) if match else None
 
 
 def read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:

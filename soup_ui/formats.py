@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError, read_header, weight_files
+from .checkpoints import CheckpointError, file_variant, read_header, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
     headers = {f: read_header(f) for f in files}
     keys = [k for h in headers.values() for k in h]
     where = "a pipeline folder's unet/" if path.is_dir() and (path / "model_index.json").is_file() else None
-    variant = re.fullmatch(r"diffusion_pytorch_model[^.]*\.(\w+)\.safetensors", files[0].name)
+    variant = file_variant(files[0])
     for marker, name in LYCORIS.items():
         if any(marker in k for k in keys):
             raise CheckpointError(f"{path.name}: a LyCORIS {name} network ({marker} tensors); only LoRA (diffusers, peft or kohya naming) is supported")
@@ -129,7 +129,7 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
     if where:
         kind += f" ({where})"
     if variant:
-        kind += f" ({variant.group(1)} variant)"
+        kind += f" ({variant} variant)"
     found = Found(path, kind, files)
     for file, header in headers.items():
         for name, spec in header.items():
@@ -549,8 +549,9 @@ def find_text_encoder(path: str | Path, base_specs: Mapping[str, tuple]) -> Text
                 raise CheckpointError(f"{path.name}: a pipeline folder without {component}/ (the base has one)")
             files = text_encoder_files(path / component)
             found.files += files
-            stored = {name: (file, name) for file in files for name in read_header(file)}
-            specs = {name: read_header(file)[key] for name, (file, key) in stored.items()}
+            headers = {file: read_header(file) for file in files}  # once per file
+            stored = {name: (file, name) for file, header in headers.items() for name in header}
+            specs = {name: spec for header in headers.values() for name, spec in header.items()}
             _match_text_encoder(path, found, specs, stored, base_specs, component)
         return found
     header = read_header(path)

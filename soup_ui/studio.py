@@ -80,15 +80,10 @@ def folder_variant(folder: Path) -> str | None:
     """The variant a pipeline folder was saved with (`save_pretrained(variant="fp16")` writes
     `unet/diffusion_pytorch_model.fp16.safetensors`), or None for plain files."""
     unet = Path(folder) / "unet"
-    if not unet.is_dir() or (unet / "diffusion_pytorch_model.safetensors").is_file() or (unet / "diffusion_pytorch_model.safetensors.index.json").is_file():
+    try:
+        return checkpoints.file_variant(checkpoints.weight_files(unet)[0]) if unet.is_dir() else None
+    except checkpoints.CheckpointError:
         return None
-    import re
-
-    for file in sorted(unet.glob("diffusion_pytorch_model.*.safetensors")):
-        match = re.fullmatch(r"diffusion_pytorch_model\.(\w+)\.safetensors", file.name)
-        if match:
-            return match.group(1)
-    return None
 
 
 def pipeline_class(folder: Path) -> tuple[type, dict]:
@@ -303,11 +298,12 @@ class Studio:
         base = Path(preset.base)
         config = families.base_config(base, preset.config)  # the base folder, `config:`, or the shipped configs of a single file's family
         cls, common = pipeline_class(config)
+        self.variant = None if base.is_file() else folder_variant(base)  # exports name their files like the base's
         try:
             if base.is_file():  # a single-file checkpoint
                 self.pipe = cls.from_single_file(str(base), config=str(config), torch_dtype=self.dtype, **common)
             else:  # a diffusers folder, also one saved with variant="fp16" (files named *.fp16.safetensors)
-                self.pipe = cls.from_pretrained(base, dtype=self.dtype, use_safetensors=True, variant=folder_variant(base), **common)
+                self.pipe = cls.from_pretrained(base, dtype=self.dtype, use_safetensors=True, variant=self.variant, **common)
             self.pipe = self.pipe.to(self.device)
         except (OSError, ValueError, EnvironmentError) as err:
             raise StudioError(f"{preset.base}: cannot load the base pipeline ({err})") from None
@@ -800,7 +796,7 @@ class Studio:
             "sd_merge_models": json.dumps({s["sha256"]: {"name": s["name"], "weight": s["weight"]} for s in recipe["shards"]}),
             # Stability AI's model spec, which ComfyUI, Forge and the A1111 model browser show.
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": formats.ARCHITECTURES[formats.text_family(self.pipe)],
+            "modelspec.architecture": formats.ARCHITECTURES[self.family],
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.title": label,
             "modelspec.date": datetime.date.today().isoformat(),
@@ -820,9 +816,8 @@ class Studio:
         metadata = self._merge_metadata(mix, mode, scale, shards, text_encoders)
         with self.lock:
             self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
-            family = formats.text_family(self.pipe)
-            texts = [self.pipe.text_encoder.state_dict()] + ([self.pipe.text_encoder_2.state_dict()] if family == "sdxl" else [])
-            tensors = formats.ldm_checkpoint(unet, self.hybrid.config, self.pipe.vae.state_dict(), self.pipe.vae.config, texts, family)
+            texts = [getattr(self.pipe, c).state_dict() for c in self.text_components]
+            tensors = formats.ldm_checkpoint(unet, self.hybrid.config, self.pipe.vae.state_dict(), self.pipe.vae.config, texts, self.family)
             tensors = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous().clone() for k, v in tensors.items()}
         with atomic_path(out, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -877,7 +872,7 @@ class Studio:
                 shutil.copyfile(file, target)
             (tmp / "unet").mkdir()
             shutil.copyfile(base / "unet" / "config.json", tmp / "unet" / "config.json")
-            variant = folder_variant(base)  # the soup UNet named like the base's files, so the folder loads as the base did
+            variant = self.variant  # the soup UNet named like the base's files, so the folder loads as the base did
             self.export(mix, tmp / "unet" / f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors", mode, scale, shards)
             if mixed_text:
                 with self.lock:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from soup_ui import formats
 from soup_ui.checkpoints import CheckpointError
@@ -88,14 +88,10 @@ def test_sdxl_text_encoders_mix_from_single_files_and_pipeline_folders(studio, t
 
     from test_text_encoders import shifted
 
-    from soup_ui import formats
-
     pipe = studio.pipe
     own = [shifted(pipe.text_encoder.state_dict(), 31), shifted(pipe.text_encoder_2.state_dict(), 32)]
     unet = {k: v.clone() for k, v in studio.shards["ink"].tensors.items()}
     single = formats.ldm_checkpoint(unet, pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config, own, "sdxl")
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous().clone() for k, v in single.items()}, str(tmp_path / "xl-full.safetensors"))
     shutil.copytree(studio.preset.base, tmp_path / "xl-pipe")
     other = [shifted(pipe.text_encoder.state_dict(), 33), shifted(pipe.text_encoder_2.state_dict(), 34)]
@@ -147,7 +143,6 @@ def test_an_sdxl_lora_soups_like_the_lora_fused_first(studio, tmp_path, naming):
     """SDXL LoRAs: peft naming, and kohya's SDXL naming, which names blocks as the original model
     does (lora_unet_input_blocks_4_1_..., with .alpha)."""
     from diffusers import DiffusionPipeline
-    from safetensors.torch import save_file
     from test_formats import peft_lora
 
     state = peft_lora(studio, seed=5)
