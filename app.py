@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
     parser.add_argument("--lean", action="store_true", help="stream shards from their files instead of loading each (default: when they would not fit)")
+    parser.add_argument("--memory", choices=["resident", "pinned", "lean"],
+                        help="where every shard lives: on the device, in pinned CPU memory (copied to the GPU per soup) or in its files "
+                        "(default: planned from free memory, said in the page header)")
     parser.add_argument(
         "--models-dir", type=Path, action="append", default=[],
         help="a folder the page may add shards from (repeatable; default: the embedded default's shards folder). Nothing else is opened",
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in presets:
         if not Path(p).is_file():
             parser.error(f"--preset: no such file: {p}")
-    options = RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None)
+    options = RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None, memory=args.memory)
     models_dirs = args.models_dir or ([HERE / "assets" / "emoji" / "shards"] if DEFAULT_PRESET in presets else [])
     host = StudioHost(presets, options, models_dirs=models_dirs, output_dir=args.output_dir)
     launch(build_ui(host), port=args.port, share=args.share, max_file_size=args.max_upload)

@@ -10,6 +10,7 @@ studio itself (a preset whose base and shard are that file; SDXL in lean mode an
 come back exactly. Each tensor's random values come from a
 seed derived from its name, so they are regenerated for the comparison instead of held in memory.
 Needs about 2x the fp16 checkpoint in RAM (SDXL: ~14 GB) and prints one line per family.
+`flux`: FLUX.1 transformer files as Black Forest Labs distributes them (see `check_flux_original`).
 """
 
 from __future__ import annotations
@@ -103,14 +104,65 @@ def check(family: str, folder: Path) -> str:
             f"loaded with no config in {loaded:.0f} s{extra}: {verdict}")
 
 
+def check_flux_original(folder: Path, double: int = 1, single: int = 1) -> str:
+    """FLUX.1 transformer files as distributed (BFL naming, bf16) as shards of a FluxPipeline base at
+    FLUX's widths (tiny text encoders and VAE): detected, validated from the header, converted by
+    diffusers' own converter when loaded, souped (compared with the average of diffusers'
+    conversions of the same files, rounded once to bf16) and rendered."""
+    import yaml
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers as convert
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextModel
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import _clip_config, bfl_shapes, make_t5_encoder, make_t5_tokenizer, make_tokenizer
+
+    from soup_ui.presets import RenderSettings, load_preset
+    from soup_ui.studio import Studio
+
+    shapes = bfl_shapes(double, single)
+    files = {}
+    for name in ("base", "ink", "pastel"):
+        files[name] = folder / f"flux-{name}.safetensors"
+        save_file({k: random_tensor(f"flux-{name}", k, s).bfloat16() for k, s in shapes.items()}, str(files[name]))
+    config = dict(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128, num_attention_heads=24,
+                  joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    transformer = FluxTransformer2DModel(**config).to(torch.bfloat16)
+    transformer.load_state_dict(convert(load_file(str(files["base"]))), strict=True)
+    tokenizer, t5 = make_tokenizer(folder / "_tokenizer"), make_t5_tokenizer()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1, latent_channels=16, norm_num_groups=1,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=CLIPTextModel(_clip_config(tokenizer)), tokenizer=tokenizer,
+                 text_encoder_2=make_t5_encoder(t5, 32), tokenizer_2=t5, transformer=transformer).save_pretrained(folder / "flux-base")
+    del transformer
+    preset = {"base": "flux-base", "shards": [{"name": n, "path": files[n].name} for n in ("ink", "pastel")]}
+    (folder / "flux.yaml").write_text(yaml.safe_dump(preset))
+    t0 = time.perf_counter()
+    studio = Studio(load_preset(folder / "flux.yaml"))
+    loaded = time.perf_counter() - t0
+    kinds = {s.weights.kind for s in studio.shards.values()}
+    soup = studio.souped_weights({"ink": 1, "pastel": 1})
+    a, b = (convert(load_file(str(files[n]))) for n in ("ink", "pastel"))
+    bad = sum(not torch.equal(soup[k], ((a[k].float() + b[k].float()) / 2).bfloat16()) for k in soup)
+    image = studio.render_soup({"ink": 1, "pastel": 1}, RenderSettings(prompt="a red heart", steps=2, height=16, width=16, scheduler="default")).image
+    params = sum(t.numel() for t in soup.values())
+    for file in files.values():
+        file.unlink()
+    verdict = "every tensor exact" if not bad and len(soup) == len(a) else f"MISMATCHES: {bad} of {len(soup)}"
+    return (f"FLUX.1 original transformer files ({double} double + {single} single blocks at FLUX's widths, {params / 1e6:.0f}M parameters, "
+            f"{len(shapes)} BFL tensors -> {len(soup)} diffusers tensors; {', '.join(sorted(kinds))}): loaded in {loaded:.0f} s, "
+            f"souped, rendered a {image.size[0]}x{image.size[1]} image: {verdict}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", choices=["sd1", "sd2", "sdxl"], default=["sd1", "sd2", "sdxl"])
+    parser.add_argument("--families", nargs="+", choices=["sd1", "sd2", "sdxl", "flux"], default=["sd1", "sd2", "sdxl", "flux"])
     parser.add_argument("--folder", type=Path, default=Path("/tmp/family-check"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.folder.mkdir(parents=True, exist_ok=True)
-    lines = [check(f, args.folder) for f in args.families]
+    lines = [check_flux_original(args.folder) if f == "flux" else check(f, args.folder) for f in args.families]
     print("\n".join(lines))
     return 0 if all("every tensor exact" in line for line in lines) else 1
 

@@ -10,7 +10,9 @@ parameters, each shard one flat buffer whose views are its 686 tensors) and time
   (the generic API on a plain state dict), interleaved with the bound;
 - a naive per-key loop that builds a new state dict (what A1111-style mergers do);
 - sd-mecha's n_average on the same state dicts, if installed (pip install --no-deps sd-mecha).
-With --lean-k, it also streams K fp16 shards from safetensors files (lean mode) against reading them.
+With --lean-k, it also streams K fp16 shards from safetensors files (lean mode) against reading them;
+`--unet flux --lean-only --flux-blocks D,S` does that alone for FLUX.1-shaped bf16 transformers
+(FLUX's widths, D double and S single blocks: the full 23.8 GB per shard rarely fits a disk K times).
 Prints medians and ratios; with --results, appends them to a markdown file.
 """
 
@@ -65,15 +67,21 @@ SDXL_UNET = dict(  # stable-diffusion-xl-base-1.0's unet/config.json
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
-UNETS = {"sd15": ("SD-1.5", SD15_UNET), "sd21": ("SD-2.1", SD21_UNET), "sdxl": ("SDXL", SDXL_UNET)}
+# FLUX.1-dev's transformer/config.json (19 double + 38 single blocks, 3072 wide: 11.9B parameters,
+# 23.8 GB per shard in bf16). --flux-blocks keeps its widths with fewer blocks when the disk is short.
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                        joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+UNETS = {"sd15": ("SD-1.5", SD15_UNET), "sd21": ("SD-2.1", SD21_UNET), "sdxl": ("SDXL", SDXL_UNET), "flux": ("FLUX.1-dev", FLUX_TRANSFORMER)}
 
 
 def unet_shapes(config: dict) -> dict[str, torch.Size]:
-    """Tensor names and shapes of a UNet, built on the meta device (no memory, no download)."""
-    from diffusers import UNet2DConditionModel
+    """Tensor names and shapes of a UNet (or, for FLUX's config, a FluxTransformer2DModel), built on
+    the meta device (no memory, no download)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
+    cls = FluxTransformer2DModel if "num_single_layers" in config else UNet2DConditionModel
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
+        unet = cls(**config)
     return {k: v.shape for k, v in unet.state_dict().items()}
 
 
@@ -162,7 +170,7 @@ def drop_page_cache() -> bool:
         return False
 
 
-def lean_bench(shapes, k: int, folder: Path, rounds: int = 3) -> list[str]:
+def lean_bench(shapes, k: int, folder: Path, rounds: int = 3, label: str = "SD-2.1", dtype: torch.dtype = torch.float16) -> list[str]:
     """Soup K shards streamed tensor by tensor from safetensors files, against reading the files."""
     from safetensors.torch import save_file
 
@@ -173,10 +181,10 @@ def lean_bench(shapes, k: int, folder: Path, rounds: int = 3) -> list[str]:
     for i in range(k):
         file = folder / f"shard{i}.safetensors"
         if not file.is_file():
-            save_file({n: t.clone() for n, t in random_shard(shapes, torch.float16, 100 + i).items()}, str(file))
+            save_file({n: t.clone() for n, t in random_shard(shapes, dtype, 100 + i).items()}, str(file))
         files.append(file)
     total = sum(f.stat().st_size for f in files)
-    target = {n: torch.empty(s, dtype=torch.float16) for n, s in shapes.items()}
+    target = {n: torch.empty(s, dtype=dtype) for n, s in shapes.items()}
 
     def read_files():
         for f in files:
@@ -192,7 +200,8 @@ def lean_bench(shapes, k: int, folder: Path, rounds: int = 3) -> list[str]:
         fn()
         return time.perf_counter() - t0
 
-    out = [f"Lean mode: K={k} fp16 SD-2.1-shaped shards on disk ({total / 2**30:.1f} GiB), the soup streamed tensor by tensor", ""]
+    name = str(dtype).removeprefix("torch.")
+    out = [f"Lean mode: K={k} {name} {label}-shaped shards on disk ({total / 2**30:.1f} GiB), the soup streamed tensor by tensor", ""]
     out += ["| cache | read the files (s) | streamed soup (s) | soup / read |", "|---|---|---|---|"]
     if not drop_page_cache():
         out.append("| cold | cannot drop the page cache here (needs root) | | |")
@@ -223,10 +232,27 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     parser.add_argument("--lean-k", type=int, default=0, help="also stream K fp16 shards from disk (lean mode)")
     parser.add_argument("--lean-dir", type=Path, default=Path("/tmp/soup-bench-shards"), help="where the lean benchmark writes its shards")
+    parser.add_argument("--lean-only", action="store_true", help="only the lean benchmark (e.g. FLUX shards, which do not fit in memory)")
+    parser.add_argument("--flux-blocks", default="", help="double,single blocks of the FLUX-shaped transformer (default: FLUX.1's 19,38)")
+    parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True, help="also time the naive per-key loop (needs one more shard of memory)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # sd-mecha warns that in-memory recipes are not serialized
     label, config = UNETS[args.unet]
+    if args.unet == "flux" and args.flux_blocks:
+        double, single = (int(x) for x in args.flux_blocks.split(","))
+        config = dict(config, num_layers=double, num_single_layers=single)
+        label += f" widths, {double} double + {single} single blocks (of 19 + 38)"
     shapes = unet_shapes(config)
+    if args.lean_only:
+        params = sum(s.numel() for s in shapes.values())
+        dtype = torch.bfloat16 if args.unet == "flux" else torch.float16
+        head = [f"Machine: {machine()}", f"{label}: {params / 1e6:.1f}M parameters, {len(shapes)} tensors", ""]
+        print("\n".join(head), flush=True)
+        lines = head + lean_bench(shapes, args.lean_k or 2, args.lean_dir, label=label, dtype=dtype)
+        if args.results:
+            with open(args.results, "a") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     params = sum(s.numel() for s in shapes.values())
     where = f"{torch.cuda.get_device_name()} ({args.device})" if args.device.startswith("cuda") else args.device
     lines = [f"Machine: {machine()}; shards on {where}", f"{label}-shaped UNet: {params / 1e6:.1f}M parameters, {len(shapes)} tensors; medians of {args.repeats} runs", ""]
@@ -241,7 +267,7 @@ def main(argv=None):
         dtype = getattr(torch, dtype_name)
         shard_bytes = params * torch.finfo(dtype).bits // 8
         for k in [int(x) for x in args.k.split(",") if x]:
-            need = (k + 2) * shard_bytes * 1.05  # K shards, the target, the naive loop's new dict
+            need = (k + 1 + args.naive) * shard_bytes * 1.05  # K shards, the target, the naive loop's new dict
             free = torch.cuda.mem_get_info()[0] if args.device.startswith("cuda") else available_bytes()
             if need > free:
                 line = f"| {dtype_name} | {k} | skipped: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free |"
@@ -270,9 +296,12 @@ def main(argv=None):
             )
             rate = max(3 * shard_bytes / add, 2 * shard_bytes / copy)
             bound = (k + 1) * shard_bytes / rate
-            naive = median_seconds(lambda: naive_merge(per_tensor_sources, weights), max(3, args.repeats // 2))
             cells = [f"{bound:.3f}", f"{flat:.3f}", f"{flat / bound:.2f}x", f"{tensors:.3f}", f"{tensors / bound:.2f}x"]
-            cells += [f"{naive:.3f}", f"{naive / flat:.1f}x"]
+            if args.naive:
+                naive = median_seconds(lambda: naive_merge(per_tensor_sources, weights), max(3, args.repeats // 2))
+                cells += [f"{naive:.3f}", f"{naive / flat:.1f}x"]
+            else:
+                cells += ["not run (--no-naive)", ""]
             if mecha:
                 mech = median_seconds(lambda: mecha_merge(per_tensor_sources, dtype), 3)
                 merged = mecha_merge(per_tensor_sources, dtype)
@@ -297,7 +326,7 @@ def main(argv=None):
     print("\n".join(notes), flush=True)
     lines += notes
     if args.lean_k:
-        lines += ["", *lean_bench(shapes, args.lean_k, args.lean_dir)]
+        lines += ["", *lean_bench(shapes, args.lean_k, args.lean_dir, label=label)]
     if args.results:
         with open(args.results, "a") as f:
             f.write("\n".join(lines) + "\n")

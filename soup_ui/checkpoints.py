@@ -47,9 +47,9 @@ class CheckpointError(ValueError):
 
 
 def weight_files(path: str | Path) -> list[Path]:
-    """The safetensors file(s) holding the denoiser weights at `path`: a file, a diffusers `unet/`
-    folder (one file, sharded with an index, or a variant such as `diffusion_pytorch_model.fp16.safetensors`)
-    or a whole pipeline folder (its `unet/`)."""
+    """The safetensors file(s) holding the denoiser weights at `path`: a file, a diffusers `unet/` or
+    `transformer/` folder (one file, sharded with an index, or a variant such as
+    `diffusion_pytorch_model.fp16.safetensors`) or a whole pipeline folder (its `unet/` or `transformer/`)."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
@@ -63,9 +63,10 @@ def weight_files(path: str | Path) -> list[Path]:
             raise CheckpointError(f"{path}: not a .safetensors file (only safetensors checkpoints are read)")
         return [path]
     if (path / "model_index.json").is_file():
-        if (path / "unet").is_dir():
-            return weight_files(path / "unet")
-        raise CheckpointError(f"{path}: a pipeline folder without a unet/ (its denoiser is not a UNet)")
+        for denoiser in ("unet", "transformer"):
+            if (path / denoiser).is_dir():
+                return weight_files(path / denoiser)
+        raise CheckpointError(f"{path}: a pipeline folder without a unet/ or transformer/ (no denoiser this studio soups)")
     for index in [path / "diffusion_pytorch_model.safetensors.index.json", *sorted(path.glob("diffusion_pytorch_model.safetensors.index.*.json"))]:
         if index.is_file():
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -135,6 +136,26 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu", dtype: to
     for key, tensor in out.items():
         out[key] = tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype)
     return out
+
+
+class PinnedTensors(Mapping):
+    """A shard's tensors held in CPU memory (page-locked when CUDA is there, so that copies to the GPU
+    run at full speed and asynchronously) and copied to `device` one tensor at a time as the soup
+    reads them: the GPU holds one source tensor at a time, not the shard."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], device: str | torch.device):
+        pin = torch.cuda.is_available() and torch.device(device).type == "cuda"
+        self.host = {k: (v.pin_memory() if pin else v) for k, v in tensors.items()}
+        self.device, self.pinned = torch.device(device), pin
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.host[name].to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        return iter(self.host)
+
+    def __len__(self) -> int:
+        return len(self.host)
 
 
 class LazyWeights(Mapping):

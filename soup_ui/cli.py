@@ -87,7 +87,7 @@ def render_settings(args: argparse.Namespace, preset: Preset, recipe: Recipe | N
 def open_studio(args: argparse.Namespace, preset: Preset):
     from .studio import RuntimeOptions, Studio
 
-    studio = Studio(preset, RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None))
+    studio = Studio(preset, RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None, memory=args.memory))
     for name, why in studio.failed.items():
         logger.warning("shard %s left out: %s", name, why)
     return studio
@@ -263,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
         p.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
         p.add_argument("--lean", action="store_true", help="stream shards from their files (default: when they would not fit)")
+        p.add_argument("--memory", choices=["resident", "pinned", "lean"], help="force where shards live (default: planned from free memory)")
         if render_options:
             add_render_options(p)
         return p

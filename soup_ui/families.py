@@ -1,4 +1,11 @@
-"""Configs for the well-known families, shipped, so that a single-file base loads offline with no `config:`.
+"""The model families the studio soups, and the configs shipped for single-file bases.
+
+`FAMILIES` is the one table of what differs between families (keyed by the diffusers pipeline
+class a base's model_index.json names): which component is the denoiser that is souped, its text
+encoders, how prompts are encoded and which embeddings the pipeline takes, whether latents are
+packed, whether negative prompts and classifier-free guidance apply, and the page's defaults.
+
+Configs for the well-known families are shipped, so that a single-file base loads offline with no `config:`.
 
 `configs/<family>/` holds the small diffusers config files of SD 1.x (SD 1.5's), SD 2.x (SD 2.1's,
 768 px, v-prediction) and SDXL base 1.0; `configs/clip-tokenizer/` the CLIP BPE vocabulary and merges
@@ -14,13 +21,59 @@ import hashlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoints import CheckpointError, read_header
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
-NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the studio needs to know about one kind of pipeline."""
+
+    name: str  # for people
+    pipeline: str  # the diffusers pipeline class
+    denoiser: str  # the pipeline component that is souped: "unet" or "transformer"
+    text_encoders: tuple[str, ...]  # components mixed under "text encoders too"
+    embeddings: tuple[str | None, ...]  # encode_prompt's outputs, named as the pipeline's arguments (None: not passed)
+    encode_args: dict = field(default_factory=dict)  # extra arguments of encode_prompt
+    negative_prompt: bool = True  # negative prompts and classifier-free guidance apply
+    flow_matching: bool = False  # sampled with its own flow-matching scheduler only
+    packed: bool = False  # latents packed into 2x2 patches: the pipeline's own prepare_latents makes the noise
+    long_tokenizer: str | None = None  # the T5 tokenizer whose length limits a prompt (CLIP's truncate)
+    max_tokens: int | None = None  # the pipeline's max_sequence_length for that tokenizer
+    load_args: dict = field(default_factory=dict)  # extra from_pretrained / from_single_file arguments
+    defaults: dict = field(default_factory=dict)  # the page's render defaults: steps, guidance, scheduler (the size is the denoiser's native one)
+
+
+SD_EMBEDDINGS = ("prompt_embeds", "negative_prompt_embeds")
+POOLED_EMBEDDINGS = (*SD_EMBEDDINGS, "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+FAMILIES = {
+    f.pipeline: f
+    for f in (
+        Family("SD 1.x / 2.x", "StableDiffusionPipeline", "unet", ("text_encoder",), SD_EMBEDDINGS,
+               load_args=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+               defaults=dict(steps=25, guidance_scale=7.5, scheduler="dpm++")),
+        Family("SDXL", "StableDiffusionXLPipeline", "unet", ("text_encoder", "text_encoder_2"), POOLED_EMBEDDINGS,
+               load_args=dict(add_watermarker=False), defaults=dict(steps=30, guidance_scale=6.0, scheduler="dpm++")),
+        Family("SD3 / 3.5", "StableDiffusion3Pipeline", "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"),
+               POOLED_EMBEDDINGS, encode_args=dict(prompt_2=None, prompt_3=None), flow_matching=True, long_tokenizer="tokenizer_3",
+               max_tokens=256, defaults=dict(steps=28, guidance_scale=7.0, scheduler="default")),
+        Family("FLUX.1", "FluxPipeline", "transformer", ("text_encoder", "text_encoder_2"), ("prompt_embeds", "pooled_prompt_embeds", None),
+               encode_args=dict(prompt_2=None), negative_prompt=False, flow_matching=True, packed=True, long_tokenizer="tokenizer_2",
+               max_tokens=512, defaults=dict(steps=28, guidance_scale=3.5, scheduler="default")),
+    )
+}
+SUPPORTED = ", ".join(f"{f.pipeline} ({f.name})" for f in FAMILIES.values())
+
+
+def denoiser_component(folder: str | Path) -> str:
+    """The denoiser sub-folder of a pipeline (or config) folder: "transformer" or "unet"."""
+    return "transformer" if (Path(folder) / "transformer").is_dir() else "unet"
 
 
 def single_file_family(path: str | Path) -> str:

@@ -21,7 +21,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +69,7 @@ class Found:
     specs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # diffusers name -> (shape, dtype)
     ignored: Counter = field(default_factory=Counter)  # what kind of tensor -> how many were left out
     lora: dict[str, LowRank] | None = None  # a LoRA: base weight name -> its low-rank delta
+    convert: "Callable[[], dict[str, torch.Tensor]] | None" = None  # an original transformer file: read and convert it (not a renaming)
 
     def describe_ignored(self) -> str:
         return ", ".join(f"{n} {kind}" for kind, n in self.ignored.items())
@@ -91,6 +92,28 @@ def family(width: int) -> str:
     return f"{FAMILIES[width]} ({width}-wide cross-attention)" if width in FAMILIES else f"a UNet with {width}-wide cross-attention"
 
 
+# The denoiser classes the studio soups: the pipeline component they are, and the pipeline whose
+# `lora_state_dict` reads their LoRAs (and converts kohya / original namings to peft's).
+DENOISERS = {
+    "UNet2DConditionModel": ("unet", "StableDiffusionPipeline"),
+    "SD3Transformer2DModel": ("transformer", "StableDiffusion3Pipeline"),
+    "FluxTransformer2DModel": ("transformer", "FluxPipeline"),
+}
+
+
+def architecture(keys) -> str | None:
+    """What kind of denoiser tensor names (of a checkpoint or a LoRA, in any naming) belong to:
+    "a UNet", "an SD3 transformer", "a FLUX.1 transformer", or None when the names do not say."""
+    flat = " ".join(k.replace("_", ".") for k in keys)
+    if "double.blocks." in flat or "single.blocks." in flat or "single.transformer.blocks." in flat:
+        return "a FLUX.1 transformer"
+    if "joint.blocks." in flat or ("transformer.blocks." in flat and "pos.embed" in flat):
+        return "an SD3 transformer"
+    if "down.blocks." in flat or "input.blocks." in flat or "mid.block." in flat or "middle.block." in flat:
+        return "a UNet"
+    return None
+
+
 def _prefix_kind(name: str) -> str | None:
     return next((kind for prefix, kind in OTHER_PARTS.items() if name.startswith(prefix)), None)
 
@@ -104,7 +127,7 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
     files = weight_files(path)
     headers = {f: read_header(f) for f in files}
     keys = [k for h in headers.values() for k in h]
-    where = "a pipeline folder's unet/" if path.is_dir() and (path / "model_index.json").is_file() else None
+    where = f"a pipeline folder's {files[0].parent.name}/" if path.is_dir() and (path / "model_index.json").is_file() else None
     variant = file_variant(files[0])
     for marker, name in LYCORIS.items():
         if any(marker in k for k in keys):
@@ -113,17 +136,27 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
         kind = "kohya LoRA"
     elif any(m in k for k in keys for m in LORA_MARKERS):
         kind = "diffusers/peft LoRA"
+    elif any(".img_attn.qkv." in k for k in keys):
+        kind = "original FLUX.1 transformer file"
+    elif any(".x_block.attn.qkv." in k for k in keys):
+        kind = "original SD3 single file"
     elif any(k.startswith(LDM_PREFIX) for k in keys) or "input_blocks.0.0.weight" in keys:
         kind = "LDM single-file checkpoint"
     else:
-        kind = "diffusers UNet"
+        kind = "diffusers UNet" if DENOISERS.get(base_config.get("_class_name"), ("unet",))[0] == "unet" else "diffusers transformer"
     # A checkpoint of another family says so before any tensor-by-tensor comparison.
     width = cross_attention_width({k: v for h in headers.values() for k, v in h.items()}, lora="LoRA" in kind)
     base_width = cross_attention_width(base_specs) if base_specs else None
     if width and base_width and width != base_width:
         raise CheckpointError(f"{path.name}: {'an' if kind.startswith('LDM') else 'a'} {kind} for {family(width)}; this base is {family(base_width)}")
+    ours, theirs = architecture(base_specs or ()), architecture(keys)
+    if ours and theirs and ours != theirs:
+        what = kind if "LoRA" in kind else "checkpoint"
+        raise CheckpointError(f"{path.name}: a {what} of {theirs.split(' ', 1)[1]}; this base's denoiser is {ours.split(' ', 1)[1]}")
     if "LoRA" in kind:
         return _lora(path, files, kind, base_config, base_specs)
+    if kind.startswith("original"):
+        return _original_transformer(path, files, headers, kind)
     if kind.startswith("LDM"):
         return _ldm(path, files, headers, base_config, base_specs)
     if where:
@@ -180,22 +213,70 @@ def _ldm(path: Path, files: list[Path], headers: dict, base_config: Mapping, bas
     return found
 
 
+ORIGINAL_CONVERTERS = {  # diffusers' own, by the kind detected
+    "original FLUX.1 transformer file": "convert_flux_transformer_checkpoint_to_diffusers",
+    "original SD3 single file": "convert_sd3_transformer_checkpoint_to_diffusers",
+}
+
+
+def _original_transformer(path: Path, files: list[Path], headers: dict, kind: str) -> Found:
+    """A FLUX.1 transformer as Black Forest Labs distributes it (`double_blocks.*`), or an SD3 single
+    file (`model.diffusion_model.joint_blocks.*`), through diffusers' own converter. It splits fused
+    q/k/v projections and swaps scale and shift, so it is not a renaming: it is run on meta tensors
+    for names and shapes (validation stays header-only), and on the data when the shard is loaded
+    (`Found.convert`; such a shard is held in memory, never streamed)."""
+    from diffusers.loaders import single_file_utils
+
+    converter = getattr(single_file_utils, ORIGINAL_CONVERTERS[kind])
+    keep, ignored, dtypes = {}, Counter(), Counter()
+    for file, header in headers.items():
+        for name, (shape, dtype) in header.items():
+            part = _prefix_kind(name) or ("text encoders" if name.startswith("text_encoders.") else None)
+            if part:
+                ignored[part] += 1
+            else:
+                keep[name] = (file, tuple(shape))
+                dtypes[dtype] += 1
+    try:
+        converted = converter({n: torch.empty(shape, device="meta") for n, (_, shape) in keep.items()})
+    except (KeyError, IndexError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path.name}: an {kind} that diffusers cannot convert ({err!r})") from None
+    dtype = dtypes.most_common(1)[0][0] if dtypes else "BF16"
+
+    def convert() -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        tensors = {}
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                tensors.update({n: f.get_tensor(n) for n in f.keys() if n in keep})
+        return converter(tensors)
+
+    found = Found(path, kind, files, ignored=ignored, convert=convert)
+    found.specs = {n: (tuple(t.shape), dtype) for n, t in converted.items() if t is not None}
+    return found
+
+
 def _lora(path: Path, files: list[Path], kind: str, base_config: Mapping, base_specs: Mapping) -> Found:
     """A LoRA through diffusers' own state-dict conversion (kohya and old diffusers namings become
     peft's `lora_A`/`lora_B` with alphas); kept low rank: base weight name -> LowRank."""
     from types import SimpleNamespace
 
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     if len(files) != 1:
         raise CheckpointError(f"{path.name}: a {kind} split over {len(files)} files is not supported")
+    component, pipeline = DENOISERS.get(base_config.get("_class_name"), DENOISERS["UNet2DConditionModel"])
     try:
-        # unet_config: kohya SDXL LoRAs name blocks as the original model does (input_blocks_4_1_...)
-        config = SimpleNamespace(**dict(base_config))  # read by attribute, as a model's config is
-        out = StableDiffusionPipeline.lora_state_dict(str(files[0]), unet_config=config, use_safetensors=True)
-    except (ValueError, KeyError, RuntimeError) as err:
+        if component == "unet":  # unet_config: kohya SDXL LoRAs name blocks as the original model does (input_blocks_4_1_...)
+            args = dict(unet_config=SimpleNamespace(**dict(base_config)))  # read by attribute, as a model's config is
+        else:
+            args = dict(return_alphas=True) if pipeline == "FluxPipeline" else {}
+        out = getattr(diffusers, pipeline).lora_state_dict(str(files[0]), use_safetensors=True, **args)
+    except (ValueError, KeyError, RuntimeError, IndexError) as err:
         raise CheckpointError(f"{path.name}: a {kind} that diffusers cannot read ({err})") from None
-    state, alphas = out[0], out[1] or {}
+    state, alphas = (out[0], out[1] or {}) if isinstance(out, tuple) else (out, {})
+    prefix = component + "."
     found = Found(path, kind, files, lora={})
     text = [k for k in state if k.startswith(("text_encoder", "te_"))]
     if text:
@@ -203,9 +284,9 @@ def _lora(path: Path, files: list[Path], kind: str, base_config: Mapping, base_s
     pairs = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"))
     for key in state:
         marker = next((m for m in pairs if key.endswith(m[0])), None)
-        if not key.startswith("unet.") or marker is None:
+        if not key.startswith(prefix) or marker is None:
             continue
-        module = key[len("unet.") : -len(marker[0])]
+        module = key[len(prefix) : -len(marker[0])]
         down = state[key]
         up = state.get(key[: -len(marker[0])] + marker[1])
         if up is None:
@@ -215,7 +296,7 @@ def _lora(path: Path, files: list[Path], kind: str, base_config: Mapping, base_s
             found.ignored["LoRA modules the base lacks"] += 1
             continue
         rank = down.shape[0]
-        alpha = next((alphas[k] for k in (f"{key}.alpha", f"unet.{module}.alpha", f"{module}.alpha") if k in alphas), None)
+        alpha = next((alphas[k] for k in (f"{key}.alpha", f"{prefix}{module}.alpha", f"{module}.alpha") if k in alphas), None)
         scale = float(alpha) / rank if alpha is not None else 1.0
         shape = base_specs[target][0]
         if up.shape[0] != shape[0] or math.prod(down.shape[1:]) != math.prod(shape[1:]):
@@ -225,7 +306,7 @@ def _lora(path: Path, files: list[Path], kind: str, base_config: Mapping, base_s
             )
         found.lora[target] = LowRank(up, down, scale)
     if not found.lora:
-        raise CheckpointError(f"{path.name}: a {kind} with no UNet module this base has")
+        raise CheckpointError(f"{path.name}: a {kind} with no {component} module this base has")
     return found
 
 
@@ -245,16 +326,17 @@ def check_against_base(found: Found, base_specs: Mapping[str, tuple], label: str
     naming the detected format and the first tensor that is wrong."""
     if found.lora is not None:
         return
+    denoiser = (architecture(base_specs) or "a UNet").split(" ", 1)[1]
     missing = [k for k in base_specs if k not in found.specs]
     if missing:
         raise CheckpointError(
-            f"shard {label!r} ({found.kind}) does not match the base UNet: it lacks tensor {missing[0]!r} ({len(missing)} missing)"
+            f"shard {label!r} ({found.kind}) does not match the base {denoiser}: it lacks tensor {missing[0]!r} ({len(missing)} missing)"
         )
     for key, (shape, dtype) in base_specs.items():
         other_shape, other_dtype = found.specs[key]
         if tuple(other_shape) != tuple(shape):
             raise CheckpointError(
-                f"shard {label!r} ({found.kind}) does not match the base UNet: tensor {key!r} has shape {list(other_shape)}, "
+                f"shard {label!r} ({found.kind}) does not match the base {denoiser}: tensor {key!r} has shape {list(other_shape)}, "
                 f"the base has {list(shape)}"
             )
         if other_dtype[0] in "FB" and dtype[0] in "FB":  # F16, F32, BF16...: mixed in fp32, rounded once
@@ -335,14 +417,15 @@ def lora_tensors(lora: Mapping[str, LowRank]) -> dict[str, torch.Tensor]:
 
 
 def base_unet(base: str | Path, config: str | Path | None = None) -> tuple[dict, Found]:
-    """A preset's base UNet: its config and where its tensors lie. `base` is a pipeline folder or a
-    single-file checkpoint whose configs come from the pipeline folder `config` (by default, the
-    shipped configs of its family)."""
-    from .families import base_config
+    """A preset's base denoiser (UNet or transformer): its config and where its tensors lie. `base`
+    is a pipeline folder or a single-file checkpoint whose configs come from the pipeline folder
+    `config` (by default, the shipped configs of its family)."""
+    from .families import base_config, denoiser_component
 
-    base = Path(base)
-    unet_config = json.loads((base_config(base, config) / "unet" / "config.json").read_text())
-    return unet_config, detect(base if base.is_file() else base / "unet", unet_config)
+    base, folder = Path(base), base_config(base, config)
+    component = denoiser_component(folder)
+    denoiser_config = json.loads((folder / component / "config.json").read_text())
+    return denoiser_config, detect(base if base.is_file() else base / component, denoiser_config)
 
 
 def validate(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tuple], label: str) -> Found:
@@ -353,6 +436,8 @@ def validate(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tu
     check_against_base(found, base_specs, label)
     if found.lora is not None:
         check_finite(path, lora_tensors(found.lora))
+    elif found.convert is not None:
+        check_finite(path, found.convert())
     else:
         lazy = LazyWeights(path, names=found.names)
         check_finite(path, lazy)
@@ -401,7 +486,11 @@ TEXT_PREFIXES = {
     "sd2": [("open_clip", "cond_stage_model.model.")],
     "sdxl": [("clip", "conditioner.embedders.0.transformer."), ("open_clip", "conditioner.embedders.1.model.")],
 }
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}  # modelspec
+ARCHITECTURES = {  # modelspec.architecture
+    "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
+    "sd3": "stable-diffusion-v3-medium", "flux": "flux-1-dev",
+}
+LDM_FAMILIES = ("sd1", "sd2", "sdxl")  # those with an original single-file layout written by `ldm_checkpoint`
 OPEN_CLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]
 
 
@@ -478,8 +567,13 @@ def ldm_checkpoint(unet: Mapping[str, torch.Tensor], unet_config: Mapping, vae: 
 
 
 def text_family(pipe) -> str:
-    """Which original layout a pipeline's text encoders take: "sdxl" (two), "sd2" (OpenCLIP, whose
-    activation is gelu) or "sd1" (OpenAI CLIP, quick_gelu)."""
+    """Which layout a pipeline's text encoders take: "flux" (CLIP + T5), "sd3" (two CLIPs + T5),
+    "sdxl" (two), "sd2" (OpenCLIP, whose activation is gelu) or "sd1" (OpenAI CLIP, quick_gelu)."""
+    name = type(pipe).__name__
+    if name.startswith("Flux"):
+        return "flux"
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
     if getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
     return "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"

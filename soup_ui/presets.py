@@ -17,8 +17,9 @@ SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "unipc": "UniPCMultistepScheduler",
     "pndm": "PNDMScheduler",
+    "default": None,  # the base pipeline's own scheduler (the only one for SD3 and FLUX: flow matching)
 }
-SchedulerName = Literal["dpm++", "euler", "euler-a", "ddim", "unipc", "pndm"]
+SchedulerName = Literal["dpm++", "euler", "euler-a", "ddim", "unipc", "pndm", "default"]
 MAX_STEPS = 150
 MIN_STEPS = {"pndm": 4}  # PNDM's Runge-Kutta warm-up needs 4 steps (fewer fail inside diffusers)
 MAX_SIZE = 2048

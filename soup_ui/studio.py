@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import checkpoints, families, formats, soup
 from .files import atomic_path
-from .presets import SCHEDULERS, Preset, RenderSettings
+from .presets import SCHEDULERS, Preset, RenderDefaults, RenderSettings
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class RuntimeOptions:
     dtype: str | None = None  # None: float16 on GPU, float32 on CPU (fp16 maths is slow on CPUs)
     cache_size: int = 512  # rendered images kept in memory
     lean: bool | None = None  # stream shards from memory-mapped files; None: when they would not fit
+    memory: str | None = None  # force where shards live: "resident", "pinned" or "lean" (None: planned, see Studio.plan_memory)
 
 
 def free_memory(device: torch.device) -> int:
@@ -73,33 +74,28 @@ def resolve_dtype(device: torch.device, name: str | None) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # whose UNet the studio soups
-
-
 def folder_variant(folder: Path) -> str | None:
     """The variant a pipeline folder was saved with (`save_pretrained(variant="fp16")` writes
     `unet/diffusion_pytorch_model.fp16.safetensors`), or None for plain files."""
-    unet = Path(folder) / "unet"
+    denoiser = Path(folder) / families.denoiser_component(folder)
     try:
-        return checkpoints.file_variant(checkpoints.weight_files(unet)[0]) if unet.is_dir() else None
+        return checkpoints.file_variant(checkpoints.weight_files(denoiser)[0]) if denoiser.is_dir() else None
     except checkpoints.CheckpointError:
         return None
 
 
-def pipeline_class(folder: Path) -> tuple[type, dict]:
+def pipeline_class(folder: Path) -> tuple[type, families.Family]:
     """The diffusers pipeline class a base folder (or config folder) names in its model_index.json,
-    and the arguments it loads with; StudioError naming any other class."""
+    and its family; StudioError naming any other class."""
     import diffusers
 
     try:
         name = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
     except (OSError, ValueError, KeyError) as err:
         raise StudioError(f"{folder}: no readable model_index.json ({err})") from None
-    if name not in PIPELINES:
-        raise StudioError(f"{folder}: a {name}; the studio soups the UNet of {' and '.join(PIPELINES)} (SD 1.x, SD 2.x, SDXL)")
-    if name == "StableDiffusionXLPipeline":
-        return diffusers.StableDiffusionXLPipeline, dict(add_watermarker=False)
-    return diffusers.StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if name not in families.FAMILIES:
+        raise StudioError(f"{folder}: a {name}, which the studio does not soup; it soups {families.SUPPORTED}")
+    return getattr(diffusers, name), families.FAMILIES[name]
 
 
 @dataclass
@@ -108,7 +104,7 @@ class Weights:
 
     path: Path
     sha256: str
-    unet: torch.nn.Module | None  # None in lean mode: the weights stay in their files
+    unet: torch.nn.Module | None  # None unless resident: the weights stay in their files (lean) or in CPU memory (pinned)
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
     signature: tuple = ()  # the files' (size, mtime, inode) when hashed; lean mode re-checks it
     kind: str = "diffusers UNet"  # the format detected (formats.Found.kind)
@@ -118,6 +114,7 @@ class Weights:
     text_found: formats.TextEncoderFound | None = None
     text_encoder: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
     _text_sha: str | None = None
+    tier: str = "resident"  # "resident" (a module on the device), "pinned" (CPU memory, copied per soup) or "lean" (its files)
 
     @property
     def text_sha(self) -> str | None:
@@ -297,7 +294,8 @@ class Studio:
         report(0.0, "loading base pipeline")
         base = Path(preset.base)
         config = families.base_config(base, preset.config)  # the base folder, `config:`, or the shipped configs of a single file's family
-        cls, common = pipeline_class(config)
+        cls, self.kind = pipeline_class(config)  # the family's entry: denoiser, encoders, embeddings, defaults
+        common = self.kind.load_args
         self.variant = None if base.is_file() else folder_variant(base)  # exports name their files like the base's
         try:
             if base.is_file():  # a single-file checkpoint
@@ -307,11 +305,12 @@ class Studio:
             self.pipe = self.pipe.to(self.device)
         except (OSError, ValueError, EnvironmentError) as err:
             raise StudioError(f"{preset.base}: cannot load the base pipeline ({err})") from None
-        self.family = formats.text_family(self.pipe)  # "sd1", "sd2" or "sdxl": how its text encoders are laid out
+        self.family = formats.text_family(self.pipe)  # "sd1", "sd2", "sdxl", "sd3" or "flux": how its text encoders are laid out
         self.pipe.set_progress_bar_config(disable=True)
+        self.base_scheduler = type(self.pipe.scheduler)  # the "default" scheduler
         # The text encoder's floating weights: the base's, or with "text encoders too" a soup of the
         # shards' own, written in place. Integer buffers (position_ids) are never touched.
-        self.text_components = [c for c in ("text_encoder", "text_encoder_2") if getattr(self.pipe, c, None) is not None]
+        self.text_components = [c for c in self.kind.text_encoders if getattr(self.pipe, c, None) is not None]
         self.text_tensors = {
             f"{c}.{n}": p for c in self.text_components for n, p in getattr(self.pipe, c).named_parameters() if p.is_floating_point()
         }
@@ -322,19 +321,11 @@ class Studio:
         # Where the base UNet's tensors lie on disk, by diffusers name (a folder's unet/, or mapped from a single file).
         _, self.base_found = formats.base_unet(base, preset.config)
         self.base_specs = self.base_found.specs
-        # The base UNet's memory becomes the hybrid: mixing writes into it, never allocating anew.
-        self.hybrid = self.pipe.unet.eval()
+        # The base denoiser's memory becomes the hybrid: mixing writes into it, never allocating anew.
+        self.hybrid = getattr(self.pipe, self.kind.denoiser).eval()
+        self.preset = preset.model_copy(update={"render": self._render_defaults(preset)})
         self.hybrid_tensors = soup.flatten_module(self.hybrid)  # one buffer: the soup is one pass
-        unet_bytes = sum(t.numel() * t.element_size() for t in self.hybrid_tensors.values())
-        need, free = len(preset.shards) * unet_bytes, free_memory(self.device)
-        self.lean = options.lean if options.lean is not None else need > 0.8 * free
-        sizes = f"{len(preset.shards)} shards of {unet_bytes / 1e6:,.0f} MB"
-        if options.lean is not None:
-            why = "as asked (--lean)" if self.lean else "as asked"
-        else:
-            why = f"{need / 1e9:.1f} GB {'would not fit' if self.lean else 'fit'} in 80% of the {free / 1e9:.1f} GB free on {self.device.type}"
-        # What the studio chose for the shards' memory, and why (the log, the page header).
-        self.memory_plan = f"{sizes} {'streamed from their files (lean)' if self.lean else 'held in memory'}: {why}"
+        self.plan_memory(len(preset.shards), sum(t.numel() * t.element_size() for t in self.hybrid_tensors.values()))
         logger.info("memory: %s", self.memory_plan)
 
         # 2. Every shard, validated against the base; a bad one is reported and left out.
@@ -354,6 +345,46 @@ class Studio:
         report(1.0, "ready")
 
     # -- the weight pool --------------------------------------------------------------------------
+    TIERS = ("resident", "pinned", "lean")
+
+    def plan_memory(self, count: int, unet_bytes: int) -> None:
+        """Where shards live, and why (the log and the page header say it). On a GPU, as many shards as
+        fit in 80% of its free memory stay resident; the rest wait in pinned CPU memory and are copied
+        to the GPU tensor by tensor for each soup, or, if they do not fit there either, stream from
+        their files (lean). On a CPU, shards are held in memory, or lean when they would not fit. The
+        user can force one tier for all (--memory, or --lean)."""
+        forced = self.options.memory or {True: "lean", False: "resident"}.get(self.options.lean)
+        if forced is not None and forced not in self.TIERS:
+            raise StudioError(f"memory {forced!r}: choose one of {', '.join(self.TIERS)}")
+        sizes = f"{count} shards of {unet_bytes / 1e6:,.0f} MB"
+        need, free = count * unet_bytes, free_memory(self.device)
+        where = {"resident": "held in memory", "pinned": "in pinned CPU memory, copied to the device for each soup",
+                 "lean": "streamed from their files (lean)"}
+        if forced is not None:
+            self.resident_slots, self.spill = (None if forced == "resident" else 0), forced
+            why = f"as asked (--memory {forced})" if self.options.memory else ("as asked (--lean)" if forced == "lean" else "as asked")
+            self.memory_plan = f"{sizes} {where[forced]}: {why}"
+        elif self.device.type != "cuda" or need <= 0.8 * free:
+            self.lean = need > 0.8 * free
+            self.resident_slots, self.spill = (0, "lean") if self.lean else (None, "resident")
+            why = f"{need / 1e9:.1f} GB {'would not fit' if self.lean else 'fit'} in 80% of the {free / 1e9:.1f} GB free on {self.device.type}"
+            self.memory_plan = f"{sizes} {where['lean' if self.lean else 'resident']}: {why}"
+        else:  # a GPU too small for them all: fill it, then pinned host memory, then the files
+            self.resident_slots = int(0.8 * free // unet_bytes)
+            host = free_memory(torch.device("cpu"))
+            rest = count - self.resident_slots
+            self.spill = "pinned" if rest * unet_bytes <= 0.8 * host else "lean"
+            self.memory_plan = (
+                f"{sizes}: {self.resident_slots} held on {self.device.type} ({0.8 * free / 1e9:.1f} GB of its {free / 1e9:.1f} GB free), "
+                f"the other {rest} {where[self.spill]} ({rest * unet_bytes / 1e9:.1f} GB; {host / 1e9:.1f} GB free in CPU memory)"
+            )
+        self.lean = self.resident_slots == 0 and self.spill == "lean"  # every shard streamed from disk
+
+    def _tier(self) -> str:
+        """The tier of the next shard loaded, by the plan and the shards resident now."""
+        resident = sum(w.tier == "resident" for w in self._pool.values())
+        return "resident" if self.resident_slots is None or resident < self.resident_slots else self.spill
+
     def load(self, path: str | Path, name: str | None = None) -> Weights:
         """Detect a checkpoint's format, validate it against the base and pool its weights (once per
         content); the caller then holds one use of them (give it back with `release`). Raises
@@ -375,18 +406,30 @@ class Studio:
                 lora = {k: formats.LowRank(r.up.to(self.device), r.down.to(self.device), r.scale) for k, r in found.lora.items()}
                 checkpoints.check_finite(path, formats.lora_tensors(lora))
                 pooled = Weights(path, sha, None, LoraTensors(self.base_tensors, lora), signature, found.kind, lora)
-            elif self.lean:
-                lazy = checkpoints.LazyWeights(path, self.device, self.dtype, found.names)
-                checkpoints.check_finite(path, lazy)
-                pooled = Weights(path, sha, None, lazy, signature, found.kind)
             else:
-                lazy = checkpoints.LazyWeights(path, self.device, self.dtype, found.names)
-                tensors = {k: lazy[k] for k in lazy.read_order()}
-                lazy.close()
-                checkpoints.check_finite(path, tensors)
-                unet = copy.deepcopy(self.hybrid)
-                unet.load_state_dict(tensors, strict=True)
-                pooled = Weights(path, sha, unet, soup.flatten_module(unet), signature, found.kind)
+                tier = self._tier()
+                if found.convert is not None and tier == "lean":  # converted with its data: held, never streamed
+                    tier = "pinned" if self.device.type == "cuda" else "resident"
+                    logger.info("%s (%s) is converted when read, so it is held (%s), not streamed", path.name, found.kind, tier)
+                if tier == "lean":
+                    lazy = checkpoints.LazyWeights(path, self.device, self.dtype, found.names)
+                    checkpoints.check_finite(path, lazy)
+                    pooled = Weights(path, sha, None, lazy, signature, found.kind, tier="lean")
+                else:
+                    where = "cpu" if tier == "pinned" else self.device
+                    if found.convert is not None:
+                        tensors = {k: v.to(where, self.dtype) for k, v in found.convert().items()}
+                    else:
+                        lazy = checkpoints.LazyWeights(path, where, self.dtype, found.names)
+                        tensors = {k: lazy[k] for k in lazy.read_order()}
+                        lazy.close()
+                    checkpoints.check_finite(path, tensors)
+                    if tier == "pinned":
+                        pooled = Weights(path, sha, None, checkpoints.PinnedTensors(tensors, self.device), signature, found.kind, tier="pinned")
+                    else:
+                        unet = copy.deepcopy(self.hybrid)
+                        unet.load_state_dict(tensors, strict=True)
+                        pooled = Weights(path, sha, unet, soup.flatten_module(unet), signature, found.kind)
             pooled.text_found = text
         with self.lock:
             pooled = self._pool.setdefault(sha, pooled)
@@ -432,7 +475,7 @@ class Studio:
     def _fresh(self, weights: Weights) -> None:
         """Lean mode reads files at mix time: if one was rewritten since it was hashed, validate and
         hash it again, so its images are never served under the old hash."""
-        if weights.unet is not None or weights.lora is not None:
+        if weights.tier != "lean" or weights.lora is not None:
             return  # in memory: what was hashed is what is served
         try:
             signature = checkpoints.file_signature(weights.path)
@@ -591,34 +634,69 @@ class Studio:
         return self._base_tensors
 
     # -- rendering ------------------------------------------------------------------------------
+    @property
+    def guidance_distilled(self) -> bool | None:
+        """FLUX.1 only: True for dev (guidance is an input of the transformer), False for schnell
+        (guidance does nothing); None for families with classifier-free guidance."""
+        return bool(self.hybrid.config.get("guidance_embeds")) if self.kind.pipeline == "FluxPipeline" else None
+
+    @property
+    def family_name(self) -> str:
+        if self.guidance_distilled is False:
+            return "FLUX.1 [schnell]"
+        return families.NAMES.get(self.family, self.kind.name)
+
+    def _render_defaults(self, preset: Preset) -> RenderDefaults:
+        """The preset's render settings, where it sets them, else the family's: the denoiser's native
+        size, and steps, guidance and scheduler (FLUX.1 schnell: 4 steps, no guidance)."""
+        native = self.pipe.vae_scale_factor * (self.hybrid.config.get("sample_size") or getattr(self.pipe, "default_sample_size", 128))
+        family = {"height": native, "width": native, **self.kind.defaults}
+        if self.guidance_distilled is False:
+            family.update(steps=4, guidance_scale=0.0)
+        given = preset.render.model_fields_set
+        return preset.render.model_copy(update={k: v for k, v in family.items() if k not in given})
+
     def check_settings(self, settings: RenderSettings) -> None:
-        limit = self.pipe.tokenizer.model_max_length
+        if self.kind.flow_matching and settings.scheduler != "default":
+            raise StudioError(f"{self.family_name} samples with its own flow-matching scheduler: choose scheduler 'default', not {settings.scheduler!r}")
+        if not self.kind.negative_prompt and settings.negative_prompt:
+            raise StudioError(f"{self.family_name} takes no negative prompt (it has no classifier-free guidance); leave it empty")
+        tokenizer = getattr(self.pipe, self.kind.long_tokenizer or "tokenizer", None) or self.pipe.tokenizer
+        limit = self.kind.max_tokens or tokenizer.model_max_length
         for label, text in (("prompt", settings.prompt), ("negative prompt", settings.negative_prompt)):
-            n = len(self.pipe.tokenizer(text).input_ids)
+            n = len(tokenizer(text).input_ids)
             if n > limit:
                 raise StudioError(f"the {label} is {n} tokens long; this model reads at most {limit} (shorten it)")
 
     def _embeddings(self, settings: RenderSettings) -> dict[str, torch.Tensor]:
-        """The pipeline's prompt embeddings for these prompts, by the pipeline's argument names (SDXL
-        adds the pooled ones), cached per text encoder."""
+        """The pipeline's prompt embeddings for these prompts, by the pipeline's argument names (pooled
+        ones for SDXL, SD3 and FLUX; negative ones where classifier-free guidance applies), cached per
+        text encoder."""
         key = (self._text_mixed, settings.prompt, settings.negative_prompt)  # per text encoder
         cached = self._text.hit(key)
         if cached is None:
-            out = self.pipe.encode_prompt(
-                prompt=settings.prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-                negative_prompt=settings.negative_prompt,
-            )
-            names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-            cached = dict(zip(names, out))
+            extra = dict(self.kind.encode_args)
+            if self.kind.negative_prompt:
+                extra.update(do_classifier_free_guidance=True, negative_prompt=settings.negative_prompt)
+            if self.kind.max_tokens:
+                extra["max_sequence_length"] = self.kind.max_tokens  # the pipeline's default, stated
+            out = self.pipe.encode_prompt(prompt=settings.prompt, device=self.device, num_images_per_prompt=1, **extra)
+            cached = {name: value for name, value in zip(self.kind.embeddings, out) if name}
             self._text.put(key, cached)
         return cached
 
     def initial_noise(self, settings: RenderSettings) -> torch.Tensor:
-        """The same starting latents for every image of a render, from the seed alone."""
-        factor = self.pipe.vae_scale_factor
-        shape = (1, self.hybrid.config.in_channels, settings.height // factor, settings.width // factor)
+        """The same starting latents for every image of a render, from the seed alone (drawn on the
+        CPU, so every device starts from the same noise). FLUX packs latents into 2x2 patches: its
+        pipeline's own `prepare_latents` draws and packs them."""
         generator = torch.Generator("cpu").manual_seed(settings.seed)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        channels = self.hybrid.config.in_channels
+        if self.kind.packed:
+            latents, _ = self.pipe.prepare_latents(1, channels // 4, settings.height, settings.width, torch.float32, torch.device("cpu"), generator)
+        else:
+            factor = self.pipe.vae_scale_factor
+            latents = torch.randn((1, channels, settings.height // factor, settings.width // factor), generator=generator, dtype=torch.float32)
+        return latents.to(self.device, self.dtype)
 
     def _denoise(self, unet: torch.nn.Module, settings: RenderSettings, kind: str) -> Image.Image:
         return self._denoise_many(unet, [settings], kind)[0]
@@ -637,9 +715,10 @@ class Studio:
         shared = {"prompt", "negative_prompt", "seed"}
         if any(s.model_dump(exclude=shared) != settings.model_dump(exclude=shared) for s in batch):
             raise StudioError("a batched render needs the same steps, guidance, size and scheduler for every image")
-        scheduler_cls = getattr(diffusers, SCHEDULERS[settings.scheduler])
+        scheduler = SCHEDULERS[settings.scheduler]
+        scheduler_cls = getattr(diffusers, scheduler) if scheduler else self.base_scheduler
         embeds = [self._embeddings(s) for s in batch]
-        self.pipe.unet = unet
+        setattr(self.pipe, self.kind.denoiser, unet)
         self.pipe.scheduler = scheduler_cls.from_config(self.scheduler_config)
         try:
             out = self.pipe(
@@ -652,7 +731,7 @@ class Studio:
                 output_type="pil",
             )
         finally:
-            self.pipe.unet = self.hybrid
+            setattr(self.pipe, self.kind.denoiser, self.hybrid)
         self.renders[kind] += len(batch)
         return out.images
 
@@ -796,7 +875,7 @@ class Studio:
             "sd_merge_models": json.dumps({s["sha256"]: {"name": s["name"], "weight": s["weight"]} for s in recipe["shards"]}),
             # Stability AI's model spec, which ComfyUI, Forge and the A1111 model browser show.
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": formats.ARCHITECTURES[self.family],
+            "modelspec.architecture": "flux-1-schnell" if self.guidance_distilled is False else formats.ARCHITECTURES[self.family],
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.title": label,
             "modelspec.date": datetime.date.today().isoformat(),
@@ -811,6 +890,11 @@ class Studio:
         metadata: what A1111, Forge and ComfyUI load as a checkpoint."""
         from safetensors.torch import save_file
 
+        if self.family not in formats.LDM_FAMILIES:
+            raise StudioError(
+                f"a single-file (LDM) export is for SD 1.x, SD 2.x and SDXL; export this {self.family_name} soup as its {self.kind.denoiser} "
+                "(diffusers names, which diffusers and ComfyUI load) or as a pipeline folder"
+            )
         out = Path(out)
         unet = self.souped_weights(mix, mode, scale, shards)
         metadata = self._merge_metadata(mix, mode, scale, shards, text_encoders)
@@ -834,7 +918,7 @@ class Studio:
         files = [base / "model_index.json"]
         for component, value in index.items():
             folder = base / component
-            if component.startswith("_") or component == "unet" or not isinstance(value, list) or not folder.is_dir():
+            if component.startswith("_") or component == self.kind.denoiser or not isinstance(value, list) or not folder.is_dir():
                 continue
             files += sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.suffix in keep)
         return files
@@ -870,10 +954,11 @@ class Studio:
                 target = tmp / file.relative_to(base)
                 target.parent.mkdir(exist_ok=True)
                 shutil.copyfile(file, target)
-            (tmp / "unet").mkdir()
-            shutil.copyfile(base / "unet" / "config.json", tmp / "unet" / "config.json")
-            variant = self.variant  # the soup UNet named like the base's files, so the folder loads as the base did
-            self.export(mix, tmp / "unet" / f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors", mode, scale, shards)
+            denoiser = self.kind.denoiser
+            (tmp / denoiser).mkdir()
+            shutil.copyfile(base / denoiser / "config.json", tmp / denoiser / "config.json")
+            variant = self.variant  # the soup denoiser named like the base's files, so the folder loads as the base did
+            self.export(mix, tmp / denoiser / f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors", mode, scale, shards)
             if mixed_text:
                 with self.lock:
                     self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import families
 from . import session as handlers
 from .presets import SCHEDULERS
 from .session import MAX_SHARDS, Controls, Session, StudioHost, settings_from
@@ -90,7 +89,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
     with gr.Blocks(title="Diffusion Soup Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         state = gr.State(None, delete_callback=lambda s: handlers.close_session(host, s))
         gr.Markdown(
-            "# Diffusion Soup Studio\nMix finetuned UNets by averaging their weights "
+            "# Diffusion Soup Studio\nMix finetuned denoisers (UNets, transformers) by averaging their weights "
             "([Diffusion Soup](https://arxiv.org/abs/2406.08431)): pick shards and weights, and compare each "
             "component with the hybrid, all rendered from the same noise."
         )
@@ -195,11 +194,25 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 session,
                 *shard_updates(session),
                 f"**{studio.preset.name or name}**: {html.escape(studio.preset.description)}"
-                f" ({len(session.shards)} shards; {type(studio.pipe).__name__}, {families.NAMES[studio.family]} layout;"
+                f" ({len(session.shards)} shards; {studio.family_name}: {type(studio.pipe).__name__}, soups its {studio.kind.denoiser};"
                 f" {studio.device}, {str(studio.dtype).removeprefix('torch.')}{lean}){failed}",
                 gr.Dropdown(choices=r.prompts, value=first if first in r.prompts else None),
-                first, r.negative_prompt, r.seed, r.steps, r.guidance_scale, r.scheduler, r.height, r.width,
+                first, *family_controls(studio, r), r.height, r.width,
                 gr.Button(interactive=True), gr.Dropdown(interactive=True), None, None, "**Soup**", "", studio.preset.mix_text_encoders,
+            ]
+
+        def family_controls(studio, r) -> list:
+            """Negative prompt, seed, steps, guidance and scheduler as the family takes them: the negative
+            prompt only where classifier-free guidance applies (not FLUX.1), FLUX.1 dev's guidance is
+            distilled (an input of the model) and schnell's unused, SD3 and FLUX.1 sample with their
+            own flow-matching scheduler only."""
+            applies = studio.kind.negative_prompt
+            guidance = {None: "Guidance scale (0-30)", True: "Distilled guidance (FLUX.1 dev, 0-30)", False: "Guidance (unused by FLUX.1 schnell)"}
+            schedulers = ["default"] if studio.kind.flow_matching else list(SCHEDULERS)
+            return [
+                gr.Textbox(value=r.negative_prompt if applies else "", visible=applies), r.seed, r.steps,
+                gr.Number(value=r.guidance_scale, label=guidance[studio.guidance_distilled], interactive=studio.guidance_distilled is not False),
+                gr.Dropdown(choices=schedulers, value=r.scheduler),
             ]
 
         def on_mixture(session, *values):

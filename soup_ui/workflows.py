@@ -212,7 +212,7 @@ def ensemble(studio: Studio, mix: dict[str, float], settings: RenderSettings, sh
     the first labelled with its pixel distance to the second. Runs at background priority."""
     pairs = [(s, w) for s, w in studio.normalized(mix, shards) if w > 0]
     if any(s.unet is None for s, _ in pairs):
-        raise StudioError("the ensemble needs every component in memory as a full UNet; it is not available in lean mode or for LoRA shards")
+        raise StudioError("the ensemble needs every component in memory as a full UNet; it is not available for shards streamed (lean) or held in pinned CPU memory, nor for LoRA shards")
 
     def make():
         studio.check_settings(settings)

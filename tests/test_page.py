@@ -389,7 +389,7 @@ def test_an_sdxl_preset_in_the_page(sdxl_server, browser):
     page.goto(sdxl_server)
     page.wait_for_selector("#shard-check-1", state="visible", timeout=TIMEOUT)
     page.wait_for_function("document.querySelector('#generate')?.disabled === false", timeout=TIMEOUT)
-    wait_text(page, "#status", "StableDiffusionXLPipeline, SDXL layout")
+    wait_text(page, "#status", "SDXL: StableDiffusionXLPipeline, soups its unet")
     wait_text(page, "#status", "memory: 2 shards of")  # what the studio chose for the shards, and why
     assert "held in memory" in text(page, "#status") and "GB free on cpu" in text(page, "#status")
     generate(page, "soup: 0.50 ink + 0.50 pastel")
@@ -401,4 +401,30 @@ def test_an_sdxl_preset_in_the_page(sdxl_server, browser):
     wait_text(page, "#soup-label", "soup: 0.80 ink + 0.20 pastel")
     assert soup_src(page) != before
     page.screenshot(path="/tmp/sdxl-page.png")
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def flux_server(tmp_path_factory):
+    from conftest import serve
+    from tiny import make_family_preset
+
+    folder = tmp_path_factory.mktemp("flux-page")
+    yield from serve([make_family_preset(folder, "flux")], folder)
+
+
+def test_a_flux_preset_in_the_page(flux_server, browser):
+    """A FLUX.1 base: the header names family, pipeline and denoiser; no negative prompt box (FLUX.1
+    has no classifier-free guidance); the only scheduler is its own; Generate renders every component
+    and the soup."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1400})
+    page.goto(flux_server)
+    page.wait_for_selector("#shard-check-2", state="visible", timeout=TIMEOUT)
+    page.wait_for_function("document.querySelector('#generate')?.disabled === false", timeout=TIMEOUT)
+    wait_text(page, "#status", "FLUX.1: FluxPipeline, soups its transformer")
+    assert page.locator("#negative").is_hidden()
+    assert "Distilled guidance (FLUX.1 dev" in page.locator("#guidance").inner_text()
+    generate(page, "soup: 0.34 ink + 0.33 pastel + 0.33 chalk")
+    page.wait_for_function("document.querySelectorAll('#components img').length === 3", timeout=TIMEOUT)
+    page.screenshot(path="/tmp/flux-page.png")
     page.close()

@@ -12,7 +12,7 @@ from soup_ui import formats
 from soup_ui.checkpoints import CheckpointError
 from soup_ui.presets import RenderSettings, load_preset
 from soup_ui.studio import Studio, StudioError
-from tiny import make_sdxl_preset
+from tiny import fused_lora, make_sdxl_preset
 
 SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=0, scheduler="euler")
 
@@ -129,12 +129,13 @@ def test_an_unsupported_pipeline_class_is_named(tmp_path, sdxl_preset):
 
     shutil.copytree(sdxl_preset.parent / "base", tmp_path / "base")
     index = json.loads((tmp_path / "base" / "model_index.json").read_text())
-    (tmp_path / "base" / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (tmp_path / "base" / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
     data = yaml.safe_load(sdxl_preset.read_text())
     data["base"] = str(tmp_path / "base")
     data["shards"] = [{**s, "path": str(sdxl_preset.parent / s["path"])} for s in data["shards"]]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
-    with pytest.raises(StudioError, match="a FluxPipeline; the studio soups the UNet of StableDiffusionPipeline and StableDiffusionXLPipeline"):
+    with pytest.raises(StudioError, match=r"a KandinskyPipeline, which the studio does not soup; it soups StableDiffusionPipeline \(SD 1.x / 2.x\), "
+                       r"StableDiffusionXLPipeline \(SDXL\), StableDiffusion3Pipeline \(SD3 / 3.5\), FluxPipeline \(FLUX.1\)$"):
         Studio(load_preset(tmp_path / "p.yaml"))
 
 
@@ -142,7 +143,6 @@ def test_an_unsupported_pipeline_class_is_named(tmp_path, sdxl_preset):
 def test_an_sdxl_lora_soups_like_the_lora_fused_first(studio, tmp_path, naming):
     """SDXL LoRAs: peft naming, and kohya's SDXL naming, which names blocks as the original model
     does (lora_unet_input_blocks_4_1_..., with .alpha)."""
-    from diffusers import DiffusionPipeline
     from test_formats import peft_lora
 
     state = peft_lora(studio, seed=5)
@@ -162,11 +162,7 @@ def test_an_sdxl_lora_soups_like_the_lora_fused_first(studio, tmp_path, naming):
         assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)
         lora_file = tmp_path / "kohya-sdxl.safetensors"
         save_file(kohya, str(lora_file))
-    pipe = DiffusionPipeline.from_pretrained(studio.preset.base)
-    pipe.load_lora_weights(str(lora_file))
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    fused = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    fused = fused_lora(studio.preset.base, lora_file)
     shard = studio.add_shard("lora", lora_file)
     try:
         assert shard.weights.lora and shard.weights.unet is None

@@ -81,6 +81,7 @@ class Budget:
     base_lr: float = 3e-4
     base2_steps: int = 2500  # continued base: subcategory captions, min-SNR, EMA
     base2_lr: float = 2e-4
+    base3_steps: int = 0  # a third base stage like base2 (--base3-steps), for the base's learning curve
     shard_steps: int = 600
     shard_batch: int = 32
     shard_lr: float = 4e-4  # high for a finetune: the mixed-style base must move to one style
@@ -347,7 +348,7 @@ def base_stages() -> list[BaseStage]:
     return [
         BaseStage("base", BUDGET.base_steps, BUDGET.base_lr, NAMES),
         BaseStage("base2", BUDGET.base2_steps, BUDGET.base2_lr, CAPTIONS, BUDGET.min_snr_gamma, BUDGET.ema_decay, True),
-    ]
+    ] + ([BaseStage("base3", BUDGET.base3_steps, BUDGET.base2_lr, CAPTIONS, BUDGET.min_snr_gamma, BUDGET.ema_decay, True)] if BUDGET.base3_steps else [])
 
 
 def train_base(data: Path, pipeline: Path, work: Path, stage: BaseStage, seed: int = 0) -> None:
@@ -484,11 +485,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
     parser.add_argument("--batch-multiplier", type=int, default=1, help="batches k times larger, steps k times fewer (same epochs): 8 on a GPU")
     parser.add_argument("--epochs", type=float, default=1.0, help="train the base and the shards this many times longer (the GPU run uses 2)")
+    parser.add_argument("--base3-steps", type=int, default=0, help="continue the base this many steps more (stage base3, like base2)")
+    parser.add_argument("--shard-steps", type=int, default=0, help="shard steps (0: the budget's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     global BUDGET, DEVICE
     DEVICE = torch.device(args.device)
     BUDGET = scaled(BUDGET, args.batch_multiplier, args.epochs)
+    if args.base3_steps or args.shard_steps:
+        from dataclasses import replace
+
+        BUDGET = replace(BUDGET, base3_steps=args.base3_steps, shard_steps=args.shard_steps or BUDGET.shard_steps)
     if args.smoke:
         BUDGET = Budget(vae_steps=2, decoder_steps=2, base_steps=2, base2_steps=2, shard_steps=2, snapshots=(1,))
     logger.info("budget: %s", BUDGET)
