@@ -114,7 +114,7 @@ class Weights:
     text_found: formats.TextEncoderFound | None = None
     text_encoder: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
     _text_sha: str | None = None
-    tier: str = "resident"  # "resident" (a module on the device), "pinned" (CPU memory, copied per soup) or "lean" (its files)
+    tier: str = "resident"  # "resident" (a module on the device), "pinned" (CPU memory, copied per soup), "lean" (its files) or "lora" (low rank)
 
     @property
     def text_sha(self) -> str | None:
@@ -405,7 +405,7 @@ class Studio:
             if found.lora is not None:
                 lora = {k: formats.LowRank(r.up.to(self.device), r.down.to(self.device), r.scale) for k, r in found.lora.items()}
                 checkpoints.check_finite(path, formats.lora_tensors(lora))
-                pooled = Weights(path, sha, None, LoraTensors(self.base_tensors, lora), signature, found.kind, lora)
+                pooled = Weights(path, sha, None, LoraTensors(self.base_tensors, lora), signature, found.kind, lora, tier="lora")
             else:
                 tier = self._tier()
                 if found.convert is not None and tier == "lean":  # converted with its data: held, never streamed

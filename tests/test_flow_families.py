@@ -229,3 +229,29 @@ def test_an_original_flux_file_is_read_through_diffusers_converter(studio, famil
         assert str(err.value).startswith("flux1-tiny.safetensors: an original FLUX.1 transformer file that diffusers cannot convert (")
     else:
         assert str(err.value) == "flux1-tiny.safetensors: a checkpoint of FLUX.1 transformer; this base's denoiser is SD3 transformer"
+
+
+def test_a_kohya_flux_lora_in_bfl_block_names_soups_like_diffusers_fuse(studio, family, tmp_path):
+    """kohya's FLUX LoRAs name Black Forest Labs' blocks (lora_unet_double_blocks_0_img_attn_qkv, fused
+    q/k/v, with .alpha): diffusers' FLUX LoRA converter splits them; the soup equals diffusers' fuse."""
+    if family[0] != "flux":
+        pytest.skip("a FLUX naming")
+    g = torch.Generator().manual_seed(0)
+    kohya = {}
+    for side in ("img", "txt"):
+        stem = f"lora_unet_double_blocks_0_{side}_attn_qkv"
+        kohya |= {f"{stem}.lora_down.weight": torch.randn(2, 32, generator=g), f"{stem}.lora_up.weight": torch.randn(96, 2, generator=g) * 0.1,
+                  f"{stem}.alpha": torch.tensor(4.0)}
+    lora_file = tmp_path / "kohya-flux.safetensors"
+    save_file(kohya, str(lora_file))
+    fused = fused_lora(studio.preset.base, lora_file)
+    shard = studio.add_shard("kohya", lora_file)
+    try:
+        assert shard.weights.kind == "kohya LoRA" and len(shard.weights.lora) == 6  # q, k, v of the image and the text stream
+        studio.mix({"kohya": 1})
+        base = dict(studio.base_tensors)
+        assert not torch.equal(fused["transformer_blocks.0.attn.add_k_proj.weight"], base["transformer_blocks.0.attn.add_k_proj.weight"])
+        for k in base:
+            torch.testing.assert_close(studio.hybrid_tensors[k], fused[k], rtol=0, atol=1e-6)
+    finally:
+        studio.remove_shard("kohya")
