@@ -84,12 +84,15 @@ def render_settings(args: argparse.Namespace, preset: Preset, recipe: Recipe | N
         raise UsageError(describe_validation_error("options", err).replace("\n", "; ")) from None
 
 
-def open_studio(args: argparse.Namespace, preset: Preset):
+def open_studio(args: argparse.Namespace, job: "Job"):
+    """The job's studio; the job's render settings then start from the studio's defaults (the
+    preset's, else its family's: an SD3 or FLUX preset that names no scheduler gets its own)."""
     from .studio import RuntimeOptions, Studio
 
-    studio = Studio(preset, RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None, memory=args.memory))
+    studio = Studio(job.preset, RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None, memory=args.memory))
     for name, why in studio.failed.items():
         logger.warning("shard %s left out: %s", name, why)
+    job.settings = render_settings(args, studio.preset, job.recipe)
     return studio
 
 
@@ -128,7 +131,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     if not args.out and not args.out_dir:
         raise UsageError("render: give --out FILE.png and/or --out-dir DIR")
     job = Job(args)
-    studio = open_studio(args, job.preset)
+    studio = open_studio(args, job)
     results = studio.render(job.mix, job.settings, mode=job.mode, scale=job.scale, text_encoders=job.text_encoders)
     if args.ensemble:
         from .workflows import ensemble
@@ -155,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if out.exists() and (args.format == "pipeline" or not args.overwrite):
         raise UsageError(f"export: {out} exists; " + ("choose a new folder" if args.format == "pipeline" else "pass --overwrite to replace it"))
     job = Job(args)
-    studio = open_studio(args, job.preset)
+    studio = open_studio(args, job)
     if args.format == "pipeline":
         studio.export_pipeline(job.mix, out, job.mode, job.scale, text_encoders=job.text_encoders)
     elif args.format == "single-file":
@@ -171,7 +174,7 @@ def cmd_leave_one_out(args: argparse.Namespace) -> None:
     from .workflows import leave_one_out
 
     job = Job(args)
-    results = leave_one_out(open_studio(args, job.preset), job.mix, job.settings)
+    results = leave_one_out(open_studio(args, job), job.mix, job.settings)
     for r in results[1:]:
         print(f"without {r.info['without']}: {r.info['pixels']:.2f} mean |pixel| change, {r.info['weights']:.3e} RMS weight change")
     write_strip(results, args.out, f"leave one out: {job.settings.prompt}")
@@ -181,7 +184,7 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
     from .workflows import interpolate
 
     job = Job(args)
-    studio = open_studio(args, job.preset)
+    studio = open_studio(args, job)
     start = parse_mix(args.start, job.preset) if args.start != "soup" else job.mix
     end = parse_mix(args.end, job.preset) if args.end != "soup" else job.mix
     results = interpolate(studio, start, end, args.count, job.settings)
@@ -194,7 +197,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
 
     x, y = Axis.parse(args.x), Axis.parse(args.y)
     job = Job(args)
-    rows, row_labels, col_labels = grid(open_studio(args, job.preset), job.mix, job.settings, x, y)
+    rows, row_labels, col_labels = grid(open_studio(args, job), job.mix, job.settings, x, y)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid_sheet([[r.image for r in row] for row in rows], row_labels, col_labels).save(args.out)
     logger.info("wrote %s", args.out)

@@ -255,3 +255,16 @@ def test_a_kohya_flux_lora_in_bfl_block_names_soups_like_diffusers_fuse(studio, 
             torch.testing.assert_close(studio.hybrid_tensors[k], fused[k], rtol=0, atol=1e-6)
     finally:
         studio.remove_shard("kohya")
+
+
+def test_the_cli_renders_a_flow_preset_with_its_family_defaults(family, tmp_path):
+    """`render` on a preset that names no scheduler: the CLI starts from the studio's defaults (the
+    family's flow-matching scheduler), not the generic ones it would refuse."""
+    from PIL import Image
+
+    from soup_ui.cli import main
+
+    out = tmp_path / "strip.png"
+    assert main(["render", "--preset", str(family[1]), "--mix", "ink=1,pastel=1", "--out", str(out)]) == 0
+    strip = Image.open(out)
+    assert strip.width >= 3 * 16 and strip.height >= 16
