@@ -268,3 +268,12 @@ def test_the_cli_renders_a_flow_preset_with_its_family_defaults(family, tmp_path
     assert main(["render", "--preset", str(family[1]), "--mix", "ink=1,pastel=1", "--out", str(out)]) == 0
     strip = Image.open(out)
     assert strip.width >= 3 * 16 and strip.height >= 16
+
+
+@pytest.mark.parametrize("unet_family", ["sd1", "sdxl"])
+def test_unet_families_also_start_every_image_from_the_same_noise(unet_family, tmp_path):
+    studio = Studio(load_preset(make_family_preset(tmp_path, unet_family)))
+    settings = SETTINGS.model_copy(update={"scheduler": "euler"})
+    _, starts = first_inputs(studio, lambda: studio.render({"ink": 1, "pastel": 1}, settings))
+    assert len(starts) == 3 and all(torch.equal(starts[0], x) for x in starts[1:])
+    assert tuple(starts[0].shape) == (1, 4, 8, 8)  # 16 px through the tiny VAE's one downsampling
