@@ -365,10 +365,10 @@ class Studio:
             why = f"as asked (--memory {forced})" if self.options.memory else ("as asked (--lean)" if forced == "lean" else "as asked")
             self.memory_plan = f"{sizes} {where[forced]}: {why}"
         elif self.device.type != "cuda" or need <= 0.8 * free:
-            self.lean = need > 0.8 * free
-            self.resident_slots, self.spill = (0, "lean") if self.lean else (None, "resident")
-            why = f"{need / 1e9:.1f} GB {'would not fit' if self.lean else 'fit'} in 80% of the {free / 1e9:.1f} GB free on {self.device.type}"
-            self.memory_plan = f"{sizes} {where['lean' if self.lean else 'resident']}: {why}"
+            lean = need > 0.8 * free
+            self.resident_slots, self.spill = (0, "lean") if lean else (None, "resident")
+            why = f"{need / 1e9:.1f} GB {'would not fit' if lean else 'fit'} in 80% of the {free / 1e9:.1f} GB free on {self.device.type}"
+            self.memory_plan = f"{sizes} {where[self.spill]}: {why}"
         else:  # a GPU too small for them all: fill it, then pinned host memory, then the files
             self.resident_slots = int(0.8 * free // unet_bytes)
             host = free_memory(torch.device("cpu"))
