@@ -38,6 +38,7 @@ class Family:
     name: str  # for people
     pipeline: str  # the diffusers pipeline class
     denoiser: str  # the pipeline component that is souped: "unet" or "transformer"
+    denoiser_class: str  # its diffusers model class (the pipeline's `lora_state_dict` reads its LoRAs)
     text_encoders: tuple[str, ...]  # components mixed under "text encoders too"
     embeddings: tuple[str | None, ...]  # encode_prompt's outputs, named as the pipeline's arguments (None: not passed)
     encode_args: dict = field(default_factory=dict)  # extra arguments of encode_prompt
@@ -55,19 +56,28 @@ POOLED_EMBEDDINGS = (*SD_EMBEDDINGS, "pooled_prompt_embeds", "negative_pooled_pr
 FAMILIES = {
     f.pipeline: f
     for f in (
-        Family("SD 1.x / 2.x", "StableDiffusionPipeline", "unet", ("text_encoder",), SD_EMBEDDINGS,
+        Family("SD 1.x / 2.x", "StableDiffusionPipeline", "unet", "UNet2DConditionModel", ("text_encoder",), SD_EMBEDDINGS,
                load_args=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
                defaults=dict(steps=25, guidance_scale=7.5, scheduler="dpm++")),
-        Family("SDXL", "StableDiffusionXLPipeline", "unet", ("text_encoder", "text_encoder_2"), POOLED_EMBEDDINGS,
+        Family("SDXL", "StableDiffusionXLPipeline", "unet", "UNet2DConditionModel", ("text_encoder", "text_encoder_2"), POOLED_EMBEDDINGS,
                load_args=dict(add_watermarker=False), defaults=dict(steps=30, guidance_scale=6.0, scheduler="dpm++")),
-        Family("SD3 / 3.5", "StableDiffusion3Pipeline", "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"),
+        Family("SD3 / 3.5", "StableDiffusion3Pipeline", "transformer", "SD3Transformer2DModel", ("text_encoder", "text_encoder_2", "text_encoder_3"),
                POOLED_EMBEDDINGS, encode_args=dict(prompt_2=None, prompt_3=None), flow_matching=True, long_tokenizer="tokenizer_3",
                max_tokens=256, defaults=dict(steps=28, guidance_scale=7.0, scheduler="default")),
-        Family("FLUX.1", "FluxPipeline", "transformer", ("text_encoder", "text_encoder_2"), ("prompt_embeds", "pooled_prompt_embeds", None),
+        Family("FLUX.1", "FluxPipeline", "transformer", "FluxTransformer2DModel", ("text_encoder", "text_encoder_2"), ("prompt_embeds", "pooled_prompt_embeds", None),
                encode_args=dict(prompt_2=None), negative_prompt=False, flow_matching=True, packed=True, long_tokenizer="tokenizer_2",
                max_tokens=512, defaults=dict(steps=28, guidance_scale=3.5, scheduler="default")),
     )
 }
+SD = FAMILIES["StableDiffusionPipeline"]
+
+
+def of_denoiser(config: dict) -> Family:
+    """The family a denoiser config belongs to, by its `_class_name` (any UNet: SD's, whose
+    `lora_state_dict` also reads SDXL LoRAs given the UNet's config)."""
+    return next((f for f in FAMILIES.values() if f.denoiser_class == config.get("_class_name")), SD)
+
+
 SUPPORTED = ", ".join(f"{f.pipeline} ({f.name})" for f in FAMILIES.values())
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import CheckpointError, file_variant, read_header, weight_files
+from .families import of_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Found:
     specs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # diffusers name -> (shape, dtype)
     ignored: Counter = field(default_factory=Counter)  # what kind of tensor -> how many were left out
     lora: dict[str, LowRank] | None = None  # a LoRA: base weight name -> its low-rank delta
-    convert: "Callable[[], dict[str, torch.Tensor]] | None" = None  # an original transformer file: read and convert it (not a renaming)
+    convert: Callable[[], dict[str, torch.Tensor]] | None = None  # an original transformer file: read and convert it (not a renaming)
 
     def describe_ignored(self) -> str:
         return ", ".join(f"{n} {kind}" for kind, n in self.ignored.items())
@@ -90,15 +91,6 @@ def cross_attention_width(specs: Mapping[str, tuple], lora: bool = False) -> int
 
 def family(width: int) -> str:
     return f"{FAMILIES[width]} ({width}-wide cross-attention)" if width in FAMILIES else f"a UNet with {width}-wide cross-attention"
-
-
-# The denoiser classes the studio soups: the pipeline component they are, and the pipeline whose
-# `lora_state_dict` reads their LoRAs (and converts kohya / original namings to peft's).
-DENOISERS = {
-    "UNet2DConditionModel": ("unet", "StableDiffusionPipeline"),
-    "SD3Transformer2DModel": ("transformer", "StableDiffusion3Pipeline"),
-    "FluxTransformer2DModel": ("transformer", "FluxPipeline"),
-}
 
 
 def architecture(keys) -> str | None:
@@ -143,7 +135,7 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
     elif any(k.startswith(LDM_PREFIX) for k in keys) or "input_blocks.0.0.weight" in keys:
         kind = "LDM single-file checkpoint"
     else:
-        kind = "diffusers UNet" if DENOISERS.get(base_config.get("_class_name"), ("unet",))[0] == "unet" else "diffusers transformer"
+        kind = "diffusers UNet" if of_denoiser(base_config).denoiser == "unet" else "diffusers transformer"
     # A checkpoint of another family says so before any tensor-by-tensor comparison.
     width = cross_attention_width({k: v for h in headers.values() for k, v in h.items()}, lora="LoRA" in kind)
     base_width = cross_attention_width(base_specs) if base_specs else None
@@ -266,7 +258,8 @@ def _lora(path: Path, files: list[Path], kind: str, base_config: Mapping, base_s
 
     if len(files) != 1:
         raise CheckpointError(f"{path.name}: a {kind} split over {len(files)} files is not supported")
-    component, pipeline = DENOISERS.get(base_config.get("_class_name"), DENOISERS["UNet2DConditionModel"])
+    owner = of_denoiser(base_config)  # the family whose pipeline reads (and converts) its LoRAs
+    component, pipeline = owner.denoiser, owner.pipeline
     try:
         if component == "unet":  # unet_config: kohya SDXL LoRAs name blocks as the original model does (input_blocks_4_1_...)
             args = dict(unet_config=SimpleNamespace(**dict(base_config)))  # read by attribute, as a model's config is
