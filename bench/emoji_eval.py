@@ -234,6 +234,12 @@ def curves(args, studio, judges, prompts, truth, truth_cat, base_settings) -> No
     print("|---|---|---|---|---|")
     for style, step, own, cat, top5 in rows:
         print(f"| {style} | {step} | {own:.0%} | {cat:.0%} | {top5:.0%} |")
+    if args.curves_json:
+        points = [{"style": s, "steps": n, "own_style": round(float(o), 4), "category_top1": round(c, 4), "name_top5": round(t, 4)} for s, n, o, c, t in rows]
+        record = {"label": args.label or str(args.curves), "base": str(studio.preset.base), "prompts": len(prompts),
+                  "render": base_settings.model_dump(exclude={"prompt", "negative_prompt", "seed"}), "points": points}
+        args.curves_json.write_text(json.dumps(record, indent=1) + "\n")
+        logger.info("wrote %s", args.curves_json)
 
 
 def main(argv=None):
@@ -247,6 +253,11 @@ def main(argv=None):
     parser.add_argument("--sheet", type=Path, default=ROOT / "assets" / "emoji" / "contact-sheet.png")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "emoji-eval")
     parser.add_argument("--curves", type=Path, help="a recipe --work folder: evaluate the shards' snapshots against their steps")
+    parser.add_argument("--curves-json", type=Path, help="with --curves: also write the points as JSON (for bench/curves.py)")
+    parser.add_argument("--label", default="", help="with --curves-json: what this run is, for the plot's legend")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the preset's)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
+    parser.add_argument("--specialists-only", action="store_true", help="judge the base and the specialists only (no soups, no sheet)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifier-epochs", type=float, default=1.0, help="scale the classifiers' epochs (a smoke test uses 0.05)")
     parser.add_argument("--classifiers-only", action="store_true", help="train and score the classifiers, then stop")
@@ -259,6 +270,8 @@ def main(argv=None):
     studio = Studio(load_preset(args.preset))
     r = studio.preset.render
     base_settings = RenderSettings(**r.model_dump(exclude={"prompts", "prompt"}))
+    overrides = {"guidance_scale": args.guidance, "steps": args.steps}
+    base_settings = base_settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     specialists = [s for s in STYLES if s in studio.shards]
     studio.add_shard("base", studio.preset.base / "unet", description="the base model, before finetuning")
     if args.sheet_only:
@@ -279,7 +292,10 @@ def main(argv=None):
         return curves(args, studio, judges, prompts, truth, truth_cat, base_settings)
 
     models = sheet_models(studio, specialists)
-    models += [(f"without {s}", {o: 1.0 for o in specialists if o != s}) for s in specialists]
+    if args.specialists_only:
+        models = [m for m in models if m[0] == "base" or m[0] in specialists]
+    else:
+        models += [(f"without {s}", {o: 1.0 for o in specialists if o != s}) for s in specialists]
     outputs = render_all(studio, models, prompts, base_settings, args.seed)
     per_image = single_image_seconds(studio, {s: 1.0 for s in specialists}, prompts, base_settings, args.seed)
     verdicts = {label: judges.judge(images, truth, truth_cat) for label, images in outputs.items()}
@@ -297,6 +313,8 @@ def main(argv=None):
         own = f"{np.mean([s == STYLES.index(label) for s in v['style_of']]):.0%}" if label in STYLES else ""
         probs = " | ".join(f"{p:.2f}" for p in v["p_style"])
         print(f"| {label} | {probs} | {own} | {v['category_top1']:.0%} | {v['content_top5']:.0%} |")
+    if args.specialists_only:
+        return
     print("\nThe paper's claims at toy scale:")
     print("\n".join(paper_claims(verdicts, specialists)))
     write_sheet(args, studio, [m for m in models if not m[0].startswith("without")], base_settings)
