@@ -211,7 +211,7 @@ def finetune_unet(config: TrainConfig, resume: bool = False, disable_progress: b
     text_states = encode_captions(tokenizer, text_encoder, unique + [""], device=device)
     empty_index = len(unique)
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2, fused=device.type == "cuda")
     modules = {"unet": unet}
     average = None
     if config.ema_decay:

@@ -144,3 +144,21 @@ def test_the_held_out_emoji_are_one_in_ten_and_fixed_by_the_seed():
     held = held_out_ids(list(reversed(ids)), seed=0)
     assert len(held) == 159 and held == held_out_ids(ids, seed=0)  # order of the input does not matter
     assert held != held_out_ids(ids, seed=1)
+
+
+def test_the_recipe_can_start_from_a_finished_autoencoder(tmp_path):
+    """--autoencoder-from: the tokenizer and VAE are copied, the decoder stage counts as done, and a
+    folder that lacks one says which."""
+    from soup_ui.recipes.emoji import reuse_autoencoder
+
+    source = tmp_path / "shipped"
+    for part in ("tokenizer", "vae"):
+        (source / part).mkdir(parents=True)
+        (source / part / "config.json").write_text(f'{{"part": "{part}"}}')
+    pipeline, work = tmp_path / "run" / "pipeline", tmp_path / "run" / "work"
+    reuse_autoencoder(source, pipeline, work)
+    assert (pipeline / "vae" / "config.json").read_text() == '{"part": "vae"}'
+    assert (pipeline / "tokenizer" / "config.json").read_text() == '{"part": "tokenizer"}'
+    assert (work / "decoder" / "done").read_text().startswith("reused from")
+    with pytest.raises(FileNotFoundError, match=r"--autoencoder-from .*empty: no tokenizer/ folder"):
+        reuse_autoencoder(tmp_path / "empty", tmp_path / "other", work)

@@ -286,6 +286,21 @@ def normalize_latents(vae, images: torch.Tensor, count: int = 2048) -> None:
     logger.info("latents normalized: channel means %s, stds %s folded into the VAE", m.tolist(), s.tolist())
 
 
+def reuse_autoencoder(source: Path, pipeline: Path, work: Path) -> None:
+    """Start from another run's tokenizer and finished VAE (e.g. the shipped ones): the GPU run spends its
+    minutes on the denoiser, and every UNet it trains shares the shipped latent space."""
+    import shutil
+
+    for part in ("tokenizer", "vae"):
+        if not (source / part).is_dir():
+            raise FileNotFoundError(f"--autoencoder-from {source}: no {part}/ folder")
+        if not (pipeline / part).is_dir():
+            shutil.copytree(source / part, pipeline / part)
+    (work / "decoder").mkdir(parents=True, exist_ok=True)
+    (work / "decoder" / "done").write_text(f"reused from {source}\n")
+    logger.info("tokenizer and VAE taken from %s", source)
+
+
 # 3. Base: text encoder + UNet from scratch on all styles -------------------------------------
 def make_text_encoder(tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -379,7 +394,7 @@ def train_base(data: Path, pipeline: Path, work: Path, stage: BaseStage, seed: i
     scheduler = make_scheduler()
     text_encoder, unet = text_encoder.to(DEVICE), unet.to(DEVICE)
     params = list(text_encoder.parameters()) + list(unet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=1e-2, fused=DEVICE.type == "cuda")  # one kernel per step on a GPU
     modules = {"text_encoder": text_encoder, "unet": unet}
     if stage.ema_decay:  # the EMA covers both trained parts
         averages = {"ema_text_encoder": copy.deepcopy(text_encoder), "ema_unet": copy.deepcopy(unet)}
@@ -487,15 +502,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=float, default=1.0, help="train the base and the shards this many times longer (the GPU run uses 2)")
     parser.add_argument("--base3-steps", type=int, default=0, help="continue the base this many steps more (stage base3, like base2)")
     parser.add_argument("--shard-steps", type=int, default=0, help="shard steps (0: the budget's)")
+    parser.add_argument("--shard-lr", type=float, default=0.0, help="shard learning rate (0: the budget's)")
+    parser.add_argument(
+        "--autoencoder-from", type=Path, help="take the tokenizer and the finished VAE (decoder stage included) from this pipeline folder instead of training them"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     global BUDGET, DEVICE
     DEVICE = torch.device(args.device)
     BUDGET = scaled(BUDGET, args.batch_multiplier, args.epochs)
-    if args.base3_steps or args.shard_steps:
+    if args.base3_steps or args.shard_steps or args.shard_lr:
         from dataclasses import replace
 
-        BUDGET = replace(BUDGET, base3_steps=args.base3_steps, shard_steps=args.shard_steps or BUDGET.shard_steps)
+        BUDGET = replace(
+            BUDGET, base3_steps=args.base3_steps, shard_steps=args.shard_steps or BUDGET.shard_steps, shard_lr=args.shard_lr or BUDGET.shard_lr
+        )
     if args.smoke:
         BUDGET = Budget(vae_steps=2, decoder_steps=2, base_steps=2, base2_steps=2, shard_steps=2, snapshots=(1,))
     logger.info("budget: %s", BUDGET)
@@ -503,6 +524,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     pipeline, shards = args.out / "pipeline", args.out / "shards"
     stages = ["tokenizer", "vae", "decoder", "base", "shards"] if args.stage == "all" else [args.stage]
+    if args.autoencoder_from:
+        reuse_autoencoder(args.autoencoder_from, pipeline, args.work)
     if "tokenizer" in stages and not (pipeline / "tokenizer" / "vocab.json").is_file():
         build_tokenizer(args.data, pipeline / "tokenizer")
     if "vae" in stages and not (pipeline / "vae" / "config.json").is_file():
