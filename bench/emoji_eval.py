@@ -157,6 +157,11 @@ class Judges:
         }
 
 
+def evaluated_ids(ids: list[str], seed: int, count: int) -> list[str]:
+    """The emoji the evaluation prompts with: `count` of the sorted ids, drawn with the seed."""
+    return random.Random(seed + 1).sample(ids, count)
+
+
 def render_all(studio, models, prompts, base_settings, seed) -> dict[str, list]:
     """Every model on every prompt, the same seed per prompt (so images differ by weights alone),
     in batched denoising passes."""
@@ -283,7 +288,7 @@ def main(argv=None):
     rows = {}
     for row in (json.loads(line) for line in (args.data / "metadata.jsonl").read_text().splitlines()):
         rows.setdefault(row["emoji_id"], row)
-    prompt_ids = random.Random(args.seed + 1).sample(ids, args.prompts)
+    prompt_ids = evaluated_ids(ids, args.seed, args.prompts)
     form = (lambda e: rows[e]["text_ascii"]) if args.captions == "names" else (lambda e: f"{rows[e]['text_ascii']}, {rows[e]['subcategory']}")
     prompts = [form(e) for e in prompt_ids]
     truth = torch.tensor([ids.index(e) for e in prompt_ids])

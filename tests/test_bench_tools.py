@@ -47,3 +47,20 @@ def test_curves_plot_draws_each_style_in_its_colour(tmp_path):
 
     assert count(curves.STYLE_COLOURS["twemoji"]) > 100  # its lines, markers and legend entry
     assert count(curves.STYLE_COLOURS["noto"]) == 0  # not in these runs
+
+
+def test_memorize_probe_links_one_style_of_the_chosen_emoji(tmp_path):
+    import memorize_probe
+
+    data = tmp_path / "data"
+    rows = [{"file_name": f"{style}/{e}.png", "emoji_id": e, "style": style, "text_ascii": e}
+            for e in ("1f600", "1f601", "1f602") for style in ("twemoji", "noto")]
+    for r in rows:
+        (data / r["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4), "white").save(data / r["file_name"])
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "subset"
+    keep = memorize_probe.subset_folder(data, out, "twemoji", {"1f600", "1f602"})
+    assert [r["file_name"] for r in keep] == ["twemoji/1f600.png", "twemoji/1f602.png"]
+    assert (out / "twemoji" / "1f600.png").is_symlink() and not (out / "twemoji" / "1f601.png").exists()
+    assert [json.loads(line)["emoji_id"] for line in (out / "metadata.jsonl").read_text().splitlines()] == ["1f600", "1f602"]
