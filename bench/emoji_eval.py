@@ -274,9 +274,8 @@ def main(argv=None):
 
     studio = Studio(load_preset(args.preset))
     r = studio.preset.render
-    base_settings = RenderSettings(**r.model_dump(exclude={"prompts", "prompt"}))
-    overrides = {"guidance_scale": args.guidance, "steps": args.steps}
-    base_settings = base_settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in {"guidance_scale": args.guidance, "steps": args.steps}.items() if v is not None}
+    base_settings = RenderSettings(**{**r.model_dump(exclude={"prompts", "prompt"}), **overrides})  # validated, as the page's
     specialists = [s for s in STYLES if s in studio.shards]
     studio.add_shard("base", studio.preset.base / "unet", description="the base model, before finetuning")
     if args.sheet_only:
