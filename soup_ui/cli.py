@@ -10,7 +10,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .files import safe_name
+from .methods import METHODS
 from .presets import parse_mix as parse_mix_text
+from .presets import parse_params
 from .presets import (
     SCHEDULERS,
     Preset,
@@ -93,28 +95,43 @@ def open_studio(args: argparse.Namespace, job: "Job"):
     for name, why in studio.failed.items():
         logger.warning("shard %s left out: %s", name, why)
     job.settings = render_settings(args, studio.preset, job.recipe)
+    job.mix = studio.make_mix(job.weights, job.method, job.params, text_encoders=job.text_encoders)  # the one Mix of this command
     return studio
 
 
 class Job:
-    """What a studio command works on: preset, mix, merge mode and render settings, from --recipe
-    and the options (options win)."""
+    """What a studio command works on: preset, weights, merge method and parameters and render
+    settings, from --recipe and the options (options win); `mix` is built once the studio is open."""
 
     def __init__(self, args: argparse.Namespace):
         self.recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else None
         preset_path = args.preset or (self.recipe.preset if self.recipe else None) or DEFAULT_PRESET
         self.preset = load_preset(preset_path)
         if args.mix is None and self.recipe is not None:
-            self.mix = dict(self.recipe.mix)
+            self.weights = dict(self.recipe.mix)
         else:
-            self.mix = parse_mix(args.mix, self.preset)
-        self.mode = args.mode or (self.recipe.mode if self.recipe else "average")
-        self.scale = args.scale if args.scale is not None else (self.recipe.scale if self.recipe else 1.0)
+            self.weights = parse_mix(args.mix, self.preset)
+        self.method = args.method or (self.recipe.method if self.recipe else "average")
+        same = self.recipe is not None and self.recipe.method == self.method
+        try:
+            given = parse_params(args.param)
+        except ValueError as err:
+            raise UsageError(f"--param: {err}") from None
+        self.params = {**(self.recipe.params if same else {}), **given}
+        if args.scale is not None:  # task arithmetic's lambda, as before --param
+            if "lambda" not in METHODS.get(self.method, METHODS["average"]).param_names():
+                raise UsageError(f"--scale is the lambda of task arithmetic (and of ties, dare, della); {self.method} has none")
+            self.params["lambda"] = args.scale
+        try:
+            METHODS[self.method].parse(self.params)  # before any model is loaded
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         self.text_encoders = next(v for v in (getattr(args, "mix_text_encoders", None), self.recipe and self.recipe.text_encoders, self.preset.mix_text_encoders) if v is not None)
         self.settings = render_settings(args, self.preset, self.recipe)
+        self.mix = None
 
     def as_recipe(self) -> Recipe:
-        return Recipe(preset=self.preset.source, mix=self.mix, mode=self.mode, scale=self.scale, text_encoders=self.text_encoders, render=self.settings)
+        return Recipe.of(self.preset.source, self.mix, self.settings)
 
 
 def write_strip(results, out: str | None, title: str) -> None:
@@ -132,7 +149,7 @@ def cmd_render(args: argparse.Namespace) -> None:
         raise UsageError("render: give --out FILE.png and/or --out-dir DIR")
     job = Job(args)
     studio = open_studio(args, job)
-    results = studio.render(job.mix, job.settings, mode=job.mode, scale=job.scale, text_encoders=job.text_encoders)
+    results = studio.render(job.mix, job.settings)
     if args.ensemble:
         from .workflows import ensemble
 
@@ -160,13 +177,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     job = Job(args)
     studio = open_studio(args, job)
     if args.format == "pipeline":
-        studio.export_pipeline(job.mix, out, job.mode, job.scale, text_encoders=job.text_encoders)
+        studio.export_pipeline(job.mix, out)
     elif args.format == "single-file":
-        studio.export_single_file(job.mix, out, job.mode, job.scale, text_encoders=job.text_encoders)
+        studio.export_single_file(job.mix, out)
     else:
         if job.text_encoders:
             logger.warning("a UNet file holds no text encoder: the mixed text encoders are not written (use --format single-file or pipeline)")
-        studio.export(job.mix, out, job.mode, job.scale)
+        studio.export(job.mix, out)
     logger.info("wrote %s", out)
 
 
@@ -176,7 +193,8 @@ def cmd_leave_one_out(args: argparse.Namespace) -> None:
     job = Job(args)
     results = leave_one_out(open_studio(args, job), job.mix, job.settings)
     for r in results[1:]:
-        print(f"without {r.info['without']}: {r.info['pixels']:.2f} mean |pixel| change, {r.info['weights']:.3e} RMS weight change")
+        weights = f", {r.info['weights']:.3e} RMS weight change" if "weights" in r.info else ""
+        print(f"without {r.info['without']}: {r.info['pixels']:.2f} mean |pixel| change{weights}")
     write_strip(results, args.out, f"leave one out: {job.settings.prompt}")
 
 
@@ -185,8 +203,8 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 
     job = Job(args)
     studio = open_studio(args, job)
-    start = parse_mix(args.start, job.preset) if args.start != "soup" else job.mix
-    end = parse_mix(args.end, job.preset) if args.end != "soup" else job.mix
+    start = job.mix.reweighted(parse_mix(args.start, job.preset)) if args.start != "soup" else job.mix
+    end = job.mix.reweighted(parse_mix(args.end, job.preset)) if args.end != "soup" else job.mix
     results = interpolate(studio, start, end, args.count, job.settings)
     write_strip(results, args.out, f"{args.start} -> {args.end}: {job.settings.prompt}")
 
@@ -256,10 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     def studio_command(name: str, help: str, render_options: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--preset", help="preset YAML file (default: the one --recipe names, else the embedded emoji default)")
-        p.add_argument("--recipe", help="recipe YAML file: preset, mix, mode and render settings (options override it)")
+        p.add_argument("--recipe", help="recipe YAML file: preset, mix, method, parameters and render settings (options override it)")
         p.add_argument("--mix", help="NAME=WEIGHT,... (default: the recipe's, else every shard at its preset weight)")
-        p.add_argument("--mode", choices=["average", "task-arithmetic"], help="merge mode (default: average, the paper's soup)")
-        p.add_argument("--scale", type=float, help="task-arithmetic's lambda: base + scale * sum w_i (theta_i - base)")
+        p.add_argument("--method", "--mode", dest="method", choices=list(METHODS), metavar="NAME",
+                       help="merge method: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + " (default: average, the paper's soup)")
+        p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                       help="a parameter of the method, repeatable: " + "; ".join(
+                           f"{m.name}: {', '.join(m.param_names())}" for m in METHODS.values() if m.param_names()))
+        p.add_argument("--scale", type=float, help="lambda (task arithmetic, ties, dare, della): base + lambda x merged task vector")
         p.add_argument("--mix-text-encoders", action=argparse.BooleanOptionalAction, default=None,
                        help="mix the shards' own text encoders with the same weights (a shard without one counts as the base's); "
                             "default: the recipe's, else the preset's mix_text_encoders (off)")
@@ -275,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the labelled strip, a .png file")
     p.add_argument("--out-dir", help="also write each image as DIR/<shard>.png and DIR/soup.png")
     p.add_argument("--ensemble", action="store_true", help="add the geometric-mean reference (one UNet call per component per step)")
-    p.add_argument("--save-recipe", help="write the recipe used (preset, mix, mode, settings) to this YAML file")
+    p.add_argument("--save-recipe", help="write the recipe used (preset, mix, method, parameters, settings) to this YAML file")
     p.add_argument("--overwrite", action="store_true", help="replace --save-recipe if it exists")
     p.set_defaults(run=cmd_render)
 

@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,10 +87,33 @@ def denoiser_component(folder: str | Path) -> str:
     return "transformer" if (Path(folder) / "transformer").is_dir() else "unet"
 
 
+BY_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # by the UNet's cross-attention (text) width
+
+
+def cross_attention_width(specs: Mapping[str, tuple], lora: bool = False) -> int | None:
+    """The text width a UNet (or a LoRA of one) attends to: the input width of a cross-attention key
+    projection (`attn2.to_k`, in diffusers', LDM's and kohya's spellings)."""
+    for name, spec in specs.items():
+        flat = name.replace("_", ".")
+        if "attn2.to.k" in flat and flat.endswith("weight") and (not lora or "down" in flat or "lora.A" in flat):
+            return int(spec[0][1])
+    return None
+
+
+ARCHITECTURES = {  # modelspec.architecture
+    "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
+    "sd3": "stable-diffusion-v3-medium", "flux": "flux-1-dev",
+}
+LDM_FAMILIES = ("sd1", "sd2", "sdxl")  # those with an original single-file layout written by `ldm_checkpoint`
+TEXT_PREFIXES = {
+    "sd1": [("clip", "cond_stage_model.transformer.")],
+    "sd2": [("open_clip", "cond_stage_model.model.")],
+    "sdxl": [("clip", "conditioner.embedders.0.transformer."), ("open_clip", "conditioner.embedders.1.model.")],
+}
+
+
 def single_file_family(path: str | Path) -> str:
     """"sd1", "sd2" or "sdxl" for an original-LDM single file (header only); CheckpointError otherwise."""
-    from .formats import cross_attention_width
-
     path = Path(path)
     header = read_header(path)
     if any(k.startswith("conditioner.embedders.1.") for k in header) or "model.diffusion_model.label_emb.0.0.weight" in header:

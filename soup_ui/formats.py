@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import CheckpointError, file_variant, read_header, weight_files
-from .families import of_denoiser
+from .families import BY_WIDTH, TEXT_PREFIXES, cross_attention_width, of_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -76,21 +76,8 @@ class Found:
         return ", ".join(f"{n} {kind}" for kind, n in self.ignored.items())
 
 
-FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # by the UNet's cross-attention (text) width
-
-
-def cross_attention_width(specs: Mapping[str, tuple], lora: bool = False) -> int | None:
-    """The text width a UNet (or a LoRA of one) attends to: the input width of a cross-attention key
-    projection (`attn2.to_k`, in diffusers', LDM's and kohya's spellings)."""
-    for name, spec in specs.items():
-        flat = name.replace("_", ".")
-        if "attn2.to.k" in flat and flat.endswith("weight") and (not lora or "down" in flat or "lora.A" in flat):
-            return int(spec[0][1])
-    return None
-
-
 def family(width: int) -> str:
-    return f"{FAMILIES[width]} ({width}-wide cross-attention)" if width in FAMILIES else f"a UNet with {width}-wide cross-attention"
+    return f"{BY_WIDTH[width]} ({width}-wide cross-attention)" if width in BY_WIDTH else f"a UNet with {width}-wide cross-attention"
 
 
 def architecture(keys) -> str | None:
@@ -474,16 +461,6 @@ def ldm_vae_names(names: list[str], config: Mapping) -> dict[str, str]:
 # Where each family's text encoder(s) live in an original single file: OpenAI CLIP under `transformer.`
 # (transformers' naming, diffusers' `convert_ldm_clip_checkpoint`), OpenCLIP under `model.` (open_clip's
 # naming, diffusers' `convert_open_clip_checkpoint`).
-TEXT_PREFIXES = {
-    "sd1": [("clip", "cond_stage_model.transformer.")],
-    "sd2": [("open_clip", "cond_stage_model.model.")],
-    "sdxl": [("clip", "conditioner.embedders.0.transformer."), ("open_clip", "conditioner.embedders.1.model.")],
-}
-ARCHITECTURES = {  # modelspec.architecture
-    "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
-    "sd3": "stable-diffusion-v3-medium", "flux": "flux-1-dev",
-}
-LDM_FAMILIES = ("sd1", "sd2", "sdxl")  # those with an original single-file layout written by `ldm_checkpoint`
 OPEN_CLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]
 
 

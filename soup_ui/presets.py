@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
@@ -192,14 +192,49 @@ def list_presets(folder: str | Path) -> list[Path]:
 
 
 class Recipe(Strict):
-    """A saved mix: which preset, the shard weights, the merge mode and the render settings."""
+    """A saved mix: which preset, the shard weights, the merge method with its parameters and the
+    render settings. Recipes of earlier versions (`mode`, `scale`) are read as method and lambda."""
 
     preset: Path | None = None  # relative paths are taken from the recipe file's folder
     mix: dict[str, float] = Field(min_length=1)
-    mode: Literal["average", "task-arithmetic"] = "average"
-    scale: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    method: str = "average"  # a registered merge method (methods.METHODS)
+    params: dict[str, float | int | str] = Field(default_factory=dict)  # its parameters, by the names the method gives them
     text_encoders: bool = False  # the shards' text encoders mixed too
     render: RenderSettings = RenderSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_layout(cls, data):
+        if isinstance(data, dict) and ("mode" in data or "scale" in data) and "method" not in data:
+            data = dict(data)
+            data["method"] = data.pop("mode", "average")
+            scale = data.pop("scale", None)
+            if scale is not None and data["method"] == "task-arithmetic":
+                data["params"] = {"lambda": scale, **data.get("params", {})}
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from .methods import method
+
+        method(name)  # ValueError listing the known methods
+        return name
+
+    @field_validator("params")
+    @classmethod
+    def _valid_params(cls, params: dict, info: ValidationInfo) -> dict:
+        from .methods import METHODS
+
+        if info.data.get("method") in METHODS:
+            METHODS[info.data["method"]].parse(params)  # ValueError naming the method, the parameter and the value
+        return params
+
+    @classmethod
+    def of(cls, preset: Path | None, mix, render: RenderSettings) -> "Recipe":
+        """The recipe of a Mix: its weights as entered, method, parameters and text-encoder flag."""
+        return cls(preset=preset, mix=mix.as_given(), method=mix.method.name, params=mix.params.values(),
+                   text_encoders=mix.text_encoders, render=render)
 
     @field_validator("mix")
     @classmethod
@@ -225,6 +260,22 @@ def parse_mix(text: str) -> dict[str, float]:
                 raise ValueError(f"mix: shard {name!r} is given twice")
             mix[name] = weight
     return mix
+
+
+def parse_params(items) -> dict[str, str]:
+    """["density=0.3", "lambda=1"] (or "density=0.3,lambda=1") -> {"density": "0.3", "lambda": "1"};
+    the method's parameter model types and checks the values. ValueError naming a malformed item."""
+    if isinstance(items, str):
+        items = [p for p in items.split(",") if p.strip()]
+    params: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"parameter {item.strip()!r}: write NAME=VALUE, e.g. density=0.3")
+        if name.strip() in params:
+            raise ValueError(f"parameter {name.strip()!r} is given twice")
+        params[name.strip()] = value.strip()
+    return params
 
 
 def load_recipe(path: str | Path) -> Recipe:

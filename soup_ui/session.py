@@ -34,8 +34,9 @@ from .presets import (
     write_yaml_atomic,
 )
 from .presets import save_recipe as write_recipe
-from .soup import MERGE_MODES
-from .studio import Rendered, RuntimeOptions, Shard, Studio, StudioError
+from .mix import Mix
+from .pool import Shard
+from .studio import Rendered, RuntimeOptions, Studio
 
 logger = logging.getLogger(__name__)
 
@@ -201,14 +202,18 @@ class Controls:
 
     flags: tuple[bool, ...]
     weights: tuple[float, ...]
-    mode: str = "average"
-    scale: float = 1.0
+    method: str = "average"
+    params: tuple[tuple[str, object], ...] = ()  # the method's parameters as (name, value), validated by the Mix
     settings: RenderSettings = RenderSettings()
     text_encoders: bool = False  # "mix text encoders too"
 
-    def mix(self, session: Session) -> dict[str, float]:
+    def ticked(self, session: Session) -> dict[str, float]:
         """{name: weight} of the ticked rows."""
         return {n: float(self.weights[i]) for i, n in enumerate(session.names) if i < len(self.flags) and self.flags[i]}
+
+    def mix(self, session: Session, weights: dict[str, float] | None = None) -> Mix:
+        """The request's Mix, built once here: the ticked rows (or `weights`) over this session's shards."""
+        return Mix.build(session.shards, self.ticked(session) if weights is None else weights, self.method, dict(self.params), self.text_encoders)
 
 
 def settings_from(prompt, negative, seed, steps, guidance, scheduler, height, width) -> RenderSettings:
@@ -341,40 +346,38 @@ def image_files(host: StudioHost, results: list[Rendered], settings: RenderSetti
     return [(host.image_file(r, f"{r.label}-seed{settings.seed}"), r.label) for r in results]
 
 
-def soup_file(host: StudioHost, soup: Rendered, mix: dict[str, float], settings: RenderSettings) -> tuple[str, str]:
-    from .soup import rounded_shares
-
-    total = sum(w for w in mix.values() if w > 0) or 1.0
-    shares = rounded_shares([max(w, 0) / total for w in mix.values()])
-    name = "soup-" + "-".join(f"{n}{round(100 * w)}" for n, w in zip(mix, shares) if w > 0) + f"-seed{settings.seed}"
+def soup_file(host: StudioHost, soup: Rendered, mix: Mix, settings: RenderSettings) -> tuple[str, str]:
+    method = "" if mix.method.name == "average" else f"{mix.method.name}-"
+    name = f"soup-{method}" + "-".join(f"{n}{round(100 * w)}" for n, w in zip(mix.names, mix.shares) if w > 0) + f"-seed{settings.seed}"
     return host.image_file(soup, name[:120]), soup_caption(soup.label, settings)
 
 
-def generate(host: StudioHost, session: Session, controls: Controls, progress=None, ticket: int | None = None) -> Images:
-    """Every ticked component and the soup, from the same noise. Superseded (nothing to show) when
-    a newer request of the same page came in meanwhile."""
+def generate(host: StudioHost, session: Session, controls: Controls, progress=None, ticket: int | None = None, mix: Mix | None = None) -> Images:
+    """Every ticked component and the soup, from the same noise (`mix`: the request's, when the
+    caller built it already). Superseded (nothing to show) when a newer request of the same page
+    came in meanwhile."""
     session = require(session)
     ticket = session.ticket() if ticket is None else ticket
     studio = host.get(session.preset)
-    mix = controls.mix(session)
-    results = studio.render(mix, controls.settings, progress, controls.mode, controls.scale, session.shards, text_encoders=controls.text_encoders)
+    mix = controls.mix(session) if mix is None else mix
+    results = studio.render(mix, controls.settings, progress)
     if session.superseded(ticket):
         return SUPERSEDED
-    session.rendered = (tuple(mix), controls.settings, controls.text_encoders)
+    session.rendered = (tuple(mix.names), controls.settings, controls.text_encoders)
     return Images(image_files(host, results[:-1], controls.settings), soup_file(host, results[-1], mix, controls.settings))
 
 
 def render_soup(host: StudioHost, session: Session, controls: Controls) -> Images:
-    """The soup alone (a slider, the mode, the scale); when the components on the page were
+    """The soup alone (a slider, the method, a parameter); when the components on the page were
     rendered with other settings or shards, they are rendered again too (from the cache when
     they can), so that soup and components always correspond."""
     session = require(session)
     ticket = session.ticket()
     studio = host.get(session.preset)
     mix = controls.mix(session)
-    if session.rendered is not None and session.rendered != (tuple(mix), controls.settings, controls.text_encoders):
-        return generate(host, session, controls, ticket=ticket)
-    soup = studio.render_soup(mix, controls.settings, controls.mode, controls.scale, session.shards, text_encoders=controls.text_encoders)
+    if session.rendered is not None and session.rendered != (tuple(mix.names), controls.settings, controls.text_encoders):
+        return generate(host, session, controls, ticket=ticket, mix=mix)
+    soup = studio.render_soup(mix, controls.settings)
     if session.superseded(ticket):
         return SUPERSEDED
     note = "" if session.rendered else "Components are not rendered yet: press Generate to see them beside the soup."
@@ -384,7 +387,7 @@ def render_soup(host: StudioHost, session: Session, controls: Controls) -> Image
 # -- the paper's workflows ------------------------------------------------------------------------
 def leave_one_out(host: StudioHost, session: Session, controls: Controls, progress=None) -> list[tuple[str, str]]:
     session = require(session)
-    results = workflows.leave_one_out(host.get(session.preset), controls.mix(session), controls.settings, progress, session.shards)
+    results = workflows.leave_one_out(host.get(session.preset), controls.mix(session), controls.settings, progress)
     return image_files(host, results, controls.settings)
 
 
@@ -393,8 +396,8 @@ def interpolate(host: StudioHost, session: Session, controls: Controls, start: s
     if not (end or "").strip():
         raise ValueError("give the mix to interpolate to ('To'): a shard, a mix a=0.5,b=0.5, or 'soup'")
     mix = controls.mix(session)
-    ends = [mix if text.strip() in ("", "soup") else parse_mix(text) for text in (start, end)]
-    results = workflows.interpolate(host.get(session.preset), ends[0], ends[1], int(count), controls.settings, progress, session.shards)
+    ends = [mix if text.strip() in ("", "soup") else mix.reweighted(parse_mix(text)) for text in (start, end)]
+    results = workflows.interpolate(host.get(session.preset), ends[0], ends[1], int(count), controls.settings, progress)
     return image_files(host, results, controls.settings)
 
 
@@ -403,14 +406,14 @@ def grid(host: StudioHost, session: Session, controls: Controls, x_text: str, y_
 
     session = require(session)
     x, y = workflows.Axis.parse(x_text), workflows.Axis.parse(y_text)
-    rows, row_labels, col_labels = workflows.grid(host.get(session.preset), controls.mix(session), controls.settings, x, y, progress, session.shards)
+    rows, row_labels, col_labels = workflows.grid(host.get(session.preset), controls.mix(session), controls.settings, x, y, progress)
     sheet = grid_sheet([[r.image for r in row] for row in rows], row_labels, col_labels)
     return host.image_file(Rendered("grid", sheet, "grid"), f"grid-{x.kind}-{y.kind}-seed{controls.settings.seed}")
 
 
 def ensemble(host: StudioHost, session: Session, controls: Controls) -> list[tuple[str, str]]:
     session = require(session)
-    ens, soup = workflows.ensemble(host.get(session.preset), controls.mix(session), controls.settings, session.shards)
+    ens, soup = workflows.ensemble(host.get(session.preset), controls.mix(session), controls.settings)
     return image_files(host, [ens, soup], controls.settings)
 
 
@@ -418,10 +421,9 @@ def ensemble(host: StudioHost, session: Session, controls: Controls) -> list[tup
 def save_recipe(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:
     session = require(session)
     studio = host.get(session.preset)
-    mix = controls.mix(session)
-    studio.mix_key(mix, controls.mode, controls.scale, session.shards)  # validate before writing
+    mix = controls.mix(session)  # validated before anything is written
     path = host.new_file("recipes", file_name, ".yaml", overwrite)
-    recipe = Recipe(preset=studio.preset.source, mix=mix, mode=controls.mode, scale=controls.scale, text_encoders=controls.text_encoders, render=controls.settings)
+    recipe = Recipe.of(studio.preset.source, mix, controls.settings)
     write_recipe(recipe, path, overwrite=True)
     return str(path), f"saved the recipe to `{host.shown(path)}`"
 
@@ -432,13 +434,12 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
     session = require(session)
     studio = host.get(session.preset)
     mix = controls.mix(session)
-    studio.mix_key(mix, controls.mode, controls.scale, session.shards)
     path = host.new_file("exports", file_name, ".safetensors", overwrite)
     if single_file:
-        studio.export_single_file(mix, path, controls.mode, controls.scale, session.shards, text_encoders=controls.text_encoders)
+        studio.export_single_file(mix, path)
     else:
-        studio.export(mix, path, controls.mode, controls.scale, session.shards)
-    what = "a single-file checkpoint (LDM naming, fp16) for A1111, Forge and ComfyUI" if single_file else studio.label(mix, controls.mode, controls.scale, session.shards)
+        studio.export(mix, path)
+    what = "a single-file checkpoint (LDM naming, fp16) for A1111, Forge and ComfyUI" if single_file else mix.label
     return str(path), f"wrote `{host.shown(path)}` ({what})"
 
 
@@ -447,7 +448,7 @@ def export_pipeline(host: StudioHost, session: Session, controls: Controls, file
     studio = host.get(session.preset)
     mix = controls.mix(session)
     folder = host.new_file("pipelines", file_name, "", overwrite)
-    studio.export_pipeline(mix, folder, controls.mode, controls.scale, session.shards, overwrite=overwrite, text_encoders=controls.text_encoders)
+    studio.export_pipeline(mix, folder, overwrite=overwrite)
     from .studio import folder_variant
 
     variant = folder_variant(folder)
@@ -459,7 +460,7 @@ def save_preset(host: StudioHost, session: Session, controls: Controls, file_nam
     Returns (its key in the preset list, the message)."""
     session = require(session)
     studio = host.get(session.preset)
-    mix = controls.mix(session)
+    mix = controls.ticked(session)
     if not mix:
         raise ValueError("tick at least one shard to save as a preset")
     path = host.new_file("presets", file_name, ".yaml", overwrite)
@@ -471,12 +472,12 @@ def save_preset(host: StudioHost, session: Session, controls: Controls, file_nam
 
 
 def load_recipe_controls(host: StudioHost, session: Session, path: str) -> tuple[dict[str, float], Recipe]:
-    """A recipe's mix and settings, checked against this session's shards."""
+    """A recipe's mix and settings, checked against this session's shards (its method and
+    parameters were validated when the file was read)."""
     session = require(session)
     recipe = load_recipe(path)
     unknown = [n for n in recipe.mix if n not in session.shards]
     if unknown:
         raise ValueError(f"the recipe names shards this session does not have: {', '.join(unknown)}")
-    if recipe.mode not in MERGE_MODES:
-        raise ValueError(f"the recipe's merge mode {recipe.mode!r} is unknown")
+    Mix.build(session.shards, recipe.mix, recipe.method, recipe.params, recipe.text_encoders)  # the same checks a render makes
     return dict(recipe.mix), recipe

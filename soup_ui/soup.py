@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -348,8 +347,8 @@ def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[
 @torch.no_grad()
 def weighted_sum_into(target: Tensors, sources: Sequence[Tensors], coefficients: Sequence[float], fused: bool | None = None) -> None:
     """target = sum_i c_i * source_i, in place, for any finite coefficients (negative ones too), summed
-    in float32 and rounded once. `average_into` is this with normalized weights; task arithmetic
-    is this with the base as one more source."""
+    in float32 and rounded once. `average_into` is this with normalized weights; every linear merge
+    method (methods.py: task arithmetic, add-difference) is this with the base as one more source."""
     if len(sources) != len(coefficients):
         raise ValueError(f"{len(sources)} sources but {len(coefficients)} coefficients")
     if not all(math.isfinite(c) for c in coefficients):
@@ -374,54 +373,6 @@ def weighted_sum_into(target: Tensors, sources: Sequence[Tensors], coefficients:
         fused = sum(t.numel() for t in target.values()) * len(mix) >= FUSED_MIN_ELEMENTS
     if not (fused and _average_tensors(target, mix)):
         _average_eager(target, mix)
-
-
-@torch.no_grad()
-def task_arithmetic_into(
-    target: Tensors, base: Tensors, sources: Sequence[Tensors], weights: Sequence[float], scale: float = 1.0, fused: bool | None = None
-) -> None:
-    """Task arithmetic (Ilharco et al. 2023): base + scale * sum_i w_i (theta_i - base), in place.
-
-    Weights are normalized to sum to 1, so scale 1 is the weighted average and scale > 1 amplifies
-    what the shards learned away from the base. Computed in one pass as
-    sum_i (scale * w_i) theta_i + (1 - scale) base, in float32, rounded once.
-    """
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if len(sources) != len(weights):
-        raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
-    check_compatible(target, [base])
-    normalized = normalize_weights(weights)
-    weighted_sum_into(target, [*sources, base], [scale * w for w in normalized] + [1.0 - scale], fused)
-
-
-@dataclass(frozen=True)
-class MergeMode:
-    """A way of combining shards: its name, what it computes, and whether it uses the base weights."""
-
-    name: str
-    summary: str
-    needs_base: bool
-
-
-MERGE_MODES = {
-    "average": MergeMode("average", "the paper's soup: sum_i w_i theta_i / sum_i w_i", needs_base=False),
-    "task-arithmetic": MergeMode("task-arithmetic", "base + scale * sum_i w_i (theta_i - base)", needs_base=True),
-}
-
-
-def merge_into(
-    mode: str, target: Tensors, sources: Sequence[Tensors], weights: Sequence[float], base: Tensors | None = None, scale: float = 1.0
-) -> None:
-    """Dispatch to the merge mode named `mode` (see MERGE_MODES)."""
-    if mode == "average":
-        average_into(target, sources, weights)
-    elif mode == "task-arithmetic":
-        if base is None:
-            raise ValueError("task-arithmetic needs the base weights")
-        task_arithmetic_into(target, base, sources, weights, scale)
-    else:
-        raise ValueError(f"unknown merge mode {mode!r} (known: {', '.join(MERGE_MODES)})")
 
 
 @torch.no_grad()
@@ -457,12 +408,3 @@ def rounded_shares(shares: Sequence[float], digits: int = 2) -> list[float]:
     for i in order[: max(0, missing)]:
         floors[i] += 1
     return [f / unit for f in floors]
-
-
-def mixture_label(names: Sequence[str], weights: Sequence[float], mode: str = "average", scale: float = 1.0) -> str:
-    """The recipe as a label, e.g. "soup: 0.50 twemoji + 0.50 openmoji" (normalized weights)."""
-    normalized = rounded_shares(normalize_weights(weights, names))
-    parts = " + ".join(f"{w:.2f} {n}" for n, w in zip(names, normalized) if w > 0)
-    if mode == "task-arithmetic":
-        return f"task arithmetic: base + {scale:g} x ({parts} - base)"
-    return "soup: " + parts

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
@@ -20,17 +19,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import checkpoints, families, formats, soup
-from .files import atomic_path
+from . import checkpoints, exports, families, formats, methods, soup
+from .errors import StudioError
+from .mix import Mix
+from .pool import Pool, Shard, Weights, free_memory  # noqa: F401 (free_memory: RuntimeOptions' users)
 from .presets import SCHEDULERS, Preset, RenderDefaults, RenderSettings
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
-
-
-class StudioError(ValueError):
-    """A request the studio cannot carry out; the message says why, and nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -42,17 +39,6 @@ class RuntimeOptions:
     cache_size: int = 512  # rendered images kept in memory
     lean: bool | None = None  # stream shards from memory-mapped files; None: when they would not fit
     memory: str | None = None  # force where shards live: "resident", "pinned" or "lean" (None: planned, see Studio.plan_memory)
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on the device (for CPUs, the memory available to new allocations)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        return 1 << 34
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -96,87 +82,6 @@ def pipeline_class(folder: Path) -> tuple[type, families.Family]:
     if name not in families.FAMILIES:
         raise StudioError(f"{folder}: a {name}, which the studio does not soup; it soups {families.SUPPORTED}")
     return getattr(diffusers, name), families.FAMILIES[name]
-
-
-@dataclass
-class Weights:
-    """A shard's weights as loaded once, shared by every name and session that uses them (the pool)."""
-
-    path: Path
-    sha256: str
-    unet: torch.nn.Module | None  # None unless resident: the weights stay in their files (lean) or in CPU memory (pinned)
-    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    signature: tuple = ()  # the files' (size, mtime, inode) when hashed; lean mode re-checks it
-    kind: str = "diffusers UNet"  # the format detected (formats.Found.kind)
-    lora: dict[str, formats.LowRank] | None = None  # a LoRA: kept low rank, added to the base at mix time
-    # The shard's own text encoder (a full single file, a pipeline folder), found from the header at
-    # load; hashed and read only when "mix text encoders too" first uses it. None: it counts as the base's.
-    text_found: formats.TextEncoderFound | None = None
-    text_encoder: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
-    _text_sha: str | None = None
-    tier: str = "resident"  # "resident" (a module on the device), "pinned" (CPU memory, copied per soup), "lean" (its files) or "lora" (low rank)
-
-    @property
-    def text_sha(self) -> str | None:
-        """The identity of its own text encoder (the hash of the files holding it), or None."""
-        if self.text_found is not None and self._text_sha is None:
-            files = self.text_found.files
-            self._text_sha = self.sha256 if files == [self.path] else checkpoints.sha256_files(files)
-        return self._text_sha
-
-    @property
-    def text_kind(self) -> str:
-        return self.text_found.kind if self.text_found is not None else ""
-
-
-@dataclass
-class Shard:
-    """A named shard of a preset or a session: a name and a default weight over pooled `Weights`."""
-
-    name: str
-    weights: Weights
-    weight: float = 1.0
-    description: str = ""
-
-    @property
-    def path(self) -> Path:
-        return self.weights.path
-
-    @property
-    def sha256(self) -> str:
-        return self.weights.sha256
-
-    @property
-    def unet(self) -> torch.nn.Module | None:
-        return self.weights.unet
-
-    @property
-    def tensors(self) -> Mapping[str, torch.Tensor]:
-        return self.weights.tensors
-
-    @property
-    def text_sha(self) -> str | None:
-        return self.weights.text_sha
-
-
-class LoraTensors(Mapping):
-    """A LoRA shard's full weights, base + delta, made one tensor at a time on access (for weight
-    distances; the soup itself adds the low-rank deltas directly, see Studio.mix)."""
-
-    def __init__(self, base: Mapping[str, torch.Tensor], lora: dict[str, formats.LowRank]):
-        self.base, self.lora = base, lora
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self.base[name]
-        if name not in self.lora:
-            return tensor
-        return (tensor.float() + self.lora[name].delta(tensor.shape).to(tensor.device)).to(tensor.dtype)
-
-    def __iter__(self):
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
 
 
 INTERACTIVE, BACKGROUND = 0, 1
@@ -280,8 +185,6 @@ class Studio:
         self.renders: Counter[str] = Counter()  # UNet denoising runs by kind, for tests and benchmarks
         self.failed: dict[str, str] = {}  # shard name -> why it was left out
         self.shards: dict[str, Shard] = {}  # the preset's shards (and those added with add_shard)
-        self._pool: dict[str, Weights] = {}  # sha256 -> weights
-        self._users: Counter[str] = Counter()  # sha256 -> how many shards (preset or session) use them
         self._images = LRU(options.cache_size)
         self._text = LRU(64)
         self._mixed: tuple | None = None
@@ -325,6 +228,8 @@ class Studio:
         self.hybrid = getattr(self.pipe, self.kind.denoiser).eval()
         self.preset = preset.model_copy(update={"render": self._render_defaults(preset)})
         self.hybrid_tensors = soup.flatten_module(self.hybrid)  # one buffer: the soup is one pass
+        self.pool = Pool(self.device, self.dtype, self.lock, options, self.hybrid, self.base_specs, self.text_specs,
+                         base=lambda: self.base_tensors, on_change=self._forget_mix)
         self.plan_memory(len(preset.shards), sum(t.numel() * t.element_size() for t in self.hybrid_tensors.values()))
         logger.info("memory: %s", self.memory_plan)
 
@@ -344,160 +249,36 @@ class Studio:
             soup.warm_up(range(1, min(len(self.shards), 6) + 1), self.dtype, self.device)
         report(1.0, "ready")
 
-    # -- the weight pool --------------------------------------------------------------------------
-    TIERS = ("resident", "pinned", "lean")
+    def _forget_mix(self) -> None:
+        self._mixed = None  # pooled weights changed: the hybrid no longer holds a known mix
 
+    # -- the weight pool (pool.py) ------------------------------------------------------------------
     def plan_memory(self, count: int, unet_bytes: int) -> None:
-        """Where shards live, and why (the log and the page header say it). On a GPU, as many shards as
-        fit in 80% of its free memory stay resident; the rest wait in pinned CPU memory and are copied
-        to the GPU tensor by tensor for each soup, or, if they do not fit there either, stream from
-        their files (lean). On a CPU, shards are held in memory, or lean when they would not fit. The
-        user can force one tier for all (--memory, or --lean)."""
-        forced = self.options.memory or {True: "lean", False: "resident"}.get(self.options.lean)
-        if forced is not None and forced not in self.TIERS:
-            raise StudioError(f"memory {forced!r}: choose one of {', '.join(self.TIERS)}")
-        sizes = f"{count} shards of {unet_bytes / 1e6:,.0f} MB"
-        need, free = count * unet_bytes, free_memory(self.device)
-        where = {"resident": "held in memory", "pinned": "in pinned CPU memory, copied to the device for each soup",
-                 "lean": "streamed from their files (lean)"}
-        if forced is not None:
-            self.resident_slots, self.spill = (None if forced == "resident" else 0), forced
-            why = f"as asked (--memory {forced})" if self.options.memory else ("as asked (--lean)" if forced == "lean" else "as asked")
-            self.memory_plan = f"{sizes} {where[forced]}: {why}"
-        elif self.device.type != "cuda" or need <= 0.8 * free:
-            lean = need > 0.8 * free
-            self.resident_slots, self.spill = (0, "lean") if lean else (None, "resident")
-            why = f"{need / 1e9:.1f} GB {'would not fit' if lean else 'fit'} in 80% of the {free / 1e9:.1f} GB free on {self.device.type}"
-            self.memory_plan = f"{sizes} {where[self.spill]}: {why}"
-        else:  # a GPU too small for them all: fill it, then pinned host memory, then the files
-            self.resident_slots = int(0.8 * free // unet_bytes)
-            host = free_memory(torch.device("cpu"))
-            rest = count - self.resident_slots
-            self.spill = "pinned" if rest * unet_bytes <= 0.8 * host else "lean"
-            self.memory_plan = (
-                f"{sizes}: {self.resident_slots} held on {self.device.type} ({0.8 * free / 1e9:.1f} GB of its {free / 1e9:.1f} GB free), "
-                f"the other {rest} {where[self.spill]} ({rest * unet_bytes / 1e9:.1f} GB; {host / 1e9:.1f} GB free in CPU memory)"
-            )
-        self.lean = self.resident_slots == 0 and self.spill == "lean"  # every shard streamed from disk
+        """Where shards live, and why (see Pool.plan)."""
+        self.pool.plan(count, unet_bytes)
 
-    def _tier(self) -> str:
-        """The tier of the next shard loaded, by the plan and the shards resident now."""
-        resident = sum(w.tier == "resident" for w in self._pool.values())
-        return "resident" if self.resident_slots is None or resident < self.resident_slots else self.spill
+    @property
+    def memory_plan(self) -> str:
+        return self.pool.memory_plan
+
+    @property
+    def lean(self) -> bool:
+        return self.pool.lean
 
     def load(self, path: str | Path, name: str | None = None) -> Weights:
-        """Detect a checkpoint's format, validate it against the base and pool its weights (once per
-        content); the caller then holds one use of them (give it back with `release`). Raises
-        CheckpointError naming the format found and what is wrong."""
-        path = Path(path)
-        found = formats.detect(path, self.hybrid.config, self.base_specs)
-        formats.check_against_base(found, self.base_specs, name or path.name)
-        try:
-            text = formats.find_text_encoder(path, self.text_specs)
-        except checkpoints.CheckpointError as err:  # the denoiser is still usable: its text encoder counts as the base's
-            logger.warning("%s: its text encoder is not used (it counts as the base's): %s", name or path.name, err)
-            text = None
-        signature = checkpoints.file_signature(path)
-        sha = checkpoints.sha256_file(path)
-        with self.lock:
-            pooled = self._pool.get(sha)
-        if pooled is None:
-            if found.lora is not None:
-                lora = {k: formats.LowRank(r.up.to(self.device), r.down.to(self.device), r.scale) for k, r in found.lora.items()}
-                checkpoints.check_finite(path, formats.lora_tensors(lora))
-                pooled = Weights(path, sha, None, LoraTensors(self.base_tensors, lora), signature, found.kind, lora, tier="lora")
-            else:
-                tier = self._tier()
-                if found.convert is not None and tier == "lean":  # converted with its data: held, never streamed
-                    tier = "pinned" if self.device.type == "cuda" else "resident"
-                    logger.info("%s (%s) is converted when read, so it is held (%s), not streamed", path.name, found.kind, tier)
-                if tier == "lean":
-                    lazy = checkpoints.LazyWeights(path, self.device, self.dtype, found.names)
-                    checkpoints.check_finite(path, lazy)
-                    pooled = Weights(path, sha, None, lazy, signature, found.kind, tier="lean")
-                else:
-                    where = "cpu" if tier == "pinned" else self.device
-                    if found.convert is not None:
-                        tensors = {k: v.to(where, self.dtype) for k, v in found.convert().items()}
-                    else:
-                        lazy = checkpoints.LazyWeights(path, where, self.dtype, found.names)
-                        tensors = {k: lazy[k] for k in lazy.read_order()}
-                        lazy.close()
-                    checkpoints.check_finite(path, tensors)
-                    if tier == "pinned":
-                        pooled = Weights(path, sha, None, checkpoints.PinnedTensors(tensors, self.device), signature, found.kind, tier="pinned")
-                    else:
-                        unet = copy.deepcopy(self.hybrid)
-                        unet.load_state_dict(tensors, strict=True)
-                        pooled = Weights(path, sha, unet, soup.flatten_module(unet), signature, found.kind)
-            pooled.text_found = text
-        with self.lock:
-            pooled = self._pool.setdefault(sha, pooled)
-            self._users[sha] += 1
-        return pooled
-
-    def _text_encoder_of(self, weights: Weights) -> Mapping[str, torch.Tensor]:
-        """A shard's own text encoder, in the studio's dtype on its device (streamed in lean mode);
-        read when first used. Call under the lock."""
-        if weights.text_encoder is None:
-            text, path = weights.text_found, weights.path
-            if text.ignored:
-                logger.info("%s (%s): ignored %s", path.name, text.kind, ", ".join(f"{n} {k}" for k, n in text.ignored.items()))
-            try:
-                lazy = checkpoints.LazyWeights(path, self.device, self.dtype, text.names)
-                if self.lean and not text.open_clip:
-                    tensors = lazy
-                else:  # an OpenCLIP encoder is converted with its data, so it is held
-                    tensors = {k: lazy[k] for k in lazy.read_order()}
-                    tensors.update({k: v.to(self.device, self.dtype) for k, v in formats.read_open_clip(text, self.text_specs).items()})
-                checkpoints.check_finite(path, tensors)
-            except checkpoints.CheckpointError as err:
-                raise StudioError(f"cannot mix the text encoder of {path.name}: {err}") from None
-            weights.text_encoder = tensors
-        return weights.text_encoder
+        """Detect, validate and pool a checkpoint's weights; the caller holds one use (see Pool.load)."""
+        return self.pool.load(path, name)
 
     def release(self, weights: Weights) -> None:
-        """Give back one use of pooled weights; they are freed when nothing uses them."""
-        with self.lock:
-            self._users[weights.sha256] -= 1
-            if self._users[weights.sha256] <= 0:
-                del self._users[weights.sha256]
-                if self._pool.get(weights.sha256) is weights:
-                    del self._pool[weights.sha256]
-                    self._mixed = None
-                    logger.info("freed the weights of %s", weights.path.name)
+        self.pool.release(weights)
 
     @property
     def pooled(self) -> int:
         """How many distinct weights are loaded."""
-        return len(self._pool)
+        return len(self.pool)
 
     def _fresh(self, weights: Weights) -> None:
-        """Lean mode reads files at mix time: if one was rewritten since it was hashed, validate and
-        hash it again, so its images are never served under the old hash."""
-        if weights.tier != "lean" or weights.lora is not None:
-            return  # in memory: what was hashed is what is served
-        try:
-            signature = checkpoints.file_signature(weights.path)
-        except checkpoints.CheckpointError as err:
-            raise StudioError(f"the file of shard {weights.path.name} is gone ({err})") from None
-        if signature == weights.signature:
-            return
-        logger.info("%s changed on disk; validating and hashing it again", weights.path)
-        try:
-            found = formats.detect(weights.path, self.hybrid.config, self.base_specs)
-            formats.check_against_base(found, self.base_specs, weights.path.name)
-            lazy = checkpoints.LazyWeights(weights.path, self.device, self.dtype, found.names)
-            checkpoints.check_finite(weights.path, lazy)
-        except checkpoints.CheckpointError as err:
-            raise StudioError(f"{weights.path.name} changed on disk and is no longer usable: {err}") from None
-        old = weights.sha256
-        weights.tensors, weights.signature, weights.sha256 = lazy, signature, checkpoints.sha256_file(weights.path)
-        if self._pool.get(old) is weights:
-            del self._pool[old]
-            self._pool[weights.sha256] = weights
-            self._users[weights.sha256] += self._users.pop(old, 0)
-        self._mixed = None
+        self.pool.fresh(weights)
 
     # -- shards ---------------------------------------------------------------------------------
     def add_shard(self, name: str, path: str | Path, weight: float = 1.0, description: str = "") -> Shard:
@@ -525,26 +306,13 @@ class Studio:
         return shard
 
     # -- the soup -------------------------------------------------------------------------------
-    def normalized(self, mix: dict[str, float], shards: Views | None = None) -> list[tuple[Shard, float]]:
-        """Check a {shard name: weight} mix and normalize its weights; raises StudioError."""
-        resolved = [self._known(n, shards) for n in mix]
-        try:
-            weights = soup.normalize_weights(list(mix.values()), list(mix))
-        except ValueError as err:
-            raise StudioError(str(err)) from None
-        return list(zip(resolved, weights))
-
-    def mix_key(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> tuple:
-        """What identifies a soup's weights: shard contents, normalized weights, mode and scale."""
-        return self._key(self.normalized(mix, shards), mode, scale)
-
-    @staticmethod
-    def _key(pairs: list[tuple[Shard, float]], mode: str, scale: float) -> tuple:
-        if mode not in soup.MERGE_MODES:
-            raise StudioError(f"unknown merge mode {mode!r} (known: {', '.join(soup.MERGE_MODES)})")
-        if not math.isfinite(scale) or not 0 <= scale <= 10:
-            raise StudioError(f"scale must be between 0 and 10, got {scale}")
-        return (mode, scale if mode != "average" else 1.0, tuple((s.sha256, round(w, 12)) for s, w in pairs))
+    def make_mix(
+        self, weights: Mapping[str, float], method: str = "average", params: Mapping | methods.Params | None = None,
+        shards: Views | None = None, *, text_encoders: bool = False,
+    ) -> Mix:
+        """A `Mix` of `weights` ({shard name: weight}) over `shards` (a session's view; default: the
+        preset's), validated and normalized once; StudioError naming what is wrong."""
+        return Mix.build(self.shards if shards is None else shards, weights, method, params, text_encoders)
 
     @torch.no_grad()
     def _add_lora(self, sources: list[Mapping[str, torch.Tensor]], coefficients: list[float], terms: list[tuple[dict[str, formats.LowRank], float]]) -> None:
@@ -561,20 +329,12 @@ class Studio:
                     total += c * lora[key].delta(tensor.shape).to(tensor.device)
             tensor.copy_(total)
 
-    def _text_key(self, pairs: list[tuple[Shard, float]], mode: str, scale: float, text_encoders: bool) -> tuple | None:
-        """What identifies the text encoder a mix renders with: None for the base's (text encoders not
-        mixed, or no selected shard has its own), else the mode and each shard's text-encoder hash
-        ("base" for a shard without one) with its weight."""
-        if not text_encoders or all(s.weights.text_found is None for s, _ in pairs):
-            return None
-        return ("text", mode, scale if mode != "average" else 1.0, tuple((s.text_sha or "base", round(w, 12)) for s, w in pairs))
-
     @torch.no_grad()
-    def _use_text_encoder(self, pairs: list[tuple[Shard, float]], mode: str, scale: float, text_encoders: bool) -> tuple | None:
-        """Make the pipeline's text encoder the one this mix renders with (the base's, or the soup of
-        the shards' own with the mix's weights and mode, a shard without one counting as the base);
+    def _use_text_encoder(self, mix: Mix) -> tuple | None:
+        """Make the pipeline's text encoder the one this mix renders with (the base's, or the merge of
+        the shards' own with the mix's weights and method, a shard without one counting as the base);
         in place, summed in float32 and rounded once. Call under the lock; returns its key."""
-        key = self._text_key(pairs, mode, scale, text_encoders)
+        key = mix.text_key
         if key == self._text_mixed:
             return key
         if self._base_text is None:
@@ -584,39 +344,37 @@ class Studio:
             for name, tensor in self.text_tensors.items():
                 tensor.copy_(self._base_text[name])
         else:
-            sources = [self._text_encoder_of(s.weights) if s.weights.text_found is not None else self._base_text for s, _ in pairs]
-            base = self._base_text if soup.MERGE_MODES[mode].needs_base else None
-            soup.merge_into(mode, self.text_tensors, sources, [w for _, w in pairs], base, scale)
+            sources = [self.pool.text_encoder_of(s.weights) if s.weights.text_found is not None else self._base_text for s in mix.shards]
+            base = self._base_text if mix.method.needs_base else None
+            methods.merge_into(self.text_tensors, mix.method, mix.params, sources, mix.weights, base)
         self._text_mixed = key
         return key
 
-    def label(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> str:
-        pairs = self.normalized(mix, shards)
-        return soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
+    def mix(self, mix: Mix) -> str:
+        """Merge the mix's shards into the hybrid denoiser in place; returns its label.
 
-    def mix(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> str:
-        """Merge the selected shards into the hybrid UNet in place; returns the recipe label.
-
-        Skipped when the hybrid already holds this mix (same shards, normalized weights, mode)."""
+        Skipped when the hybrid already holds this mix (same shards, weights, method and parameters)."""
         with self.lock:
-            pairs = self.normalized(mix, shards)
-            for s, _ in pairs:
+            for s in mix.shards:
                 self._fresh(s.weights)  # before the key: a rewritten lean file changes its hash
-            key = self._key(pairs, mode, scale)
+            key = mix.key
             if key != self._mixed:
-                base = self.base_tensors if soup.MERGE_MODES[mode].needs_base else None
+                base = self.base_tensors if mix.method.needs_base else None
                 self._mixed = None  # if merging fails half way, the hybrid is not this mix
-                # A LoRA shard is base + delta: the base stands in for it in the (linear) merge, and
-                # its low-rank delta, times the coefficient the merge gives that shard, is added after.
-                sources = [self.base_tensors if s.weights.lora is not None else s.tensors for s, _ in pairs]
-                soup.merge_into(mode, self.hybrid_tensors, sources, [w for _, w in pairs], base, scale)
-                loras = [(s.weights.lora, w) for s, w in pairs if s.weights.lora is not None]
-                if loras:  # the merge's coefficients: w_i for an average; scale w_i and (1 - scale) for the base in task arithmetic
-                    k = scale if mode == "task-arithmetic" else 1.0
-                    extra = [self.base_tensors] if mode == "task-arithmetic" else []
-                    self._add_lora(sources + extra, [k * w for _, w in pairs] + [1.0 - k] * len(extra), [(lora, k * w) for lora, w in loras])
+                if mix.method.linear:
+                    # A LoRA shard is base + delta: the base stands in for it in the linear merge, and
+                    # its low-rank delta, times the coefficient the method gives that shard, is added after.
+                    sources = [self.base_tensors if s.weights.lora is not None else s.tensors for s in mix.shards]
+                    methods.merge_into(self.hybrid_tensors, mix.method, mix.params, sources, mix.weights, base)
+                    loras = [(i, s.weights.lora) for i, s in enumerate(mix.shards) if s.weights.lora is not None]
+                    if loras:
+                        coefficients, base_coefficient = mix.method.coefficients(list(mix.weights), mix.params)
+                        extra = [self.base_tensors] if base_coefficient else []
+                        self._add_lora(sources + extra, coefficients + [base_coefficient] * len(extra), [(lora, coefficients[i]) for i, lora in loras])
+                else:  # tensor by tensor; a LoRA shard's full weights are made one tensor at a time (LoraTensors)
+                    methods.merge_into(self.hybrid_tensors, mix.method, mix.params, [s.tensors for s in mix.shards], mix.weights, base)
                 self._mixed = key
-        return soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
+        return mix.label
 
     @property
     def base_tensors(self) -> Mapping[str, torch.Tensor]:
@@ -744,225 +502,117 @@ class Studio:
                 self._images.put(key, image)
         return image
 
-    def render_component(self, name: str, settings: RenderSettings, shards: Views | None = None, *, text_encoders: bool = False) -> Rendered:
+    def render_component(self, shard: Shard, settings: RenderSettings, *, text_encoders: bool = False) -> Rendered:
         """One shard's image (with its own text encoder, if it has one, under `text_encoders`);
         cached by the shard's content hash and every render setting."""
-        shard = self._known(name, shards)
+        alone = Mix.alone(shard, text_encoders)
 
         def make():
             self.check_settings(settings)
-            if shard.unet is None:  # lean mode: the component is the soup of itself alone
-                self.mix({name: 1.0}, shards=shards)
-            self._use_text_encoder([(shard, 1.0)], "average", 1.0, text_encoders)
+            if shard.unet is None:  # lean or pinned: the component is the soup of itself alone
+                self.mix(alone)
+            self._use_text_encoder(alone)
             return self._denoise(shard.unet or self.hybrid, settings, "component")
 
         with self.lock:
             self._fresh(shard.weights)
             own_text = shard.text_sha if text_encoders else None
             image = self.cached(("component", shard.sha256, own_text, settings), make)
-        return Rendered(name, image, "component")
+        return Rendered(shard.name, image, "component")
 
-    def render_soup(
-        self, mix: dict[str, float], settings: RenderSettings, mode: str = "average", scale: float = 1.0, shards: Views | None = None,
-        *, text_encoders: bool = False,
-    ) -> Rendered:
-        """The hybrid's image for this mix (and, with `text_encoders`, the soup of the shards' text
-        encoders); mix and render happen under one lock, so concurrent sessions never see each other's weights."""
+    def render_soup(self, mix: Mix, settings: RenderSettings) -> Rendered:
+        """The hybrid's image for this mix (with its text encoders when the mix says so); mix and
+        render happen under one lock, so concurrent sessions never see each other's weights."""
 
         def make():
             self.check_settings(settings)
-            self.mix(mix, mode, scale, shards)
-            self._use_text_encoder(pairs, mode, scale, text_encoders)
+            self.mix(mix)
+            self._use_text_encoder(mix)
             return self._denoise(self.hybrid, settings, "soup")
 
         with self.lock:
-            pairs = self.normalized(mix, shards)
-            for s, _ in pairs:
+            for s in mix.shards:
                 self._fresh(s.weights)
-            text = self._text_key(pairs, mode, scale, text_encoders)
-            image = self.cached(("soup", self._key(pairs, mode, scale), text, settings), make)
-        label = soup.mixture_label([s.name for s, _ in pairs], [w for _, w in pairs], mode, scale)
-        return Rendered(label + (", text encoders mixed" if text else ""), image, "soup")
+            image = self.cached(("soup", mix.key, mix.text_key, settings), make)
+        return Rendered(mix.label + (", text encoders mixed" if mix.text_key else ""), image, "soup")
 
-    def render_soup_batch(
-        self, mix: dict[str, float], batch: list[RenderSettings], mode: str = "average", scale: float = 1.0,
-        shards: Views | None = None, batch_size: int = 64, *, text_encoders: bool = False,
-    ) -> list[Image.Image]:
+    def render_soup_batch(self, mix: Mix, batch: list[RenderSettings], batch_size: int = 64) -> list[Image.Image]:
         """The hybrid's images for many prompts and seeds, `batch_size` per denoising pass (for
         evaluations: each equals `render_soup` of its settings up to the rounding of batched maths).
         Not cached; the mix and its renders hold the lock throughout."""
         with self.lock:
             for settings in batch:
                 self.check_settings(settings)
-            self.mix(mix, mode, scale, shards)
-            self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
+            self.mix(mix)
+            self._use_text_encoder(mix)
             return [im for i in range(0, len(batch), batch_size) for im in self._denoise_many(self.hybrid, batch[i : i + batch_size], "soup")]
 
-    def render(
-        self,
-        mix: dict[str, float],
-        settings: RenderSettings,
-        progress: Progress | None = None,
-        mode: str = "average",
-        scale: float = 1.0,
-        shards: Views | None = None,
-        *,
-        text_encoders: bool = False,
-    ) -> list[Rendered]:
-        """Every selected component (in mix order), then the soup, all from the same initial noise.
+    def render(self, mix: Mix, settings: RenderSettings, progress: Progress | None = None) -> list[Rendered]:
+        """Every component of the mix (in mix order), then the soup, all from the same initial noise.
 
         The lock is taken per image, so other requests interleave instead of waiting for all of them."""
         report = progress or (lambda f, d: None)
-        self.mix_key(mix, mode, scale, shards)  # fail before any work
         with self.lock:
             self.check_settings(settings)
         out = []
-        for i, name in enumerate(mix):
-            report(i / (len(mix) + 1), f"rendering {name}")
-            out.append(self.render_component(name, settings, shards, text_encoders=text_encoders))
-        report(len(mix) / (len(mix) + 1), "rendering the soup")
-        out.append(self.render_soup(mix, settings, mode, scale, shards, text_encoders=text_encoders))
+        count = len(mix.shards)
+        for i, shard in enumerate(mix.shards):
+            report(i / (count + 1), f"rendering {shard.name}")
+            out.append(self.render_component(shard, settings, text_encoders=mix.text_encoders))
+        report(count / (count + 1), "rendering the soup")
+        out.append(self.render_soup(mix, settings))
         report(1.0, "done")
         return out
 
-    # -- export ---------------------------------------------------------------------------------
-    def recipe(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None, *, text_encoders: bool = False) -> dict:
-        """Where a soup comes from: mode, scale, whether text encoders were mixed, and each shard's
-        name, content hash (and its text encoder's, when mixed) and weight."""
-        self.mix_key(mix, mode, scale, shards)
-        return {
-            "mode": mode,
-            "scale": scale,
-            "text_encoders": text_encoders,
-            "shards": [
-                {"name": s.name, "sha256": s.sha256, "weight": w, **({"text_encoder_sha256": s.text_sha} if text_encoders and s.text_sha else {})}
-                for s, w in self.normalized(mix, shards)
-            ],
-        }
-
-    def souped_weights(self, mix: dict[str, float], mode: str = "average", scale: float = 1.0, shards: Views | None = None) -> dict[str, torch.Tensor]:
-        """A CPU copy of the merged UNet weights, in the base's on-disk dtypes."""
+    def denoise(self, denoiser: torch.nn.Module, settings: RenderSettings, kind: str, mix: Mix) -> Image.Image:
+        """One image with another denoiser in the pipeline's place (the ensemble reference) and the
+        mix's text encoder, from the render's shared initial noise."""
         with self.lock:
-            self.mix(mix, mode, scale, shards)
+            self.check_settings(settings)
+            self._use_text_encoder(mix)
+            return self._denoise(denoiser, settings, kind)
+
+    @torch.no_grad()
+    def base_denoiser(self) -> torch.nn.Module:
+        """A copy of the base's denoiser (the hybrid's memory holds merges), for the ensemble reference."""
+        with self.lock:
+            module = copy.deepcopy(self.hybrid)
+            base = self.base_tensors
+            module.load_state_dict({k: base[k] for k in module.state_dict()}, strict=True)
+        return module
+
+    def souped_weights(self, mix: Mix) -> dict[str, torch.Tensor]:
+        """A CPU copy of the merged denoiser weights, in the base's on-disk dtypes."""
+        with self.lock:
+            self.mix(mix)
             return {
                 k: v.detach().to(device="cpu", dtype=checkpoints.torch_dtype(self.base_specs[k][1])).contiguous()
                 for k, v in self.hybrid_tensors.items()
             }
 
-    def export(
-        self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0, shards: Views | None = None, overwrite: bool = True
-    ) -> Path:
-        """Write the souped UNet weights as .safetensors, with the recipe in the metadata (atomically)."""
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        tensors = self.souped_weights(mix, mode, scale, shards)
-        metadata = self._merge_metadata(mix, mode, scale, shards)
-        with atomic_path(out, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        logger.info("exported %s to %s", metadata["modelspec.title"], out)
-        return out
-
-    def _merge_metadata(self, mix: dict[str, float], mode: str, scale: float, shards: Views | None, text_encoders: bool = False) -> dict[str, str]:
-        import datetime
-
-        recipe, label = self.recipe(mix, mode, scale, shards, text_encoders=text_encoders), self.label(mix, mode, scale, shards)
-        return {
-            "format": "pt",
-            "soup_ui.recipe": json.dumps(recipe),
-            # What A1111's checkpoint merger and SuperMerger read to show a merge's origin.
-            "sd_merge_recipe": json.dumps({"type": "diffusion-soup", "label": label, **recipe}),
-            "sd_merge_models": json.dumps({s["sha256"]: {"name": s["name"], "weight": s["weight"]} for s in recipe["shards"]}),
-            # Stability AI's model spec, which ComfyUI, Forge and the A1111 model browser show.
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "flux-1-schnell" if self.guidance_distilled is False else formats.ARCHITECTURES[self.family],
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-            "modelspec.title": label,
-            "modelspec.date": datetime.date.today().isoformat(),
-        }
-
-    def export_single_file(
-        self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0, shards: Views | None = None, overwrite: bool = True,
-        *, text_encoders: bool = False,
-    ) -> Path:
-        """Write the soup as one fp16 checkpoint in the original LDM naming, UNet + VAE + text encoder
-        (the base's, or with `text_encoders` the soup of the shards'), with the merge recipe in its
-        metadata: what A1111, Forge and ComfyUI load as a checkpoint."""
-        from safetensors.torch import save_file
-
-        if self.family not in formats.LDM_FAMILIES:
-            raise StudioError(
-                f"a single-file (LDM) export is for SD 1.x, SD 2.x and SDXL; export this {self.family_name} soup as its {self.kind.denoiser} "
-                "(diffusers names, which diffusers and ComfyUI load) or as a pipeline folder"
-            )
-        out = Path(out)
-        unet = self.souped_weights(mix, mode, scale, shards)
-        metadata = self._merge_metadata(mix, mode, scale, shards, text_encoders)
+    def text_state(self, mix: Mix) -> list[dict[str, torch.Tensor]]:
+        """The text encoders' state dicts as this mix renders with them (the base's or mixed)."""
         with self.lock:
-            self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
-            texts = [getattr(self.pipe, c).state_dict() for c in self.text_components]
-            tensors = formats.ldm_checkpoint(unet, self.hybrid.config, self.pipe.vae.state_dict(), self.pipe.vae.config, texts, self.family)
-            tensors = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous().clone() for k, v in tensors.items()}
-        with atomic_path(out, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        logger.info("exported %s to %s (single file, LDM naming)", metadata["modelspec.title"], out)
-        return out
+            self._use_text_encoder(mix)
+            return [{k: v.detach().cpu().clone() for k, v in getattr(self.pipe, c).state_dict().items()} for c in self.text_components]
 
-    def pipeline_files(self) -> list[Path]:
-        """What a pipeline export copies from the base folder: model_index.json and, in each
-        component folder it names (the UNet aside), the configs, tokenizer files and safetensors
-        weights; never hidden files, pickles or anything else lying in the folder."""
-        base = Path(self.preset.base)
-        index = json.loads((base / "model_index.json").read_text())
-        keep = {".json", ".txt", ".model", ".safetensors"}
-        files = [base / "model_index.json"]
-        for component, value in index.items():
-            folder = base / component
-            if component.startswith("_") or component == self.kind.denoiser or not isinstance(value, list) or not folder.is_dir():
-                continue
-            files += sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.suffix in keep)
-        return files
+    @contextmanager
+    def holding(self, mix: Mix):
+        """The pipeline with this mix in its denoiser and text encoders, held under the lock (exports)."""
+        with self.lock:
+            self.mix(mix)
+            self._use_text_encoder(mix)
+            yield self.pipe
 
-    def export_pipeline(
-        self, mix: dict[str, float], out: str | Path, mode: str = "average", scale: float = 1.0, shards: Views | None = None, overwrite: bool = False,
-        *, text_encoders: bool = False,
-    ) -> Path:
-        """Write a complete diffusers pipeline folder whose UNet is the soup (StableDiffusionPipeline.from_pretrained loads it).
+    # -- files (see exports.py) -----------------------------------------------------------------------
+    def export(self, mix: Mix, out: str | Path, overwrite: bool = True) -> Path:
+        """The merged denoiser as .safetensors (diffusers names), with the recipe in the metadata."""
+        return exports.denoiser_file(self, mix, out, overwrite)
 
-        Written to a temporary folder first, then renamed into place (replacing `out` only with `overwrite`)."""
-        import shutil
+    def export_single_file(self, mix: Mix, out: str | Path, overwrite: bool = True) -> Path:
+        """One fp16 LDM checkpoint (UNet + VAE + text encoders) for A1111, Forge and ComfyUI."""
+        return exports.single_file(self, mix, out, overwrite)
 
-        out = Path(out)
-        if out.exists() and not overwrite:
-            raise StudioError(f"{out.name} exists; tick 'overwrite' (--overwrite) to replace it, or choose a new folder")
-        self.mix_key(mix, mode, scale, shards)
-        base = Path(self.preset.base)
-        recipe = json.dumps(self.recipe(mix, mode, scale, shards, text_encoders=text_encoders), indent=2)
-        if base.is_file():  # a single-file base: every component is written from memory, the UNet being the soup
-            with self.lock:
-                self.mix(mix, mode, scale, shards)
-                self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
-                with atomic_path(out, overwrite=True, folder=True) as tmp:
-                    self.pipe.save_pretrained(tmp, safe_serialization=True)
-                    (tmp / "soup_recipe.json").write_text(recipe)
-            return out
-        mixed_text = self._text_key(self.normalized(mix, shards), mode, scale, text_encoders) is not None
-        with atomic_path(out, overwrite=True, folder=True) as tmp:
-            for file in self.pipeline_files():  # everything but the UNet (and mixed text encoders) is the base's, byte for byte
-                if mixed_text and file.parent.name in self.text_components and file.suffix == ".safetensors":
-                    continue
-                target = tmp / file.relative_to(base)
-                target.parent.mkdir(exist_ok=True)
-                shutil.copyfile(file, target)
-            denoiser = self.kind.denoiser
-            (tmp / denoiser).mkdir()
-            shutil.copyfile(base / denoiser / "config.json", tmp / denoiser / "config.json")
-            variant = self.variant  # the soup denoiser named like the base's files, so the folder loads as the base did
-            self.export(mix, tmp / denoiser / f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors", mode, scale, shards)
-            if mixed_text:
-                with self.lock:
-                    self._use_text_encoder(self.normalized(mix, shards), mode, scale, text_encoders)
-                    for component in self.text_components:
-                        getattr(self.pipe, component).save_pretrained(tmp / component, safe_serialization=True, variant=variant)
-            (tmp / "soup_recipe.json").write_text(recipe)
-        return out
+    def export_pipeline(self, mix: Mix, out: str | Path, overwrite: bool = False) -> Path:
+        """A diffusers pipeline folder whose denoiser is the soup."""
+        return exports.pipeline_folder(self, mix, out, overwrite)

@@ -12,8 +12,10 @@ import gradio as gr
 
 from . import session as handlers
 from .presets import SCHEDULERS
+from .presets import parse_params
 from .session import MAX_SHARDS, Controls, Session, StudioHost, settings_from
-from .soup import MERGE_MODES, rounded_shares
+from .methods import METHODS
+from .soup import rounded_shares
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +33,12 @@ CSS = """
 .mixture-bar div { color: white; font-size: 11px; line-height: 22px; text-align: center; overflow: hidden; white-space: nowrap; }
 .error-line { color: #b3261e; font-weight: 600; }
 """
-# Gradio's slider number box commits a typed value only on blur; Enter should commit it too.
+# Gradio's slider number box commits a typed value only on blur; Enter should commit it too (weights, method parameters).
 JS = """
 () => {
   document.addEventListener('keydown', (e) => {
     const t = e.target;
-    if (e.key === 'Enter' && t instanceof HTMLInputElement && t.type === 'number' && t.closest('[id^="shard-weight-"]')) {
+    if (e.key === 'Enter' && t instanceof HTMLInputElement && t.type === 'number' && t.closest('[id^="shard-weight-"], [id^="param-"]')) {
       t.blur();
     }
   }, true);
@@ -84,6 +86,45 @@ def mixture_html(names: list[str], weights: list[float]) -> str:
     return "<div class='mixture-bar'>" + "".join(parts) + "</div>"
 
 
+def method_params() -> dict:
+    """Every parameter of the registered methods by its public name, with the first method's field
+    for it (range, default, meaning): one page control each, shown for the methods that take it."""
+    fields = {}
+    for m in METHODS.values():
+        for name, f in m.params.model_fields.items():
+            fields.setdefault(f.alias or name, f)
+    return fields
+
+
+def param_control(name: str, field) -> gr.Component:
+    """A control rendered from a parameter's field: a slider over its range, a whole number, or text."""
+    bounds = {k: getattr(x, k) for x in field.metadata for k in ("ge", "le") if getattr(x, k, None) is not None}
+    common = dict(label=name, info=field.description, visible=False, elem_id=f"param-{name}")
+    if field.annotation is float:
+        return gr.Slider(bounds.get("ge", 0.0), bounds.get("le", 1.0), value=field.default, step=0.01, **common)
+    if field.annotation is int:
+        return gr.Number(field.default, precision=0, minimum=bounds.get("ge"), maximum=bounds.get("le"), **common)
+    return gr.Textbox(field.default, **common)
+
+
+def method_note(name: str) -> str:
+    m = METHODS[name]
+    return f"<small>{html.escape(m.summary)}. <i>{html.escape(m.reference)}</i></small>"
+
+
+def method_updates(name: str, values: dict | None = None) -> list:
+    """The parameter controls for method `name`: its own shown, at `values` or its defaults; the rest hidden."""
+    m, values = METHODS[name], values or {}
+    own = {f.alias or n: f for n, f in m.params.model_fields.items()}
+    return [
+        gr.update(visible=True, value=values.get(p, own[p].default)) if p in own else gr.update(visible=False)
+        for p in PARAMS
+    ] + [method_note(name)]
+
+
+PARAMS = list(method_params())
+
+
 def build_ui(host: StudioHost) -> gr.Blocks:
     """Declare the page and wire its events; `host` provides the studios, `session.py` the logic."""
     with gr.Blocks(title="Diffusion Soup Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
@@ -111,9 +152,10 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                     notes.append(note)
                 mixture = gr.HTML(elem_id="mixture")
                 uniform = gr.Button("Uniform (the paper's uniform soup)", elem_id="uniform")
-                with gr.Row():
-                    mode = gr.Radio(list(MERGE_MODES), value="average", label="Merge mode", elem_id="mode")
-                    scale = gr.Slider(0.0, 3.0, value=1.0, step=0.05, label="Task-arithmetic scale (lambda)", elem_id="scale")
+                method = gr.Dropdown(list(METHODS), value="average", label="Merge method", elem_id="method")
+                note = gr.HTML(method_note("average"), elem_id="method-note")
+                fields = method_params()
+                params = [param_control(name, fields[name]) for name in PARAMS]
                 text_mix = gr.Checkbox(
                     False, label="Mix text encoders too", elem_id="mix-text-encoders",
                     info="the shards' own text encoders (full checkpoints, pipeline folders) with the same weights; a shard without one counts as the base's",
@@ -149,16 +191,19 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 )
 
         settings_inputs = [prompt, negative, seed, steps, guidance, scheduler, height, width]
-        control_inputs = [mode, scale, text_mix, *checks, *sliders, *settings_inputs]
+        control_inputs = [method, *params, text_mix, *checks, *sliders, *settings_inputs]
         job_inputs = [state, *control_inputs]
         shard_outputs = [*rows, *checks, *sliders, *notes, mixture]
 
         def controls_from(values) -> Controls:
             """Typed controls from the values of `control_inputs`."""
-            mode_, scale_, text_ = values[:3]
-            flags = tuple(bool(v) for v in values[3 : 3 + MAX_SHARDS])
-            weights = tuple(float(v or 0.0) for v in values[3 + MAX_SHARDS : 3 + 2 * MAX_SHARDS])
-            return Controls(flags, weights, mode_, float(scale_), settings_from(*values[3 + 2 * MAX_SHARDS :]), bool(text_))
+            n = len(PARAMS)
+            method_, given, text_ = values[0], dict(zip(PARAMS, values[1 : 1 + n])), values[1 + n]
+            rest = values[2 + n :]
+            flags = tuple(bool(v) for v in rest[:MAX_SHARDS])
+            weights = tuple(float(v or 0.0) for v in rest[MAX_SHARDS : 2 * MAX_SHARDS])
+            chosen = tuple((p, given[p]) for p in METHODS[method_].param_names()) if method_ in METHODS else ()
+            return Controls(flags, weights, method_, chosen, settings_from(*rest[2 * MAX_SHARDS :]), bool(text_))
 
         def shard_updates(session: Session, flags=None, weights=None):
             """Rows for the session's shards, in its order (keeping given ticks and weights by name)."""
@@ -270,8 +315,10 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             # .input, not .change: programmatic updates (preset, uniform, recipe, shards) redraw the bar themselves.
             slider.input(on_mixture, mixture_inputs, [mixture], show_progress="hidden", trigger_mode="always_last", **quiet)
             slider.release(**soup_only, **render_opts)
-        for control in (mode, scale):
-            control.input(**soup_only, **render_opts)
+        # A method brings its own parameters (at their defaults), then the soup is rendered with it.
+        method.input(method_updates, [method], [*params, note], **quiet).then(**soup_only, **render_opts)
+        for control in params:
+            (control.release if isinstance(control, gr.Slider) else control.submit)(**soup_only, **render_opts)
         text_mix.input(**full, **render_opts)  # components change too (those with their own text encoder)
         uniform.click(on_uniform, [state, *checks], sliders, trigger_mode="always_last", **quiet).then(
             on_mixture, mixture_inputs, [mixture], **quiet
@@ -279,7 +326,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
         wiring = dict(
             state=state, job_inputs=job_inputs, controls_from=controls_from, shard_updates=shard_updates, current=current,
-            shard_outputs=shard_outputs, preset=preset, checks=checks, sliders=sliders, mode=mode, scale=scale, text_mix=text_mix,
+            shard_outputs=shard_outputs, preset=preset, checks=checks, sliders=sliders, method=method, params=params, note=note, text_mix=text_mix,
             settings_inputs=settings_inputs, mixture=mixture, on_mixture=on_mixture, full=full,
         )
         build_workflow_tabs(host, **wiring)
@@ -288,7 +335,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
 
 def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, shard_updates, current, shard_outputs, preset,
-                        checks, sliders, mode, scale, text_mix, settings_inputs, mixture, on_mixture, full) -> None:
+                        checks, sliders, method, params, note, text_mix, settings_inputs, mixture, on_mixture, full) -> None:
     """The paper's workflows: shards in and out, leave-one-out, interpolation and grids, the
     ensemble reference, recipes and export."""
     # Long workflows queue apart from interactive renders and give way to them between images.
@@ -437,7 +484,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     def on_load_recipe(session, path):
         session = handlers.require(session)
         if not path:
-            return [gr.skip()] * (2 * MAX_SHARDS + 3 + len(settings_inputs) + 1)
+            return [gr.skip()] * (2 * MAX_SHARDS + 3 + len(PARAMS) + len(settings_inputs) + 1)
         mix, recipe = handlers.load_recipe_controls(host, session, path)
         top = max(mix.values()) or 1.0
         mix = {n: w / top for n, w in mix.items()}  # sliders run 0-1; only the ratios matter
@@ -446,7 +493,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
         flags = [gr.Checkbox(value=n in mix) for n in names] + blank
         weights = [gr.Slider(value=mix[n]) if n in mix else gr.skip() for n in names] + blank
         r = recipe.render
-        return [*flags, *weights, recipe.mode, recipe.scale, recipe.text_encoders, r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale,
+        return [*flags, *weights, recipe.method, *method_updates(recipe.method, recipe.params), recipe.text_encoders, r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale,
                 r.scheduler, r.height, r.width, f"loaded recipe `{html.escape(Path(path).name)}`"]
 
     file_outputs = [export_file, export_message]
@@ -455,7 +502,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     pipeline_button.click(on_export_pipeline, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     single_button.click(on_export_single, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     recipe_upload.upload(
-        on_load_recipe, [state, recipe_upload], [*check_values, mode, scale, text_mix, *settings_inputs, export_message], api_visibility="private",
+        on_load_recipe, [state, recipe_upload], [*check_values, method, *params, note, text_mix, *settings_inputs, export_message], api_visibility="private",
     ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(
         **full, api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4
     )
@@ -485,6 +532,8 @@ def build_api(host: StudioHost, state) -> None:
         api_gallery = gr.Gallery(label="images", format="png")
         api_image = gr.Image(label="image", type="filepath", format="png")
         api_info = gr.JSON(label="info")
+        api_method = gr.Textbox("average", label="method")  # a registered merge method
+        api_params = gr.Textbox("", label="params")  # its parameters: "density=0.3,lambda=1"
         buttons = {n: gr.Button(n) for n in ("mix", "render", "soup", "add", "remove", "session_render", "grid")}
 
     def preset_session(preset_name: str) -> Session:
@@ -493,40 +542,48 @@ def build_api(host: StudioHost, state) -> None:
     def api_session(session: Session | None, preset_name: str) -> Session:
         return session if session is not None and session.preset == (preset_name or host.default) else preset_session(preset_name)
 
-    @user_errors
-    def api_mix_fn(preset_name, mix_text):
-        """Normalize a mix and return its recipe (shard names, content hashes, weights) and label."""
-        studio = host.get(preset_name or None)
-        mix = handlers.parse_mix(mix_text)
-        return {"label": studio.label(mix), "recipe": studio.recipe(mix)}
+    def request_mix(studio, shards, mix_text: str, method_name: str, params_text: str):
+        """The request's Mix, built once: the mix text, method and parameters over these shards (the
+        preset's choice of mixing text encoders)."""
+        weights, params = handlers.parse_mix(mix_text), parse_params(params_text or "")
+        return studio.make_mix(weights, method_name or "average", params, shards, text_encoders=studio.preset.mix_text_encoders)
 
-    def render_with(session: Session, mix_text: str, settings_values) -> tuple:
-        mix, settings = handlers.parse_mix(mix_text), settings_from(*settings_values)
+    @user_errors
+    def api_mix_fn(preset_name, mix_text, method_name="average", params_text=""):
+        """Normalize a mix and return its recipe (method, parameters, shard names, content hashes, weights) and label."""
+        studio = host.get(preset_name or None)
+        mix = request_mix(studio, None, mix_text, method_name, params_text)
+        return {"label": mix.label, "recipe": mix.recipe()}
+
+    def render_with(session: Session, mix_text: str, values) -> tuple:
+        *settings_values, method_name, params_text = values
+        settings = settings_from(*settings_values)
         studio = host.get(session.preset)
-        text = studio.preset.mix_text_encoders  # the preset's choice
-        results = studio.render(mix, settings, shards=session.shards, text_encoders=text)
+        mix = request_mix(studio, session.shards, mix_text, method_name, params_text)
+        results = studio.render(mix, settings)
         files = handlers.image_files(host, results[:-1], settings) + [handlers.soup_file(host, results[-1], mix, settings)]
-        return files, {"labels": [r.label for r in results], "recipe": studio.recipe(mix, shards=session.shards, text_encoders=text)}
+        return files, {"labels": [r.label for r in results], "recipe": mix.recipe()}
 
     @user_errors
-    def api_render_fn(preset_name, mix_text, *settings):
+    def api_render_fn(preset_name, mix_text, *values):
         """Render every component of the mix and the soup (the preset's shards); images are labelled, the soup last."""
-        return render_with(preset_session(preset_name), mix_text, settings)
+        return render_with(preset_session(preset_name), mix_text, values)
 
     @user_errors
-    def api_soup_fn(preset_name, mix_text, *settings):
+    def api_soup_fn(preset_name, mix_text, *values):
         """The soup alone (what a slider release renders), over the preset's shards."""
-        mix, settings_ = handlers.parse_mix(mix_text), settings_from(*settings)
+        *settings, method_name, params_text = values
+        settings_ = settings_from(*settings)
         studio = host.get(preset_name or None)
-        text = studio.preset.mix_text_encoders  # the preset's choice
-        soup = studio.render_soup(mix, settings_, text_encoders=text)
-        return handlers.soup_file(host, soup, mix, settings_)[0], {"label": soup.label, "recipe": studio.recipe(mix, text_encoders=text)}
+        mix = request_mix(studio, None, mix_text, method_name, params_text)
+        soup = studio.render_soup(mix, settings_)
+        return handlers.soup_file(host, soup, mix, settings_)[0], {"label": soup.label, "recipe": mix.recipe()}
 
     @user_errors
-    def api_session_render_fn(session, preset_name, mix_text, *settings):
+    def api_session_render_fn(session, preset_name, mix_text, *values):
         """Like /render, over this client's own session (with the shards it added)."""
         session = api_session(session, preset_name)
-        return (session, *render_with(session, mix_text, settings))
+        return (session, *render_with(session, mix_text, values))
 
     @user_errors
     def api_add_fn(session, preset_name, name, path):
@@ -543,27 +600,30 @@ def build_api(host: StudioHost, state) -> None:
         return session, {"message": message, "shards": session.names}
 
     @user_errors
-    def api_grid_fn(session, preset_name, mix_text, x_text, y_text, *settings):
+    def api_grid_fn(session, preset_name, mix_text, x_text, y_text, *values):
         """An X x Y grid of soups as one labelled PNG (background priority: interactive renders go first)."""
+        *settings, method_name, params_text = values
         session = api_session(session, preset_name)
         mix = handlers.parse_mix(mix_text)
         unknown = [n for n in mix if n not in session.shards]
         if unknown:
             raise ValueError(f"unknown shard {unknown[0]!r} (this session has: {', '.join(session.shards)})")
-        controls = Controls(tuple(n in mix for n in session.names), tuple(mix.get(n, 0.0) for n in session.names), settings=settings_from(*settings))
+        controls = Controls(tuple(n in mix for n in session.names), tuple(mix.get(n, 0.0) for n in session.names), method_name or "average",
+                            tuple(parse_params(params_text or "").items()), settings_from(*settings))
         return session, handlers.grid(host, session, controls, x_text, y_text)
 
     opts = dict(concurrency_id="render", concurrency_limit=4)
-    buttons["mix"].click(api_mix_fn, [api_preset, api_mix], [api_info], api_name="mix", **opts)
-    buttons["render"].click(api_render_fn, [api_preset, api_mix, *api_settings], [api_gallery, api_info], api_name="render", **opts)
-    buttons["soup"].click(api_soup_fn, [api_preset, api_mix, *api_settings], [api_image, api_info], api_name="soup", **opts)
+    method_inputs = [api_method, api_params]
+    buttons["mix"].click(api_mix_fn, [api_preset, api_mix, *method_inputs], [api_info], api_name="mix", **opts)
+    buttons["render"].click(api_render_fn, [api_preset, api_mix, *api_settings, *method_inputs], [api_gallery, api_info], api_name="render", **opts)
+    buttons["soup"].click(api_soup_fn, [api_preset, api_mix, *api_settings, *method_inputs], [api_image, api_info], api_name="soup", **opts)
     buttons["session_render"].click(
-        api_session_render_fn, [state, api_preset, api_mix, *api_settings], [state, api_gallery, api_info], api_name="session_render", **opts
+        api_session_render_fn, [state, api_preset, api_mix, *api_settings, *method_inputs], [state, api_gallery, api_info], api_name="session_render", **opts
     )
     buttons["add"].click(api_add_fn, [state, api_preset, api_name, api_path], [state, api_info], api_name="add_shard", concurrency_id="workflow", concurrency_limit=2)
     buttons["remove"].click(api_remove_fn, [state, api_preset, api_name], [state, api_info], api_name="remove_shard", concurrency_id="workflow", concurrency_limit=2)
     buttons["grid"].click(
-        api_grid_fn, [state, api_preset, api_mix, api_axis_x, api_axis_y, *api_settings], [state, api_image], api_name="grid",
+        api_grid_fn, [state, api_preset, api_mix, api_axis_x, api_axis_y, *api_settings, *method_inputs], [state, api_image], api_name="grid",
         concurrency_id="workflow", concurrency_limit=2,
     )
 

@@ -1,8 +1,10 @@
 """The paper's experiments as studio workflows: leave-one-out, interpolation, grids, and the
-geometric-mean (ensemble) reference. Each takes a Studio and returns labelled images."""
+geometric-mean (ensemble) reference. Each takes a Studio and a `Mix` (whose method and parameters
+every image uses) and returns labelled images."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,11 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from pydantic import ValidationError
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from . import soup
+from .errors import StudioError
+from .mix import Mix
 from .presets import RenderSettings
-from .studio import Progress, Rendered, Studio, StudioError, Views
+from .studio import Progress, Rendered, Studio
 
 logger = logging.getLogger(__name__)
 
@@ -24,71 +27,76 @@ def pixel_distance(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
 
 
-def _weights(studio: Studio, mix: dict[str, float], names: Sequence[str], shards: Views | None = None) -> list[float]:
-    normalized = {s.name: w for s, w in studio.normalized(mix, shards)}
-    return [normalized.get(n, 0.0) for n in names]
+def _coefficients(mix: Mix, names: Sequence[str]) -> list[float] | None:
+    """A linear mix's coefficient for each of `names` and then the base (None for other methods)."""
+    if not mix.method.linear:
+        return None
+    shard_c, base_c = mix.method.coefficients(list(mix.weights), mix.params)
+    by_name = dict(zip(mix.names, shard_c))
+    return [by_name.get(n, 0.0) for n in names] + [base_c]
 
 
 @torch.no_grad()
-def leave_one_out(
-    studio: Studio, mix: dict[str, float], settings: RenderSettings, progress: Progress | None = None, shards: Views | None = None
-) -> list[Rendered]:
+def leave_one_out(studio: Studio, mix: Mix, settings: RenderSettings, progress: Progress | None = None) -> list[Rendered]:
     """The full soup, then the soup without each shard in turn (the paper's Fig. 4 unlearning
-    experiment, as pictures); each labelled with how far it moved from the full soup, in pixels and
-    in weight space (RMS parameter difference). Runs at background priority, image by image."""
+    experiment, as pictures), all with the mix's method and parameters; each labelled with how far
+    it moved from the full soup in pixels and, for linear methods, in weight space (RMS parameter
+    difference). Runs at background priority, image by image."""
     with studio.lock.background():
-        return _leave_one_out(studio, mix, settings, progress, shards)
+        return _leave_one_out(studio, mix, settings, progress)
 
 
-def _leave_one_out(studio, mix, settings, progress, view) -> list[Rendered]:
+def _leave_one_out(studio: Studio, mix: Mix, settings: RenderSettings, progress) -> list[Rendered]:
     report = progress or (lambda f, d: None)
-    names = list(mix)
-    if len([n for n in names if mix[n] > 0]) < 2:
+    if len([w for w in mix.weights if w > 0]) < 2:
         raise StudioError("leave-one-out needs at least two shards with positive weight")
-    full = studio.render_soup(mix, settings, shards=view)
-    shards = [studio._known(n, view).tensors for n in names]
-    full_w = _weights(studio, mix, names, view)
+    rests = {}
+    for name, w in zip(mix.names, mix.weights):
+        if w < 1:
+            try:
+                rests[name] = mix.without(name)
+            except StudioError as err:
+                raise StudioError(f"leave-one-out without {name}: {err}") from None
+    full = studio.render_soup(mix, settings)
+    base = [studio.base_tensors] if mix.method.needs_base else []
+    sources = [s.tensors for s in mix.shards] + base
+    full_c = _coefficients(mix, mix.names)
     out = [Rendered(f"full {full.label}", full.image, "soup", {"pixels": 0.0, "weights": 0.0})]
-    for i, name in enumerate(names):
-        report((i + 1) / (len(names) + 1), f"soup without {name}")
-        rest = {n: w for n, w in mix.items() if n != name}
-        if sum(rest.values()) <= 0:
-            continue
-        image = studio.render_soup(rest, settings, shards=view).image
-        rest_w = _weights(studio, rest, names, view)
-        dw = soup.weight_distance(shards, [a - b for a, b in zip(full_w, rest_w)])
+    for i, (name, rest) in enumerate(rests.items()):
+        report((i + 1) / (len(rests) + 1), f"soup without {name}")
+        image = studio.render_soup(rest, settings).image
         dp = pixel_distance(full.image, image)
-        out.append(Rendered(f"without {name}: {dp:.1f} px, {dw:.2e} weights", image, "soup", {"without": name, "pixels": dp, "weights": dw}))
+        info = {"without": name, "pixels": dp}
+        label = f"without {name}: {dp:.1f} px"
+        if full_c is not None:
+            rest_c = _coefficients(rest, mix.names)
+            difference = [a - b for a, b in zip(full_c, rest_c)][: len(sources)]
+            info["weights"] = dw = soup.weight_distance(sources, difference)
+            label += f", {dw:.2e} weights"
+        out.append(Rendered(label, image, "soup", info))
     report(1.0, "done")
     return out
 
 
-def interpolate(
-    studio: Studio,
-    start: dict[str, float],
-    end: dict[str, float],
-    steps: int,
-    settings: RenderSettings,
-    progress: Progress | None = None,
-    shards: Views | None = None,
-) -> list[Rendered]:
-    """Soups along the line from mix `start` (t=0) to mix `end` (t=1): the paper's hybrid-style strip.
-
-    A shard alone is the mix {name: 1}; the current soup is its own mix. Runs at background priority."""
+def interpolate(studio: Studio, start: Mix, end: Mix, steps: int, settings: RenderSettings, progress: Progress | None = None) -> list[Rendered]:
+    """Soups along the line from mix `start` (t=0) to mix `end` (t=1), with `end`'s method and
+    parameters: the paper's hybrid-style strip. A shard alone is the mix {name: 1}. Runs at
+    background priority."""
     if not 2 <= steps <= 32:
         raise StudioError(f"interpolation steps must be between 2 and 32, got {steps}")
-    names = list(dict.fromkeys([*start, *end]))
-    a, b = _weights(studio, start, names, shards), _weights(studio, end, names, shards)
+    names = list(dict.fromkeys([*start.names, *end.names]))
+    a, b = (start.as_weights(), end.as_weights())
+    a, b = [a.get(n, 0.0) for n in names], [b.get(n, 0.0) for n in names]
     if a == b:
         raise StudioError("the two ends of the interpolation are the same mix: every image would be the same soup")
+    mixes = [end.reweighted({n: (1 - t) * wa + t * wb for n, wa, wb in zip(names, a, b)}) for t in (i / (steps - 1) for i in range(steps))]
     report = progress or (lambda f, d: None)
     out = []
     with studio.lock.background():
-        for i in range(steps):
+        for i, mix in enumerate(mixes):
             t = i / (steps - 1)
             report(i / steps, f"t = {t:.2f}")
-            mix = {n: (1 - t) * wa + t * wb for n, wa, wb in zip(names, a, b)}
-            r = studio.render_soup(mix, settings, shards=shards)
+            r = studio.render_soup(mix, settings)
             out.append(Rendered(f"t={t:.2f}: {r.label}", r.image, "soup", {"t": t}))
     report(1.0, "done")
     return out
@@ -133,9 +141,9 @@ class Axis:
     def label(self, value) -> str:
         return f"{self.shard}={value:g}" if self.kind == "weight" else f"{self.kind}={value}"
 
-    def apply(self, value, mix: dict[str, float], settings: RenderSettings) -> tuple[dict[str, float], RenderSettings]:
-        if self.kind == "weight":
-            return {**mix, self.shard: float(value)}, settings
+    def apply(self, value, mix: Mix, settings: RenderSettings) -> tuple[Mix, RenderSettings]:
+        if self.kind == "weight":  # the slider value of one shard, the others as entered
+            return mix.reweighted({**mix.as_given(), self.shard: float(value)}), settings
         field = {"seed": "seed", "prompt": "prompt", "guidance": "guidance_scale", "steps": "steps"}[self.kind]
         try:
             return mix, RenderSettings(**{**settings.model_dump(), field: value})
@@ -145,13 +153,7 @@ class Axis:
 
 
 def grid(
-    studio: Studio,
-    mix: dict[str, float],
-    settings: RenderSettings,
-    x: Axis,
-    y: Axis,
-    progress: Progress | None = None,
-    shards: Views | None = None,
+    studio: Studio, mix: Mix, settings: RenderSettings, x: Axis, y: Axis, progress: Progress | None = None
 ) -> tuple[list[list[Rendered]], list[str], list[str]]:
     """Soups over X x Y (an XY plot for N-shard soups); returns rows of images and the axis labels.
 
@@ -162,7 +164,6 @@ def grid(
         for xv in x.values:
             m, s = y.apply(yv, mix, settings)
             m, s = x.apply(xv, m, s)
-            studio.mix_key(m, shards=shards)
             cells.append((yv, xv, m, s))
     rows: list[list[Rendered]] = []
     with studio.lock.background():
@@ -170,57 +171,79 @@ def grid(
             report(n / len(cells), f"{y.label(yv)}, {x.label(xv)}")
             if n % len(x.values) == 0:
                 rows.append([])
-            rows[-1].append(studio.render_soup(m, s, shards=shards))
+            rows[-1].append(studio.render_soup(m, s))
     report(1.0, "done")
     return rows, [y.label(v) for v in y.values], [x.label(v) for v in x.values]
 
 
-class EnsembleUNet(torch.nn.Module):
-    """Several UNets behind one: the weighted sum of their noise predictions.
+class EnsembleDenoiser(torch.nn.Module):
+    """Several denoisers behind one: the weighted sum of their predictions, for any family (UNets
+    and transformers alike: every argument the pipeline passes goes to each member).
 
     By the paper's Proposition, sampling with the summed scores samples from the geometric mean of
     the components' distributions, which the weight soup approximates.
     """
 
-    def __init__(self, unets: Sequence[torch.nn.Module], weights: Sequence[float]):
+    def __init__(self, members: Sequence[torch.nn.Module], coefficients: Sequence[float]):
         super().__init__()
-        self.unets = torch.nn.ModuleList(unets)
-        self.weights = list(weights)
+        self.members = torch.nn.ModuleList(members)
+        self.coefficients = list(coefficients)
 
-    @property
-    def config(self):
-        return self.unets[0].config
+    def __getattr__(self, name: str):  # config, dtype, device, ...: the first member's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("members")[0], name)
 
-    @property
-    def dtype(self):
-        return self.unets[0].dtype
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """FLUX's pipeline enters the transformer's cache context per branch: every member's."""
+        with contextlib.ExitStack() as stack:
+            for member in self.members:
+                if hasattr(member, "cache_context"):
+                    stack.enter_context(member.cache_context(name))
+            yield
 
-    @property
-    def device(self):
-        return self.unets[0].device
-
-    def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+    def forward(self, *args, return_dict: bool = True, **kwargs):
         total = None
-        for unet, w in zip(self.unets, self.weights):
-            pred = unet(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0] * w
+        for member, c in zip(self.members, self.coefficients):
+            pred = member(*args, return_dict=False, **kwargs)[0] * c
             total = pred if total is None else total + pred
-        return UNet2DConditionOutput(sample=total) if return_dict else (total,)
+        if not return_dict:
+            return (total,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        output = UNet2DConditionOutput if hasattr(self.members[0], "conv_in") else Transformer2DModelOutput
+        return output(sample=total)
 
 
-def ensemble(studio: Studio, mix: dict[str, float], settings: RenderSettings, shards: Views | None = None) -> tuple[Rendered, Rendered]:
-    """The geometric-mean reference (one UNet call per component per step) and the weight soup,
-    the first labelled with its pixel distance to the second. Runs at background priority."""
-    pairs = [(s, w) for s, w in studio.normalized(mix, shards) if w > 0]
-    if any(s.unet is None for s, _ in pairs):
-        raise StudioError("the ensemble needs every component in memory as a full UNet; it is not available for shards streamed (lean) or held in pinned CPU memory, nor for LoRA shards")
+def ensemble(studio: Studio, mix: Mix, settings: RenderSettings) -> tuple[Rendered, Rendered]:
+    """The geometric-mean reference (one denoiser call per component per step, predictions summed
+    with the method's coefficients, the base's included for task arithmetic and add-difference) and
+    the weight soup, the first labelled with its pixel distance to the second. Runs at background priority."""
+    coefficients = _coefficients(mix, mix.names)
+    if coefficients is None:
+        raise StudioError(
+            f"the ensemble reference sums the components' predictions with fixed coefficients, which only linear methods have "
+            f"(average, task-arithmetic, add-difference); {mix.method.name} has none"
+        )
+    members = [(s.unet, c, s.name) for s, c in zip(mix.shards, coefficients) if c]
+    if any(unet is None for unet, _, _ in members):
+        raise StudioError(
+            "the ensemble needs every component in memory as a full denoiser; it is not available for shards streamed (lean) "
+            "or held in pinned CPU memory, nor for LoRA shards"
+        )
+    if coefficients[-1]:
+        members.append((None, coefficients[-1], "base"))
 
     def make():
-        studio.check_settings(settings)
-        return studio._denoise(EnsembleUNet([s.unet for s, _ in pairs], [w for _, w in pairs]), settings, "ensemble")
+        modules = [unet if unet is not None else studio.base_denoiser() for unet, _, _ in members]
+        return studio.denoise(EnsembleDenoiser(modules, [c for _, c, _ in members]), settings, "ensemble", mix)
 
     with studio.lock.background():
-        soup_image = studio.render_soup(mix, settings, shards=shards)
-        image = studio.cached(("ensemble", studio.mix_key(mix, shards=shards), settings), make)
+        soup_image = studio.render_soup(mix, settings)
+        image = studio.cached(("ensemble", mix.key, mix.text_key, settings), make)
     d = pixel_distance(image, soup_image.image)
-    label = "ensemble: " + " + ".join(f"{w:.2f} {s.name}" for s, w in pairs)
+    label = "ensemble: " + " + ".join(f"{c:.2f} {name}" for _, c, name in members)
     return Rendered(f"{label} ({d:.1f} px from the soup)", image, "ensemble", {"pixels": d}), soup_image

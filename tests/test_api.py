@@ -58,7 +58,7 @@ def test_concurrent_sessions_get_their_own_soups(server, studio, tmp_path):
     assert not errors
     # References rendered in this process, one at a time (float maths may differ by a rounding step).
     settings = RenderSettings(**{**ARGS, "seed": 100})
-    reference = [np.asarray(studio.render_soup(parse_api_mix(m), settings).image).astype(int) for m in mixes]
+    reference = [np.asarray(studio.render_soup(studio.make_mix(parse_api_mix(m)), settings).image).astype(int) for m in mixes]
     for i, image in got.items():
         distances = [np.abs(image - r).max() for r in reference]
         assert distances[i % 4] <= 2, (mixes[i % 4], distances)

@@ -31,7 +31,7 @@ def test_render_writes_strip_and_one_png_per_image(tiny_preset, tmp_path, studio
     from soup_ui.presets import RenderSettings
 
     settings = RenderSettings(prompt="a cat face", seed=3, steps=3, guidance_scale=4.0, height=16, width=16)
-    expected = studio.render_soup({"alpha": 0.5, "beta": 0.5}, settings).image
+    expected = studio.render_soup(studio.make_mix({"alpha": 0.5, "beta": 0.5}), settings).image
     assert np.array_equal(np.asarray(Image.open(tmp_path / "each" / "soup.png")), np.asarray(expected))
 
 

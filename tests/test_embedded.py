@@ -38,7 +38,7 @@ def test_every_shard_matches_the_base_architecture():
 
 def test_one_step_render_of_each_shard_and_the_soup(emoji):
     settings = RenderSettings(prompt=emoji.preset.render.prompts[0], steps=1, height=64, width=64, seed=0)
-    results = emoji.render({name: 1.0 for name in emoji.shards}, settings)
+    results = emoji.render(emoji.make_mix({name: 1.0 for name in emoji.shards}), settings)
     assert len(results) == len(emoji.shards) + 1
     images = [np.asarray(r.image) for r in results]
     assert all(im.shape == (64, 64, 3) for im in images)

@@ -70,7 +70,7 @@ def test_an_unknown_family_is_refused_naming_its_width(tiny_preset):
     from soup_ui.studio import Studio
 
     studio = Studio(load_preset(tiny_preset))
-    out = studio.export_single_file({"alpha": 1}, tiny_preset.parent / "tiny-single.safetensors")
+    out = studio.export_single_file(studio.make_mix({"alpha": 1}), tiny_preset.parent / "tiny-single.safetensors")
     with pytest.raises(CheckpointError, match="32-wide cross-attention; give `config:`"):
         families.single_file_family(out)
 

@@ -50,7 +50,7 @@ def test_a_flow_family_loads_mixes_and_renders_every_image_from_the_same_noise(s
     name, preset = family
     assert type(studio.pipe).__name__ == {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
     assert studio.kind.denoiser == "transformer" and studio.hybrid is studio.pipe.transformer
-    results, starts = first_inputs(studio, lambda: studio.render({"ink": 1, "pastel": 1, "chalk": 2}, SETTINGS))
+    results, starts = first_inputs(studio, lambda: studio.render(studio.make_mix({"ink": 1, "pastel": 1, "chalk": 2}), SETTINGS))
     assert [r.label for r in results][:3] == ["ink", "pastel", "chalk"] and results[-1].kind == "soup"
     assert len(starts) == 4 and all(torch.equal(starts[0], x) for x in starts[1:])
     if name == "flux":  # packed: (1, (16/2) * (16/2) patches of 2x2, 1 latent channel x 4)
@@ -62,38 +62,38 @@ def test_a_flow_family_loads_mixes_and_renders_every_image_from_the_same_noise(s
     assert len({img.tobytes() for img in images}) == 4  # four different models, four different images
     # the soup is the weighted average of the shards' transformers
     files = {n: load_file(str(preset.parent / f"{n}.safetensors")) for n in ("ink", "pastel", "chalk")}
-    soup = studio.souped_weights({"ink": 1, "pastel": 1, "chalk": 2})
+    soup = studio.souped_weights(studio.make_mix({"ink": 1, "pastel": 1, "chalk": 2}))
     assert set(soup) == set(files["ink"])
     for k in soup:
         torch.testing.assert_close(soup[k], (files["ink"][k] + files["pastel"][k] + 2 * files["chalk"][k]) / 4, rtol=0, atol=1e-6)
     # a soup of one shard is that shard's image (the same noise, the same weights)
-    assert np.array_equal(np.asarray(studio.render_soup({"ink": 1}, SETTINGS).image), images[0])
+    assert np.array_equal(np.asarray(studio.render_soup(studio.make_mix({"ink": 1}), SETTINGS).image), images[0])
 
 
 def test_a_flow_soup_exports_as_a_pipeline_diffusers_renders_identically(studio, tmp_path):
     from diffusers import DiffusionPipeline
 
     mix = {"ink": 2, "chalk": 1}
-    out = studio.export_pipeline(mix, tmp_path / "soup")
+    out = studio.export_pipeline(studio.make_mix(mix), tmp_path / "soup")
     back = DiffusionPipeline.from_pretrained(out)
     assert type(back) is type(studio.pipe)
-    soup = studio.souped_weights(mix)
+    soup = studio.souped_weights(studio.make_mix(mix))
     got = back.transformer.state_dict()
     assert all(torch.equal(got[k], soup[k]) for k in soup)
     # the exported pipeline, given the studio's starting noise, draws the studio's soup image
     back.set_progress_bar_config(disable=True)
     image = back(prompt=SETTINGS.prompt, num_inference_steps=SETTINGS.steps, guidance_scale=SETTINGS.guidance_scale, height=16, width=16,
                  latents=studio.initial_noise(SETTINGS), output_type="np").images[0]
-    ours = np.asarray(studio.render_soup(mix, SETTINGS).image).astype(np.float32) / 255
+    ours = np.asarray(studio.render_soup(studio.make_mix(mix), SETTINGS).image).astype(np.float32) / 255
     assert np.abs(image - ours).max() <= 1.5 / 255
     # the transformer alone, as diffusers and ComfyUI load it
-    file = studio.export(mix, tmp_path / "soup-transformer.safetensors")
+    file = studio.export(studio.make_mix(mix), tmp_path / "soup-transformer.safetensors")
     assert set(load_file(str(file))) == set(soup)
 
 
 def test_a_single_file_export_of_a_flow_family_is_refused_saying_what_to_do(studio, tmp_path):
     with pytest.raises(StudioError, match=r"single-file \(LDM\) export is for SD 1.x, SD 2.x and SDXL; export this .* soup as its transformer"):
-        studio.export_single_file({"ink": 1}, tmp_path / "x.safetensors")
+        studio.export_single_file(studio.make_mix({"ink": 1}), tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -128,12 +128,12 @@ def test_a_transformer_lora_soups_like_the_lora_fused_first(studio, family, tmp_
     shard = studio.add_shard("lora", lora_file)
     try:
         assert shard.weights.lora and shard.weights.unet is None and "LoRA" in shard.weights.kind
-        studio.mix({"lora": 1})
+        studio.mix(studio.make_mix({"lora": 1}))
         base = dict(studio.base_tensors)
         assert any(not torch.equal(fused[k], base[k]) for k in base)
         for k in base:
             torch.testing.assert_close(studio.hybrid_tensors[k], fused[k], rtol=0, atol=1e-6)
-        results = studio.render({"lora": 1, "ink": 1}, SETTINGS)
+        results = studio.render(studio.make_mix({"lora": 1, "ink": 1}), SETTINGS)
         assert len(results) == 3
     finally:
         studio.remove_shard("lora")
@@ -141,13 +141,13 @@ def test_a_transformer_lora_soups_like_the_lora_fused_first(studio, family, tmp_
 
 def test_flow_families_take_only_their_own_scheduler_and_flux_no_negative_prompt(studio, family):
     with pytest.raises(StudioError, match="samples with its own flow-matching scheduler: choose scheduler 'default', not 'dpm\\+\\+'"):
-        studio.render({"ink": 1}, SETTINGS.model_copy(update={"scheduler": "dpm++"}))
+        studio.render(studio.make_mix({"ink": 1}), SETTINGS.model_copy(update={"scheduler": "dpm++"}))
     negative = SETTINGS.model_copy(update={"negative_prompt": "a dog"})
     if family[0] == "flux":
         with pytest.raises(StudioError, match="FLUX.1 takes no negative prompt"):
-            studio.render({"ink": 1}, negative)
+            studio.render(studio.make_mix({"ink": 1}), negative)
     else:  # SD3 has classifier-free guidance: the negative prompt changes the image
-        a, b = (np.asarray(studio.render_soup({"ink": 1}, s).image) for s in (SETTINGS, negative))
+        a, b = (np.asarray(studio.render_soup(studio.make_mix({"ink": 1}), s).image) for s in (SETTINGS, negative))
         assert not np.array_equal(a, b)
 
 
@@ -160,8 +160,8 @@ def test_family_defaults_fill_what_the_preset_leaves_out(studio, family):
 def test_lean_mode_streams_a_transformer_and_renders_the_same(studio, family):
     lean = Studio(load_preset(family[1]), RuntimeOptions(lean=True))
     assert lean.lean and "streamed from their files (lean)" in lean.memory_plan
-    a = np.asarray(lean.render_soup({"ink": 1, "pastel": 1}, SETTINGS).image)
-    b = np.asarray(studio.render_soup({"ink": 1, "pastel": 1}, SETTINGS).image)
+    a = np.asarray(lean.render_soup(lean.make_mix({"ink": 1, "pastel": 1}), SETTINGS).image)
+    b = np.asarray(studio.render_soup(studio.make_mix({"ink": 1, "pastel": 1}), SETTINGS).image)
     assert np.array_equal(a, b)
 
 
@@ -176,7 +176,7 @@ def test_flux_schnell_has_no_guidance_and_its_own_defaults(tmp_path):
     assert studio.family_name == "FLUX.1 [schnell]" and studio.guidance_distilled is False
     r = studio.preset.render
     assert (r.steps, r.guidance_scale, r.scheduler, r.height) == (4, 0.0, "default", 128)  # 128: this tiny VAE does not downsample
-    image = studio.render_soup({"fast": 1}, SETTINGS).image
+    image = studio.render_soup(studio.make_mix({"fast": 1}), SETTINGS).image
     assert image.size == (16, 16)
 
 
@@ -187,30 +187,31 @@ def test_pinned_memory_holds_shards_off_the_device_and_soups_the_same(studio, fa
     assert pinned.memory_plan.endswith("in pinned CPU memory, copied to the device for each soup: as asked (--memory pinned)")
     assert all(s.weights.tier == "pinned" and s.unet is None for s in pinned.shards.values())
     mix = {"ink": 1, "chalk": 3}
-    a, b = pinned.souped_weights(mix), studio.souped_weights(mix)
+    a, b = pinned.souped_weights(pinned.make_mix(mix)), studio.souped_weights(studio.make_mix(mix))
     assert all(torch.equal(a[k], b[k]) for k in b)
-    assert np.array_equal(np.asarray(pinned.render_component("pastel", SETTINGS).image), np.asarray(studio.render_component("pastel", SETTINGS).image))
+    assert np.array_equal(np.asarray(pinned.render_component(pinned.shards["pastel"], SETTINGS).image), np.asarray(studio.render_component(studio.shards["pastel"], SETTINGS).image))
 
 
 def test_the_memory_plan_fills_the_gpu_then_pinned_memory(studio, monkeypatch):
     """The plan on a GPU too small for every shard (free memory faked): as many resident as fit in
     80% of it, the rest pinned; a later shard goes where the plan has room."""
-    import soup_ui.studio as studio_module
+    import soup_ui.pool as pool_module
 
     unet_bytes = 1_000_000_000
+    pool = studio.pool
     for kept in ("resident_slots", "spill", "lean", "memory_plan"):  # the module's studio gets its own plan back
-        monkeypatch.setattr(studio, kept, getattr(studio, kept))
-    monkeypatch.setattr(studio, "device", torch.device("cuda"))
-    monkeypatch.setattr(studio_module, "free_memory", lambda d: int(2.6e9) if d.type == "cuda" else int(64e9))
+        monkeypatch.setattr(pool, kept, getattr(pool, kept))
+    monkeypatch.setattr(pool, "device", torch.device("cuda"))
+    monkeypatch.setattr(pool_module, "free_memory", lambda d: int(2.6e9) if d.type == "cuda" else int(64e9))
     studio.plan_memory(4, unet_bytes)
-    assert (studio.resident_slots, studio.spill, studio.lean) == (2, "pinned", False)
+    assert (pool.resident_slots, pool.spill, studio.lean) == (2, "pinned", False)
     assert studio.memory_plan == ("4 shards of 1,000 MB: 2 held on cuda (2.1 GB of its 2.6 GB free), the other 2 in pinned CPU memory, "
                                   "copied to the device for each soup (2.0 GB; 64.0 GB free in CPU memory)")
-    monkeypatch.setattr(studio_module, "free_memory", lambda d: int(2.6e9) if d.type == "cuda" else int(2e9))
+    monkeypatch.setattr(pool_module, "free_memory", lambda d: int(2.6e9) if d.type == "cuda" else int(2e9))
     studio.plan_memory(4, unet_bytes)
-    assert studio.spill == "lean" and "the other 2 streamed from their files (lean)" in studio.memory_plan
+    assert pool.spill == "lean" and "the other 2 streamed from their files (lean)" in studio.memory_plan
     with pytest.raises(StudioError, match="memory 'gpu': choose one of resident, pinned, lean"):
-        monkeypatch.setattr(studio, "options", RuntimeOptions(memory="gpu"))
+        monkeypatch.setattr(pool, "options", RuntimeOptions(memory="gpu"))
         studio.plan_memory(4, unet_bytes)
 
 
@@ -248,7 +249,7 @@ def test_a_kohya_flux_lora_in_bfl_block_names_soups_like_diffusers_fuse(studio, 
     shard = studio.add_shard("kohya", lora_file)
     try:
         assert shard.weights.kind == "kohya LoRA" and len(shard.weights.lora) == 6  # q, k, v of the image and the text stream
-        studio.mix({"kohya": 1})
+        studio.mix(studio.make_mix({"kohya": 1}))
         base = dict(studio.base_tensors)
         assert not torch.equal(fused["transformer_blocks.0.attn.add_k_proj.weight"], base["transformer_blocks.0.attn.add_k_proj.weight"])
         for k in base:
@@ -274,6 +275,30 @@ def test_the_cli_renders_a_flow_preset_with_its_family_defaults(family, tmp_path
 def test_unet_families_also_start_every_image_from_the_same_noise(unet_family, tmp_path):
     studio = Studio(load_preset(make_family_preset(tmp_path, unet_family)))
     settings = SETTINGS.model_copy(update={"scheduler": "euler"})
-    _, starts = first_inputs(studio, lambda: studio.render({"ink": 1, "pastel": 1}, settings))
+    _, starts = first_inputs(studio, lambda: studio.render(studio.make_mix({"ink": 1, "pastel": 1}), settings))
     assert len(starts) == 3 and all(torch.equal(starts[0], x) for x in starts[1:])
     assert tuple(starts[0].shape) == (1, 4, 8, 8)  # 16 px through the tiny VAE's one downsampling
+
+
+def test_the_ensemble_reference_renders_for_every_family(studio, family):
+    """The ensemble used to call every denoiser with a UNet's signature: FLUX failed on its cache
+    context, SD3 on a missing `sample`."""
+    from soup_ui import workflows
+
+    ens, soup = workflows.ensemble(studio, studio.make_mix({"ink": 1, "pastel": 1}), SETTINGS)
+    assert ens.label.startswith("ensemble: 0.50 ink + 0.50 pastel (") and soup.label == "soup: 0.50 ink + 0.50 pastel"
+    single, _ = workflows.ensemble(studio, studio.make_mix({"ink": 1}), SETTINGS)
+    component = studio.render_component(studio.shards["ink"], SETTINGS)
+    assert np.array_equal(np.asarray(single.image), np.asarray(component.image))
+
+
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.5}), ("dare", {"density": 0.5, "seed": 3}), ("slerp", {})])
+def test_non_linear_methods_soup_the_same_on_every_tier(studio, family, method, params):
+    """Resident, pinned and lean tiers merge tensor by tensor to the same weights."""
+    mix = {"ink": 1, "pastel": 1}
+    studio.mix(studio.make_mix(mix, method, params))
+    resident = {k: v.clone() for k, v in studio.hybrid_tensors.items()}
+    for memory in ("pinned", "lean"):
+        other = Studio(load_preset(family[1]), RuntimeOptions(memory=memory))
+        other.mix(other.make_mix(mix, method, params))
+        assert all(torch.equal(other.hybrid_tensors[k], resident[k]) for k in resident), memory

@@ -36,7 +36,7 @@ def to_ldm(weights, config, prefix=formats.LDM_PREFIX):
 
 
 def hybrid_after(studio, mix):
-    studio.mix(mix)
+    studio.mix(studio.make_mix(mix))
     return {k: v.clone() for k, v in studio.hybrid_tensors.items()}
 
 
@@ -173,10 +173,10 @@ def test_a_lora_shard_soups_like_the_lora_fused_first(tmp_path, tiny_preset, stu
         for k in base:
             torch.testing.assert_close(mixed[k], 0.25 * fused[k] + 0.75 * gamma[k], rtol=0, atol=1e-6)
         # Task arithmetic: base + scale * w * delta.
-        studio.mix({"lora": 1}, "task-arithmetic", 2.0)
+        studio.mix(studio.make_mix({"lora": 1}, method="task-arithmetic", params={"lambda": 2.0}))
         for k in base:
             torch.testing.assert_close(studio.hybrid_tensors[k], base[k] + 2 * (fused[k] - base[k]), rtol=0, atol=1e-5)
-        image = studio.render_soup({"lora": 1, "gamma": 1}, SETTINGS).image
+        image = studio.render_soup(studio.make_mix({"lora": 1, "gamma": 1}), SETTINGS).image
         assert image.size == (16, 16)
     finally:
         studio.remove_shard("lora")
@@ -213,10 +213,10 @@ def test_a_single_file_shard_streams_in_lean_mode(tmp_path, tiny_preset):
     weights = diffusers_weights(tiny_preset)
     save_file(to_ldm(weights, lean.hybrid.config), str(tmp_path / "ldm.safetensors"))
     lean.add_shard("ldm", tmp_path / "ldm.safetensors")
-    a = np.asarray(lean.render_soup({"ldm": 1}, SETTINGS).image)
-    b = np.asarray(lean.render_soup({"beta": 1}, SETTINGS).image)
+    a = np.asarray(lean.render_soup(lean.make_mix({"ldm": 1}), SETTINGS).image)
+    b = np.asarray(lean.render_soup(lean.make_mix({"beta": 1}), SETTINGS).image)
     assert np.array_equal(a, b)
-    assert json.loads(json.dumps(lean.recipe({"ldm": 1})))["shards"][0]["name"] == "ldm"
+    assert json.loads(json.dumps(lean.make_mix({"ldm": 1}).recipe()))["shards"][0]["name"] == "ldm"
 
 
 def test_the_single_file_export_loads_in_diffusers_and_back_as_a_shard(tmp_path, studio):
@@ -225,7 +225,7 @@ def test_the_single_file_export_loads_in_diffusers_and_back_as_a_shard(tmp_path,
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    out = studio.export_single_file({"alpha": 1, "gamma": 1}, tmp_path / "soup.safetensors")
+    out = studio.export_single_file(studio.make_mix({"alpha": 1, "gamma": 1}), tmp_path / "soup.safetensors")
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
         assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")) for k in f.keys())
@@ -233,7 +233,7 @@ def test_the_single_file_export_loads_in_diffusers_and_back_as_a_shard(tmp_path,
     assert json.loads(meta["sd_merge_recipe"])["label"] == meta["modelspec.title"] == "soup: 0.50 alpha + 0.50 gamma"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and len(json.loads(meta["sd_merge_models"])) == 2
     back = StableDiffusionPipeline.from_single_file(str(out), config=str(studio.preset.base), safety_checker=None, requires_safety_checker=False)
-    soup = studio.souped_weights({"alpha": 1, "gamma": 1})
+    soup = studio.souped_weights(studio.make_mix({"alpha": 1, "gamma": 1}))
     expected = {"unet": soup, "vae": studio.pipe.vae.state_dict(), "text_encoder": studio.pipe.text_encoder.state_dict()}
     for part, tensors in expected.items():
         got = getattr(back, part).state_dict()
@@ -266,14 +266,14 @@ def test_a_single_file_base_with_a_config_folder_renders_like_the_folder(tmp_pat
     other = Studio(load_preset(tmp_path / "single.yaml"))
     assert other.base_found.kind == "LDM single-file checkpoint (full: VAE, text encoder too)"
     for mix in ({"alpha": 1}, {"alpha": 1, "gamma": 2}):
-        a, b = studio.render_soup(mix, SETTINGS).image, other.render_soup(mix, SETTINGS).image
+        a, b = studio.render_soup(studio.make_mix(mix), SETTINGS).image, other.render_soup(other.make_mix(mix), SETTINGS).image
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    other.mix({"alpha": 1}, "task-arithmetic", 1.5)  # uses the base's own tensors, read through the name map
-    studio.mix({"alpha": 1}, "task-arithmetic", 1.5)
+    other.mix(other.make_mix({"alpha": 1}, method="task-arithmetic", params={"lambda": 1.5}))  # uses the base's own tensors, read through the name map
+    studio.mix(studio.make_mix({"alpha": 1}, method="task-arithmetic", params={"lambda": 1.5}))
     assert all(torch.equal(other.hybrid_tensors[k], studio.hybrid_tensors[k]) for k in studio.base_specs)
-    out = other.export_pipeline({"alpha": 1, "beta": 1}, tmp_path / "exported")
+    out = other.export_pipeline(other.make_mix({"alpha": 1, "beta": 1}), tmp_path / "exported")
     loaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
-    soup = studio.souped_weights({"alpha": 1, "beta": 1})
+    soup = studio.souped_weights(studio.make_mix({"alpha": 1, "beta": 1}))
     assert all(torch.equal(loaded.unet.state_dict()[k], soup[k]) for k in soup)
     data["config"] = None
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
@@ -330,7 +330,7 @@ def test_a_lora_soup_in_fp16_is_summed_in_fp32_and_rounded_once(tmp_path, tiny_p
     half = Studio(load_preset(tiny_preset), RuntimeOptions(dtype="float16"))
     lora_file = save_kohya_lora(half, tmp_path / "k.safetensors", seed=11)
     half.add_shard("lora", lora_file)
-    half.mix({"lora": 1, "gamma": 3})
+    half.mix(half.make_mix({"lora": 1, "gamma": 3}))
     lora = half.shards["lora"].weights.lora
     for key, low in lora.items():
         base, gamma = half.base_tensors[key].float(), half.shards["gamma"].tensors[key].float()
@@ -376,9 +376,9 @@ def test_a_base_folder_saved_as_a_variant_loads_and_exports_alike(tmp_path, tiny
     (tmp_path / "variant.yaml").write_text(yaml.safe_dump(data))
     other = Studio(load_preset(tmp_path / "variant.yaml"))
     assert other.base_found.kind == "diffusers UNet (fp16 variant)"
-    assert other.render_soup({"alpha": 1, "beta": 1}, SETTINGS).image.size == (16, 16)
-    out = other.export_pipeline({"alpha": 1, "beta": 1}, tmp_path / "exported")
+    assert other.render_soup(other.make_mix({"alpha": 1, "beta": 1}), SETTINGS).image.size == (16, 16)
+    out = other.export_pipeline(other.make_mix({"alpha": 1, "beta": 1}), tmp_path / "exported")
     assert (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     loaded = StableDiffusionPipeline.from_pretrained(out, variant="fp16", safety_checker=None, requires_safety_checker=False)
-    soup = other.souped_weights({"alpha": 1, "beta": 1})
+    soup = other.souped_weights(other.make_mix({"alpha": 1, "beta": 1}))
     assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in soup.items())

@@ -428,3 +428,72 @@ def test_a_flux_preset_in_the_page(flux_server, browser):
     page.wait_for_function("document.querySelectorAll('#components img').length === 3", timeout=TIMEOUT)
     page.screenshot(path="/tmp/flux-page.png")
     page.close()
+
+
+def choose_method(page, name):
+    page.locator("#method input").first.click()
+    page.get_by_role("option", name=name, exact=True).click()
+
+
+def type_param(page, name, value):
+    box = page.locator(f"#param-{name} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def image_digest(page, selector="#soup-image img") -> str:
+    """The sha256 of the image bytes the page shows, as served."""
+    import hashlib
+
+    return hashlib.sha256(page.request.get(page.locator(selector).get_attribute("src")).body()).hexdigest()
+
+
+def test_choosing_ties_and_moving_density_re_render_the_soup_with_its_label(server, browser):
+    page = open_page(browser, server)
+    generate(page, "soup: 0.34 alpha")
+    assert not page.locator("#param-density").is_visible()
+    choose_method(page, "ties")
+    wait_text(page, "#soup-label", "ties (density 0.2, lambda 1): 0.34 alpha + 0.33 beta + 0.33 gamma")
+    assert page.locator("#param-density").is_visible() and not page.locator("#param-seed").is_visible()
+    assert "Yadav et al. 2023" in text(page, "#method-note")
+    first = image_digest(page)
+    type_param(page, "density", 0.6)
+    wait_text(page, "#soup-label", "ties (density 0.6, lambda 1)")
+    assert image_digest(page) != first
+    page.close()
+
+
+def test_a_recipe_saved_with_dare_reloads_and_renders_the_same_bytes(server, browser, tiny_preset):
+    page = open_page(browser, server)
+    choose_method(page, "dare")
+    wait_text(page, "#soup-label", "dare (density 0.5, lambda 1, seed 0)")
+    type_param(page, "density", 0.3)
+    wait_text(page, "#soup-label", "dare (density 0.3, lambda 1, seed 0)")
+    saved = image_digest(page)
+    tab(page, "Recipe / export")
+    fill(page, "out-name", "dare-recipe")
+    page.click("#save-recipe")
+    wait_text(page, "#export-message", "saved the recipe")
+    recipe = tiny_preset.parent / "outputs" / "recipes" / "dare-recipe.yaml"
+    assert "method: dare" in recipe.read_text() and "density: 0.3" in recipe.read_text()
+    page.close()
+    fresh = open_page(browser, server)  # a new visitor, the average selected
+    tab(fresh, "Recipe / export")
+    fresh.locator("#recipe-upload input[type=file]").set_input_files(str(recipe))
+    wait_text(fresh, "#soup-label", "dare (density 0.3, lambda 1, seed 0)")
+    assert fresh.locator("#method input").first.input_value() == "dare"
+    assert image_digest(fresh) == saved  # byte-identical soup
+    fresh.close()
+
+
+def test_leave_one_out_uses_the_chosen_method(server, browser):
+    page = open_page(browser, server)
+    choose_method(page, "task-arithmetic")
+    type_param(page, "lambda", 1.5)
+    wait_text(page, "#soup-label", "task arithmetic: base + 1.5 x (0.34 alpha + 0.33 beta + 0.33 gamma - base)")
+    tab(page, "Leave one out")
+    page.click("#loo-run")
+    page.wait_for_function("document.querySelectorAll('#loo-gallery img').length === 4", timeout=TIMEOUT)
+    captions = page.locator("#loo-gallery").inner_text()
+    assert "full task arithmetic: base + 1.5 x" in captions, captions
+    page.close()

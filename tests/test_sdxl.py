@@ -29,16 +29,16 @@ def studio(sdxl_preset):
 
 def test_an_sdxl_preset_loads_mixes_and_renders_from_the_same_noise(studio, sdxl_preset):
     assert type(studio.pipe).__name__ == "StableDiffusionXLPipeline" and studio.family == "sdxl"
-    results = studio.render({"ink": 1, "pastel": 1}, SETTINGS)
+    results = studio.render(studio.make_mix({"ink": 1, "pastel": 1}), SETTINGS)
     images = [np.asarray(r.image) for r in results]
     assert [r.label for r in results][:2] == ["ink", "pastel"] and results[-1].kind == "soup"
     assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2])
     # the soup's weights are the average, and the component is the same file's weights
     ink, pastel = (load_file(str(sdxl_preset.parent / f"{n}.safetensors")) for n in ("ink", "pastel"))
-    soup = studio.souped_weights({"ink": 1, "pastel": 1})
+    soup = studio.souped_weights(studio.make_mix({"ink": 1, "pastel": 1}))
     assert all(torch.allclose(soup[k], (ink[k] + pastel[k]) / 2, atol=1e-6) for k in soup)
     # every image of a render starts from the seed's noise: a soup of one shard is that shard's image
-    alone = studio.render_soup({"ink": 1}, SETTINGS).image
+    alone = studio.render_soup(studio.make_mix({"ink": 1}), SETTINGS).image
     assert np.array_equal(np.asarray(alone), images[0])
 
 
@@ -46,14 +46,14 @@ def test_an_sdxl_soup_exports_as_a_single_file_diffusers_reads_back(studio, tmp_
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
 
-    out = studio.export_single_file({"ink": 1, "pastel": 2}, tmp_path / "sdxl.safetensors")
+    out = studio.export_single_file(studio.make_mix({"ink": 1, "pastel": 2}), tmp_path / "sdxl.safetensors")
     with safe_open(str(out), "pt") as f:
         names = set(f.keys())
         assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
     assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj") for k in names)
     assert any(k.startswith("model.diffusion_model.label_emb.") for k in names)
     back = StableDiffusionXLPipeline.from_single_file(str(out), config=str(studio.preset.base))
-    soup = studio.souped_weights({"ink": 1, "pastel": 2})
+    soup = studio.souped_weights(studio.make_mix({"ink": 1, "pastel": 2}))
     for part, expected in (("unet", soup), ("text_encoder", studio.pipe.text_encoder.state_dict()),
                            ("text_encoder_2", studio.pipe.text_encoder_2.state_dict()), ("vae", studio.pipe.vae.state_dict())):
         got = getattr(back, part).state_dict()
@@ -69,10 +69,10 @@ def test_an_sdxl_soup_exports_as_a_single_file_diffusers_reads_back(studio, tmp_
 def test_an_sdxl_pipeline_export_loads(studio, tmp_path):
     from diffusers import DiffusionPipeline
 
-    folder = studio.export_pipeline({"ink": 1, "pastel": 1}, tmp_path / "pipe")
+    folder = studio.export_pipeline(studio.make_mix({"ink": 1, "pastel": 1}), tmp_path / "pipe")
     loaded = DiffusionPipeline.from_pretrained(folder)
     assert type(loaded).__name__ == "StableDiffusionXLPipeline"
-    soup = studio.souped_weights({"ink": 1, "pastel": 1})
+    soup = studio.souped_weights(studio.make_mix({"ink": 1, "pastel": 1}))
     assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in soup.items())
 
 
@@ -106,7 +106,7 @@ def test_sdxl_text_encoders_mix_from_single_files_and_pipeline_folders(studio, t
     try:
         assert studio.shards["full"].weights.text_kind == "the CLIP and OpenCLIP text encoders of an LDM single file"
         assert studio.shards["folder"].weights.text_kind == "the pipeline folder's text_encoder/, text_encoder_2/"
-        result = studio.render_soup({"full": 1, "folder": 1, "pastel": 2}, SETTINGS.model_copy(update={"seed": 41}), text_encoders=True)
+        result = studio.render_soup(studio.make_mix({"full": 1, "folder": 1, "pastel": 2}, text_encoders=True), SETTINGS.model_copy(update={"seed": 41}))
         assert result.label.endswith("text encoders mixed")
         for component, a, b in zip(("text_encoder", "text_encoder_2"), own, other):
             base = studio._base_text
@@ -117,7 +117,7 @@ def test_sdxl_text_encoders_mix_from_single_files_and_pipeline_folders(studio, t
                 expected = 0.25 * a[k] + 0.25 * b[k] + 0.5 * base[f"{component}.{k}"]
                 assert torch.allclose(v, expected, atol=1e-6), (component, k)
     finally:
-        studio.render_soup({"ink": 1}, SETTINGS.model_copy(update={"seed": 42}))  # back to the base's text encoders
+        studio.render_soup(studio.make_mix({"ink": 1}), SETTINGS.model_copy(update={"seed": 42}))  # back to the base's text encoders
         studio.remove_shard("full")
         studio.remove_shard("folder")
 
@@ -166,7 +166,7 @@ def test_an_sdxl_lora_soups_like_the_lora_fused_first(studio, tmp_path, naming):
     shard = studio.add_shard("lora", lora_file)
     try:
         assert shard.weights.lora and shard.weights.unet is None
-        studio.mix({"lora": 1})
+        studio.mix(studio.make_mix({"lora": 1}))
         base = dict(studio.base_tensors)
         assert any(not torch.equal(fused[k], base[k]) for k in base)
         for k in base:

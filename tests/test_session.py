@@ -26,8 +26,8 @@ def host(studio, tiny_preset, tmp_path):
     return StudioHost.of("tiny", studio, models_dirs=[tiny_preset.parent], output_dir=tmp_path / "out")
 
 
-def controls(session, mix: dict, settings=SETTINGS, mode="average", scale=1.0) -> Controls:
-    return Controls(tuple(n in mix for n in session.names), tuple(mix.get(n, 0.0) for n in session.names), mode, scale, settings)
+def controls(session, mix: dict, settings=SETTINGS, method="average", **params) -> Controls:
+    return Controls(tuple(n in mix for n in session.names), tuple(mix.get(n, 0.0) for n in session.names), method, tuple(params.items()), settings)
 
 
 def png(path) -> np.ndarray:
@@ -47,7 +47,7 @@ def test_sessions_add_and_remove_shards_for_themselves_only(host, studio):
     got = handlers.generate(host, b, controls(b, {"alpha": 1.0, "gamma": 1.0}))
     assert got.soup[1].startswith("soup: 0.50 alpha + 0.50 gamma")
     with pytest.raises(StudioError, match=r"unknown shard 'delta' \(loaded: alpha, beta, gamma\)"):
-        studio.render_soup({"delta": 1.0}, SETTINGS, shards=b.shards)
+        studio.render_soup(studio.make_mix({"delta": 1.0}, shards=b.shards), SETTINGS)
     handlers.close_session(host, a)
     assert studio.pooled == before_pool
 
@@ -173,7 +173,7 @@ def test_pipeline_export_copies_only_what_the_pipeline_loads(tiny_preset, studio
     (base / "notes.bin").write_bytes(b"0" * 1000)
     (base / "vae" / "old.ckpt").write_bytes(b"0")
     try:
-        out = studio.export_pipeline({"alpha": 1}, tmp_path / "p")
+        out = studio.export_pipeline(studio.make_mix({"alpha": 1}), tmp_path / "p")
         copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
         assert not any(".git" in c or c.endswith((".bin", ".ckpt")) for c in copied), copied
         assert "model_index.json" in copied and "vae/diffusion_pytorch_model.safetensors" in copied
@@ -238,24 +238,20 @@ def test_long_workflows_give_way_to_interactive_renders(studio):
     x, y = Axis.parse("seed=" + ",".join(str(500 + i) for i in range(6))), Axis.parse("guidance=1,2,3,4")
     total = len(x.values) * len(y.values)
     begin = studio.renders["soup"]
-    grid_thread = threading.Thread(target=lambda: done.setdefault("grid", grid(studio, {"alpha": 1, "beta": 1}, SETTINGS, x, y)))
+    mix = studio.make_mix({"alpha": 1, "beta": 1})
+    grid_thread = threading.Thread(target=lambda: done.setdefault("grid", grid(studio, mix, SETTINGS, x, y)))
     grid_thread.start()
+    deadline = time.monotonic() + 120
     while studio.renders["soup"] == begin:
+        assert grid_thread.is_alive() and time.monotonic() < deadline, "the grid ended or stalled before its first image"
         time.sleep(0.01)
     start = studio.renders["soup"]
-    studio.render_soup({"alpha": 1, "gamma": 1}, SETTINGS.model_copy(update={"seed": 999}))
+    studio.render_soup(studio.make_mix({"alpha": 1, "gamma": 1}), SETTINGS.model_copy(update={"seed": 999}))
     during = studio.renders["soup"] - start  # grid images rendered while the interactive one waited
     grid_thread.join()
     assert during <= 2, during  # the one in progress (and the interactive soup itself)
     assert studio.renders["soup"] - begin == total + 1  # the grid went on after it
     assert len(done["grid"][0]) == 4
-
-
-def test_label_shares_add_up():
-    from soup_ui.soup import mixture_label
-
-    assert mixture_label(["a", "b"], [0.375, 0.625]) == "soup: 0.38 a + 0.62 b"
-    assert mixture_label(["a", "b", "c"], [1, 1, 1]) == "soup: 0.34 a + 0.33 b + 0.33 c"
 
 
 def test_messages_keep_their_quotes():
@@ -281,13 +277,13 @@ def test_lean_mode_rehashes_a_rewritten_file(tiny_preset, tmp_path):
     shutil.copytree(tiny_preset.parent, folder, ignore=shutil.ignore_patterns("*.log", "outputs"))
     lean = Studio(load_preset(folder / "tiny.yaml"), RuntimeOptions(lean=True))
     old_sha = lean.shards["beta"].sha256
-    before = np.asarray(lean.render_soup({"beta": 1}, SETTINGS).image)
+    before = np.asarray(lean.render_soup(lean.make_mix({"beta": 1}), SETTINGS).image)
     weights = load_file(str(folder / "beta.safetensors"))
     save_file({k: v + 0.05 for k, v in weights.items()}, str(folder / "beta.safetensors"))  # in place, same name
-    after = lean.render_soup({"beta": 1}, SETTINGS)
+    after = lean.render_soup(lean.make_mix({"beta": 1}), SETTINGS)
     assert lean.shards["beta"].sha256 != old_sha
     assert not np.array_equal(before, np.asarray(after.image))
-    assert lean.recipe({"beta": 1})["shards"][0]["sha256"] == lean.shards["beta"].sha256
+    assert lean.make_mix({"beta": 1}).recipe()["shards"][0]["sha256"] == lean.shards["beta"].sha256
 
 
 def test_task_arithmetic_in_the_studio_uses_one_rounding_and_the_base_in_memory(tiny_preset):
@@ -301,9 +297,9 @@ def test_task_arithmetic_in_the_studio_uses_one_rounding_and_the_base_in_memory(
     original = checkpoints.LazyWeights.__getitem__
     checkpoints.LazyWeights.__getitem__ = lambda self, name: reads.append(name) or original(self, name)
     try:
-        fp16.mix({"alpha": 1, "beta": 1}, "task-arithmetic", 2.5)
+        fp16.mix(fp16.make_mix({"alpha": 1, "beta": 1}, method="task-arithmetic", params={"lambda": 2.5}))
         first = len(reads)
-        fp16.mix({"alpha": 1, "beta": 2}, "task-arithmetic", 2.5)
+        fp16.mix(fp16.make_mix({"alpha": 1, "beta": 2}, method="task-arithmetic", params={"lambda": 2.5}))
         assert len(reads) == first  # the base was kept, not read again
     finally:
         checkpoints.LazyWeights.__getitem__ = original
@@ -331,3 +327,54 @@ def test_a_superseded_render_shows_nothing(host):
     s.ticket()  # a newer click
     got = handlers.generate(host, s, controls(s, {"alpha": 1}), ticket=old)
     assert got.superseded and s.rendered is None
+
+
+def test_the_pages_workflows_use_the_chosen_method_and_parameters(host, studio):
+    """Leave-one-out, interpolation, grid and the ensemble render with the page's method and lambda
+    (they used to render plain averages whatever was selected)."""
+    from soup_ui.workflows import Axis, grid
+
+    s = handlers.open_session(host, None)
+    c = controls(s, {"alpha": 1, "beta": 1}, method="task-arithmetic", **{"lambda": 1.5})
+    expected = studio.render_soup(studio.make_mix({"alpha": 1, "beta": 1}, "task-arithmetic", {"lambda": 1.5}), SETTINGS)
+    assert expected.label == "task arithmetic: base + 1.5 x (0.50 alpha + 0.50 beta - base)"
+    loo = handlers.leave_one_out(host, s, c)
+    assert loo[0][1] == "full " + expected.label
+    assert np.array_equal(png(loo[0][0]), np.asarray(expected.image.convert("RGB"), dtype=np.int16))
+    assert loo[1][1].startswith("without alpha:")
+    without_alpha = studio.render_soup(studio.make_mix({"beta": 1}, "task-arithmetic", {"lambda": 1.5}), SETTINGS)
+    assert np.array_equal(png(loo[1][0]), np.asarray(without_alpha.image.convert("RGB"), dtype=np.int16))
+    strip = handlers.interpolate(host, s, c, "soup", "alpha", 3)
+    assert strip[0][1] == "t=0.00: " + expected.label
+    assert strip[2][1] == "t=1.00: task arithmetic: base + 1.5 x (1.00 alpha - base)"
+    rows, _, _ = grid(studio, c.mix(s), SETTINGS, Axis.parse("weight:beta=0,1"), Axis.parse("seed=3"))
+    assert [r.label for r in rows[0]] == ["task arithmetic: base + 1.5 x (1.00 alpha - base)", expected.label]
+    ens = handlers.ensemble(host, s, c)
+    assert ens[0][1].startswith("ensemble: 0.75 alpha + 0.75 beta + -0.50 base") and ens[1][1] == expected.label
+
+
+def test_a_non_linear_method_through_the_page_handlers(host, studio):
+    s = handlers.open_session(host, None)
+    c = controls(s, {"alpha": 1, "beta": 1, "gamma": 1}, method="ties", density=0.3)
+    images = handlers.generate(host, s, c)
+    assert images.soup[1].startswith("ties (density 0.3, lambda 1): 0.34 alpha + 0.33 beta + 0.33 gamma")
+    with pytest.raises(ValueError, match="the ensemble reference sums the components' predictions .* ties has none"):
+        handlers.ensemble(host, s, c)
+    with pytest.raises(ValueError, match="ties: density = 1.5"):
+        handlers.generate(host, s, controls(s, {"alpha": 1}, method="ties", density=1.5))
+
+
+def test_a_slider_release_builds_its_mix_once_and_normalizes_once(host, monkeypatch):
+    import soup_ui.mix as mix_module
+
+    s = handlers.open_session(host, None)
+    handlers.generate(host, s, controls(s, {"alpha": 1, "beta": 1}))
+    builds, normalizations = [], []
+    build, normalize = mix_module.Mix.build.__func__, mix_module.normalize_weights
+    monkeypatch.setattr(mix_module.Mix, "build", classmethod(lambda cls, *a, **k: builds.append(1) or build(cls, *a, **k)))
+    monkeypatch.setattr(mix_module, "normalize_weights", lambda *a, **k: normalizations.append(1) or normalize(*a, **k))
+    handlers.render_soup(host, s, controls(s, {"alpha": 1, "beta": 0.3}))  # the components are current: the soup alone
+    assert (len(builds), len(normalizations)) == (1, 1)
+    edited = SETTINGS.model_copy(update={"seed": 11})
+    handlers.render_soup(host, s, controls(s, {"alpha": 1, "beta": 0.3}, edited))  # components stale: rendered again too
+    assert (len(builds), len(normalizations)) == (2, 2)

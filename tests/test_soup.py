@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from soup_ui import soup
-from soup_ui.soup import FlatTensors, average_into, flatten_module, mixture_label, normalize_weights
+from soup_ui.soup import FlatTensors, average_into, flatten_module, normalize_weights
 
 
 def tensors(seed, dtype=torch.float32):
@@ -100,11 +100,6 @@ def test_missing_tensor_is_named():
         average_into(target, [s], [1])
 
 
-def test_label_shows_normalized_weights():
-    assert mixture_label(["twemoji", "openmoji"], [1, 1]) == "soup: 0.50 twemoji + 0.50 openmoji"
-    assert mixture_label(["a", "b", "c"], [3, 0, 1]) == "soup: 0.75 a + 0.25 c"
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_tensors_larger_than_a_block(dtype):
     from soup_ui import soup
@@ -144,21 +139,21 @@ def test_fused_kernel_matches_the_eager_path():
     assert all(torch.equal(fused[k], sources[1][k]) for k in fused)
 
 
-def test_task_arithmetic():
-    from soup_ui.soup import merge_into, task_arithmetic_into
+def test_task_arithmetic_runs_as_one_weighted_sum_over_state_dicts():
+    from soup_ui.methods import merge_into, method
 
+    ta = method("task-arithmetic")
     base, s1, s2 = tensors(0), tensors(1), tensors(2)
     target = tensors(9)
-    task_arithmetic_into(target, base, [s1, s2], [1, 1], scale=2.0)
+    merge_into(target, ta, ta.parse({"lambda": 2.0}), [s1, s2], [0.5, 0.5], base)
     for k in target:
         expected = base[k] + 2.0 * (0.5 * (s1[k] - base[k]) + 0.5 * (s2[k] - base[k]))
         torch.testing.assert_close(target[k], expected, rtol=0, atol=1e-5)
-    merge_into("task-arithmetic", target, [s1, s2], [1, 3], base=base, scale=1.0)  # scale 1 = the average
+    merge_into(target, ta, ta.parse({"lambda": 1.0}), [s1, s2], [0.25, 0.75], base)  # lambda 1 = the average
     for k in target:
         torch.testing.assert_close(target[k], 0.25 * s1[k] + 0.75 * s2[k], rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="unknown merge mode 'ties'"):
-        merge_into("ties", target, [s1], [1])
-
+    with pytest.raises(ValueError, match="task-arithmetic needs the base weights"):
+        merge_into(target, ta, ta.parse({}), [s1], [1.0])
 
 def test_weight_distance_is_the_rms_of_the_difference():
     from soup_ui.soup import weight_distance
@@ -343,6 +338,6 @@ def test_a_render_never_overlaps_a_background_compile(studio, monkeypatch):
     monkeypatch.setattr(soup_module, "_ready", set())
     threads = soup_module.warm_up([1], torch.float64, "cpu")
     assert threads and tracing.wait(30)
-    image = studio.render_soup({"alpha": 1, "beta": 1}, RenderSettings(prompt="a cat", steps=2, height=16, width=16, seed=12345)).image
+    image = studio.render_soup(studio.make_mix({"alpha": 1, "beta": 1}), RenderSettings(prompt="a cat", steps=2, height=16, width=16, seed=12345)).image
     assert image.size == (16, 16)
     threads[0].join()

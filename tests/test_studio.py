@@ -21,7 +21,7 @@ def pixels(image):
 
 
 def test_render_gives_components_then_the_labelled_soup(studio):
-    results = studio.render({"alpha": 1, "beta": 1}, SETTINGS)
+    results = studio.render(studio.make_mix({"alpha": 1, "beta": 1}), SETTINGS)
     assert [r.label for r in results] == ["alpha", "beta", "soup: 0.50 alpha + 0.50 beta"]
     assert [r.kind for r in results] == ["component", "component", "soup"]
     assert all(r.image.size == (16, 16) for r in results)
@@ -30,23 +30,23 @@ def test_render_gives_components_then_the_labelled_soup(studio):
 
 def test_a_weight_change_renders_only_the_soup(studio):
     settings = SETTINGS.model_copy(update={"seed": 11})
-    studio.render({"alpha": 0.5, "gamma": 0.5}, settings)
+    studio.render(studio.make_mix({"alpha": 0.5, "gamma": 0.5}), settings)
     before = studio.renders.copy()
-    first = studio.render({"alpha": 0.5, "gamma": 0.5}, settings)
+    first = studio.render(studio.make_mix({"alpha": 0.5, "gamma": 0.5}), settings)
     assert studio.renders == before  # all cached
-    second = studio.render({"alpha": 0.2, "gamma": 0.8}, settings)
+    second = studio.render(studio.make_mix({"alpha": 0.2, "gamma": 0.8}), settings)
     assert studio.renders["component"] == before["component"]
     assert studio.renders["soup"] == before["soup"] + 1
     assert np.array_equal(pixels(first[0].image), pixels(second[0].image))
     assert not np.array_equal(pixels(first[-1].image), pixels(second[-1].image))
-    studio.render({"alpha": 0.5, "gamma": 0.5}, settings.model_copy(update={"seed": 12}))
+    studio.render(studio.make_mix({"alpha": 0.5, "gamma": 0.5}), settings.model_copy(update={"seed": 12}))
     assert studio.renders["component"] == before["component"] + 2  # a new seed is a new image
 
 
 def test_soup_with_weights_one_zero_is_the_component(studio):
     settings = SETTINGS.model_copy(update={"seed": 21})
-    component = studio.render_component("beta", settings)
-    soup = studio.render_soup({"alpha": 0.0, "beta": 1.0}, settings)
+    component = studio.render_component(studio.shards["beta"], settings)
+    soup = studio.render_soup(studio.make_mix({"alpha": 0.0, "beta": 1.0}), settings)
     assert np.array_equal(pixels(component.image), pixels(soup.image))
     assert soup.label == "soup: 1.00 beta"
 
@@ -71,14 +71,14 @@ def test_same_seed_same_noise(studio):
 def test_bad_mixes_raise_and_leave_the_hybrid_alone(studio, mix, message):
     before = {k: v.clone() for k, v in studio.hybrid_tensors.items()}
     with pytest.raises(StudioError, match=message):
-        studio.render_soup(mix, SETTINGS)
+        studio.render_soup(studio.make_mix(mix), SETTINGS)
     assert all(torch.equal(before[k], v) for k, v in studio.hybrid_tensors.items())
 
 
 def test_prompt_too_long(studio):
     long = RenderSettings(prompt="a red apple " * 20, steps=1, height=16, width=16)
     with pytest.raises(StudioError, match=r"the prompt is \d+ tokens long; this model reads at most 16"):
-        studio.render({"alpha": 1}, long)
+        studio.render(studio.make_mix({"alpha": 1}), long)
 
 
 def test_concurrent_mixes_each_get_their_own_weights(studio):
@@ -87,7 +87,7 @@ def test_concurrent_mixes_each_get_their_own_weights(studio):
     results = [None] * 8
 
     def work(i):
-        results[i] = pixels(studio.render_soup(mixes[i % 4], settings[i % 4]).image)
+        results[i] = pixels(studio.render_soup(studio.make_mix(mixes[i % 4]), settings[i % 4]).image)
 
     studio._images.clear()  # force real renders, interleaved
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
@@ -97,12 +97,12 @@ def test_concurrent_mixes_each_get_their_own_weights(studio):
         t.join()
     for i in range(4):  # reference: one at a time, no cache
         studio._images.clear()
-        expected = pixels(studio.render_soup(mixes[i], settings[i]).image)
+        expected = pixels(studio.render_soup(studio.make_mix(mixes[i]), settings[i]).image)
         assert np.array_equal(results[i], expected) and np.array_equal(results[i + 4], expected)
 
 
 def test_export_round_trip(studio, tmp_path, tiny_preset):
-    out = studio.export({"alpha": 1, "gamma": 3}, tmp_path / "soup.safetensors")
+    out = studio.export(studio.make_mix({"alpha": 1, "gamma": 3}), tmp_path / "soup.safetensors")
     exported = load_file(str(out))
     folder = tiny_preset.parent
     alpha = load_file(str(folder / "alpha" / "diffusion_pytorch_model.safetensors"))
@@ -131,18 +131,18 @@ def test_lean_mode_streams_shards_and_renders_the_same_images(tiny_preset, studi
     assert lean.lean and all(s.unet is None and isinstance(s.tensors, LazyWeights) for s in lean.shards.values())
     settings = SETTINGS.model_copy(update={"seed": 77})
     mix = {"alpha": 0.3, "beta": 0.7}
-    for a, b in zip(lean.render(mix, settings), studio.render(mix, settings)):
+    for a, b in zip(lean.render(lean.make_mix(mix), settings), studio.render(studio.make_mix(mix), settings)):
         assert a.label == b.label
         assert np.array_equal(pixels(a.image), pixels(b.image))
 
 
 def test_a_batched_render_gives_each_prompt_and_seed_its_own_image(studio):
     batch = [SETTINGS.model_copy(update={"prompt": p, "seed": s}) for p, s in (("a red apple", 3), ("a blue sky", 4), ("a red apple", 5))]
-    together = studio.render_soup_batch({"alpha": 1, "beta": 2}, batch, batch_size=2)
-    alone = [studio.render_soup({"alpha": 1, "beta": 2}, s).image for s in batch]
+    together = studio.render_soup_batch(studio.make_mix({"alpha": 1, "beta": 2}), batch, batch_size=2)
+    alone = [studio.render_soup(studio.make_mix({"alpha": 1, "beta": 2}), s).image for s in batch]
     assert len(together) == 3
     for a, b in zip(together, alone):  # the same image, up to the rounding of batched maths
         assert np.abs(pixels(a) - pixels(b)).max() <= 2
     assert np.abs(pixels(together[0]) - pixels(together[2])).mean() > 5  # seeds differ
     with pytest.raises(StudioError, match="same steps, guidance"):
-        studio.render_soup_batch({"alpha": 1}, [SETTINGS, SETTINGS.model_copy(update={"steps": 4})])
+        studio.render_soup_batch(studio.make_mix({"alpha": 1}), [SETTINGS, SETTINGS.model_copy(update={"steps": 4})])

@@ -66,9 +66,9 @@ def test_shards_with_their_own_text_encoder_are_found(studio):
 
 def test_text_encoders_are_souped_with_the_mix_weights_and_a_shard_without_counts_as_the_base(studio, shards):
     _, text_a, text_b = shards
-    studio.render_soup({"full": 1, "pipe": 1}, SETTINGS.model_copy(update={"seed": 5}))  # renders with the base's text encoder
+    studio.render_soup(studio.make_mix({"full": 1, "pipe": 1}), SETTINGS.model_copy(update={"seed": 5}))  # renders with the base's text encoder
     base = text_state(studio)
-    studio.render_soup({"full": 1, "pipe": 1, "beta": 2}, SETTINGS, text_encoders=True)
+    studio.render_soup(studio.make_mix({"full": 1, "pipe": 1, "beta": 2}, text_encoders=True), SETTINGS)
     mixed = text_state(studio)
     for k, v in base.items():
         if k.endswith("position_ids"):
@@ -76,53 +76,53 @@ def test_text_encoders_are_souped_with_the_mix_weights_and_a_shard_without_count
             continue
         expected = 0.25 * text_a[k].float() + 0.25 * text_b[k].float() + 0.5 * v.float()
         assert torch.allclose(mixed[k], expected, atol=1e-6), k
-    studio.render_soup({"full": 1, "pipe": 1}, SETTINGS.model_copy(update={"seed": 3}))  # off (the default): the base's text encoder
+    studio.render_soup(studio.make_mix({"full": 1, "pipe": 1}), SETTINGS.model_copy(update={"seed": 3}))  # off (the default): the base's text encoder
     assert all(torch.equal(text_state(studio)[k], v) for k, v in base.items())
 
 
 def test_the_option_changes_the_images_and_the_caches_keep_them_apart(studio):
     mix = {"full": 1, "pipe": 1}
-    off = np.asarray(studio.render_soup(mix, SETTINGS).image)
-    on = studio.render_soup(mix, SETTINGS, text_encoders=True)
+    off = np.asarray(studio.render_soup(studio.make_mix(mix), SETTINGS).image)
+    on = studio.render_soup(studio.make_mix(mix, text_encoders=True), SETTINGS)
     assert on.label.endswith(", text encoders mixed")
     assert not np.array_equal(off, np.asarray(on.image))
     fresh = SETTINGS.model_copy(update={"seed": 7})  # not cached: the prompt embeddings must be the base's again
-    a = np.asarray(studio.render_soup(mix, fresh).image)
+    a = np.asarray(studio.render_soup(studio.make_mix(mix), fresh).image)
     studio._images.clear()
     studio._text.clear()
-    assert np.array_equal(a, np.asarray(studio.render_soup(mix, fresh).image))
+    assert np.array_equal(a, np.asarray(studio.render_soup(studio.make_mix(mix), fresh).image))
     # UNet-only shards have no text encoder of their own: the option changes nothing for them
     plain = {"alpha": 1, "beta": 1}
-    assert np.array_equal(np.asarray(studio.render_soup(plain, SETTINGS).image), np.asarray(studio.render_soup(plain, SETTINGS, text_encoders=True).image))
-    assert studio._text_key(studio.normalized(plain), "average", 1.0, True) is None
+    assert np.array_equal(np.asarray(studio.render_soup(studio.make_mix(plain), SETTINGS).image), np.asarray(studio.render_soup(studio.make_mix(plain, text_encoders=True), SETTINGS).image))
+    assert studio.make_mix(plain, text_encoders=True).text_key is None
 
 
 def test_a_component_renders_with_its_own_text_encoder(studio):
-    own = studio.render_component("full", SETTINGS, text_encoders=True).image
-    base = studio.render_component("full", SETTINGS).image
+    own = studio.render_component(studio.shards["full"], SETTINGS, text_encoders=True).image
+    base = studio.render_component(studio.shards["full"], SETTINGS).image
     assert not np.array_equal(np.asarray(own), np.asarray(base))
-    alone = studio.render_soup({"full": 1}, SETTINGS, text_encoders=True).image
+    alone = studio.render_soup(studio.make_mix({"full": 1}, text_encoders=True), SETTINGS).image
     assert np.array_equal(np.asarray(own), np.asarray(alone))
 
 
 def test_task_arithmetic_applies_to_text_encoders_too(studio, shards):
     _, text_a, _ = shards
-    studio.render_soup({"full": 1}, SETTINGS.model_copy(update={"seed": 4}))  # renders with the base's text encoder
+    studio.render_soup(studio.make_mix({"full": 1}), SETTINGS.model_copy(update={"seed": 4}))  # renders with the base's text encoder
     base = text_state(studio)
-    studio.render_soup({"full": 1}, SETTINGS, "task-arithmetic", 1.5, text_encoders=True)
+    studio.render_soup(studio.make_mix({"full": 1}, method="task-arithmetic", params={"lambda": 1.5}, text_encoders=True), SETTINGS)
     mixed = text_state(studio)
     k = "encoder.layers.0.self_attn.q_proj.weight"
     assert torch.allclose(mixed[k], base[k] + 1.5 * (text_a[k] - base[k]), atol=1e-5)
-    studio.render_soup({"full": 1}, SETTINGS)
+    studio.render_soup(studio.make_mix({"full": 1}), SETTINGS)
 
 
 def test_exports_carry_the_mixed_text_encoder(studio, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     mix = {"full": 1, "pipe": 1}
-    studio.render_soup(mix, SETTINGS, text_encoders=True)
+    studio.render_soup(studio.make_mix(mix, text_encoders=True), SETTINGS)
     mixed = text_state(studio)
-    out = studio.export_single_file(mix, tmp_path / "soup.safetensors", text_encoders=True)
+    out = studio.export_single_file(studio.make_mix(mix, text_encoders=True), tmp_path / "soup.safetensors")
     back = StableDiffusionPipeline.from_single_file(str(out), config=str(studio.preset.base), safety_checker=None, requires_safety_checker=False)
     got = back.text_encoder.state_dict()
     assert all(torch.equal(got[k].half(), v.half()) for k, v in mixed.items() if v.is_floating_point())
@@ -130,12 +130,12 @@ def test_exports_carry_the_mixed_text_encoder(studio, tmp_path):
 
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["soup_ui.recipe"])["text_encoders"] is True
-    folder = studio.export_pipeline(mix, tmp_path / "pipeline", text_encoders=True)
+    folder = studio.export_pipeline(studio.make_mix(mix, text_encoders=True), tmp_path / "pipeline")
     loaded = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     assert all(torch.equal(loaded.text_encoder.state_dict()[k], v) for k, v in mixed.items())
     recipe = json.loads((folder / "soup_recipe.json").read_text())
     assert recipe["text_encoders"] is True and all("text_encoder_sha256" in s for s in recipe["shards"])
-    plain = studio.export_pipeline(mix, tmp_path / "plain")  # off: the base's text encoder, byte for byte
+    plain = studio.export_pipeline(studio.make_mix(mix), tmp_path / "plain")  # off: the base's text encoder, byte for byte
     base_te = studio.preset.base / "text_encoder" / "model.safetensors"
     assert (plain / "text_encoder" / "model.safetensors").read_bytes() == base_te.read_bytes()
 
@@ -194,7 +194,7 @@ def test_an_sd2_export_writes_open_clip_names_that_diffusers_reads_back(sd2_like
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    out = sd2_like.export_single_file({"alpha": 1, "beta": 1}, tmp_path / "sd2.safetensors")
+    out = sd2_like.export_single_file(sd2_like.make_mix({"alpha": 1, "beta": 1}), tmp_path / "sd2.safetensors")
     with safe_open(str(out), "pt") as f:
         names = set(f.keys())
         assert f.metadata()["modelspec.architecture"] == "stable-diffusion-v2-768-v"
@@ -215,7 +215,7 @@ def test_an_sd2_single_file_text_encoder_mixes(sd2_like, tmp_path):
     shard = sd2_like.add_shard("sd2full", tmp_path / "sd2-full.safetensors")
     try:
         assert shard.weights.text_kind == "the OpenCLIP text encoder of an LDM single file"
-        sd2_like.render_soup({"sd2full": 1}, SETTINGS.model_copy(update={"seed": 21}), text_encoders=True)
+        sd2_like.render_soup(sd2_like.make_mix({"sd2full": 1}, text_encoders=True), SETTINGS.model_copy(update={"seed": 21}))
         mixed = text_state(sd2_like)
         assert all(torch.equal(mixed[k], v) for k, v in own.items())
     finally:

@@ -1,0 +1,190 @@
+"""Each merge method against a reference computed independently here, on small tensors."""
+
+import math
+
+import pytest
+import torch
+
+from soup_ui import methods
+from soup_ui.methods import METHODS, magnitude_mask, merge_into, method
+
+
+def run(name, sources, weights, base=None, **params):
+    """Merge {"w": tensor} sources with the registered method; returns the merged tensor."""
+    m = method(name)
+    target = {"w": torch.empty_like(sources[0])}
+    merge_into(target, m, m.parse(params), [{"w": s} for s in sources], weights, None if base is None else {"w": base})
+    return target["w"]
+
+
+def ref_ties(base, thetas, weights, density, lam):
+    """TIES as the issue writes it, element by element."""
+    deltas = []
+    for th in thetas:
+        t = (th - base).flatten().tolist()
+        k = int(density * len(t))
+        keep = sorted(range(len(t)), key=lambda i: -abs(t[i]))[:k]
+        deltas.append([t[i] if i in keep else 0.0 for i in range(len(t))])
+    out = []
+    for j in range(len(deltas[0])):
+        s = sum(w * d[j] for w, d in zip(weights, deltas))
+        sign = 1.0 if s >= 0 else -1.0
+        num = sum(w * d[j] for w, d in zip(weights, deltas) if d[j] != 0 and math.copysign(1, d[j]) == sign)
+        den = sum(w for w, d in zip(weights, deltas) if d[j] != 0 and math.copysign(1, d[j]) == sign)
+        out.append(base.flatten()[j].item() + lam * (num / den if den else 0.0))
+    return torch.tensor(out).view(base.shape)
+
+
+def test_registry_lists_methods_with_params_and_references():
+    assert {"average", "task-arithmetic", "add-difference", "ties", "dare", "dare-ties", "della", "slerp", "model-stock"} <= set(METHODS)
+    for m in METHODS.values():
+        assert m.summary and m.reference
+        m.parse({})  # every default is valid
+    assert METHODS["dare"].param_names() == ["density", "lambda", "seed"]
+
+
+def test_average_and_task_arithmetic_are_the_weighted_sums():
+    base, a, b = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 4)
+    torch.testing.assert_close(run("average", [a, b], [0.25, 0.75]), 0.25 * a + 0.75 * b)
+    got = run("task-arithmetic", [a, b], [0.25, 0.75], base, **{"lambda": 1.5})
+    torch.testing.assert_close(got, base + 1.5 * (0.25 * (a - base) + 0.75 * (b - base)))
+
+
+def test_add_difference_from_the_base_and_from_a_shard():
+    base, a, b, c = (torch.randn(6) for _ in range(4))
+    torch.testing.assert_close(run("add-difference", [a, b], [0.5, 0.5], base, alpha=0.7), a + 0.7 * (b - base))
+    torch.testing.assert_close(run("add-difference", [a, b, c], [0.3, 0.3, 0.4], base, alpha=0.7, c="c"), a + 0.7 * (b - c))
+
+
+def test_ties_matches_the_formula_with_sign_conflicts():
+    base = torch.zeros(8)
+    # entry 0: 3 vs -1 (+ wins); entry 1: -2 vs 1 (- wins); entry 2: small, trimmed; ...
+    a = torch.tensor([3.0, -2.0, 0.01, 1.0, -4.0, 0.5, 2.0, -0.02])
+    b = torch.tensor([-1.0, 1.0, 0.02, 1.5, 3.0, -0.5, 2.5, 0.03])
+    got = run("ties", [a, b], [0.5, 0.5], base, density=0.75, **{"lambda": 1.0})
+    torch.testing.assert_close(got, ref_ties(base, [a, b], [0.5, 0.5], 0.75, 1.0))
+    assert got[0] == 3.0 and got[1] == -2.0  # the minority sign is left out, not averaged in
+    base, thetas = torch.randn(7, 9), [torch.randn(7, 9) for _ in range(3)]
+    got = run("ties", thetas, [0.2, 0.3, 0.5], base, density=0.4, **{"lambda": 1.3})
+    torch.testing.assert_close(got, ref_ties(base, thetas, [0.2, 0.3, 0.5], 0.4, 1.3), atol=1e-5, rtol=1e-5)
+
+
+def test_ties_density_zero_is_the_base_and_equal_weights_give_the_agreeing_mean():
+    base, a, b = torch.randn(10), torch.randn(10), torch.randn(10)
+    torch.testing.assert_close(run("ties", [a, b], [0.5, 0.5], base, density=0.0), base)
+    got = run("ties", [a, b], [0.5, 0.5], base, density=1.0)
+    da, db = a - base, b - base
+    agree = torch.sign(da) == torch.sign(db)
+    torch.testing.assert_close(got[agree], (base + (da + db) / 2)[agree])
+
+
+def test_magnitude_mask_selects_the_k_largest_like_peft_on_large_tensors():
+    from peft.utils.merge_utils import magnitude_based_pruning
+
+    x = torch.randn(300, 700)  # past the sampled-threshold size
+    for density in (0.01, 0.2, 0.5, 0.93):
+        mask = magnitude_mask(x, density)
+        assert int(mask.sum()) == int(density * x.numel())
+        torch.testing.assert_close(x * mask, magnitude_based_pruning(x, density), rtol=0, atol=0)
+
+
+def test_dare_density_one_is_task_arithmetic_and_zero_is_the_base():
+    base, a, b = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
+    ta = run("task-arithmetic", [a, b], [0.4, 0.6], base, **{"lambda": 1.2})
+    torch.testing.assert_close(run("dare", [a, b], [0.4, 0.6], base, density=1.0, **{"lambda": 1.2}), ta)
+    torch.testing.assert_close(run("dare", [a, b], [0.4, 0.6], base, density=0.0), base)
+
+
+def test_dare_drops_with_the_seeded_draw_and_rescales():
+    base, a = torch.zeros(2000), torch.ones(2000)
+    got = run("dare", [a], [1.0], base, density=0.25, seed=7)
+    kept = got != 0
+    assert torch.all(got[kept] == 4.0)  # rescaled by 1 / density
+    assert 0.2 < kept.float().mean() < 0.3
+    # The same draw as the documented one: a CPU generator seeded from the seed and the tensor's name.
+    g = torch.Generator("cpu").manual_seed(methods.tensor_seed(7, "w"))
+    expected = torch.rand(2000, generator=g) < 0.25
+    assert torch.equal(kept, expected)
+    assert torch.equal(run("dare", [a], [1.0], base, density=0.25, seed=7), got)  # reproducible
+    assert not torch.equal(run("dare", [a], [1.0], base, density=0.25, seed=8), got)
+
+
+def test_dare_ties_is_the_drop_then_the_sign_election():
+    base, a, b = torch.randn(50), torch.randn(50), torch.randn(50)
+    got = run("dare-ties", [a, b], [0.5, 0.5], base, density=0.5, seed=3)
+    g = torch.Generator("cpu").manual_seed(methods.tensor_seed(3, "w"))
+    da = torch.where(torch.rand(50, generator=g) < 0.5, (a - base) / 0.5, torch.zeros(50))
+    db = torch.where(torch.rand(50, generator=g) < 0.5, (b - base) / 0.5, torch.zeros(50))
+    torch.testing.assert_close(got, ref_ties(base, [base + da, base + db], [0.5, 0.5], 1.0, 1.0), atol=1e-5, rtol=1e-5)
+
+
+def test_della_keep_probabilities_follow_magnitude_rank():
+    delta = torch.tensor([[0.1, -3.0, 2.0, 0.5, -1.0]])
+    p = methods.rank_probabilities(delta, 0.5, 0.2)
+    torch.testing.assert_close(p, torch.tensor([[0.3, 0.7, 0.6, 0.4, 0.5]]))
+    base, a = torch.zeros(1, 4000), torch.linspace(-1, 1, 4000).view(1, -1)
+    got = run("della", [a], [1.0], base, density=0.5, epsilon=0.4, seed=1)
+    kept = got != 0
+    large, small = a.abs() > 0.75, a.abs() < 0.25
+    assert kept[large].float().mean() > 0.75 and kept[small].float().mean() < 0.25
+    probability = methods.rank_probabilities(a, 0.5, 0.4)
+    torch.testing.assert_close(got[kept], (a / probability)[kept])  # each kept entry rescaled by its own probability
+
+
+def test_della_refuses_probabilities_outside_zero_one():
+    with pytest.raises(ValueError, match="della: density - epsilon must be > 0 .* got density 0.05, epsilon 0.1"):
+        method("della").parse({"density": 0.05})
+
+
+def test_slerp_follows_the_arc_and_falls_back_to_lerp_for_parallel_tensors():
+    v0, v1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    got = run("slerp", [v0, v1], [0.5, 0.5])
+    torch.testing.assert_close(got, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    got = run("slerp", [v0, v1], [2 / 3, 1 / 3])
+    torch.testing.assert_close(got, torch.tensor([math.cos(math.pi / 6), math.sin(math.pi / 6)]))
+    p0, p1 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0])  # parallel: the linear fallback
+    torch.testing.assert_close(run("slerp", [p0, p1], [0.75, 0.25]), 0.75 * p0 + 0.25 * p1)
+
+
+def test_model_stock_interpolates_by_the_task_vectors_angle():
+    base = torch.zeros(2)
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([math.cos(1.0), math.sin(1.0)])
+    cos = math.cos(1.0)
+    t = 2 * cos / (1 + cos)
+    torch.testing.assert_close(run("model-stock", [a, b], [0.5, 0.5], base), t * (a + b) / 2)
+    opposite = run("model-stock", [a, -a], [0.5, 0.5], base + 0)
+    torch.testing.assert_close(opposite, base)  # negative cosine counts as 0: the base
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("ties", {"density": 1.5}, "ties: density = 1.5: Input should be less than or equal to 1"),
+        ("dare", {"density": -0.1}, "dare: density = -0.1"),
+        ("task-arithmetic", {"lambda": float("nan")}, "task-arithmetic: lambda = nan"),
+        ("dare", {"dens": 0.3}, "dare has no parameter 'dens' \\(its parameters: density, lambda, seed\\)"),
+        ("average", {"lambda": 2}, "average has no parameter 'lambda' \\(its parameters: none\\)"),
+    ],
+)
+def test_bad_parameters_are_refused_naming_parameter_and_value(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        method(name).parse(params)
+
+
+def test_unknown_method_and_wrong_shard_count_are_refused():
+    with pytest.raises(ValueError, match="unknown merge method 'tiess' \\(known: average, task-arithmetic"):
+        method("tiess")
+    with pytest.raises(ValueError, match="slerp merges exactly 2 shards; 3 selected"):
+        method("slerp").check_shards(3)
+    with pytest.raises(ValueError, match="model-stock merges at least 2 shards; 1 selected"):
+        method("model-stock").check_shards(1)
+
+
+def test_non_linear_methods_write_in_the_targets_dtype_and_keep_integer_buffers():
+    base = {"w": torch.randn(3, 3).half(), "n": torch.tensor([5])}
+    a = {"w": torch.randn(3, 3).half(), "n": torch.tensor([5])}
+    b = {"w": torch.randn(3, 3).half(), "n": torch.tensor([5])}
+    target = {"w": torch.empty(3, 3, dtype=torch.float16), "n": torch.tensor([0])}
+    merge_into(target, method("ties"), method("ties").parse({"density": 1.0}), [a, b], [0.5, 0.5], base)
+    expected = ref_ties(base["w"].float(), [a["w"].float(), b["w"].float()], [0.5, 0.5], 1.0, 1.0).half()
+    assert torch.equal(target["w"], expected) and target["n"].item() == 5
