@@ -44,6 +44,7 @@ def main(argv=None):
     parser.add_argument("--preset", type=Path, default=ROOT / "presets" / "emoji-styles.yaml")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
+    parser.add_argument("--methods", default="ties", help="also time a slider release with these merge methods, interleaved with the average")
     args = parser.parse_args(argv)
     quiet_libraries()
     start_rss = rss_mb()
@@ -58,24 +59,33 @@ def main(argv=None):
         return {n: rng.uniform(0.05, 1.0) for n in names}
 
     t0 = time.perf_counter()
-    studio.render(random_mix(), settings)
+    studio.render(studio.make_mix(random_mix()), settings)
     first = time.perf_counter() - t0
 
     slider = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        studio.render(random_mix(), settings)
+        studio.render(studio.make_mix(random_mix()), settings)
         slider.append(time.perf_counter() - t0)
+    methods = [m for m in args.methods.split(",") if m]
+    by_method = {m: [] for m in ["average", *methods]}
+    for method in by_method:  # first use of each (compiled kernels, if any, compile here), untimed
+        studio.render(studio.make_mix(random_mix(), method), settings)
+    for _ in range(args.repeats):
+        for method, times in by_method.items():
+            t0 = time.perf_counter()
+            studio.render(studio.make_mix(random_mix(), method), settings)
+            times.append(time.perf_counter() - t0)
     naive = []
     for _ in range(args.repeats):
         studio._images.clear()  # a naive app keeps no cache: every image again
         t0 = time.perf_counter()
-        studio.render(random_mix(), settings)
+        studio.render(studio.make_mix(random_mix()), settings)
         naive.append(time.perf_counter() - t0)
 
     mixes_rss = []
     for i in range(200):
-        studio.mix(random_mix())
+        studio.mix(studio.make_mix(random_mix()))
         if i in (0, 199):
             mixes_rss.append(rss_mb())
     unet = module_mb(studio.hybrid)
@@ -93,6 +103,9 @@ def main(argv=None):
         f"| slider to picture: new weights -> new soup (components cached) | {s:.2f} s |",
         f"| naive: every component and the soup again | {n:.2f} s |",
         f"| naive / ours | {n / s:.1f}x |",
+        *[f"| slider to picture with {m} (its default parameters) | {statistics.median(t):.2f} s, "
+          f"{statistics.median(t) / statistics.median(by_method['average']):.2f}x the average's ({statistics.median(by_method['average']):.2f} s) |"
+          for m, t in by_method.items() if m != "average"],
         f"| RSS growth from loading the preset | {loaded_rss - start_rss:.0f} MB |",
         f"| N+1 UNets + text encoder + VAE, as tensors | {expected:.0f} MB |",
         f"| RSS after 1 mix / after 200 mixes | {mixes_rss[0]:.0f} MB / {mixes_rss[1]:.0f} MB |",

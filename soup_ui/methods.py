@@ -170,56 +170,21 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """True for the k = int(density * n) entries of largest magnitude (TIES' trim step; the same
-    selection as peft's `magnitude_based_pruning`, found with a sampled threshold and one exact
-    selection over the entries near it instead of a full top-k, which is ~10x slower on large tensors)."""
-    flat = delta.abs().reshape(-1)
-    n = flat.numel()
-    k = int(density * n)
-    if k >= n:
-        return torch.ones_like(delta, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    if n > 1 << 16:  # bracket the threshold from a sample, then select exactly among the entries in the bracket
-        g = torch.Generator("cpu").manual_seed(n)
-        sample = flat[torch.randint(n, (1 << 14,), generator=g).to(flat.device)].float()
-        q = 1.0 - k / n
-        lo, hi = torch.quantile(sample, torch.tensor([max(0.0, q - 0.02), min(1.0, q + 0.02)], device=sample.device))
-        above = int((flat > hi).sum())
-        band = flat[(flat >= lo) & (flat <= hi)]
-        need = k - above
-        if 0 < need <= band.numel():
-            threshold = torch.kthvalue(band.float(), band.numel() - need + 1).values
-            return (delta.abs() >= threshold.to(delta.dtype)).reshape(delta.shape)
-    threshold = torch.kthvalue(flat.float(), n - k + 1).values
-    return (delta.abs() >= threshold.to(delta.dtype)).reshape(delta.shape)
-
-
-def random_keep(delta: torch.Tensor, probability: float | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """DARE's drop: keep each entry with `probability` (drawn on the CPU, so every device draws the
-    same mask), rescale the kept ones by 1 / probability; probability 0 drops everything."""
-    p = torch.as_tensor(probability, dtype=delta.dtype)
-    if p.numel() == 1 and float(p) >= 1:
-        return delta
-    if p.numel() == 1 and float(p) <= 0:
-        return torch.zeros_like(delta)
-    draw = torch.rand(delta.shape, generator=generator, dtype=torch.float32).to(delta.device)
-    p = p.to(delta.device)
-    return torch.where(draw < p, delta / p, torch.zeros_like(delta))
-
-
-def sign_consensus(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """TIES' elect and disjoint merge: s = sign(sum_i w_i t_i) (peft's majority-sign mask, 'total');
-    sum_i w_i t_i [sign(t_i) = s, t_i != 0] / sum_i w_i [same], 0 where no entry agrees."""
-    from peft.utils.merge_utils import calculate_majority_sign_mask
-
-    weighted = torch.stack([w * t for w, t in zip(weights, deltas)])
-    agree = calculate_majority_sign_mask(weighted, method="total")  # sign(w t) == s; a zero entry never agrees
-    w = torch.tensor(list(weights), dtype=weighted.dtype, device=weighted.device).view(-1, *([1] * deltas[0].dim()))
-    numerator = (weighted * agree).sum(0)
-    denominator = (w * agree).sum(0)
-    return torch.where(denominator > 0, numerator / denominator.clamp(min=torch.finfo(weighted.dtype).tiny), torch.zeros_like(numerator))
+def sign_consensus(deltas: Sequence[torch.Tensor], weights) -> torch.Tensor:
+    """TIES' elect and disjoint merge: s = sign(sum_i w_i t_i), +1 where the sum is 0 (peft's and
+    mergekit's rule); sum_i w_i t_i [sign(t_i) = s] / sum_i w_i [same], 0 where no entry agrees (a
+    zero entry never agrees). Written without stacking, so a compiled kernel runs it in one pass."""
+    total = deltas[0] * weights[0]
+    for i in range(1, len(deltas)):
+        total = total + deltas[i] * weights[i]
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    numerator = torch.zeros_like(total)
+    denominator = torch.zeros_like(total)
+    for i, d in enumerate(deltas):
+        agree = torch.sign(d) == elected
+        numerator = numerator + torch.where(agree, d * weights[i], 0.0)
+        denominator = denominator + torch.where(agree, weights[i], 0.0)
+    return torch.where(denominator > 0, numerator / torch.where(denominator > 0, denominator, 1.0), 0.0)
 
 
 def _write(out: torch.Tensor, value: torch.Tensor) -> None:
@@ -230,6 +195,118 @@ def tensor_seed(seed: int, name: str) -> int:
     """The per-tensor seed of a random method: the recipe's seed and the tensor's name, so a tensor's
     draw does not depend on the order tensors are merged in."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+# -- kernels: one pass per tensor, compiled for large tensors -------------------------------------------
+def _ties_kernel(base, sources: list, thresholds, weights, lam):
+    """base + lambda x TIES over the task vectors trimmed at each shard's magnitude threshold."""
+    b = _acc(base)
+    deltas = []
+    for i, s in enumerate(sources):
+        d = _acc(s) - b
+        deltas.append(torch.where(d.abs() >= thresholds[i], d, 0.0))
+    return b + lam * sign_consensus(deltas, weights)
+
+
+def _dropped_kernel(base, sources: list, draws: list, probabilities: list, weights, lam, elect: bool):
+    """DARE (elect=False: a weighted sum) or DARE-TIES / DELLA (elect=True: sign election) over task
+    vectors kept where the uniform draw < the keep probability, rescaled by 1 / that probability."""
+    b = _acc(base)
+    deltas = []
+    for i, s in enumerate(sources):
+        p = probabilities[i]
+        d = _acc(s) - b
+        deltas.append(torch.where(draws[i] < p, d / torch.where(p > 0, p, 1.0), 0.0))
+    if elect:
+        return b + lam * sign_consensus(deltas, weights)
+    total = deltas[0] * weights[0]
+    for i in range(1, len(deltas)):
+        total = total + deltas[i] * weights[i]
+    return b + lam * total
+
+
+def _band_kernel(base, sources: list, lo, hi):
+    """Per shard: how many |t_i| lie above hi, and which lie in [lo, hi] (the exact selection's band)."""
+    b = _acc(base)
+    counts, bands = [], []
+    for i, s in enumerate(sources):
+        a = (_acc(s) - b).abs()
+        counts.append((a > hi[i]).sum())
+        bands.append((a >= lo[i]) & (a <= hi[i]))
+    return torch.stack(counts), bands
+
+
+FUSED_MIN_ELEMENTS = 1 << 18  # tensors from this size on run compiled (SD's larger tensors); smaller ones eager
+_compiled: dict[str, Callable] = {}
+_failed: list[str] = []  # why compiling failed, once: then everything runs eager
+
+
+def _run(kernel: Callable, *args):
+    """kernel(*args), compiled for large tensors (one variant per shard count and dtype, compiled on
+    first use under soup.TRACING, like the soup kernel); eager for small ones or if compiling fails."""
+    from . import soup
+
+    if args[0].numel() < FUSED_MIN_ELEMENTS or _failed:
+        return kernel(*args)
+    name = kernel.__name__
+    if name not in _compiled:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+        _compiled[name] = torch.compile(kernel, dynamic=True)
+    try:
+        with soup.TRACING:
+            return _compiled[name](*args)
+    except Exception as err:  # no C++ compiler, an unsupported device, ...
+        import logging
+
+        logging.getLogger(__name__).warning("compiled merge kernels unavailable (%s: %s); running eager", type(err).__name__, err)
+        _failed.append(f"{type(err).__name__}: {err}")
+        return kernel(*args)
+
+
+def _scalars(values, like: torch.Tensor) -> torch.Tensor:
+    """Weights, thresholds, ... as one tensor (a compiled kernel is not recompiled for new values)."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device)
+
+
+def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], density: float) -> torch.Tensor:
+    """Per shard, the magnitude of its task vector's k-th largest entry, k = int(density n) (TIES'
+    trim keeps |t_i| >= it: the entries peft's `magnitude_based_pruning` keeps, and any tied with the
+    k-th). Exact: a sample brackets the threshold, one pass counts the entries above the bracket and
+    marks those in it, and the selection runs over those few; +inf keeps nothing, 0 keeps all."""
+    n, k = base.numel(), int(density * base.numel())
+    if k >= n:
+        return _scalars([0.0] * len(sources), base)
+    if k <= 0:
+        return _scalars([math.inf] * len(sources), base)
+    b = base.reshape(-1)
+    if n < FUSED_MIN_ELEMENTS:
+        return torch.stack([torch.kthvalue((_acc(s).reshape(-1) - _acc(b)).abs(), n - k + 1).values for s in sources]).to(_acc(base).dtype)
+    m = 1 << 16
+    index = torch.randint(n, (m,), generator=torch.Generator("cpu").manual_seed(n)).to(base.device)
+    q = 1 - k / n
+    margin = 5 * math.sqrt(q * (1 - q) / m) + 2 / m
+    quantiles = torch.tensor([max(0.0, q - margin), min(1.0, q + margin)], device=base.device)
+    brackets = [torch.quantile((_acc(s.reshape(-1)[index]) - _acc(b[index])).abs().float(), quantiles) for s in sources]
+    lo, hi = _scalars([x[0] for x in brackets], base), _scalars([x[1] for x in brackets], base)
+    counts, bands = _run(_band_kernel, base, list(sources), lo, hi)
+    out = []
+    for s, count, band in zip(sources, counts.tolist(), bands):
+        need = k - int(count)
+        where = band.reshape(-1).nonzero().squeeze(1)
+        values = (_acc(s.reshape(-1)[where]) - _acc(b[where])).abs()
+        if 0 < need <= values.numel():
+            out.append(torch.kthvalue(values, values.numel() - need + 1).values)
+        else:  # the sample missed (rare): select over everything
+            out.append(torch.kthvalue((_acc(s).reshape(-1) - _acc(b)).abs(), n - k + 1).values)
+    return torch.stack(out)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """True for the int(density n) entries of largest magnitude and any tied with the last of them."""
+    threshold = magnitude_thresholds(torch.zeros_like(delta), [delta], density)[0]
+    return delta.abs() >= threshold.to(delta.dtype)
 
 
 # -- the methods --------------------------------------------------------------------------------------
@@ -267,10 +344,8 @@ merge_method(
 def ties(out, sources, weights, base, p: TiesParams, generator=None):
     """Trim each task vector to its `density` largest entries, elect the sign of the weighted sum,
     and average (weighted) the entries that agree with it."""
-    b = _acc(base)
-    deltas = [_acc(s) - b for s in sources]
-    deltas = [t * magnitude_mask(t, p.density) for t in deltas]
-    _write(out, b + p.lambda_ * sign_consensus(deltas, weights))
+    thresholds = magnitude_thresholds(base, sources, p.density)
+    _write(out, _run(_ties_kernel, base, list(sources), thresholds, _scalars(weights, base), _scalars([p.lambda_], base)[0]))
 
 
 @merge_method(
@@ -279,11 +354,18 @@ def ties(out, sources, weights, base, p: TiesParams, generator=None):
 )
 def dare(out, sources, weights, base, p: DareParams, generator):
     """Drop and rescale each task vector, then task arithmetic (density 1 is task arithmetic)."""
-    b = _acc(base)
-    total = torch.zeros_like(b)
-    for s, w in zip(sources, weights):
-        total += w * random_keep(_acc(s) - b, p.density, generator)
-    _write(out, b + p.lambda_ * total)
+    _write(out, _dropped(base, sources, weights, p, generator, [p.density] * len(sources), elect=False))
+
+
+def _draws(base: torch.Tensor, count: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One uniform draw per entry and shard, on the CPU (the same on every device), in shard order."""
+    return [torch.rand(base.shape, generator=generator, dtype=torch.float32).to(base.device) for _ in range(count)]
+
+
+def _dropped(base, sources, weights, p, generator, probabilities: list, elect: bool) -> torch.Tensor:
+    keep = [pr if isinstance(pr, torch.Tensor) else _scalars([pr], base)[0] for pr in probabilities]
+    draws = _draws(base, len(sources), generator)
+    return _run(_dropped_kernel, base, list(sources), draws, keep, _scalars(weights, base), _scalars([p.lambda_], base)[0], elect)
 
 
 @merge_method(
@@ -292,9 +374,7 @@ def dare(out, sources, weights, base, p: DareParams, generator):
 )
 def dare_ties(out, sources, weights, base, p: DareParams, generator):
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
-    b = _acc(base)
-    deltas = [random_keep(_acc(s) - b, p.density, generator) for s in sources]
-    _write(out, b + p.lambda_ * sign_consensus(deltas, weights))
+    _write(out, _dropped(base, sources, weights, p, generator, [p.density] * len(sources), elect=True))
 
 
 def rank_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -319,11 +399,8 @@ def della(out, sources, weights, base, p: DellaParams, generator):
     """MagPrune: larger entries are more likely kept; each kept entry is rescaled by 1 / its keep
     probability; then sign election and the disjoint mean."""
     b = _acc(base)
-    deltas = []
-    for s in sources:
-        t = _acc(s) - b
-        deltas.append(random_keep(t, rank_probabilities(t, p.density, p.epsilon), generator))
-    _write(out, b + p.lambda_ * sign_consensus(deltas, weights))
+    probabilities = [rank_probabilities(_acc(s) - b, p.density, p.epsilon) for s in sources]
+    _write(out, _dropped(base, sources, weights, p, generator, probabilities, elect=True))
 
 
 DOT_THRESHOLD = 0.9995  # mergekit's: above it the two tensors count as parallel and are interpolated linearly

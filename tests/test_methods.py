@@ -188,3 +188,37 @@ def test_non_linear_methods_write_in_the_targets_dtype_and_keep_integer_buffers(
     merge_into(target, method("ties"), method("ties").parse({"density": 1.0}), [a, b], [0.5, 0.5], base)
     expected = ref_ties(base["w"].float(), [a["w"].float(), b["w"].float()], [0.5, 0.5], 1.0, 1.0).half()
     assert torch.equal(target["w"], expected) and target["n"].item() == 5
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [("ties", {"density": 0.3}), ("dare", {"density": 0.4, "seed": 2}), ("dare-ties", {"density": 0.4, "seed": 2}),
+     ("della", {"density": 0.5, "epsilon": 0.2, "seed": 2})],
+)
+def test_the_compiled_kernels_give_the_eager_results(monkeypatch, name, params):
+    """Large tensors run through compiled kernels (the same functions, fused): the same weights to
+    within one fp16 step (fused multiply-adds may round the float32 sums differently)."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 700, generator=g).half()
+    sources = [(base.float() + 0.01 * torch.randn(300, 700, generator=g)).half() for _ in range(3)]
+    eager = run(name, sources, [0.2, 0.3, 0.5], base, **params)
+    monkeypatch.setattr(methods, "FUSED_MIN_ELEMENTS", 1)
+    fused = run(name, sources, [0.2, 0.3, 0.5], base, **params)
+    assert not methods._failed, methods._failed
+    step = (torch.nextafter(eager.abs(), torch.tensor(float("inf"), dtype=torch.float16)) - eager.abs()).float()
+    assert float(((fused.float() - eager.float()).abs() / step).max()) <= 1
+
+
+def test_sampled_magnitude_thresholds_are_exact(monkeypatch):
+    monkeypatch.setattr(methods, "FUSED_MIN_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(500, 900, generator=g)
+    sources = [base + torch.randn(500, 900, generator=g) * s for s in (0.01, 0.1)]
+    for density in (0.05, 0.2, 0.8):
+        got = methods.magnitude_thresholds(base, sources, density)
+        k = int(density * base.numel())
+        expected = [torch.kthvalue((s - base).abs().reshape(-1), base.numel() - k + 1).values for s in sources]
+        assert torch.equal(got, torch.stack(expected)), density
+        for s, t in zip(sources, got):  # k kept, and only values tied with the k-th beyond them
+            a = (s - base).abs()
+            assert int((a > t).sum()) < k <= int((a >= t).sum())
