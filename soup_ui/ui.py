@@ -122,7 +122,8 @@ def method_updates(name: str, values: dict | None = None) -> list:
     ] + [method_note(name)]
 
 
-PARAMS = list(method_params())
+PARAM_ORDER = ("density", "epsilon", "alpha", "c", "lambda", "seed")  # what shapes the merge first, the seed last
+PARAMS = sorted(method_params(), key=lambda p: PARAM_ORDER.index(p) if p in PARAM_ORDER else len(PARAM_ORDER))
 
 
 def build_ui(host: StudioHost) -> gr.Blocks:

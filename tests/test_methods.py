@@ -222,3 +222,21 @@ def test_sampled_magnitude_thresholds_are_exact(monkeypatch):
         for s, t in zip(sources, got):  # k kept, and only values tied with the k-th beyond them
             a = (s - base).abs()
             assert int((a > t).sum()) < k <= int((a >= t).sum())
+
+
+def test_the_sign_election_is_pefts_majority_sign_mask():
+    """Our one-pass consensus elects and averages as peft's `calculate_majority_sign_mask` ('total'),
+    +1 where the weighted deltas sum to exactly 0."""
+    from peft.utils.merge_utils import calculate_majority_sign_mask
+
+    g = torch.Generator().manual_seed(8)
+    deltas = [torch.randn(2000, generator=g) * (torch.rand(2000, generator=g) > 0.3) for _ in range(3)]
+    deltas[0][:5], deltas[1][:5], deltas[2][:5] = 1.0, -1.0, 0.0  # weighted sums of exactly 0 (equal weights below)
+    for weights in ([0.2, 0.3, 0.5], [0.5, 0.5, 0.0]):
+        weighted = torch.stack([w * d for w, d in zip(weights, deltas)])
+        agree = calculate_majority_sign_mask(weighted, method="total")
+        denominator = (torch.tensor(weights).view(-1, 1) * agree).sum(0)
+        expected = torch.where(denominator > 0, (weighted * agree).sum(0) / denominator.clamp(min=1e-30), 0.0)
+        got = methods.sign_consensus(deltas, torch.tensor(weights))
+        torch.testing.assert_close(got, expected)
+    assert torch.all(methods.sign_consensus(deltas, torch.tensor([0.5, 0.5, 0.0]))[:5] == 1.0)  # the +1 election keeps the positive one
