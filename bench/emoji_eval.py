@@ -168,7 +168,7 @@ def render_all(studio, models, prompts, base_settings, seed) -> dict[str, list]:
     batch = [base_settings.model_copy(update={"prompt": p, "seed": seed + i}) for i, p in enumerate(prompts)]
     outputs = {}
     for label, mix in models:
-        outputs[label] = studio.render_soup_batch(mix, batch)
+        outputs[label] = studio.render_soup_batch(studio.make_mix(mix), batch)
         logger.info("rendered %s", label)
     return outputs
 
@@ -193,7 +193,7 @@ def single_image_seconds(studio, mix, prompts, base_settings, seed, count: int =
     times = []
     for i in range(count):
         t0 = time.perf_counter()
-        studio.render_soup(mix, base_settings.model_copy(update={"prompt": prompts[i % len(prompts)], "seed": seed + 10_000 + i}))
+        studio.render_soup(studio.make_mix(mix), base_settings.model_copy(update={"prompt": prompts[i % len(prompts)], "seed": seed + 10_000 + i}))
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -338,7 +338,7 @@ def write_sheet(args, studio, models, base_settings):
     sheet_rows = []
     for i, prompt in enumerate(sheet_prompts):
         settings = base_settings.model_copy(update={"prompt": prompt, "seed": args.seed + 1000 + i})
-        sheet_rows.append([studio.render_soup(mix, settings).image for _, mix in models])
+        sheet_rows.append([studio.render_soup(studio.make_mix(mix), settings).image for _, mix in models])
     # Columns are models, rows prompts.
     grid(sheet_rows, sheet_prompts, [label for label, _ in models], tile=72).save(args.sheet)
     logger.info("wrote %s", args.sheet)

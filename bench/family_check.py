@@ -94,7 +94,7 @@ def check(family: str, folder: Path) -> str:
     loaded = time.perf_counter() - t0
     pipe = studio.pipe
     bad = {c: compare(c, getattr(pipe, c).state_dict(), shapes) for c, (_, shapes) in states.items()}  # before any mix
-    image = studio.render_soup({"same": 1}, RenderSettings(prompt="a red heart", steps=2, height=64, width=64)).image
+    image = studio.render_soup(studio.make_mix({"same": 1}), RenderSettings(prompt="a red heart", steps=2, height=64, width=64)).image
     extra = f", rendered a {image.size[0]}x{image.size[1]} image through the studio ({type(pipe).__name__})"
     total = sum(len(s) for _, s in states.values())
     size = path.stat().st_size / 1e9
@@ -142,10 +142,10 @@ def check_flux_original(folder: Path, double: int = 1, single: int = 1) -> str:
     studio = Studio(load_preset(folder / "flux.yaml"))
     loaded = time.perf_counter() - t0
     kinds = {s.weights.kind for s in studio.shards.values()}
-    soup = studio.souped_weights({"ink": 1, "pastel": 1})
+    soup = studio.souped_weights(studio.make_mix({"ink": 1, "pastel": 1}))
     a, b = (convert(load_file(str(files[n]))) for n in ("ink", "pastel"))
     bad = sum(not torch.equal(soup[k], ((a[k].float() + b[k].float()) / 2).bfloat16()) for k in soup)
-    image = studio.render_soup({"ink": 1, "pastel": 1}, RenderSettings(prompt="a red heart", steps=2, height=16, width=16, scheduler="default")).image
+    image = studio.render_soup(studio.make_mix({"ink": 1, "pastel": 1}), RenderSettings(prompt="a red heart", steps=2, height=16, width=16, scheduler="default")).image
     params = sum(t.numel() for t in soup.values())
     for file in files.values():
         file.unlink()

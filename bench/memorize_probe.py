@@ -78,8 +78,8 @@ def main(argv=None) -> None:
     prompts = [f"{by[(e, args.style)]['text_ascii']}, {by[(e, args.style)]['subcategory']}" for e in shown]
     settings = RenderSettings(**studio.preset.render.model_dump(exclude={"prompts", "prompt"}))
     batch = [settings.model_copy(update={"prompt": p, "seed": i}) for i, p in enumerate(prompts)]
-    columns = {f"{args.style} shard": list(studio.render_soup_batch({args.style: 1.0}, batch)),
-               f"{args.style}, 40 emoji": list(studio.render_soup_batch({"probe": 1.0}, batch))}
+    columns = {f"{args.style} shard": list(studio.render_soup_batch(studio.make_mix({args.style: 1.0}), batch)),
+               f"{args.style}, 40 emoji": list(studio.render_soup_batch(studio.make_mix({"probe": 1.0}), batch))}
     for style in [args.style] + [s for s in args.compare.split(",") if s]:
         columns[f"real {style}"] = [Image.open(args.data / by[(e, style)]["file_name"]).convert("RGB") for e in shown]
     labels = list(columns)
