@@ -18,12 +18,15 @@ Everything is computed in float32 (float64 for float64 targets) and rounded once
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -104,6 +107,7 @@ class MergeMethod:
     random: bool = False
     min_shards: int = 1
     max_shards: int | None = None
+    arrange: Callable | None = None  # (shard names, params) -> the order the function takes them in; ValueError if they do not fit
 
     @property
     def linear(self) -> bool:
@@ -145,13 +149,14 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def merge_method(name: str, *, summary: str, reference: str, params: type[Params] = NoParams, needs_base: bool = True,
-                 coefficients: Callable | None = None, random: bool = False, min_shards: int = 1, max_shards: int | None = None):
+                 coefficients: Callable | None = None, random: bool = False, min_shards: int = 1, max_shards: int | None = None,
+                 arrange: Callable | None = None):
     """Register a merge method under `name` (the decorated function is its per-tensor function)."""
 
     def register(fn: Callable | None) -> Callable | None:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        METHODS[name] = MergeMethod(name, summary, reference, params, fn, needs_base, coefficients, random, min_shards, max_shards)
+        METHODS[name] = MergeMethod(name, summary, reference, params, fn, needs_base, coefficients, random, min_shards, max_shards, arrange)
         return fn
 
     return register
@@ -170,13 +175,18 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
+def _weighted_sum(deltas: Sequence[torch.Tensor], weights):
+    total = deltas[0] * weights[0]
+    for i in range(1, len(deltas)):
+        total = total + deltas[i] * weights[i]
+    return total
+
+
 def sign_consensus(deltas: Sequence[torch.Tensor], weights) -> torch.Tensor:
     """TIES' elect and disjoint merge: s = sign(sum_i w_i t_i), +1 where the sum is 0 (peft's and
     mergekit's rule); sum_i w_i t_i [sign(t_i) = s] / sum_i w_i [same], 0 where no entry agrees (a
     zero entry never agrees). Written without stacking, so a compiled kernel runs it in one pass."""
-    total = deltas[0] * weights[0]
-    for i in range(1, len(deltas)):
-        total = total + deltas[i] * weights[i]
+    total = _weighted_sum(deltas, weights)
     elected = torch.where(total >= 0, 1.0, -1.0)
     numerator = torch.zeros_like(total)
     denominator = torch.zeros_like(total)
@@ -217,12 +227,7 @@ def _dropped_kernel(base, sources: list, draws: list, probabilities: list, weigh
         p = probabilities[i]
         d = _acc(s) - b
         deltas.append(torch.where(draws[i] < p, d / torch.where(p > 0, p, 1.0), 0.0))
-    if elect:
-        return b + lam * sign_consensus(deltas, weights)
-    total = deltas[0] * weights[0]
-    for i in range(1, len(deltas)):
-        total = total + deltas[i] * weights[i]
-    return b + lam * total
+    return b + lam * (sign_consensus(deltas, weights) if elect else _weighted_sum(deltas, weights))
 
 
 def _band_kernel(base, sources: list, lo, hi):
@@ -258,9 +263,7 @@ def _run(kernel: Callable, *args):
         with soup.TRACING:
             return _compiled[name](*args)
     except Exception as err:  # no C++ compiler, an unsupported device, ...
-        import logging
-
-        logging.getLogger(__name__).warning("compiled merge kernels unavailable (%s: %s); running eager", type(err).__name__, err)
+        logger.warning("compiled merge kernels unavailable (%s: %s); running eager", type(err).__name__, err)
         _failed.append(f"{type(err).__name__}: {err}")
         return kernel(*args)
 
@@ -323,8 +326,17 @@ merge_method(
 )(None)
 
 
+def _add_difference_order(names: list[str], p: AddDifferenceParams) -> list[int]:
+    """A and B in row order, then C when it is a shard; ValueError when the selection does not fit."""
+    if p.c != "base" and p.c not in names:
+        raise ValueError(f"add-difference: c = {p.c!r}: not one of the selected shards ({', '.join(names)}) nor 'base'")
+    if len(names) != (2 if p.c == "base" else 3):
+        raise ValueError(f"add-difference merges A + alpha (B - C): select 2 shards with c = 'base', or 3 with c naming one; {len(names)} selected")
+    return [i for i, n in enumerate(names) if n != p.c] + ([names.index(p.c)] if p.c != "base" else [])
+
+
 def _add_difference_coefficients(weights, p: AddDifferenceParams):
-    # Sources are ordered A, B (and C when it is a shard; the Mix puts it last): A + alpha (B - C).
+    # Sources come in _add_difference_order: A, B (and C when it is a shard): A + alpha (B - C).
     if p.c == "base":
         return [1.0, p.alpha], -p.alpha
     return [1.0, p.alpha, -p.alpha], 0.0
@@ -333,7 +345,7 @@ def _add_difference_coefficients(weights, p: AddDifferenceParams):
 merge_method(
     "add-difference", summary="A + alpha (B - C), C the base or a chosen shard; the weights are not used",
     reference="AUTOMATIC1111's checkpoint merger ('Add difference')", params=AddDifferenceParams,
-    coefficients=_add_difference_coefficients, min_shards=2, max_shards=3,
+    coefficients=_add_difference_coefficients, min_shards=2, max_shards=3, arrange=_add_difference_order,
 )(None)
 
 

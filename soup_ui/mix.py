@@ -54,21 +54,13 @@ class Mix:
         try:
             normalized = normalize_weights(list(weights.values()), list(weights))
             m.check_shards(len(weights))
+            # the order the method takes its shards in (add-difference: A, B, then C)
+            order = m.arrange(list(weights), typed) if m.arrange is not None else range(len(weights))
         except ValueError as err:
             raise StudioError(str(err)) from None
-        c = getattr(typed, "c", "base")
-        if m.name == "add-difference":  # A, B, and C last when C is a shard
-            names = list(weights)
-            if c != "base" and c not in names:
-                raise StudioError(f"add-difference: c = {c!r}: not one of the selected shards ({', '.join(names)}) nor 'base'")
-            if len(names) != (2 if c == "base" else 3):
-                raise StudioError(f"add-difference merges A + alpha (B - C): select 2 shards with c = 'base', or 3 with c naming one; {len(names)} selected")
-            order = [i for i, n in enumerate(names) if n != c] + [names.index(c)] * (c != "base")
-            shards, normalized = [shards[i] for i in order], [normalized[i] for i in order]
-            given = [list(weights.values())[i] for i in order]
-        else:
-            given = list(weights.values())
-        return cls(tuple(shards), tuple(normalized), m, typed, bool(text_encoders), tuple(float(w) for w in given), view)
+        given = [float(w) for w in weights.values()]
+        shards, normalized, given = ([xs[i] for i in order] for xs in (shards, normalized, given))
+        return cls(tuple(shards), tuple(normalized), m, typed, bool(text_encoders), tuple(given), view)
 
     @classmethod
     def alone(cls, shard: Shard, text_encoders: bool = False) -> Mix:

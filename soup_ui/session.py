@@ -211,9 +211,9 @@ class Controls:
         """{name: weight} of the ticked rows."""
         return {n: float(self.weights[i]) for i, n in enumerate(session.names) if i < len(self.flags) and self.flags[i]}
 
-    def mix(self, session: Session, weights: dict[str, float] | None = None) -> Mix:
-        """The request's Mix, built once here: the ticked rows (or `weights`) over this session's shards."""
-        return Mix.build(session.shards, self.ticked(session) if weights is None else weights, self.method, dict(self.params), self.text_encoders)
+    def mix(self, session: Session) -> Mix:
+        """The request's Mix, built once here: the ticked rows over this session's shards."""
+        return Mix.build(session.shards, self.ticked(session), self.method, dict(self.params), self.text_encoders)
 
 
 def settings_from(prompt, negative, seed, steps, guidance, scheduler, height, width) -> RenderSettings:

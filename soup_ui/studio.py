@@ -22,7 +22,7 @@ from PIL import Image
 from . import checkpoints, exports, families, formats, methods, soup
 from .errors import StudioError
 from .mix import Mix
-from .pool import Pool, Shard, Weights, free_memory  # noqa: F401 (free_memory: RuntimeOptions' users)
+from .pool import Pool, Shard, Weights
 from .presets import SCHEDULERS, Preset, RenderDefaults, RenderSettings
 
 logger = logging.getLogger(__name__)

@@ -123,7 +123,8 @@ def method_updates(name: str, values: dict | None = None) -> list:
 
 
 PARAM_ORDER = ("density", "epsilon", "alpha", "c", "lambda", "seed")  # what shapes the merge first, the seed last
-PARAMS = sorted(method_params(), key=lambda p: PARAM_ORDER.index(p) if p in PARAM_ORDER else len(PARAM_ORDER))
+FIELDS = method_params()
+PARAMS = sorted(FIELDS, key=lambda p: PARAM_ORDER.index(p) if p in PARAM_ORDER else len(PARAM_ORDER))
 
 
 def build_ui(host: StudioHost) -> gr.Blocks:
@@ -155,8 +156,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 uniform = gr.Button("Uniform (the paper's uniform soup)", elem_id="uniform")
                 method = gr.Dropdown(list(METHODS), value="average", label="Merge method", elem_id="method")
                 note = gr.HTML(method_note("average"), elem_id="method-note")
-                fields = method_params()
-                params = [param_control(name, fields[name]) for name in PARAMS]
+                params = [param_control(name, FIELDS[name]) for name in PARAMS]
                 text_mix = gr.Checkbox(
                     False, label="Mix text encoders too", elem_id="mix-text-encoders",
                     info="the shards' own text encoders (full checkpoints, pipeline folders) with the same weights; a shard without one counts as the base's",

@@ -85,8 +85,7 @@ def interpolate(studio: Studio, start: Mix, end: Mix, steps: int, settings: Rend
     if not 2 <= steps <= 32:
         raise StudioError(f"interpolation steps must be between 2 and 32, got {steps}")
     names = list(dict.fromkeys([*start.names, *end.names]))
-    a, b = (start.as_weights(), end.as_weights())
-    a, b = [a.get(n, 0.0) for n in names], [b.get(n, 0.0) for n in names]
+    a, b = ([m.as_weights().get(n, 0.0) for n in names] for m in (start, end))
     if a == b:
         raise StudioError("the two ends of the interpolation are the same mix: every image would be the same soup")
     mixes = [end.reweighted({n: (1 - t) * wa + t * wb for n, wa, wb in zip(names, a, b)}) for t in (i / (steps - 1) for i in range(steps))]

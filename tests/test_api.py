@@ -63,3 +63,15 @@ def test_concurrent_sessions_get_their_own_soups(server, studio, tmp_path):
         distances = [np.abs(image - r).max() for r in reference]
         assert distances[i % 4] <= 2, (mixes[i % 4], distances)
         assert min(d for j, d in enumerate(distances) if j != i % 4) > 10, distances
+
+
+def test_method_fields_of_the_api(server):
+    client = Client(server, verbose=False)
+    info = client.predict("", "alpha=1,gamma=1", "ties", "density=0.3", api_name="/mix")
+    assert info["label"] == "ties (density 0.3, lambda 1): 0.50 alpha + 0.50 gamma"
+    assert info["recipe"]["method"] == "ties" and info["recipe"]["params"] == {"density": 0.3, "lambda": 1.0}
+    with pytest.raises(Exception, match="ties: density = '1.5': Input should be less than or equal to 1"):
+        client.predict("", "alpha=1,gamma=1", "ties", "density=1.5", api_name="/mix")
+    with pytest.raises(Exception, match="parameter 'density': write NAME=VALUE"):
+        client.predict("", "alpha=1,gamma=1", "ties", "density", api_name="/mix")
+    assert client.predict("", "alpha=1", api_name="/mix")["label"] == "soup: 1.00 alpha"  # still serving
