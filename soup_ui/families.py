@@ -95,7 +95,7 @@ def cross_attention_width(specs: Mapping[str, tuple], lora: bool = False) -> int
     projection (`attn2.to_k`, in diffusers', LDM's and kohya's spellings)."""
     for name, spec in specs.items():
         flat = name.replace("_", ".")
-        if "attn2.to.k" in flat and flat.endswith("weight") and (not lora or "down" in flat or "lora.A" in flat):
+        if "attn2.to.k" in flat and flat.endswith("weight") and len(spec[0]) > 1 and (not lora or "lora.down" in flat or "lora.A" in flat):
             return int(spec[0][1])
     return None
 

@@ -6,8 +6,8 @@ The format is read from the safetensors header (tensor names and shapes), never 
 |-----------------------------------------|------------------------------------------------------------|
 | diffusers UNet (file, `unet/` folder, sharded, `fp16` variant, or a pipeline folder's `unet/`) | itself |
 | LDM / A1111 / civitai single file (`model.diffusion_model.*`, or bare `input_blocks.*`), UNet-only or full | diffusers names via diffusers' own `convert_ldm_unet_checkpoint`; VAE, text encoder, EMA and scheduler tensors ignored |
-| LoRA, diffusers/peft or kohya naming     | low-rank deltas (up, down, scale) via diffusers' `lora_state_dict` |
-| LyCORIS (LoHa, LoKr, OFT...)              | refused, naming it                                         |
+| LoRA, DoRA (peft, kohya, LyCORIS), LyCORIS full network | what it changes in the base's weights, kept small (see `adapters`) |
+| LoHa, LoKr, OFT, BOFT, GLoRA, IA3...       | refused, naming it (see `adapters`)                        |
 
 Name mapping is header-only: diffusers' converter is run on "meta" tensors (shapes without data),
 so validating a single-file checkpoint reads no weights, and loading it reads each tensor once by
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import adapters
 from .checkpoints import CheckpointError, file_variant, read_header, weight_files
 from .families import BY_WIDTH, TEXT_PREFIXES, cross_attention_width, of_denoiser
 
@@ -42,21 +42,6 @@ OTHER_PARTS = {
     "text_encoders.": "text encoders",
     "vae.": "VAE",
 }
-LYCORIS = {"hada_w1": "LoHa", "lokr_w1": "LoKr", "oft_blocks": "OFT", "oft_diag": "OFT", "lora_mid": "LoCon with a mid (Tucker) weight", "diag_oft": "OFT"}
-LORA_MARKERS = (".lora_down.", ".lora_up.", ".lora.down.", ".lora.up.", ".lora_A.", ".lora_B.")
-
-
-@dataclass
-class LowRank:
-    """One LoRA-adapted weight: delta = scale * up @ down (reshaped to the weight's shape)."""
-
-    up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
-    down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
-    scale: float
-
-    def delta(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        up, down = self.up.float().flatten(1), self.down.float().flatten(1)
-        return (self.scale * (up @ down)).reshape(shape)
 
 
 @dataclass
@@ -69,7 +54,7 @@ class Found:
     names: dict[str, tuple[Path, str]] = field(default_factory=dict)  # diffusers name -> (file, stored name)
     specs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # diffusers name -> (shape, dtype)
     ignored: Counter = field(default_factory=Counter)  # what kind of tensor -> how many were left out
-    lora: dict[str, LowRank] | None = None  # a LoRA: base weight name -> its low-rank delta
+    lora: dict[str, adapters.Adapter] | None = None  # an adapter (LoRA, DoRA...): base tensor name -> what it changes
     convert: Callable[[], dict[str, torch.Tensor]] | None = None  # an original transformer file: read and convert it (not a renaming)
 
     def describe_ignored(self) -> str:
@@ -108,13 +93,9 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
     keys = [k for h in headers.values() for k in h]
     where = f"a pipeline folder's {files[0].parent.name}/" if path.is_dir() and (path / "model_index.json").is_file() else None
     variant = file_variant(files[0])
-    for marker, name in LYCORIS.items():
-        if any(marker in k for k in keys):
-            raise CheckpointError(f"{path.name}: a LyCORIS {name} network ({marker} tensors); only LoRA (diffusers, peft or kohya naming) is supported")
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        kind = "kohya LoRA"
-    elif any(m in k for k in keys for m in LORA_MARKERS):
-        kind = "diffusers/peft LoRA"
+    adapters.refused(path, keys)
+    if adapters.is_adapter(keys):
+        kind = f"{adapters.naming(keys)} LoRA"  # adapters.read says which kind (DoRA, LyCORIS full)
     elif any(".img_attn.qkv." in k for k in keys):
         kind = "original FLUX.1 transformer file"
     elif any(".x_block.attn.qkv." in k for k in keys):
@@ -133,7 +114,7 @@ def detect(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tupl
         what = kind if "LoRA" in kind else "checkpoint"
         raise CheckpointError(f"{path.name}: a {what} of {theirs.split(' ', 1)[1]}; this base's denoiser is {ours.split(' ', 1)[1]}")
     if "LoRA" in kind:
-        return _lora(path, files, kind, base_config, base_specs)
+        return adapters.read(path, files, base_config, base_specs)
     if kind.startswith("original"):
         return _original_transformer(path, files, headers, kind)
     if kind.startswith("LDM"):
@@ -236,71 +217,6 @@ def _original_transformer(path: Path, files: list[Path], headers: dict, kind: st
     return found
 
 
-def _lora(path: Path, files: list[Path], kind: str, base_config: Mapping, base_specs: Mapping) -> Found:
-    """A LoRA through diffusers' own state-dict conversion (kohya and old diffusers namings become
-    peft's `lora_A`/`lora_B` with alphas); kept low rank: base weight name -> LowRank."""
-    from types import SimpleNamespace
-
-    import diffusers
-
-    if len(files) != 1:
-        raise CheckpointError(f"{path.name}: a {kind} split over {len(files)} files is not supported")
-    owner = of_denoiser(base_config)  # the family whose pipeline reads (and converts) its LoRAs
-    component, pipeline = owner.denoiser, owner.pipeline
-    try:
-        if component == "unet":  # unet_config: kohya SDXL LoRAs name blocks as the original model does (input_blocks_4_1_...)
-            args = dict(unet_config=SimpleNamespace(**dict(base_config)))  # read by attribute, as a model's config is
-        else:
-            args = dict(return_alphas=True) if pipeline == "FluxPipeline" else {}
-        out = getattr(diffusers, pipeline).lora_state_dict(str(files[0]), use_safetensors=True, **args)
-    except (ValueError, KeyError, RuntimeError, IndexError) as err:
-        raise CheckpointError(f"{path.name}: a {kind} that diffusers cannot read ({err})") from None
-    state, alphas = (out[0], out[1] or {}) if isinstance(out, tuple) else (out, {})
-    prefix = component + "."
-    found = Found(path, kind, files, lora={})
-    text = [k for k in state if k.startswith(("text_encoder", "te_"))]
-    if text:
-        found.ignored["text-encoder LoRA tensors"] += len(text)
-    pairs = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"))
-    for key in state:
-        marker = next((m for m in pairs if key.endswith(m[0])), None)
-        if not key.startswith(prefix) or marker is None:
-            continue
-        module = key[len(prefix) : -len(marker[0])]
-        down = state[key]
-        up = state.get(key[: -len(marker[0])] + marker[1])
-        if up is None:
-            raise CheckpointError(f"{path.name}: {kind}: {key!r} has no matching up (B) weight")
-        target = _lora_target(module, base_specs)
-        if target is None:
-            found.ignored["LoRA modules the base lacks"] += 1
-            continue
-        rank = down.shape[0]
-        alpha = next((alphas[k] for k in (f"{key}.alpha", f"{prefix}{module}.alpha", f"{module}.alpha") if k in alphas), None)
-        scale = float(alpha) / rank if alpha is not None else 1.0
-        shape = base_specs[target][0]
-        if up.shape[0] != shape[0] or math.prod(down.shape[1:]) != math.prod(shape[1:]):
-            raise CheckpointError(
-                f"{path.name}: {kind} for another architecture: its {target.removesuffix('.weight')} is "
-                f"{up.shape[0]}x{math.prod(down.shape[1:])}, this base's is {list(shape)}"
-            )
-        found.lora[target] = LowRank(up, down, scale)
-    if not found.lora:
-        raise CheckpointError(f"{path.name}: a {kind} with no {component} module this base has")
-    return found
-
-
-def _lora_target(module: str, base_specs: Mapping) -> str | None:
-    """The base weight a LoRA module adapts (`...to_q` -> `...to_q.weight`; the old attention-processor
-    names `...attn1.processor.to_out_lora` -> `...attn1.to_out.0.weight` too)."""
-    plain = module.replace(".processor.", ".")
-    for candidate in (module, plain, plain + ".0"):
-        for name in (f"{candidate}.weight", f"{candidate}.base_layer.weight"):
-            if name in base_specs:
-                return name
-    return None
-
-
 def check_against_base(found: Found, base_specs: Mapping[str, tuple], label: str) -> None:
     """Every base tensor present with the base's shape, any floating dtype; raises CheckpointError
     naming the detected format and the first tensor that is wrong."""
@@ -391,11 +307,6 @@ def ldm_unet_names(names: list[str], config: Mapping) -> dict[str, str]:
     return out
 
 
-def lora_tensors(lora: Mapping[str, LowRank]) -> dict[str, torch.Tensor]:
-    """A LoRA's factors by name (`<weight>.up`, `<weight>.down`), e.g. for the NaN / Inf check."""
-    return {f"{k}.{part}": t for k, r in lora.items() for part, t in (("up", r.up), ("down", r.down))}
-
-
 def base_unet(base: str | Path, config: str | Path | None = None) -> tuple[dict, Found]:
     """A preset's base denoiser (UNet or transformer): its config and where its tensors lie. `base`
     is a pipeline folder or a single-file checkpoint whose configs come from the pipeline folder
@@ -415,7 +326,7 @@ def validate(path: str | Path, base_config: Mapping, base_specs: Mapping[str, tu
     found = detect(path, base_config, base_specs)
     check_against_base(found, base_specs, label)
     if found.lora is not None:
-        check_finite(path, lora_tensors(found.lora))
+        check_finite(path, adapters.tensors(found.lora))
     elif found.convert is not None:
         check_finite(path, found.convert())
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, formats, soup
+from . import adapters, checkpoints, formats, soup
 from .errors import StudioError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class Weights:
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
     signature: tuple = ()  # the files' (size, mtime, inode) when hashed; lean mode re-checks it
     kind: str = "diffusers UNet"  # the format detected (formats.Found.kind)
-    lora: dict[str, formats.LowRank] | None = None  # a LoRA: kept low rank, added to the base at mix time
+    lora: dict[str, adapters.Adapter] | None = None  # an adapter (LoRA, DoRA...): kept small, added to the base at mix time
     # The shard's own text encoder (a full single file, a pipeline folder), found from the header at
     # load; hashed and read only when "mix text encoders too" first uses it. None: it counts as the base's.
     text_found: formats.TextEncoderFound | None = None
@@ -84,14 +84,14 @@ class LoraTensors(Mapping):
     """A LoRA shard's full weights, base + delta, made one tensor at a time on access (for weight
     distances; the soup itself adds the low-rank deltas directly, see Studio.mix)."""
 
-    def __init__(self, base: Mapping[str, torch.Tensor], lora: dict[str, formats.LowRank]):
+    def __init__(self, base: Mapping[str, torch.Tensor], lora: dict[str, adapters.Adapter]):
         self.base, self.lora = base, lora
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensor = self.base[name]
         if name not in self.lora:
             return tensor
-        return (tensor.float() + self.lora[name].delta(tensor.shape).to(tensor.device)).to(tensor.dtype)
+        return (tensor.float() + self.lora[name].delta(tensor)).to(tensor.dtype)
 
     def __iter__(self):
         return iter(self.base)
@@ -183,8 +183,8 @@ class Pool:
             pooled = self._pool.get(sha)
         if pooled is None:
             if found.lora is not None:
-                lora = {k: formats.LowRank(r.up.to(self.device), r.down.to(self.device), r.scale) for k, r in found.lora.items()}
-                checkpoints.check_finite(path, formats.lora_tensors(lora))
+                lora = {k: a.to(self.device) for k, a in found.lora.items()}
+                checkpoints.check_finite(path, adapters.tensors(lora))
                 pooled = Weights(path, sha, None, LoraTensors(self.base(), lora), signature, found.kind, lora, tier="lora")
             else:
                 tier = self.tier()

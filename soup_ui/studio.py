@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import checkpoints, exports, families, formats, methods, soup
+from . import adapters, checkpoints, exports, families, formats, methods, soup
 from .errors import StudioError
 from .mix import Mix
 from .pool import Pool, Shard, Weights
@@ -315,9 +315,9 @@ class Studio:
         return Mix.build(self.shards if shards is None else shards, weights, method, params, text_encoders)
 
     @torch.no_grad()
-    def _add_lora(self, sources: list[Mapping[str, torch.Tensor]], coefficients: list[float], terms: list[tuple[dict[str, formats.LowRank], float]]) -> None:
-        """Each weight a LoRA adapts, computed again in float32 and rounded once:
-        sum_i c_i source_i + sum_j c_j * scale_j * up_j @ down_j (the rest of the merge is untouched)."""
+    def _add_lora(self, sources: list[Mapping[str, torch.Tensor]], coefficients: list[float], terms: list[tuple[dict[str, adapters.Adapter], float]]) -> None:
+        """Each weight an adapter changes, computed again in float32 and rounded once:
+        sum_i c_i source_i + sum_j c_j * delta_j(base) (e.g. scale_j * up_j @ down_j; the rest of the merge is untouched)."""
         for key in {k for lora, _ in terms for k in lora}:
             tensor = self.hybrid_tensors[key]
             total = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
@@ -326,7 +326,7 @@ class Studio:
                     total += c * source[key].float()
             for lora, c in terms:
                 if key in lora and c:
-                    total += c * lora[key].delta(tensor.shape).to(tensor.device)
+                    total += c * lora[key].delta(self.base_tensors[key]).to(tensor.device)
             tensor.copy_(total)
 
     @torch.no_grad()
