@@ -58,3 +58,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    from soup_ui import soup
+
+    soup.exit(0)  # at once, even with a kernel compile running in the background

@@ -1,5 +1,5 @@
-import sys
-
+from . import soup
 from .cli import main
 
-sys.exit(main())
+soup.BACKGROUND = False  # one command and done: no kernel compiled for mixes that will not come
+soup.exit(main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -417,11 +418,37 @@ def ldm_open_clip_tensors(text_encoder: Mapping[str, torch.Tensor], prefix: str)
     return out
 
 
+def open_clip_unused(out: Mapping[str, torch.Tensor], prefix: str, base_file: Path | None) -> dict[str, torch.Tensor]:
+    """What an SD 2.x single file carries of OpenCLIP ViT-H besides the text encoder diffusers keeps:
+    the last residual block (SD 2.x conditions on the penultimate one), `text_projection` and
+    `logit_scale`. ComfyUI's and A1111's loaders expect them. Copied from the base's single file when
+    it has them; otherwise (a diffusers base has dropped them) neutral ones, which change no image:
+    a block of zeros (its layer norms output zero, so attention and MLP add nothing: the identity),
+    the identity projection and OpenCLIP's logit scale ln(100)."""
+    if base_file is not None and Path(base_file).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(base_file), "pt") as f:
+            copied = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix) and k not in out}  # noqa: SIM118
+        if copied:
+            return copied
+    blocks = sorted({int(k[len(prefix):].split(".")[2]) for k in out if k.startswith(prefix + "transformer.resblocks.")})
+    last = f"{prefix}transformer.resblocks.{blocks[-1]}."
+    new = f"{prefix}transformer.resblocks.{blocks[-1] + 1}."
+    extra = {new + k[len(last):]: torch.zeros_like(v) for k, v in out.items() if k.startswith(last)}
+    width = out[prefix + "ln_final.weight"].shape[0]
+    dtype = out[prefix + "ln_final.weight"].dtype
+    extra[prefix + "text_projection"] = torch.eye(width, dtype=dtype)
+    extra[prefix + "logit_scale"] = torch.tensor(math.log(100.0), dtype=dtype)
+    return extra
+
+
 def ldm_checkpoint(unet: Mapping[str, torch.Tensor], unet_config: Mapping, vae: Mapping[str, torch.Tensor], vae_config: Mapping,
-                   text_encoders: list[Mapping[str, torch.Tensor]], family: str) -> dict[str, torch.Tensor]:
+                   text_encoders: list[Mapping[str, torch.Tensor]], family: str, base_file: Path | None = None) -> dict[str, torch.Tensor]:
     """A whole pipeline as one original-LDM checkpoint (what A1111, Forge and ComfyUI load), every
     name checked by diffusers' own LDM -> diffusers converters mapping it back to the same tensor.
-    `family`: "sd1" (a CLIP text encoder), "sd2" (OpenCLIP) or "sdxl" (both), see `text_family`."""
+    `family`: "sd1" (a CLIP text encoder), "sd2" (OpenCLIP) or "sdxl" (both), see `text_family`.
+    `base_file`: the base's own single file, if it is one (SD 2.x's unused OpenCLIP parts come from it)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
 
     out = {LDM_PREFIX + ldm: unet[name] for name, ldm in ldm_unet_names(list(unet), unet_config).items()}
@@ -437,6 +464,8 @@ def ldm_checkpoint(unet: Mapping[str, torch.Tensor], unet_config: Mapping, vae: 
     for text_encoder, (naming, prefix) in zip(text_encoders, TEXT_PREFIXES[family]):
         if naming == "open_clip":
             out.update(ldm_open_clip_tensors(text_encoder, prefix))
+            if family == "sd2":
+                out.update(open_clip_unused(out, prefix, base_file))
             continue
         # LDM keeps transformers' `text_model.` level (CLIPTextModel's own state dict drops it since transformers 5.6).
         text = {prefix + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in text_encoder.items()}

@@ -199,25 +199,60 @@ def _compile_chunk_variant(k: int, dtype: torch.dtype, device) -> None:
             logger.info("soup kernel compiled for K=%d, %s on %s", k, str(dtype).removeprefix("torch."), variant[3])
 
 
+BACKGROUND = True  # compile kernels in the background for later mixes (a server); the CLI, one mix and done, does not
+
+
 def warm_up(ks, dtype: torch.dtype, device, background: bool = True) -> list:
     """Compile the flat-buffer kernel for each K in `ks` ahead of use (10-40 s each on a CPU), so that
     no interactive mix pays for compiling; until a variant is ready, mixes of that K run eager.
-    Returns the threads started (empty when `background` is False: compiled here and now)."""
+    Returns the threads started (empty when `background` is False: compiled here and now; and when
+    background compiles are off, `BACKGROUND`)."""
+    import atexit
     import threading
 
     threads = []
     for k in ks:
         variant = _variant("chunk", k, dtype, device)
-        if variant in _ready or variant in _warming or _broken:
+        if variant in _ready or variant in _warming or _broken or (background and not BACKGROUND):
             continue
         if not background:
             _compile_chunk_variant(k, dtype, device)
             continue
+        if not _warming:
+            atexit.register(_join_compiles)
         t = threading.Thread(target=_compile_chunk_variant, args=(k, dtype, device), name=f"soup-compile-K{k}", daemon=True)
         _warming[variant] = t
         t.start()
         threads.append(t)
     return threads
+
+
+def compiling() -> list:
+    """The background compiles still running."""
+    return [t for t in _warming.values() if t.is_alive()]
+
+
+def _join_compiles() -> None:
+    # At interpreter exit, a compile still running in a daemon thread can abort the process while
+    # it is torn down ("terminate called without an active exception", SIGABRT): wait for it.
+    for t in compiling():
+        t.join()
+
+
+def exit(code: int) -> None:  # noqa: A001 (the process's exit, as sys.exit)
+    """End the process with `code`, at once even when a background compile is running: streams
+    flushed and logging shut down, then os._exit, so the compile is abandoned without the process
+    teardown that can abort on it (what `python -m soup_ui` and `app.py` end with; every file they
+    write is closed and renamed into place before)."""
+    import os
+    import sys
+
+    if not compiling():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_compiled(kind: str, calls: Iterator[tuple]) -> bool:

@@ -255,6 +255,39 @@ def test_export_single_file_writes_an_ldm_checkpoint(tiny_preset, tmp_path):
     assert main(["export", "--preset", str(tiny_preset), "--mix", "beta=1,gamma=1", "--format", "single-file", "--out", str(out)]) == 0
     with safe_open(str(out), "pt") as f:
         names = list(f.keys())
-        assert json.loads(f.metadata()["sd_merge_recipe"])["shards"][0]["name"] == "beta"
+        assert json.loads(f.metadata()["soup_ui.recipe"])["shards"][0]["name"] == "beta"
     assert "model.diffusion_model.input_blocks.0.0.weight" in names and "first_stage_model.encoder.conv_in.weight" in names
     assert main(["export", "--preset", str(tiny_preset), "--mix", "beta=1", "--format", "single-file", "--out", str(tmp_path / "x.ckpt")]) == 2
+
+
+EXIT_DURING_COMPILE = """
+import runpy, sys, torch
+from soup_ui import soup
+soup.warm_up([1, 2, 3], torch.float32, "cpu")  # kernel compiles in flight, as a server starts them
+sys.argv = ["soup_ui", *sys.argv[1:]]
+print("compiling", len(soup.compiling()), flush=True)
+runpy.run_module("soup_ui", run_name="__main__")  # python -m soup_ui ..., which ends with soup.exit
+"""
+
+
+def test_a_cli_export_exiting_during_a_background_compile_never_aborts(tiny_preset, tmp_path):
+    """A process that exits while a kernel compile runs in a background thread could abort at
+    teardown ("terminate called without an active exception", exit 134) after writing its file;
+    `python -m soup_ui` ends with soup.exit, which abandons the compile cleanly. 50 runs, 3 at a time."""
+    script = tmp_path / "exit_during_compile.py"
+    script.write_text(EXIT_DURING_COMPILE)
+    runs, results = list(range(50)), []
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    while runs:
+        batch, runs = runs[:3], runs[3:]
+        procs = [subprocess.Popen([sys.executable, str(script), "export", "--preset", str(tiny_preset), "--mix", "alpha=1,beta=1",
+                                   "--out", str(tmp_path / f"soup-{i}.safetensors")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in batch]
+        results += [(i, p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for i, p in zip(batch, procs)]
+    aborted = [(i, rc, err[-300:]) for i, rc, _, err in results if rc != 0 or "terminate called" in err]
+    assert aborted == []
+    assert all("compiling 3" in out for _, _, out, _ in results)  # each exited with compiles in flight
+    expected = load_file(str(tmp_path / "soup-0.safetensors"))
+    for i in range(50):
+        written = load_file(str(tmp_path / f"soup-{i}.safetensors"))
+        assert written.keys() == expected.keys() and all(torch.equal(written[k], v) for k, v in expected.items())

@@ -230,7 +230,9 @@ def test_the_single_file_export_loads_in_diffusers_and_back_as_a_shard(tmp_path,
         meta = f.metadata()
         assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")) for k in f.keys())
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
-    assert json.loads(meta["sd_merge_recipe"])["label"] == meta["modelspec.title"] == "soup: 0.50 alpha + 0.50 gamma"
+    assert json.loads(meta["soup_ui.recipe"])["label"] == meta["modelspec.title"] == "soup: 0.50 alpha + 0.50 gamma"
+    recipe = json.loads(meta["sd_merge_recipe"])
+    assert (recipe["type"], recipe["interp_method"], recipe["multiplier"], recipe["save_as_half"]) == ("webui", "Weighted sum", 0.5, True)
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and len(json.loads(meta["sd_merge_models"])) == 2
     back = StableDiffusionPipeline.from_single_file(str(out), config=str(studio.preset.base), safety_checker=None, requires_safety_checker=False)
     soup = studio.souped_weights(studio.make_mix({"alpha": 1, "gamma": 1}))

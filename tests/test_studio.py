@@ -118,7 +118,7 @@ def test_export_round_trip(studio, tmp_path, tiny_preset):
         {"name": "alpha", "sha256": sha256_file(folder / "alpha"), "weight": 0.25},
         {"name": "gamma", "sha256": sha256_file(folder / "gamma.safetensors"), "weight": 0.75},
     ]
-    assert json.loads(meta["sd_merge_recipe"])["label"] == "soup: 0.25 alpha + 0.75 gamma"
+    assert recipe["label"] == "soup: 0.25 alpha + 0.75 gamma"
     assert not list(tmp_path.glob(".*.tmp"))
 
 

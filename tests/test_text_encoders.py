@@ -3,7 +3,9 @@ text encoder; with the option on they are souped with the mix's weights, a shard
 as the base's; integer buffers are never averaged; off (the paper's default), the base's is used."""
 
 import json
+import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from soup_ui import formats
+from soup_ui import exports, formats
 from soup_ui.cli import main as cli_main
 from soup_ui.presets import RenderSettings, load_preset, load_recipe
 from soup_ui.studio import Studio
@@ -188,22 +190,68 @@ def sd2_like(tiny_preset, tmp_path_factory):
     return Studio(load_preset(folder / "sd2.yaml"))
 
 
+def open_clip_names(layers: int, prefix: str = "cond_stage_model.model.") -> set[str]:
+    """Every tensor name of an OpenCLIP text tower with `layers` residual blocks, as SD 2.x single
+    files carry it (what ComfyUI's SD 2.x CLIP loader, 24 blocks for ViT-H, reads without warnings)."""
+    block = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
+             "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"]
+    names = {f"transformer.resblocks.{i}.{n}" for i in range(layers) for n in block}
+    names |= {"positional_embedding", "token_embedding.weight", "ln_final.weight", "ln_final.bias", "text_projection", "logit_scale"}
+    return {prefix + n for n in names}
+
+
 def test_an_sd2_export_writes_open_clip_names_that_diffusers_reads_back(sd2_like, tmp_path):
-    """SD 2.x single files keep OpenCLIP's layout (resblocks, q/k/v in one in_proj): the export
-    inverts diffusers' converter, and diffusers' from_single_file gives every tensor back."""
+    """SD 2.x single files keep OpenCLIP's layout (resblocks, q/k/v in one in_proj) and all of it:
+    the last block, the projection and the logit scale that diffusers drops (ComfyUI warned "clip
+    missing: clip_h.logit_scale, text_projection.weight" and the 16 tensors of layers.23). From a
+    diffusers base they are neutral (a zero block is the identity); diffusers' from_single_file gives
+    every text-encoder tensor back."""
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
     out = sd2_like.export_single_file(sd2_like.make_mix({"alpha": 1, "beta": 1}), tmp_path / "sd2.safetensors")
+    layers = sd2_like.pipe.text_encoder.config.num_hidden_layers
     with safe_open(str(out), "pt") as f:
         names = set(f.keys())
-        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-v2-768-v"
-    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in names
+        meta = f.metadata()
+        last = {k: f.get_tensor(k) for k in names if f".resblocks.{layers}." in k}
+        projection, scale = f.get_tensor("cond_stage_model.model.text_projection"), f.get_tensor("cond_stage_model.model.logit_scale")
+    assert (meta["modelspec.architecture"], meta["modelspec.prediction_type"]) == ("stable-diffusion-v2-512", "epsilon")
+    assert {k for k in names if k.startswith("cond_stage_model.")} == open_clip_names(layers + 1)
+    assert len(last) == 12 and all(not t.any() for t in last.values())
+    assert torch.equal(projection.float(), torch.eye(projection.shape[0])) and abs(float(scale) - math.log(100)) < 1e-2
     assert not any(k.startswith("cond_stage_model.transformer.") for k in names)
+    scheduler = sd2_like.pipe.scheduler
+    scheduler.register_to_config(prediction_type="v_prediction")  # as SD 2.x-768-v's
+    try:
+        assert exports.architecture(sd2_like)["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+    finally:
+        scheduler.register_to_config(prediction_type="epsilon")
     back = StableDiffusionPipeline.from_single_file(str(out), config=str(sd2_like.preset.base), safety_checker=None, requires_safety_checker=False)
     expected = sd2_like.pipe.text_encoder.state_dict()
     got = back.text_encoder.state_dict()
     assert set(got) == set(expected) and all(torch.equal(got[k].half(), v.half()) for k, v in expected.items())
+
+
+def test_an_sd2_export_from_a_single_file_base_copies_its_unused_open_clip_parts(sd2_like, tmp_path):
+    """A base that is an SD 2.x single file has OpenCLIP's last block, projection and logit scale:
+    the export carries them as the base file has them, bit for bit."""
+    pipe = sd2_like.pipe
+    single = formats.ldm_checkpoint(dict(sd2_like.base_tensors), pipe.unet.config, pipe.vae.state_dict(), pipe.vae.config,
+                                    [pipe.text_encoder.state_dict()], "sd2")
+    torch.manual_seed(2)
+    layers = pipe.text_encoder.config.num_hidden_layers
+    real = {k: torch.randn_like(v) for k, v in single.items() if f".resblocks.{layers}." in k or k.endswith(("text_projection", "logit_scale"))}
+    assert len(real) == 14
+    save_file({**{k: v.contiguous().clone() for k, v in single.items()}, **real}, str(tmp_path / "base.safetensors"))
+    data = yaml.safe_load((Path(sd2_like.preset.base).parent / "sd2.yaml").read_text())  # the fixture's preset
+    data["base"], data["config"] = str(tmp_path / "base.safetensors"), str(sd2_like.preset.base)
+    (tmp_path / "single.yaml").write_text(yaml.safe_dump(data))
+    other = Studio(load_preset(tmp_path / "single.yaml"))
+    out = other.export_single_file(other.make_mix({"alpha": 1}), tmp_path / "soup.safetensors")
+    exported = load_file(str(out))
+    assert {k for k in exported if k.startswith("cond_stage_model.")} == open_clip_names(layers + 1)
+    assert all(torch.equal(exported[k], v.half()) for k, v in real.items())
 
 
 def test_an_sd2_single_file_text_encoder_mixes(sd2_like, tmp_path):
