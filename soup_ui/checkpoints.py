@@ -102,7 +102,28 @@ def read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 out[name] = (tuple(sl.get_shape()), str(sl.get_dtype()))
             return out
     except (SafetensorError, OSError, ValueError) as err:
+        pickled = pickle_kind(file)
+        if pickled:
+            raise CheckpointError(
+                f"{file}: {pickled} under a .safetensors name; refused, never unpickled (loading it could run arbitrary code): "
+                "convert it to safetensors first"
+            ) from None
         raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+def pickle_kind(file: Path) -> str | None:
+    """What pickle data a file holds, read from its first bytes only (never unpickled): a PyTorch
+    checkpoint (torch.save's zip, its `data.pkl` inside) or a bare pickle (protocol 2 to 5), else None."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") and b"data.pkl" in head:
+        return "a PyTorch checkpoint (torch.save's zipped pickle)"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return f"a pickle (protocol {head[1]})"
+    return None
 
 
 def data_ranges(file: Path) -> dict[str, tuple[int, int]]:
@@ -191,7 +212,6 @@ class LazyWeights(Mapping):
             self._where[name] = (file, stored)
             self.specs[name] = headers[file][stored]
             self._ranges[name] = ranges[file][stored]
-        self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -202,19 +222,30 @@ class LazyWeights(Mapping):
         files = list(dict.fromkeys(f for f, _ in self._where.values()))
         return sorted(self.specs, key=lambda n: (files.index(self._where[n][0]), self._ranges[n][0]))
 
-    def _read_ahead(self, file: Path, offset: int) -> None:
-        if not hasattr(os, "posix_fadvise"):
-            return
+    def _fd(self, file: Path) -> int:
         if file not in self._fds:
             self._fds[file] = os.open(file, os.O_RDONLY)
-        os.posix_fadvise(self._fds[file], offset, self.READ_AHEAD, os.POSIX_FADV_WILLNEED)
+        return self._fds[file]
+
+    def _read_ahead(self, file: Path, offset: int) -> None:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd(file), offset, self.READ_AHEAD, os.POSIX_FADV_WILLNEED)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        file, stored = self._where[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), "pt")
-        self._read_ahead(file, self._ranges[name][1])
-        tensor = self._handles[file].get_tensor(stored)
+        """The tensor, read with pread into memory of its own (not memory-mapped: pages mapped from
+        K files would stay in the process's resident memory), then cast and moved."""
+        file, _ = self._where[name]
+        (start, end), (shape, dtype_name) = self._ranges[name], self.specs[name]
+        fd = self._fd(file)
+        self._read_ahead(file, end)
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        view, done = memoryview(raw.numpy()), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], start + done)
+            if n <= 0:
+                raise CheckpointError(f"{file}: tensor {name!r} ends past the end of the file")
+            done += n
+        tensor = raw.view(torch_dtype(dtype_name)).reshape(shape)
         dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
         return tensor.to(device=self.device, dtype=dtype)
 
@@ -222,7 +253,6 @@ class LazyWeights(Mapping):
         for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
         getattr(self, "_fds", {}).clear()
-        getattr(self, "_handles", {}).clear()
 
     def __del__(self):
         self.close()

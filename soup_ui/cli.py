@@ -7,8 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
 from pydantic import ValidationError
 
+from .errors import StudioError
 from .files import safe_name
 from .methods import METHODS
 from .presets import parse_mix as parse_mix_text
@@ -86,12 +88,18 @@ def render_settings(args: argparse.Namespace, preset: Preset, recipe: Recipe | N
         raise UsageError(describe_validation_error("options", err).replace("\n", "; ")) from None
 
 
-def open_studio(args: argparse.Namespace, job: "Job"):
+def open_studio(args: argparse.Namespace, job: "Job", only_used: bool = False):
     """The job's studio; the job's render settings then start from the studio's defaults (the
-    preset's, else its family's: an SD3 or FLUX preset that names no scheduler gets its own)."""
+    preset's, else its family's: an SD3 or FLUX preset that names no scheduler gets its own).
+    `only_used`: load only the shards the mix reads (a render or an export needs no other)."""
+    from .stream import used_names
     from .studio import RuntimeOptions, Studio
 
-    studio = Studio(job.preset, RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None, memory=args.memory))
+    preset = job.preset
+    if only_used:
+        used = used_names(job.weights, job.params)
+        preset = preset.model_copy(update={"shards": [s for s in preset.shards if s.name in used] or preset.shards})
+    studio = Studio(preset, RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None, memory=args.memory))
     for name, why in studio.failed.items():
         logger.warning("shard %s left out: %s", name, why)
     job.settings = render_settings(args, studio.preset, job.recipe)
@@ -148,7 +156,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     if not args.out and not args.out_dir:
         raise UsageError("render: give --out FILE.png and/or --out-dir DIR")
     job = Job(args)
-    studio = open_studio(args, job)
+    studio = open_studio(args, job, only_used=True)
     results = studio.render(job.mix, job.settings)
     if args.ensemble:
         from .workflows import ensemble
@@ -175,7 +183,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     if out.exists() and (args.format == "pipeline" or not args.overwrite):
         raise UsageError(f"export: {out} exists; " + ("choose a new folder" if args.format == "pipeline" else "pass --overwrite to replace it"))
     job = Job(args)
-    studio = open_studio(args, job)
+    if args.format != "pipeline" and not job.text_encoders:  # file to file, tensor by tensor: no pipeline, no shard held
+        from tqdm import tqdm
+
+        from .stream import export as stream_export
+
+        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype or "", torch.float32)
+        with tqdm(total=100, desc=f"export {out.name}", unit="%", disable=not sys.stderr.isatty(), bar_format="{l_bar}{bar}| {elapsed}") as bar:
+            _, job.mix = stream_export(job.preset, job.weights, job.method, job.params, out, args.format, dtype, overwrite=args.overwrite,
+                                       progress=lambda f: bar.update(round(100 * f) - bar.n))
+        logger.info("wrote %s", out)
+        return
+    studio = open_studio(args, job, only_used=True)
     if args.format == "pipeline":
         studio.export_pipeline(job.mix, out)
     elif args.format == "single-file":
@@ -378,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         args.run(args)
-    except (UsageError, PresetError, ValueError, FileNotFoundError) as err:
+    except (UsageError, PresetError, ValueError, FileNotFoundError, StudioError) as err:
         message = str(err).replace("\n", "; ")
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -79,24 +79,34 @@ def _own_metadata(path: Path) -> dict:
     return out
 
 
-def architecture(studio: Studio) -> dict[str, str]:
-    """modelspec.architecture, resolution and prediction type, read from the pipeline: SD 2.x is
-    "stable-diffusion-v2-768-v" for v-prediction models and "stable-diffusion-v2-512" for epsilon ones."""
-    prediction = studio.pipe.scheduler.config.get("prediction_type", "epsilon")
-    name = families.ARCHITECTURES[studio.family]
-    if studio.family == "sd2":
+def modelspec(family: str, prediction: str, size: int | None, distilled: bool | None) -> dict[str, str]:
+    """modelspec.architecture, prediction type and resolution: SD 2.x is "stable-diffusion-v2-768-v"
+    for v-prediction models and "stable-diffusion-v2-512" for epsilon ones; FLUX schnell (not
+    guidance-distilled) is "flux-1-schnell"."""
+    name = families.ARCHITECTURES[family]
+    if family == "sd2":
         name = "stable-diffusion-v2-768-v" if prediction == "v_prediction" else "stable-diffusion-v2-512"
-    if studio.guidance_distilled is False:
+    if distilled is False:
         name = "flux-1-schnell"
-    sample = getattr(studio.pipe, "default_sample_size", None) or studio.hybrid.config.get("sample_size")
-    size = sample * studio.pipe.vae_scale_factor if isinstance(sample, int) else None
     out = {"modelspec.architecture": name, "modelspec.prediction_type": "v" if prediction == "v_prediction" else prediction}
     if size:
         out["modelspec.resolution"] = f"{size}x{size}"
     return out
 
 
+def architecture(studio: Studio) -> dict[str, str]:
+    """`modelspec` of the studio's pipeline: its family, scheduler's prediction type and native size."""
+    prediction = studio.pipe.scheduler.config.get("prediction_type", "epsilon")
+    sample = getattr(studio.pipe, "default_sample_size", None) or studio.hybrid.config.get("sample_size")
+    size = sample * studio.pipe.vae_scale_factor if isinstance(sample, int) else None
+    return modelspec(studio.family, prediction, size, studio.guidance_distilled)
+
+
 def merge_metadata(studio: Studio, mix: Mix, half: bool = False) -> dict[str, str]:
+    return merge_metadata_of(mix, architecture(studio), half)
+
+
+def merge_metadata_of(mix: Mix, spec: dict[str, str], half: bool = False) -> dict[str, str]:
     """The recipe as safetensors metadata: ours in full (`soup_ui.recipe`), A1111's merger layout
     (`sd_merge_recipe`, `sd_merge_models`: read by A1111, SuperMerger and civitai) and Stability AI's
     model spec (shown by ComfyUI, Forge and the A1111 model browser). No date unless asked
@@ -108,7 +118,7 @@ def merge_metadata(studio: Studio, mix: Mix, half: bool = False) -> dict[str, st
         "sd_merge_recipe": json.dumps(recipe),
         "sd_merge_models": json.dumps(models),
         "modelspec.sai_model_spec": "1.0.0",
-        **architecture(studio),
+        **spec,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": mix.label,
     }

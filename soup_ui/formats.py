@@ -449,9 +449,17 @@ def ldm_checkpoint(unet: Mapping[str, torch.Tensor], unet_config: Mapping, vae: 
     name checked by diffusers' own LDM -> diffusers converters mapping it back to the same tensor.
     `family`: "sd1" (a CLIP text encoder), "sd2" (OpenCLIP) or "sdxl" (both), see `text_family`.
     `base_file`: the base's own single file, if it is one (SD 2.x's unused OpenCLIP parts come from it)."""
+    out = {LDM_PREFIX + ldm: unet[name] for name, ldm in ldm_unet_names(list(unet), unet_config).items()}
+    out.update(ldm_parts(vae, vae_config, text_encoders, family, base_file))
+    return out
+
+
+def ldm_parts(vae: Mapping[str, torch.Tensor], vae_config: Mapping, text_encoders: list[Mapping[str, torch.Tensor]], family: str,
+              base_file: Path | None = None) -> dict[str, torch.Tensor]:
+    """The VAE and text encoder(s) of an original-LDM checkpoint (see `ldm_checkpoint`)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
 
-    out = {LDM_PREFIX + ldm: unet[name] for name, ldm in ldm_unet_names(list(unet), unet_config).items()}
+    out = {}
     vae_names = ldm_vae_names(list(vae), vae_config)
     attention = (".mid.attn_1.q.weight", ".mid.attn_1.k.weight", ".mid.attn_1.v.weight", ".mid.attn_1.proj_out.weight")
     vae_ldm = {ldm: vae[name][:, :, None, None] if ldm.endswith(attention) and vae[name].ndim == 2 else vae[name] for name, ldm in vae_names.items()}

@@ -137,3 +137,23 @@ def test_lazy_weights_know_where_each_tensor_lies(tmp_path):
     assert [ranges[n][0] for n in order] == sorted(r[0] for r in ranges.values())  # front to back on disk
     assert all(torch.equal(lazy[n], tensors[n]) for n in tensors)
     lazy.close()
+
+
+@pytest.mark.parametrize("form", ["torch.save", "pickle"])
+def test_a_pickle_renamed_safetensors_is_named_and_never_unpickled(tmp_path, form, monkeypatch):
+    """It was "not a readable safetensors file (... header too large)", like a text file."""
+    import pickle
+
+    path = tmp_path / "model.safetensors"
+    if form == "torch.save":
+        torch.save({"w": torch.ones(2)}, path)
+    else:
+        path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpickled"))
+    expected = "a PyTorch checkpoint (torch.save's zipped pickle)" if form == "torch.save" else "a pickle (protocol 4)"
+    with pytest.raises(CheckpointError) as err:
+        tensor_specs(path)
+    assert str(err.value) == (f"{path}: {expected} under a .safetensors name; refused, never unpickled "
+                              "(loading it could run arbitrary code): convert it to safetensors first")
