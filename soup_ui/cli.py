@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from . import pngmeta
 from .errors import StudioError
 from .files import safe_name
 from .methods import METHODS
@@ -148,7 +149,9 @@ def write_strip(results, out: str | None, title: str) -> None:
     if out:
         strip = labelled_strip([(r.label, r.image) for r in results], set_apart=[i for i, r in enumerate(results) if r.kind != "component"], title=title)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        strip.save(out)
+        carrier = next((r.image for r in results if r.kind == "soup"), results[-1].image)
+        strip.info = {k: v for k, v in carrier.info.items() if isinstance(v, str)}  # the soup's recipe
+        pngmeta.save(strip, out) if Path(out).suffix.lower() == ".png" else strip.save(out)
         logger.info("wrote %s", out)
 
 
@@ -168,7 +171,7 @@ def cmd_render(args: argparse.Namespace) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for r in results:
             name = {"soup": "soup.png", "ensemble": "ensemble.png"}.get(r.kind, f"{safe_name(r.label)}.png")
-            r.image.save(folder / name)
+            pngmeta.save(r.image, folder / name)  # with its recipe: --recipe FILE.png renders it again
         logger.info("wrote %d images to %s", len(results), folder)
     if args.save_recipe:
         save_recipe(job.as_recipe(), args.save_recipe, overwrite=args.overwrite)

@@ -279,10 +279,22 @@ def parse_params(items) -> dict[str, str]:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file; a relative preset path is resolved from its folder."""
+    """Read and validate a recipe: a YAML file, or a PNG the studio wrote (its recipe chunk, see
+    `pngmeta`); a relative preset path is resolved from its folder."""
     path = Path(path)
     try:
-        recipe = Recipe.model_validate(read_yaml(path))
+        if path.suffix.lower() == ".png":
+            from .pngmeta import read_recipe
+
+            try:
+                data = read_recipe(path)
+            except (OSError, ValueError) as err:
+                raise PresetError(f"{path}: not a readable PNG ({err})") from None
+            if data is None:
+                raise PresetError(f"{path}: this PNG carries no studio recipe (no soup_ui.recipe text chunk)")
+            recipe = Recipe.model_validate(data)
+        else:
+            recipe = Recipe.model_validate(read_yaml(path))
     except ValidationError as err:
         raise PresetError(describe_validation_error(path, err)) from None
     if recipe.preset is not None:

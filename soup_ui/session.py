@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import checkpoints, formats, workflows
+from . import checkpoints, formats, pngmeta, workflows
 from .files import atomic_path, safe_name
 from .presets import (
     Recipe,
@@ -146,7 +146,7 @@ class StudioHost:
         import io
 
         buffer = io.BytesIO()
-        rendered.image.save(buffer, format="PNG")
+        pngmeta.save(rendered.image, buffer)  # with the recipe the image carries
         data = buffer.getvalue()
         folder = self.image_dir / hashlib.sha256(data).hexdigest()[:24]
         path = folder / f"{safe_name(name, 'image')}.png"

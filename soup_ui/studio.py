@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import adapters, checkpoints, exports, families, formats, methods, soup
+from . import adapters, checkpoints, exports, families, formats, methods, pngmeta, soup
 from .errors import StudioError
 from .mix import Mix
 from .pool import Pool, Shard, Weights
-from .presets import SCHEDULERS, Preset, RenderDefaults, RenderSettings
+from .presets import SCHEDULERS, Preset, Recipe, RenderDefaults, RenderSettings
 
 logger = logging.getLogger(__name__)
 
@@ -518,7 +518,8 @@ class Studio:
             self._fresh(shard.weights)
             own_text = shard.text_sha if text_encoders else None
             image = self.cached(("component", shard.sha256, own_text, settings), make)
-        return Rendered(shard.name, image, "component")
+        recipe = Recipe.of(self.preset.source, alone, settings)
+        return Rendered(shard.name, pngmeta.attach(image, recipe, shard.name, shard.sha256[:10]), "component")
 
     def render_soup(self, mix: Mix, settings: RenderSettings) -> Rendered:
         """The hybrid's image for this mix (with its text encoders when the mix says so); mix and
@@ -534,7 +535,8 @@ class Studio:
             for s in mix.shards:
                 self._fresh(s.weights)
             image = self.cached(("soup", mix.key, mix.text_key, settings), make)
-        return Rendered(mix.label + (", text encoders mixed" if mix.text_key else ""), image, "soup")
+        label = mix.label + (", text encoders mixed" if mix.text_key else "")
+        return Rendered(label, pngmeta.attach(image, Recipe.of(self.preset.source, mix, settings), label), "soup")
 
     def render_soup_batch(self, mix: Mix, batch: list[RenderSettings], batch_size: int = 64) -> list[Image.Image]:
         """The hybrid's images for many prompts and seeds, `batch_size` per denoising pass (for

@@ -233,19 +233,25 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             studio = host.get(session.preset)
             r = studio.preset.render
             first = r.prompt or (r.prompts[0] if r.prompts else "")
-            failed = "".join(f"\n\n⚠️ shard **{n}** left out: {html.escape(why)}" for n, why in studio.failed.items())
-            lean = ", lean mode (shards streamed from disk)" if studio.lean else ""
-            lean += f"<br><small>memory: {html.escape(studio.memory_plan)}</small>"
             return [
                 session,
                 *shard_updates(session),
-                f"**{studio.preset.name or name}**: {html.escape(studio.preset.description)}"
-                f" ({len(session.shards)} shards; {studio.family_name}: {type(studio.pipe).__name__}, soups its {studio.kind.denoiser};"
-                f" {studio.device}, {str(studio.dtype).removeprefix('torch.')}{lean}){failed}",
+                status_line(session),
                 gr.Dropdown(choices=r.prompts, value=first if first in r.prompts else None),
                 first, *family_controls(studio, r), r.height, r.width,
                 gr.Button(interactive=True), gr.Dropdown(interactive=True), None, None, "**Soup**", "", studio.preset.mix_text_encoders,
             ]
+
+        def status_line(session) -> str:
+            """The preset line: name, description, this page's shard count (kept current as shards
+            are added and removed), family, device and memory plan, and shards left out."""
+            studio = host.get(session.preset)
+            failed = "".join(f"\n\n⚠️ shard **{n}** left out: {html.escape(why)}" for n, why in studio.failed.items())
+            lean = ", lean mode (shards streamed from disk)" if studio.lean else ""
+            lean += f"<br><small>memory: {html.escape(studio.memory_plan)}</small>"
+            return (f"**{studio.preset.name or session.preset}**: {html.escape(studio.preset.description)}"
+                    f" ({len(session.shards)} shards; {studio.family_name}: {type(studio.pipe).__name__}, soups its {studio.kind.denoiser};"
+                    f" {studio.device}, {str(studio.dtype).removeprefix('torch.')}{lean}){failed}")
 
         def family_controls(studio, r) -> list:
             """Negative prompt, seed, steps, guidance and scheduler as the family takes them: the negative
@@ -328,7 +334,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         wiring = dict(
             state=state, job_inputs=job_inputs, controls_from=controls_from, shard_updates=shard_updates, current=current,
             shard_outputs=shard_outputs, preset=preset, checks=checks, sliders=sliders, method=method, params=params, note=note, text_mix=text_mix,
-            settings_inputs=settings_inputs, mixture=mixture, on_mixture=on_mixture, full=full,
+            settings_inputs=settings_inputs, mixture=mixture, on_mixture=on_mixture, full=full, status=status, status_line=status_line,
         )
         build_workflow_tabs(host, **wiring)
         build_api(host, state)
@@ -336,7 +342,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
 
 def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, shard_updates, current, shard_outputs, preset,
-                        checks, sliders, method, params, note, text_mix, settings_inputs, mixture, on_mixture, full) -> None:
+                        checks, sliders, method, params, note, text_mix, settings_inputs, mixture, on_mixture, full, status, status_line) -> None:
     """The paper's workflows: shards in and out, leave-one-out, interpolation and grids, the
     ensemble reference, recipes and export."""
     # Long workflows queue apart from interactive renders and give way to them between images.
@@ -396,7 +402,8 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
                 export_button = gr.Button("Export soup UNet (.safetensors)", elem_id="export-unet")
                 single_button = gr.Button("Export single file (A1111, Forge, ComfyUI)", elem_id="export-single")
                 pipeline_button = gr.Button("Export pipeline folder", elem_id="export-pipeline")
-            recipe_upload = gr.File(label="Load a recipe", file_types=[".yaml", ".yml"], type="filepath", elem_id="recipe-upload")
+            recipe_upload = gr.File(label="Load a recipe (.yaml, or a PNG the studio made: it carries its recipe)", file_types=[".yaml", ".yml", ".png"],
+                                    type="filepath", elem_id="recipe-upload")
             export_file = gr.File(label="Written file", interactive=False, elem_id="export-file")
             export_message = gr.Markdown(elem_id="export-message")
 
@@ -405,16 +412,16 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
             flags, weights = current(handlers.require(session), values)  # before the new row exists
             message = handlers.add_shard(host, session, name, path_text, upload)
         except (ValueError, KeyError) as err:  # the reason goes in the message line; the rows stay as they are
-            return [gr.skip()] * (1 + len(shard_outputs)) + [error_line(err), None]
-        return [session, *shard_updates(session, flags, weights), message, None]
+            return [gr.skip()] * (1 + len(shard_outputs)) + [error_line(err), None, gr.skip()]
+        return [session, *shard_updates(session, flags, weights), message, None, status_line(session)]
 
     def on_remove(session, name, *values):
         try:
             flags, weights = current(handlers.require(session), values)
             message = handlers.remove_shard(host, session, name)
         except (ValueError, KeyError) as err:
-            return [gr.skip()] * (1 + len(shard_outputs)) + [error_line(err)]
-        return [session, *shard_updates(session, flags, weights), message]
+            return [gr.skip()] * (1 + len(shard_outputs)) + [error_line(err), gr.skip()]
+        return [session, *shard_updates(session, flags, weights), message, status_line(session)]
 
     def on_save_preset(session, file_name, overwrite, *values):
         try:
@@ -425,8 +432,8 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
 
     check_values = [*checks, *sliders]
     message_only = dict(show_progress_on=[shards_message])  # not a spinner over every shard row
-    add_button.click(on_add, [state, add_name, add_path, add_file, *check_values], [state, *shard_outputs, shards_message, add_file], **work_opts, **message_only)
-    remove_button.click(on_remove, [state, remove_name, *check_values], [state, *shard_outputs, shards_message], **work_opts, **message_only)
+    add_button.click(on_add, [state, add_name, add_path, add_file, *check_values], [state, *shard_outputs, shards_message, add_file, status], **work_opts, **message_only)
+    remove_button.click(on_remove, [state, remove_name, *check_values], [state, *shard_outputs, shards_message, status], **work_opts, **message_only)
     preset_button.click(on_save_preset, [state, preset_file, preset_overwrite, *job_inputs[1:]], [preset, shards_message], **work_opts, **message_only)
 
     @user_errors

@@ -34,6 +34,17 @@ def test_render_endpoint_and_its_errors(server):
     assert render(client, "beta=1")[1]["labels"][-1] == "soup: 1.00 beta"  # still serving
 
 
+def test_api_images_carry_their_recipe(server):
+    """The PNGs the server hands out carry the recipe (Gradio writes the image's text into them)."""
+    import json
+
+    images, _ = Client(server, verbose=False).predict("", "alpha=1,gamma=1", *ARGS.values(), api_name="/render")
+    soup = Image.open(images[-1]["image"]["path"] if isinstance(images[-1]["image"], dict) else images[-1]["image"])
+    recipe = json.loads(soup.text["soup_ui.recipe"])
+    assert recipe["mix"] == {"alpha": 1.0, "gamma": 1.0} and recipe["render"]["seed"] == 5
+    assert soup.text["parameters"].startswith("a red apple\nSteps: 3, Sampler: DPM++ 2M, CFG scale: 4, Seed: 5, Size: 16x16")
+
+
 def test_concurrent_sessions_get_their_own_soups(server, studio, tmp_path):
     """Eight clients at once, four different mixes never rendered before: each gets its own soup."""
     from soup_ui.presets import RenderSettings

@@ -291,3 +291,32 @@ def test_a_cli_export_exiting_during_a_background_compile_never_aborts(tiny_pres
     for i in range(50):
         written = load_file(str(tmp_path / f"soup-{i}.safetensors"))
         assert written.keys() == expected.keys() and all(torch.equal(written[k], v) for k, v in expected.items())
+
+
+def test_images_carry_their_recipe_and_render_again_from_it_byte_for_byte(tiny_preset, tmp_path, capsys):
+    """Every PNG the CLI writes carries A1111's `parameters` text and the full recipe; `--recipe
+    image.png` restores the mix, method, parameters and settings: the same PNG, byte for byte."""
+    first = tmp_path / "first"
+    assert main(["render", "--preset", str(tiny_preset), "--mix", "alpha=1,gamma=3", "--method", "ties", "--param", "density=0.4",
+                 "--prompt", "a cat face", "--negative-prompt", "blurry", "--seed", "5", "--out-dir", str(first), "--out", str(tmp_path / "strip.png")]) == 0
+    soup = Image.open(first / "soup.png")
+    lines = soup.text["parameters"].splitlines()
+    assert lines[0] == "a cat face" and lines[1] == "Negative prompt: blurry"
+    assert lines[2].startswith("Steps: 3, Sampler: ") and "Seed: 5, Size: 16x16" in lines[2]
+    assert "Merge method: ties, Merge parameters: density=0.4" in lines[2]
+    recipe = json.loads(soup.text["soup_ui.recipe"])
+    assert (recipe["mix"], recipe["method"], recipe["params"]["density"]) == ({"alpha": 1.0, "gamma": 3.0}, "ties", 0.4)
+    assert json.loads(Image.open(tmp_path / "strip.png").text["soup_ui.recipe"]) == recipe
+    component = Image.open(first / "alpha.png").text
+    assert json.loads(component["soup_ui.recipe"])["mix"] == {"alpha": 1.0} and "Model hash: " in component["parameters"]
+    again = tmp_path / "again"
+    assert main(["render", "--recipe", str(first / "soup.png"), "--out-dir", str(again)]) == 0
+    assert (again / "soup.png").read_bytes() == (first / "soup.png").read_bytes()
+    alone = tmp_path / "alone"
+    assert main(["render", "--recipe", str(first / "alpha.png"), "--out-dir", str(alone)]) == 0
+    assert (alone / "alpha.png").read_bytes() == (first / "alpha.png").read_bytes()
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    capsys.readouterr()
+    assert main(["render", "--recipe", str(tmp_path / "plain.png"), "--out-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "plain.png: this PNG carries no studio recipe" in err and len(err.splitlines()) == 1

@@ -87,6 +87,7 @@ def test_two_visitors_change_their_own_shards(server, browser, tiny_preset):
     a.click("#remove-shard")
     wait_text(a, "#shards-message", "removed shard alpha from this session")
     assert text(a, "#shard-check-0").strip() == "beta"
+    wait_text(a, "#status", "(2 shards;")  # the header counts this page's shards (it kept "(3 shards")
     for i in range(10):  # rows 3..12 in page a
         fill(a, "add-name", f"copy{i}")
         fill(a, "add-path", "gamma.safetensors")
@@ -97,6 +98,7 @@ def test_two_visitors_change_their_own_shards(server, browser, tiny_preset):
     fill(a, "add-name", "copy10")
     a.click("#add-shard")
     a.wait_for_selector("#shard-check-12", state="visible", timeout=TIMEOUT)  # a 13th shard gets a row
+    wait_text(a, "#status", "(13 shards;")
     # Page b still has its own three shards, and its ticks mean them.
     assert [text(b, f"#shard-check-{i}").strip() for i in range(3)] == ["alpha", "beta", "gamma"]
     assert not b.locator("#shard-check-3").is_visible()
@@ -463,6 +465,18 @@ def test_choosing_ties_and_moving_density_re_render_the_soup_with_its_label(serv
     page.close()
 
 
+def soup_from_recipe(browser, server, recipe, label: str, method: str) -> str:
+    """Load a recipe file on a new visitor's page (the average selected); the digest of its soup."""
+    fresh = open_page(browser, server)
+    tab(fresh, "Recipe / export")
+    fresh.locator("#recipe-upload input[type=file]").set_input_files(str(recipe))
+    wait_text(fresh, "#soup-label", label)
+    assert fresh.locator("#method input").first.input_value() == method
+    digest = image_digest(fresh)
+    fresh.close()
+    return digest
+
+
 def test_a_recipe_saved_with_dare_reloads_and_renders_the_same_bytes(server, browser, tiny_preset):
     page = open_page(browser, server)
     choose_method(page, "dare")
@@ -477,13 +491,27 @@ def test_a_recipe_saved_with_dare_reloads_and_renders_the_same_bytes(server, bro
     recipe = tiny_preset.parent / "outputs" / "recipes" / "dare-recipe.yaml"
     assert "method: dare" in recipe.read_text() and "density: 0.3" in recipe.read_text()
     page.close()
-    fresh = open_page(browser, server)  # a new visitor, the average selected
-    tab(fresh, "Recipe / export")
-    fresh.locator("#recipe-upload input[type=file]").set_input_files(str(recipe))
-    wait_text(fresh, "#soup-label", "dare (density 0.3, lambda 1, seed 0)")
-    assert fresh.locator("#method input").first.input_value() == "dare"
-    assert image_digest(fresh) == saved  # byte-identical soup
-    fresh.close()
+    assert soup_from_recipe(browser, server, recipe, "dare (density 0.3, lambda 1, seed 0)", "dare") == saved  # byte-identical soup
+
+
+def test_a_soup_png_dropped_on_the_page_restores_its_mix_and_renders_the_same_bytes(server, browser, tmp_path):
+    """Every image the page serves carries its recipe (PNG text chunks: A1111's `parameters` and
+    the full recipe); loading that PNG as a recipe restores the method, parameters, mix and settings."""
+    import json
+
+    from PIL import Image
+
+    page = open_page(browser, server)
+    choose_method(page, "ties")
+    type_param(page, "density", 0.4)
+    wait_text(page, "#soup-label", "ties (density 0.4")
+    saved = image_digest(page)
+    png = tmp_path / "soup.png"
+    png.write_bytes(page.request.get(page.locator("#soup-image img").get_attribute("src")).body())
+    recipe = json.loads(Image.open(png).text["soup_ui.recipe"])
+    assert recipe["method"] == "ties" and recipe["params"]["density"] == 0.4
+    page.close()
+    assert soup_from_recipe(browser, server, png, "ties (density 0.4", "ties") == saved  # byte-identical soup, recipe chunks included
 
 
 def test_leave_one_out_uses_the_chosen_method(server, browser):
