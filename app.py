@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     options = RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None, memory=args.memory)
     models_dirs = args.models_dir or ([HERE / "assets" / "emoji" / "shards"] if DEFAULT_PRESET in presets else [])
     host = StudioHost(presets, options, models_dirs=models_dirs, output_dir=args.output_dir)
+    # The presets named on the command line (else the first, the embedded default) load before the
+    # server answers; the others load when a visitor picks them.
+    host.preload([Path(p).stem for p in (args.preset or presets[:1])])
     launch(build_ui(host), port=args.port, share=args.share, max_file_size=args.max_upload)
 
 

@@ -79,6 +79,16 @@ def test_generate_waits_for_the_page_to_load(server, browser):
     page.close()
 
 
+def test_presets_named_at_start_are_loaded_before_the_server_answers(server, tiny_preset):
+    """The first visitor waited for the preset to load (~44 s on the embedded default); now the
+    presets named on the command line load before the server answers, and the log says how long."""
+    import re
+
+    log = (tiny_preset.parent / "server.log").read_text()
+    assert re.search(r"preset tiny loaded at start in \d+\.\d s", log), log[-2000:]
+    assert re.search(r"preset tiny-two loaded at start in \d+\.\d s", log)
+
+
 def test_two_visitors_change_their_own_shards(server, browser, tiny_preset):
     """Item 2: adding or removing is per page; a 13th shard gets its row; rows never drive another shard."""
     a, b = open_page(browser, server), open_page(browser, server)
