@@ -448,7 +448,12 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
     session = require(session)
     studio = host.get(session.preset)
     mix = controls.mix(session)
-    path = host.new_file("exports", file_name, ".safetensors", overwrite)
+    # The two formats never share a name: NAME.safetensors is the checkpoint A1111 users expect,
+    # the UNet alone is NAME-unet.safetensors (one export used to refuse the other as "exists").
+    stem = safe_name(file_name).removesuffix(".safetensors") if file_name.strip() else ""
+    if stem and not single_file and not stem.endswith("-unet"):
+        stem += "-unet"
+    path = host.new_file("exports", stem, ".safetensors", overwrite)
     if single_file:
         studio.export_single_file(mix, path)
     else:
@@ -457,7 +462,7 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
     return str(path), f"wrote `{host.shown(path)}` ({what})"
 
 
-def export_pipeline(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> str:
+def export_pipeline(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:
     session = require(session)
     studio = host.get(session.preset)
     mix = controls.mix(session)
@@ -465,8 +470,21 @@ def export_pipeline(host: StudioHost, session: Session, controls: Controls, file
     studio.export_pipeline(mix, folder, overwrite=overwrite)
     from .studio import folder_variant
 
+    archive = zip_folder(folder)
     variant = folder_variant(folder)
-    return f"wrote the pipeline folder `{host.shown(folder)}`; load it with `DiffusionPipeline.from_pretrained`" + (f' (variant="{variant}")' if variant else "")
+    return str(archive), (f"wrote the pipeline folder `{host.shown(folder)}` (and `{archive.name}` to download); load it with "
+                          "`DiffusionPipeline.from_pretrained`" + (f' (variant="{variant}")' if variant else ""))
+
+
+def zip_folder(folder: Path) -> Path:
+    """The folder as one .zip beside it (stored, not compressed: safetensors do not compress), for download."""
+    import zipfile
+
+    out = folder.with_suffix(".zip")
+    with atomic_path(out, overwrite=True) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            z.write(file, Path(folder.name) / file.relative_to(folder))
+    return out
 
 
 def save_preset(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:

@@ -461,14 +461,15 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     ens_button.click(on_ensemble, [state, *controls], [ens_gallery], **work_opts)
 
     def in_message_line(fn):
-        """File handlers report a refusal in the message line (the file box keeps what it offered)."""
+        """File handlers report a refusal in the message line, and the file box then offers nothing
+        (it offered the previous file, which a user took for the one refused)."""
 
         @functools.wraps(fn)
         def wrapper(*args):
             try:
                 return fn(*args)
             except (ValueError, KeyError, FileExistsError) as err:
-                return gr.skip(), error_line(err)
+                return None, error_line(err)
 
         return user_errors(wrapper)
 
@@ -486,7 +487,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
 
     @in_message_line
     def on_export_pipeline(session, file_name, overwrite, *values):
-        return None, handlers.export_pipeline(host, session, controls_from(values), file_name, overwrite)
+        return handlers.export_pipeline(host, session, controls_from(values), file_name, overwrite)
 
     @user_errors
     def on_load_recipe(session, path):

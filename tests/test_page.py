@@ -184,8 +184,15 @@ def test_save_recipe_and_export_offer_their_files(server, browser):
     wait_text(page, "#export-message", "recipes/page-recipe.yaml exists; tick 'overwrite'")
     fill(page, "out-name", "page-soup")
     page.click("#export-unet")
-    page.wait_for_selector("#export-file a[href$='page-soup.safetensors']", timeout=TIMEOUT)
-    wait_text(page, "#export-message", "wrote outputs/exports/page-soup.safetensors")
+    page.wait_for_selector("#export-file a[href$='page-soup-unet.safetensors']", timeout=TIMEOUT)
+    wait_text(page, "#export-message", "wrote outputs/exports/page-soup-unet.safetensors")
+    page.click("#export-single")  # the same name: the checkpoint, never refused as the UNet's file
+    page.wait_for_selector("#export-file a[href$='/page-soup.safetensors']", timeout=TIMEOUT)
+    page.click("#export-unet")  # refused: exists; the file box no longer offers the other file
+    wait_text(page, "#export-message", "exports/page-soup-unet.safetensors exists; tick 'overwrite'")
+    page.wait_for_function("document.querySelectorAll('#export-file a').length === 0", timeout=TIMEOUT)
+    page.click("#export-pipeline")
+    page.wait_for_selector("#export-file a[href$='page-soup.zip']", timeout=TIMEOUT)  # the folder, downloadable
     page.close()
 
 

@@ -152,9 +152,17 @@ def test_exports_and_recipes_are_offered_and_readable(host, studio):
         handlers.save_recipe(host, s, c, "r1", False)
     path, _ = handlers.export_unet(host, s, c, "soup", False)
     assert isinstance(path, str) and stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask()
-    handlers.export_pipeline(host, s, c, "pipe", False)
+    # The UNet and the single file never share a name (one refused the other as "exists").
+    single, _ = handlers.export_unet(host, s, c, "soup", False, single_file=True)
+    assert (Path(path).name, Path(single).name) == ("soup-unet.safetensors", "soup.safetensors")
+    archive, message = handlers.export_pipeline(host, s, c, "pipe", False)
     folder = host.output_dir / "pipelines" / "pipe"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask()
+    import zipfile
+
+    with zipfile.ZipFile(archive) as z:  # the folder, offered as one download
+        names = set(z.namelist())
+    assert "pipe/model_index.json" in names and "pipe/unet/diffusion_pytorch_model.safetensors" in names and "pipe.zip" in message
     with pytest.raises(ValueError, match="pipelines/pipe exists; tick 'overwrite'"):
         handlers.export_pipeline(host, s, c, "pipe", False)
     before = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
