@@ -366,6 +366,14 @@ def soup_file(host: StudioHost, soup: Rendered, mix: Mix, settings: RenderSettin
     return host.image_file(soup, name[:120]), soup_caption(soup.label, settings)
 
 
+def text_note(mix: Mix) -> str:
+    """What "Mix text encoders too" does for this mix, when it does nothing (it did so silently)."""
+    if mix.text_encoders and not any(s.weights.text_found is not None for s in mix.shards):
+        return ("“Mix text encoders too” changes nothing here: none of the ticked shards has a text encoder of its own "
+                "(UNet files and LoRAs use the base's).")
+    return ""
+
+
 def generate(host: StudioHost, session: Session, controls: Controls, progress=None, ticket: int | None = None, mix: Mix | None = None) -> Images:
     """Every ticked component and the soup, from the same noise (`mix`: the request's, when the
     caller built it already). Superseded (nothing to show) when a newer request of the same page
@@ -378,7 +386,7 @@ def generate(host: StudioHost, session: Session, controls: Controls, progress=No
     if session.superseded(ticket):
         return SUPERSEDED
     session.rendered = (tuple(mix.names), controls.settings, controls.text_encoders)
-    return Images(image_files(host, results[:-1], controls.settings), soup_file(host, results[-1], mix, controls.settings))
+    return Images(image_files(host, results[:-1], controls.settings), soup_file(host, results[-1], mix, controls.settings), text_note(mix))
 
 
 def render_soup(host: StudioHost, session: Session, controls: Controls) -> Images:
@@ -395,7 +403,7 @@ def render_soup(host: StudioHost, session: Session, controls: Controls) -> Image
     if session.superseded(ticket):
         return SUPERSEDED
     note = "" if session.rendered else "Components are not rendered yet: press Generate to see them beside the soup."
-    return Images(None, soup_file(host, soup, mix, controls.settings), note)
+    return Images(None, soup_file(host, soup, mix, controls.settings), " ".join(n for n in (note, text_note(mix)) if n))
 
 
 # -- the paper's workflows ------------------------------------------------------------------------

@@ -386,3 +386,14 @@ def test_a_slider_release_builds_its_mix_once_and_normalizes_once(host, monkeypa
     edited = SETTINGS.model_copy(update={"seed": 11})
     handlers.render_soup(host, s, controls(s, {"alpha": 1, "beta": 0.3}, edited))  # components stale: rendered again too
     assert (len(builds), len(normalizations)) == (2, 2)
+
+
+def test_mixing_text_encoders_where_no_shard_has_one_says_so(host, studio):
+    """Issue 22 item 6: the tick did nothing, silently, on a preset of UNet files."""
+    s = handlers.open_session(host, None)
+    c = controls(s, {"alpha": 1, "beta": 1})
+    assert handlers.generate(host, s, c).note == ""
+    ticked = Controls(c.flags, c.weights, c.method, c.params, c.settings, text_encoders=True)
+    note = handlers.generate(host, s, ticked).note
+    assert note.startswith("“Mix text encoders too” changes nothing here: none of the ticked shards has a text encoder of its own")
+    assert "changes nothing here" in handlers.render_soup(host, s, ticked).note
