@@ -67,6 +67,8 @@ class StudioHost:
         self._studios: dict[str, Studio] = {}
         self._lock = threading.Lock()
         self._image_writes = 0
+        for saved in sorted((self.output_dir / "presets").glob("*.yaml")):  # presets saved from the page, by any visitor, before
+            self.add_preset(saved)
 
     @classmethod
     def of(cls, name: str, studio, **kwargs) -> "StudioHost":
@@ -505,10 +507,12 @@ def save_preset(host: StudioHost, session: Session, controls: Controls, file_nam
         raise ValueError("tick at least one shard to save as a preset")
     path = host.new_file("presets", file_name, ".yaml", overwrite)
     shards = [ShardSpec(name=n, path=session.shards[n].path, weight=w, description=session.shards[n].description) for n, w in mix.items()]
-    preset = studio.preset.model_copy(update={"shards": shards, "name": Path(path).stem, "mix_text_encoders": controls.text_encoders})
+    description = f"{len(shards)} shards saved from {studio.preset.name or session.preset}: {', '.join(s.name for s in shards)}"
+    preset = studio.preset.model_copy(update={"shards": shards, "name": Path(path).stem, "description": description,
+                                              "mix_text_encoders": controls.text_encoders})
     write_yaml_atomic(preset_data(preset, path.parent), path, overwrite=True)
     key = host.add_preset(path)
-    return key, f"saved the preset `{host.shown(path)}` ({len(shards)} shards with their current weights); it is in the preset list"
+    return key, f"saved the preset `{host.shown(path)}` ({len(shards)} shards with their current weights); it is in the preset list of every page"
 
 
 def load_recipe_controls(host: StudioHost, session: Session, path: str) -> tuple[dict[str, float], Recipe]:

@@ -239,7 +239,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 status_line(session),
                 gr.Dropdown(choices=r.prompts, value=first if first in r.prompts else None),
                 first, *family_controls(studio, r), r.height, r.width,
-                gr.Button(interactive=True), gr.Dropdown(interactive=True), None, None, "**Soup**", "", studio.preset.mix_text_encoders,
+                gr.Button(interactive=True), gr.Dropdown(choices=list(host.presets), interactive=True),  # with presets saved since the page was built
+                None, None, "**Soup**", "", studio.preset.mix_text_encoders,
             ]
 
         def status_line(session) -> str:

@@ -282,6 +282,23 @@ def test_switching_presets_changes_the_rows_and_defaults(server, browser):
     page.close()
 
 
+def test_a_saved_preset_is_offered_to_every_visitor_with_its_own_description(server, browser):
+    """It was listed only on the page that saved it, gone after a reload, with the source's description."""
+    a = open_page(browser, server)
+    tab(a, "Add / remove shards")
+    a.locator("#shard-check-2 input[type=checkbox]").uncheck()
+    fill(a, "save-preset-name", "shared-pick")
+    a.click("#save-preset")
+    wait_text(a, "#shards-message", "it is in the preset list of every page")
+    a.close()
+    b = open_page(browser, server)  # another visitor (or a reload)
+    b.locator("#preset input").first.click()
+    b.get_by_role("option", name="shared-pick").click()
+    wait_text(b, "#status", "2 shards saved from tiny: alpha, beta")
+    assert [text(b, f"#shard-check-{i}").strip() for i in range(2)] == ["alpha", "beta"]
+    b.close()
+
+
 def test_quick_clicks_end_on_what_the_page_shows(server, browser):
     """Renders of one page run at once and may finish out of order; the page ends on the last click."""
     page = open_page(browser, server)

@@ -204,7 +204,11 @@ def test_save_preset_keeps_ticks_and_weights_and_is_offered(host):
     key, message = handlers.save_preset(host, s, controls(s, {"alpha": 0.3, "gamma": 0.6}), "mine", False)
     saved = load_preset(host.presets[key])
     assert [(x.name, x.weight) for x in saved.shards] == [("alpha", 0.3), ("gamma", 0.6)]
-    assert key in host.presets and "in the preset list" in message
+    assert key in host.presets and "in the preset list of every page" in message
+    assert saved.description == "2 shards saved from tiny: alpha, gamma"  # its own, not the source preset's
+    # Listed again by a server started later on the same output folder (it was gone after a reload).
+    again = StudioHost([host.presets[host.default]], output_dir=host.output_dir)
+    assert again.presets[key] == host.presets[key]
 
 
 def test_interpolate_needs_two_different_ends(host):
