@@ -145,6 +145,8 @@ def parse_preset(data: dict, source: Path) -> Preset:
     if not base.exists() and HUB_ID.match(str(preset.base)):
         base = hub_snapshot(str(preset.base), source)
     config = resolve(preset.config, folder) if preset.config is not None else None
+    if not base.exists():  # the real cause, not "no model_index.json" (a missing file was reported as a folder)
+        raise PresetError(f"{source}: base: no such file or folder {str(preset.base)!r}")
     if base.is_file():
         if base.suffix.lower() != ".safetensors":
             raise PresetError(f"{source}: base: a single-file base must be .safetensors (pickle checkpoints are refused), got {str(preset.base)!r}")

@@ -353,9 +353,15 @@ class Images:
     soup: tuple[str, str] | None
     note: str = ""
     superseded: bool = False  # a newer request of the same page came in: show nothing of this one
+    empty: bool = False  # nothing to mix (no shard ticked with a weight): an empty state, not an error
 
 
 SUPERSEDED = Images(None, None, superseded=True)
+NOTHING_TO_MIX = Images(None, None, "Nothing to mix: no shard is ticked with a positive weight. The images shown are of the last mix.", empty=True)
+
+
+def nothing_to_mix(session: Session, controls: Controls) -> bool:
+    return sum(controls.ticked(session).values()) <= 0
 
 
 def image_files(host: StudioHost, results: list[Rendered], settings: RenderSettings) -> list[tuple[str, str]]:
@@ -382,6 +388,8 @@ def generate(host: StudioHost, session: Session, controls: Controls, progress=No
     came in meanwhile."""
     session = require(session)
     ticket = session.ticket() if ticket is None else ticket
+    if mix is None and nothing_to_mix(session, controls):
+        return NOTHING_TO_MIX
     studio = host.get(session.preset)
     mix = controls.mix(session) if mix is None else mix
     results = studio.render(mix, controls.settings, progress)
@@ -397,6 +405,8 @@ def render_soup(host: StudioHost, session: Session, controls: Controls) -> Image
     they can), so that soup and components always correspond."""
     session = require(session)
     ticket = session.ticket()
+    if nothing_to_mix(session, controls):
+        return NOTHING_TO_MIX
     studio = host.get(session.preset)
     mix = controls.mix(session)
     if session.rendered is not None and session.rendered != (tuple(mix.names), controls.settings, controls.text_encoders):

@@ -32,6 +32,9 @@ CSS = """
 .mixture-bar { display: flex; height: 22px; border-radius: 5px; overflow: hidden; margin: 4px 0; }
 .mixture-bar div { color: white; font-size: 11px; line-height: 22px; text-align: center; overflow: hidden; white-space: nowrap; }
 .error-line { color: #b3261e; font-weight: 600; }
+/* Gallery captions wrap instead of being cut ("t=0.25: soup: 0.75 twemoji + 0.2..."); ensemble images fit the viewport. */
+.gallery-item .caption-label, .thumbnail-item .caption-label { white-space: normal !important; overflow: visible !important; text-overflow: clip !important; max-width: none !important; }
+#ens-gallery img { max-height: 60vh; }
 """
 # Gradio's slider number box commits a typed value only on blur; Enter should commit it too (weights, method parameters).
 JS = """
@@ -162,12 +165,12 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                     info="the shards' own text encoders (full checkpoints, pipeline folders) with the same weights; a shard without one counts as the base's",
                 )
             with gr.Column(scale=1):
-                examples = gr.Dropdown([], label="Example prompts", interactive=True)
+                examples = gr.Dropdown([], label="Example prompts", interactive=True, elem_id="examples")
                 prompt = gr.Textbox(label="Prompt (Enter renders)", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
-                    randomize = gr.Button("Randomize seed", size="sm")
+                    randomize = gr.Button("Randomize seed", size="sm", elem_id="randomize")
                 with gr.Row():
                     steps = gr.Number(20, label="Steps (1-150)", precision=0, elem_id="steps")
                     guidance = gr.Number(5.0, label="Guidance scale (0-30)", elem_id="guidance")
@@ -229,7 +232,16 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
         @user_errors
         def on_preset(name, old, progress=gr.Progress()):
-            session = handlers.open_session(host, name, old, lambda f, d: progress(f, desc=d))
+            try:
+                session = handlers.open_session(host, name, old, lambda f, d: progress(f, desc=d))
+            except (ValueError, KeyError, OSError) as err:
+                if old is None:  # nothing to go back to
+                    raise
+                # The page stays on the preset it had (rows, images, the dropdown itself), the reason in place.
+                kept = [gr.skip()] * len(preset_outputs)
+                kept[preset_outputs.index(preset)] = gr.Dropdown(value=old.preset)
+                kept[preset_outputs.index(status)] = status_line(old) + "\n\n" + error_line(ValueError(f"preset {name!r} not loaded: {err}"))
+                return kept
             studio = host.get(session.preset)
             r = studio.preset.render
             first = r.prompt or (r.prompts[0] if r.prompts else "")
@@ -277,6 +289,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         def show(images: handlers.Images):
             if images.superseded:  # a newer click of this page is on its way: keep what is shown
                 return [gr.skip()] * 4
+            if images.empty:  # the last images stay, marked as such
+                return gr.skip(), gr.skip(), "**Soup**: nothing to mix", images.note
             gallery = gr.skip() if images.components is None else gr.Gallery(value=images.components, columns=max(1, len(images.components)))
             path, caption = images.soup
             return gallery, gr.Image(value=path), caption, images.note
@@ -308,9 +322,9 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         preset_outputs = [state, *shard_outputs, status, examples, *settings_inputs, generate, preset, components, soup_image, soup_label, stale, text_mix]
         demo.load(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
         preset.input(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
-        examples.input(lambda p: p, [examples], [prompt], **quiet)
-        randomize.click(lambda: random.randint(0, 2**31 - 1), None, [seed], **quiet)
         full = dict(fn=on_generate, inputs=job_inputs, outputs=render_outputs)
+        examples.input(lambda p: p, [examples], [prompt], **quiet).then(**full, **render_opts)  # renders, as a slider does
+        randomize.click(lambda: random.randint(0, 2**31 - 1), None, [seed], **quiet).then(**full, **render_opts)
         soup_only = dict(fn=on_soup, inputs=job_inputs, outputs=render_outputs)
         generate.click(**full, **render_opts)
         prompt.submit(**full, **render_opts)
@@ -393,7 +407,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
                 "every step: **one UNet call per component per step**, so it costs N times a soup render."
             )
             ens_button = gr.Button("Render ensemble and soup")
-            ens_gallery = gr.Gallery(show_label=False, columns=2, height=300, object_fit="contain", format="png", elem_classes=["pixelated"], allow_preview=False, buttons=["download"])
+            ens_gallery = gr.Gallery(show_label=False, columns=2, height=300, object_fit="contain", format="png", elem_classes=["pixelated"], allow_preview=False, buttons=["download"], elem_id="ens-gallery")
         with gr.Tab("Recipe / export", elem_id="tab-export"):
             with gr.Row():
                 out_name = gr.Textbox("soup", label="File name", elem_id="out-name")

@@ -67,12 +67,12 @@ def _leave_one_out(studio: Studio, mix: Mix, settings: RenderSettings, progress)
         image = studio.render_soup(rest, settings).image
         dp = pixel_distance(full.image, image)
         info = {"without": name, "pixels": dp}
-        label = f"without {name}: {dp:.1f} px"
+        label = f"without {name}: pixels move {dp:.1f}/255 on average"
         if full_c is not None:
             rest_c = _coefficients(rest, mix.names)
             difference = [a - b for a, b in zip(full_c, rest_c)][: len(sources)]
             info["weights"] = dw = soup.weight_distance(sources, difference)
-            label += f", {dw:.2e} weights"
+            label += f"; weights {dw:.2e} (RMS)"
         out.append(Rendered(label, image, "soup", info))
     report(1.0, "done")
     return out

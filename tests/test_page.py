@@ -299,6 +299,24 @@ def test_a_saved_preset_is_offered_to_every_visitor_with_its_own_description(ser
     b.close()
 
 
+def test_an_example_prompt_and_randomize_seed_render_and_captions_wrap(server, browser):
+    """Issue 22 item 16: both changed a setting without rendering (a slider renders); gallery
+    captions were cut with an ellipsis."""
+    page = open_page(browser, server)
+    generate(page, "· seed 0 · “a red apple”")
+    page.locator("#examples input").first.click()
+    page.get_by_role("option", name="a cat face").click()
+    wait_text(page, "#soup-label", "“a cat face”")
+    assert page.locator("#components img").count() == 3  # components of the new prompt too
+    page.click("#randomize")
+    page.wait_for_function("!document.querySelector('#soup-label').innerText.includes('· seed 0 ·')", timeout=TIMEOUT)
+    seed = page.locator("#seed input").first.input_value()
+    wait_text(page, "#soup-label", f"· seed {seed} ·")
+    caption = page.locator("#components .caption-label").first
+    assert caption.evaluate("e => getComputedStyle(e).whiteSpace") == "normal"
+    page.close()
+
+
 def test_quick_clicks_end_on_what_the_page_shows(server, browser):
     """Renders of one page run at once and may finish out of order; the page ends on the last click."""
     page = open_page(browser, server)
@@ -406,6 +424,32 @@ def test_mix_text_encoders_checkbox(server, browser, tiny_preset, tmp_path):
     page.wait_for_function(f"document.querySelector('#soup-image img')?.src !== {before!r}", timeout=TIMEOUT)
     page.locator("#mix-text-encoders input").uncheck()
     page.wait_for_function("!document.querySelector('#soup-label').innerText.includes('text encoders mixed')", timeout=TIMEOUT)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def server_with_a_missing_preset(tiny_preset, tmp_path_factory):
+    """The tiny preset and one whose base file is missing (as the shipped examples on a fresh machine)."""
+    from conftest import serve
+
+    folder = tmp_path_factory.mktemp("missing-preset")
+    (folder / "missing.yaml").write_text("name: missing\nbase: /models/sd_xl_base_1.0.safetensors\nshards:\n  - {name: x, path: /models/x.safetensors}\n")
+    yield from serve([tiny_preset, folder / "missing.yaml"], folder)
+
+
+def test_a_preset_that_fails_to_load_leaves_the_page_on_the_previous_one(server_with_a_missing_preset, browser):
+    """It said "no diffusers pipeline (model_index.json)" for a missing file, left the dropdown on the
+    failed preset while the rows stayed, and Generate rendered the old preset's shards."""
+    page = open_page(browser, server_with_a_missing_preset)
+    generate(page, "soup: 0.34 alpha")
+    page.locator("#preset input").first.click()
+    page.get_by_role("option", name="missing").click()
+    wait_text(page, "#status", "preset 'missing' not loaded")
+    assert "base: no such file or folder '/models/sd_xl_base_1.0.safetensors'" in text(page, "#status")
+    assert page.locator("#preset input").first.input_value() == "tiny"
+    assert "tiny random test models" in text(page, "#status")  # the previous preset's line stays, the reason below it
+    assert page.locator(".toast-body").count() == 0  # in place, not in a toast
+    generate(page, "soup: 0.34 alpha")  # still the tiny preset's shards
     page.close()
 
 
