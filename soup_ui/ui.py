@@ -447,8 +447,13 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
 
     check_values = [*checks, *sliders]
     message_only = dict(show_progress_on=[shards_message])  # not a spinner over every shard row
-    add_button.click(on_add, [state, add_name, add_path, add_file, *check_values], [state, *shard_outputs, shards_message, add_file, status], **work_opts, **message_only)
-    remove_button.click(on_remove, [state, remove_name, *check_values], [state, *shard_outputs, shards_message, status], **work_opts, **message_only)
+    # The shown images follow the shards: a removed shard's component leaves, an added one joins (it
+    # stayed on screen, or the new row sat ticked beside images without it).
+    again = dict(**full, api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4)
+    add_button.click(on_add, [state, add_name, add_path, add_file, *check_values], [state, *shard_outputs, shards_message, add_file, status],
+                     **work_opts, **message_only).success(**again)
+    remove_button.click(on_remove, [state, remove_name, *check_values], [state, *shard_outputs, shards_message, status],
+                        **work_opts, **message_only).success(**again)
     preset_button.click(on_save_preset, [state, preset_file, preset_overwrite, *job_inputs[1:]], [preset, shards_message], **work_opts, **message_only)
 
     @user_errors

@@ -196,6 +196,24 @@ def test_save_recipe_and_export_offer_their_files(server, browser):
     page.close()
 
 
+def test_the_images_follow_added_and_removed_shards(server, browser):
+    """Issue 22 item 1: a removed shard's component and its share in the soup label stayed on
+    screen; an added shard joined the bar ticked with no render."""
+    page = open_page(browser, server)
+    generate(page, "soup: 0.34 alpha + 0.33 beta + 0.33 gamma")
+    tab(page, "Add / remove shards")
+    fill(page, "remove-name", "alpha")
+    page.click("#remove-shard")
+    wait_text(page, "#soup-label", "soup: 0.50 beta + 0.50 gamma")
+    page.wait_for_function("document.querySelectorAll('#components img').length === 2", timeout=TIMEOUT)
+    fill(page, "add-name", "delta")
+    fill(page, "add-path", "gamma.safetensors")
+    page.click("#add-shard")
+    wait_text(page, "#soup-label", "soup: 0.34 beta + 0.33 gamma + 0.33 delta")
+    page.wait_for_function("document.querySelectorAll('#components img').length === 3", timeout=TIMEOUT)
+    page.close()
+
+
 def test_failed_add_says_why_in_the_message_line(server, browser):
     """Item 9: the reason stays in the message line; the shard rows show no error."""
     page = open_page(browser, server)
