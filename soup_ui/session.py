@@ -374,6 +374,34 @@ def soup_file(host: StudioHost, soup: Rendered, mix: Mix, settings: RenderSettin
     return host.image_file(soup, name[:120]), soup_caption(soup.label, settings)
 
 
+def download_all(host: StudioHost, session: Session, controls: Controls) -> str:
+    """One zip of what the page shows: each component and the soup (PNGs that carry their recipe)
+    and the recipe as YAML; the images come from the cache when they are shown already."""
+    import io
+    import zipfile
+
+    import yaml
+
+    session = require(session)
+    if nothing_to_mix(session, controls):
+        raise ValueError("nothing to download: tick a shard with a positive weight")
+    studio = host.get(session.preset)
+    mix = controls.mix(session)
+    results = studio.render(mix, controls.settings)
+    stem = Path(soup_file(host, results[-1], mix, controls.settings)[0]).stem
+    path = host.output_dir / "downloads" / f"{stem}.zip"
+    recipe = Recipe.of(studio.preset.source, mix, controls.settings).model_dump(mode="json")
+    if recipe["preset"]:
+        recipe["preset"] = str(Path(recipe["preset"]).resolve())
+    with atomic_path(path, overwrite=True) as tmp, zipfile.ZipFile(tmp, "w") as z:
+        for r in results:
+            buffer = io.BytesIO()
+            pngmeta.save(r.image, buffer)
+            z.writestr(f"{stem}.png" if r.kind == "soup" else f"{safe_name(r.label)}.png", buffer.getvalue())
+        z.writestr("recipe.yaml", yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
+    return str(path)
+
+
 def text_note(mix: Mix) -> str:
     """What "Mix text encoders too" does for this mix, when it does nothing (it did so silently)."""
     if mix.text_encoders and not any(s.weights.text_found is not None for s in mix.shards):

@@ -69,6 +69,24 @@ def user_errors(fn):
     return wrapper
 
 
+def in_place(outputs: int):
+    """A handler whose refusal (a bad setting, mix or axis: ValueError, KeyError) is shown once, in
+    the message line after its `outputs`, which keep what they showed (it was a toast, and an "Error"
+    pill that wiped the previous result); other errors as `user_errors`."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)  # its outputs and the message line (empty when all went well)
+            except (ValueError, KeyError) as err:
+                return [gr.skip()] * outputs + [error_line(err)]
+
+        return user_errors(wrapper)
+
+    return decorate
+
+
 def error_line(err: Exception) -> str:
     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return f"<span class='error-line'>❌ {html.escape(str(message))}</span>"
@@ -176,8 +194,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                     guidance = gr.Number(5.0, label="Guidance scale (0-30)", elem_id="guidance")
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm++", label="Scheduler")
                 with gr.Row():
-                    height = gr.Number(64, label="Height", precision=0)
-                    width = gr.Number(64, label="Width", precision=0)
+                    height = gr.Number(64, label="Height", precision=0, elem_id="height")
+                    width = gr.Number(64, label="Width", precision=0, elem_id="width")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate", interactive=False)
         with gr.Row(equal_height=True):
             with gr.Column(scale=3):
@@ -193,6 +211,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                     show_label=False, type="filepath", format="png", height=256, elem_id="soup-image",
                     elem_classes=["pixelated"], buttons=["download", "fullscreen"], interactive=False,
                 )
+                download_all = gr.Button("Download all (zip: components, soup, recipe)", size="sm", elem_id="download-all")
+                download_file = gr.File(show_label=False, interactive=False, elem_id="download-all-file", height=60)
 
         settings_inputs = [prompt, negative, seed, steps, guidance, scheduler, height, width]
         control_inputs = [method, *params, text_mix, *checks, *sliders, *settings_inputs]
@@ -295,11 +315,11 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             path, caption = images.soup
             return gallery, gr.Image(value=path), caption, images.note
 
-        @user_errors
+        @in_place(3)  # a refused setting or mix: said under the images, which stay
         def on_generate(session, *values, progress=gr.Progress()):
             return show(handlers.generate(host, session, controls_from(values), lambda f, d: progress(f, desc=d)))
 
-        @user_errors
+        @in_place(3)
         def on_soup(session, *values):
             return show(handlers.render_soup(host, session, controls_from(values)))
 
@@ -327,6 +347,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         randomize.click(lambda: random.randint(0, 2**31 - 1), None, [seed], **quiet).then(**full, **render_opts)
         soup_only = dict(fn=on_soup, inputs=job_inputs, outputs=render_outputs)
         generate.click(**full, **render_opts)
+        download_all.click(in_place(1)(lambda session, *values: (handlers.download_all(host, session, controls_from(values)), "")),
+                           job_inputs, [download_file, stale], **render_opts)
         prompt.submit(**full, **render_opts)
         for check in checks:
             # always_last: a second click while the first one's render runs is queued, never dropped.
@@ -387,6 +409,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
         with gr.Tab("Leave one out", elem_id="tab-loo"):
             gr.Markdown("The full soup and the soup without each shard in turn (the paper's unlearning experiment), each labelled with how far it moved: mean absolute pixel change and RMS weight change.")
             loo_button = gr.Button("Leave one out", elem_id="loo-run")
+            loo_message = gr.Markdown(elem_id="loo-message")
             loo_gallery = gr.Gallery(show_label=False, columns=6, height=320, object_fit="contain", format="png", elem_id="loo-gallery", elem_classes=["pixelated"], allow_preview=False, buttons=["download"])
         with gr.Tab("Interpolate / grid", elem_id="tab-interp"):
             with gr.Row():
@@ -394,11 +417,13 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
                 interp_to = gr.Textbox(label="To", elem_id="interp-to")
                 interp_count = gr.Slider(2, 16, value=5, step=1, label="Images")
                 interp_button = gr.Button("Interpolate", elem_id="interp-run")
+            interp_message = gr.Markdown(elem_id="interp-message")
             interp_gallery = gr.Gallery(show_label=False, columns=8, height=260, object_fit="contain", format="png", elem_classes=["pixelated"], allow_preview=False, elem_id="interp-gallery", buttons=["download"])
             with gr.Row():
                 grid_x = gr.Textbox(label="X axis", value="seed=0,1,2", info="weight:SHARD=0,0.5,1 | seed=0,1 | prompt=a|b | guidance=1,4 | steps=5,20", elem_id="grid-x")
                 grid_y = gr.Textbox(label="Y axis", value="guidance=2,5", elem_id="grid-y")
                 grid_button = gr.Button("Grid", elem_id="grid-run")
+            grid_message = gr.Markdown(elem_id="grid-message")
             grid_image = gr.Image(show_label=False, type="filepath", format="png", elem_classes=["pixelated"], elem_id="grid-image", buttons=["download", "fullscreen"], interactive=False)
         with gr.Tab("Ensemble reference", elem_id="tab-ensemble"):
             gr.Markdown(
@@ -407,6 +432,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
                 "every step: **one UNet call per component per step**, so it costs N times a soup render."
             )
             ens_button = gr.Button("Render ensemble and soup")
+            ens_message = gr.Markdown(elem_id="ens-message")
             ens_gallery = gr.Gallery(show_label=False, columns=2, height=300, object_fit="contain", format="png", elem_classes=["pixelated"], allow_preview=False, buttons=["download"], elem_id="ens-gallery")
         with gr.Tab("Recipe / export", elem_id="tab-export"):
             with gr.Row():
@@ -456,29 +482,30 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
                         **work_opts, **message_only).success(**again)
     preset_button.click(on_save_preset, [state, preset_file, preset_overwrite, *job_inputs[1:]], [preset, shards_message], **work_opts, **message_only)
 
-    @user_errors
+    # Workflow refusals are said in the tab's message line; the previous result stays on screen.
+    @in_place(1)
     def on_loo(session, *values, progress=gr.Progress()):
         results = handlers.leave_one_out(host, session, controls_from(values), lambda f, d: progress(f, desc=d))
-        return gr.Gallery(value=results, columns=len(results))
+        return gr.Gallery(value=results, columns=len(results)), ""
 
-    @user_errors
+    @in_place(1)
     def on_interpolate(session, start, end, count, *values, progress=gr.Progress()):
         results = handlers.interpolate(host, session, controls_from(values), start, end, count, lambda f, d: progress(f, desc=d))
-        return gr.Gallery(value=results, columns=len(results))
+        return gr.Gallery(value=results, columns=len(results)), ""
 
-    @user_errors
+    @in_place(1)
     def on_grid(session, x_text, y_text, *values, progress=gr.Progress()):
-        return handlers.grid(host, session, controls_from(values), x_text, y_text, lambda f, d: progress(f, desc=d))
+        return handlers.grid(host, session, controls_from(values), x_text, y_text, lambda f, d: progress(f, desc=d)), ""
 
-    @user_errors
+    @in_place(1)
     def on_ensemble(session, *values):
-        return handlers.ensemble(host, session, controls_from(values))
+        return handlers.ensemble(host, session, controls_from(values)), ""
 
     controls = job_inputs[1:]
-    loo_button.click(on_loo, [state, *controls], [loo_gallery], **work_opts)
-    interp_button.click(on_interpolate, [state, interp_from, interp_to, interp_count, *controls], [interp_gallery], **work_opts)
-    grid_button.click(on_grid, [state, grid_x, grid_y, *controls], [grid_image], **work_opts)
-    ens_button.click(on_ensemble, [state, *controls], [ens_gallery], **work_opts)
+    loo_button.click(on_loo, [state, *controls], [loo_gallery, loo_message], **work_opts)
+    interp_button.click(on_interpolate, [state, interp_from, interp_to, interp_count, *controls], [interp_gallery, interp_message], **work_opts)
+    grid_button.click(on_grid, [state, grid_x, grid_y, *controls], [grid_image, grid_message], **work_opts)
+    ens_button.click(on_ensemble, [state, *controls], [ens_gallery, ens_message], **work_opts)
 
     def in_message_line(fn):
         """File handlers report a refusal in the message line, and the file box then offers nothing

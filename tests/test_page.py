@@ -214,6 +214,56 @@ def test_the_images_follow_added_and_removed_shards(server, browser):
     page.close()
 
 
+def test_refusals_are_said_once_in_place_and_the_last_result_stays(server, browser):
+    """Issue 22 items 7 and 8: a refused setting or workflow showed a toast (often twice) and an
+    "Error" pill that replaced the previous result."""
+    page = open_page(browser, server)
+    generate(page, "soup: 0.34 alpha")
+    before = page.locator("#soup-image img").get_attribute("src")
+    fill(page, "height", 17)  # not a multiple of 8
+    page.click("#generate")
+    wait_text(page, "#stale-note", "height")
+    assert "❌" in text(page, "#stale-note") and page.locator("#soup-image img").get_attribute("src") == before
+    assert text(page, "#soup-label").startswith("soup: 0.34 alpha")
+    fill(page, "height", 16)
+    tab(page, "Interpolate / grid")
+    fill(page, "interp-to", "alpha")
+    page.click("#interp-run")
+    page.wait_for_function("document.querySelectorAll('#interp-gallery img').length === 5", timeout=TIMEOUT)
+    fill(page, "interp-to", "")
+    page.click("#interp-run")
+    wait_text(page, "#interp-message", "give the mix to interpolate to")
+    assert page.locator("#interp-gallery img").count() == 5  # the strip stays
+    fill(page, "grid-x", "colour=1,2")
+    page.click("#grid-run")
+    page.wait_for_function("document.querySelector('#grid-message').innerText.includes('❌')", timeout=TIMEOUT)
+    assert page.locator(".toast-body").count() == 0
+    page.close()
+
+
+def test_download_all_gives_a_zip_of_the_components_the_soup_and_the_recipe(server, browser, tmp_path):
+    """Issue 22 item 11: only the soup could be downloaded."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from soup_ui.presets import load_recipe
+
+    page = open_page(browser, server)
+    generate(page, "soup: 0.34 alpha + 0.33 beta + 0.33 gamma")
+    page.click("#download-all")
+    page.wait_for_selector("#download-all-file a[href$='.zip']", timeout=TIMEOUT)
+    data = page.request.get(page.locator("#download-all-file a").first.get_attribute("href")).body()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert sorted(z.namelist()) == ["alpha.png", "beta.png", "gamma.png", "recipe.yaml", "soup-alpha34-beta33-gamma33-seed0.png"]
+        soup = Image.open(io.BytesIO(z.read("soup-alpha34-beta33-gamma33-seed0.png")))
+        (tmp_path / "recipe.yaml").write_bytes(z.read("recipe.yaml"))
+    assert "soup_ui.recipe" in soup.text
+    assert load_recipe(tmp_path / "recipe.yaml").mix == {"alpha": 1.0, "beta": 1.0, "gamma": 1.0}
+    page.close()
+
+
 def test_failed_add_says_why_in_the_message_line(server, browser):
     """Item 9: the reason stays in the message line; the shard rows show no error."""
     page = open_page(browser, server)
