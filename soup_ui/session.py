@@ -374,6 +374,21 @@ def soup_file(host: StudioHost, soup: Rendered, mix: Mix, settings: RenderSettin
     return host.image_file(soup, name[:120]), soup_caption(soup.label, settings)
 
 
+def compare(host: StudioHost, session: Session, controls: Controls, name: str) -> tuple[str, str]:
+    """The component `name` and the soup of the current mix, as one A/B pair (from the cache when shown)."""
+    session = require(session)
+    name = name.strip() or next(iter(controls.ticked(session)), "")
+    if name not in session.shards:
+        raise ValueError(f"compare the soup with which shard? {name!r} is not one of this page's ({', '.join(session.shards)})")
+    if nothing_to_mix(session, controls):
+        raise ValueError("nothing to compare: tick a shard with a positive weight")
+    studio = host.get(session.preset)
+    mix = controls.mix(session)
+    component = studio.render_component(session.shards[name], controls.settings, text_encoders=mix.text_encoders)
+    soup = studio.render_soup(mix, controls.settings)
+    return image_files(host, [component], controls.settings)[0][0], soup_file(host, soup, mix, controls.settings)[0]
+
+
 def download_all(host: StudioHost, session: Session, controls: Controls) -> str:
     """One zip of what the page shows: each component and the soup (PNGs that carry their recipe)
     and the recipe as YAML; the images come from the cache when they are shown already."""

@@ -434,6 +434,14 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
             ens_button = gr.Button("Render ensemble and soup")
             ens_message = gr.Markdown(elem_id="ens-message")
             ens_gallery = gr.Gallery(show_label=False, columns=2, height=300, object_fit="contain", format="png", elem_classes=["pixelated"], allow_preview=False, buttons=["download"], elem_id="ens-gallery")
+        with gr.Tab("A/B compare", elem_id="tab-ab"):
+            gr.Markdown("The soup against one of its components, at a viewable size: the component on the left, the soup on the right; drag the divider.")
+            with gr.Row():
+                ab_shard = gr.Textbox(label="Component (a shard name; empty: the first ticked)", elem_id="ab-shard")
+                ab_button = gr.Button("Compare", elem_id="ab-run")
+            ab_message = gr.Markdown(elem_id="ab-message")
+            ab_view = gr.ImageSlider(show_label=False, type="filepath", format="png", height=512, elem_id="ab-view", elem_classes=["pixelated"],
+                                     interactive=False)
         with gr.Tab("Recipe / export", elem_id="tab-export"):
             with gr.Row():
                 out_name = gr.Textbox("soup", label="File name", elem_id="out-name")
@@ -502,6 +510,8 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
         return handlers.ensemble(host, session, controls_from(values)), ""
 
     controls = job_inputs[1:]
+    ab_button.click(in_place(1)(lambda session, name, *values: (handlers.compare(host, session, controls_from(values), name), "")),
+                    [state, ab_shard, *controls], [ab_view, ab_message], **work_opts)
     loo_button.click(on_loo, [state, *controls], [loo_gallery, loo_message], **work_opts)
     interp_button.click(on_interpolate, [state, interp_from, interp_to, interp_count, *controls], [interp_gallery, interp_message], **work_opts)
     grid_button.click(on_grid, [state, grid_x, grid_y, *controls], [grid_image, grid_message], **work_opts)

@@ -264,6 +264,24 @@ def test_download_all_gives_a_zip_of_the_components_the_soup_and_the_recipe(serv
     page.close()
 
 
+def test_ab_view_compares_the_soup_with_a_component(server, browser):
+    """Issue 22 item 14: beyond 64 px thumbnails, an A/B slider of the soup against a component."""
+    page = open_page(browser, server)
+    generate(page, "soup: 0.34 alpha")
+    soup = image_digest(page)
+    tab(page, "A/B compare")
+    fill(page, "ab-shard", "beta")
+    page.click("#ab-run")
+    page.wait_for_function("document.querySelectorAll('#ab-view img').length === 2", timeout=TIMEOUT)
+    sources = [page.locator("#ab-view img").nth(i).get_attribute("src") for i in range(2)]
+    assert any("beta" in src for src in sources)
+    assert soup in {image_digest(page, f"#ab-view img >> nth={i}") for i in range(2)}  # the soup shown beside
+    fill(page, "ab-shard", "nobody")
+    page.click("#ab-run")
+    wait_text(page, "#ab-message", "'nobody' is not one of this page's")
+    page.close()
+
+
 def test_failed_add_says_why_in_the_message_line(server, browser):
     """Item 9: the reason stays in the message line; the shard rows show no error."""
     page = open_page(browser, server)
