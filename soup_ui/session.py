@@ -197,6 +197,14 @@ class Session:
     rendered: tuple | None = None  # (names, settings) of the components on the page
     tickets: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
     latest: int = 0  # the newest render request of this page
+    history: list = field(default_factory=list)  # this page's soups, newest first: (image path, caption, Recipe)
+
+    HISTORY = 24  # soups kept in the history strip
+
+    def remember(self, path: str, caption: str, recipe) -> None:
+        if not self.history or self.history[0][0] != path:
+            self.history.insert(0, (path, caption, recipe))
+            del self.history[self.HISTORY :]
 
     @property
     def names(self) -> list[str]:
@@ -439,7 +447,9 @@ def generate(host: StudioHost, session: Session, controls: Controls, progress=No
     if session.superseded(ticket):
         return SUPERSEDED
     session.rendered = (tuple(mix.names), controls.settings, controls.text_encoders)
-    return Images(image_files(host, results[:-1], controls.settings), soup_file(host, results[-1], mix, controls.settings), text_note(mix))
+    soup = soup_file(host, results[-1], mix, controls.settings)
+    session.remember(*soup, Recipe.of(studio.preset.source, mix, controls.settings))
+    return Images(image_files(host, results[:-1], controls.settings), soup, text_note(mix))
 
 
 def render_soup(host: StudioHost, session: Session, controls: Controls) -> Images:
@@ -458,7 +468,9 @@ def render_soup(host: StudioHost, session: Session, controls: Controls) -> Image
     if session.superseded(ticket):
         return SUPERSEDED
     note = "" if session.rendered else "Components are not rendered yet: press Generate to see them beside the soup."
-    return Images(None, soup_file(host, soup, mix, controls.settings), " ".join(n for n in (note, text_note(mix)) if n))
+    shown = soup_file(host, soup, mix, controls.settings)
+    session.remember(*shown, Recipe.of(studio.preset.source, mix, controls.settings))
+    return Images(None, shown, " ".join(n for n in (note, text_note(mix)) if n))
 
 
 # -- the paper's workflows ------------------------------------------------------------------------
@@ -568,11 +580,21 @@ def save_preset(host: StudioHost, session: Session, controls: Controls, file_nam
     return key, f"saved the preset `{host.shown(path)}` ({len(shards)} shards with their current weights); it is in the preset list of every page"
 
 
+def history_recipe(session: Session, index: int) -> tuple[dict[str, float], Recipe]:
+    """The mix and settings of the history strip's image `index` (newest first)."""
+    session = require(session)
+    if not 0 <= index < len(session.history):
+        raise ValueError("that image is no longer in this page's history")
+    return recipe_controls(session, session.history[index][2])
+
+
 def load_recipe_controls(host: StudioHost, session: Session, path: str) -> tuple[dict[str, float], Recipe]:
     """A recipe's mix and settings, checked against this session's shards (its method and
     parameters were validated when the file was read)."""
-    session = require(session)
-    recipe = load_recipe(path)
+    return recipe_controls(require(session), load_recipe(path))
+
+
+def recipe_controls(session: Session, recipe: Recipe) -> tuple[dict[str, float], Recipe]:
     unknown = [n for n in recipe.mix if n not in session.shards]
     if unknown:
         raise ValueError(f"the recipe names shards this session does not have: {', '.join(unknown)}")

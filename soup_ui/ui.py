@@ -213,6 +213,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 )
                 download_all = gr.Button("Download all (zip: components, soup, recipe)", size="sm", elem_id="download-all")
                 download_file = gr.File(show_label=False, interactive=False, elem_id="download-all-file", height=60)
+        history = gr.Gallery(label="History of this page's soups (click one to go back to its mix and settings)", columns=12, height=130,
+                             object_fit="contain", allow_preview=False, format="png", elem_id="history", elem_classes=["pixelated"])
 
         settings_inputs = [prompt, negative, seed, steps, guidance, scheduler, height, width]
         control_inputs = [method, *params, text_mix, *checks, *sliders, *settings_inputs]
@@ -272,7 +274,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 gr.Dropdown(choices=r.prompts, value=first if first in r.prompts else None),
                 first, *family_controls(studio, r), r.height, r.width,
                 gr.Button(interactive=True), gr.Dropdown(choices=list(host.presets), interactive=True),  # with presets saved since the page was built
-                None, None, "**Soup**", "", studio.preset.mix_text_encoders,
+                None, None, "**Soup**", "", studio.preset.mix_text_encoders, [],  # a new session: a new history
             ]
 
         def status_line(session) -> str:
@@ -306,22 +308,22 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             flags, weights = current(session, values)
             return mixture_html(list(flags), [weights[n] if flags[n] else 0 for n in flags])
 
-        def show(images: handlers.Images):
+        def show(images: handlers.Images, session: Session):
             if images.superseded:  # a newer click of this page is on its way: keep what is shown
-                return [gr.skip()] * 4
+                return [gr.skip()] * 5
             if images.empty:  # the last images stay, marked as such
-                return gr.skip(), gr.skip(), "**Soup**: nothing to mix", images.note
+                return gr.skip(), gr.skip(), "**Soup**: nothing to mix", gr.skip(), images.note
             gallery = gr.skip() if images.components is None else gr.Gallery(value=images.components, columns=max(1, len(images.components)))
             path, caption = images.soup
-            return gallery, gr.Image(value=path), caption, images.note
+            return gallery, gr.Image(value=path), caption, [(p, c) for p, c, _ in session.history], images.note
 
-        @in_place(3)  # a refused setting or mix: said under the images, which stay
+        @in_place(4)  # a refused setting or mix: said under the images, which stay
         def on_generate(session, *values, progress=gr.Progress()):
-            return show(handlers.generate(host, session, controls_from(values), lambda f, d: progress(f, desc=d)))
+            return show(handlers.generate(host, session, controls_from(values), lambda f, d: progress(f, desc=d)), session)
 
-        @in_place(3)
+        @in_place(4)
         def on_soup(session, *values):
-            return show(handlers.render_soup(host, session, controls_from(values)))
+            return show(handlers.render_soup(host, session, controls_from(values)), session)
 
         def on_uniform(session, *flags):
             # Every row gets the same weight, ticked or not, so a row ticked later joins the soup equally.
@@ -338,8 +340,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         quiet = dict(api_visibility="private")
         render_opts = dict(api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4)
         mixture_inputs = [state, *checks, *sliders]
-        render_outputs = [components, soup_image, soup_label, stale]
-        preset_outputs = [state, *shard_outputs, status, examples, *settings_inputs, generate, preset, components, soup_image, soup_label, stale, text_mix]
+        render_outputs = [components, soup_image, soup_label, history, stale]
+        preset_outputs = [state, *shard_outputs, status, examples, *settings_inputs, generate, preset, components, soup_image, soup_label, stale, text_mix, history]
         demo.load(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
         preset.input(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
         full = dict(fn=on_generate, inputs=job_inputs, outputs=render_outputs)
@@ -372,6 +374,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             state=state, job_inputs=job_inputs, controls_from=controls_from, shard_updates=shard_updates, current=current,
             shard_outputs=shard_outputs, preset=preset, checks=checks, sliders=sliders, method=method, params=params, note=note, text_mix=text_mix,
             settings_inputs=settings_inputs, mixture=mixture, on_mixture=on_mixture, full=full, status=status, status_line=status_line,
+            history=history, stale=stale,
         )
         build_workflow_tabs(host, **wiring)
         build_api(host, state)
@@ -379,7 +382,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
 
 def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, shard_updates, current, shard_outputs, preset,
-                        checks, sliders, method, params, note, text_mix, settings_inputs, mixture, on_mixture, full, status, status_line) -> None:
+                        checks, sliders, method, params, note, text_mix, settings_inputs, mixture, on_mixture, full, status, status_line,
+                        history, stale) -> None:
     """The paper's workflows: shards in and out, leave-one-out, interpolation and grids, the
     ensemble reference, recipes and export."""
     # Long workflows queue apart from interactive renders and give way to them between images.
@@ -546,32 +550,45 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     def on_export_pipeline(session, file_name, overwrite, *values):
         return handlers.export_pipeline(host, session, controls_from(values), file_name, overwrite)
 
+    def restored(names: list[str], mix: dict[str, float], recipe, message: str) -> list:
+        """Control updates for a recipe's mix and settings (a loaded file, a history image) over
+        the page's rows `names`."""
+        top = max(mix.values()) or 1.0
+        mix = {n: w / top for n, w in mix.items()}  # sliders run 0-1; only the ratios matter
+        blank = [gr.skip()] * (MAX_SHARDS - len(names))
+        flags = [gr.Checkbox(value=n in mix) for n in names] + blank
+        weights = [gr.Slider(value=mix[n]) if n in mix else gr.skip() for n in names] + blank
+        r = recipe.render
+        return [*flags, *weights, recipe.method, *method_updates(recipe.method, recipe.params), recipe.text_encoders, r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale,
+                r.scheduler, r.height, r.width, message]
+
     @user_errors
     def on_load_recipe(session, path):
         session = handlers.require(session)
         if not path:
             return [gr.skip()] * (2 * MAX_SHARDS + 3 + len(PARAMS) + len(settings_inputs) + 1)
         mix, recipe = handlers.load_recipe_controls(host, session, path)
-        top = max(mix.values()) or 1.0
-        mix = {n: w / top for n, w in mix.items()}  # sliders run 0-1; only the ratios matter
-        names = session.names
-        blank = [gr.skip()] * (MAX_SHARDS - len(names))
-        flags = [gr.Checkbox(value=n in mix) for n in names] + blank
-        weights = [gr.Slider(value=mix[n]) if n in mix else gr.skip() for n in names] + blank
-        r = recipe.render
-        return [*flags, *weights, recipe.method, *method_updates(recipe.method, recipe.params), recipe.text_encoders, r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale,
-                r.scheduler, r.height, r.width, f"loaded recipe `{html.escape(Path(path).name)}`"]
+        return restored(session.names, mix, recipe, f"loaded recipe `{html.escape(Path(path).name)}`")
+
+    @user_errors
+    def on_history(session, evt: gr.SelectData):
+        mix, recipe = handlers.history_recipe(session, evt.index)
+        return restored(handlers.require(session).names, mix, recipe, "")
 
     file_outputs = [export_file, export_message]
     recipe_button.click(on_save_recipe, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     export_button.click(on_export, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     pipeline_button.click(on_export_pipeline, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     single_button.click(on_export_single, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
+    restore_outputs = [*check_values, method, *params, note, text_mix, *settings_inputs]
     recipe_upload.upload(
-        on_load_recipe, [state, recipe_upload], [*check_values, method, *params, note, text_mix, *settings_inputs, export_message], api_visibility="private",
+        on_load_recipe, [state, recipe_upload], [*restore_outputs, export_message], api_visibility="private",
     ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(
         **full, api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4
     )
+    history.select(on_history, [state], [*restore_outputs, stale], api_visibility="private").success(
+        on_mixture, [state, *check_values], [mixture], api_visibility="private"
+    ).success(**full, api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4)
 
 
 def build_api(host: StudioHost, state) -> None:

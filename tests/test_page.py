@@ -282,6 +282,20 @@ def test_ab_view_compares_the_soup_with_a_component(server, browser):
     page.close()
 
 
+def test_the_history_strip_goes_back_to_an_earlier_mix(server, browser):
+    """Issue 22 item 13: the page kept no history of its renders."""
+    page = open_page(browser, server)
+    generate(page, "soup: 0.34 alpha + 0.33 beta + 0.33 gamma")
+    page.locator("#shard-check-2 input[type=checkbox]").uncheck()
+    wait_text(page, "#soup-label", "soup: 0.50 alpha + 0.50 beta")
+    page.wait_for_function("document.querySelectorAll('#history img').length === 2", timeout=TIMEOUT)
+    assert "0.50 alpha + 0.50 beta" in text(page, "#history")  # newest first, captioned
+    page.locator("#history img").nth(1).click()  # the first soup
+    wait_text(page, "#soup-label", "soup: 0.34 alpha + 0.33 beta + 0.33 gamma")
+    assert page.locator("#shard-check-2 input[type=checkbox]").is_checked()
+    page.close()
+
+
 def test_failed_add_says_why_in_the_message_line(server, browser):
     """Item 9: the reason stays in the message line; the shard rows show no error."""
     page = open_page(browser, server)
