@@ -314,6 +314,49 @@ def add_shard(host: StudioHost, session: Session, name: str, path_text: str = ""
     return f"added shard **{name}** ({weights.kind}) from `{shown}` (in this session only)"
 
 
+# -- what survives a reload: kept in the visitor's browser (gr.BrowserState) -------------------------
+def saved_state(session: Session) -> dict | None:
+    """The page as its browser keeps it: preset, the last soup's recipe and the shards this page
+    added (name and path: a model folder's file, or an upload kept on the server)."""
+    if not session.history:
+        return None
+    added = [[n, str(session.shards[n].path)] for n in session.shards if n in session.owned]
+    return {"preset": session.preset, "recipe": session.history[0][2].model_dump(mode="json"), "added": added}
+
+
+def restore_shards(host: StudioHost, session: Session, saved: dict | None) -> list[str]:
+    """Add back the shards a reloaded page had added (files still in a model folder or kept
+    uploads); returns one line per shard that could not be (gone, moved, invalid)."""
+    session = require(session)
+    if not saved or saved.get("preset") != session.preset:
+        return []
+    uploads = host.output_dir / "uploads"
+    studio = host.get(session.preset)
+    lost = []
+    for name, path_text in saved.get("added", []):
+        if name in session.shards:
+            continue
+        try:
+            path = Path(path_text)
+            if not (path.resolve().is_relative_to(uploads) and path.is_file()):
+                path = host.allowed_path(path_text)
+            session.shards[name] = Shard(name, studio.load(path, name), 1.0, f"added from {host.shown(path)}")
+            session.owned.add(name)
+        except (ValueError, checkpoints.CheckpointError) as err:
+            lost.append(f"{name}: {err}")
+    return lost
+
+
+def saved_recipe(session: Session, saved: dict | None) -> tuple[dict[str, float], Recipe] | None:
+    """The mix and settings a reloaded page had, if they still fit its shards."""
+    if not saved or saved.get("preset") != require(session).preset:
+        return None
+    try:
+        return recipe_controls(session, Recipe.model_validate(saved["recipe"]))
+    except (ValueError, KeyError, ValidationError):
+        return None
+
+
 def keep_upload(host: StudioHost, studio: Studio, name: str, upload: Path) -> Path:
     """Validate an uploaded checkpoint (format, names, shapes, finiteness), then keep it under uploads/
     named by its content, so that no name is ever blocked and the same upload is kept once."""

@@ -133,6 +133,19 @@ def method_note(name: str) -> str:
     return f"<small>{html.escape(m.summary)}. <i>{html.escape(m.reference)}</i></small>"
 
 
+def restored(names: list[str], mix: dict[str, float], recipe, message: str) -> list:
+    """Control updates for a recipe's mix and settings (a loaded file, a history image, a reloaded
+    page) over the page's rows `names`: ticks, weights, method and parameters, text encoders, settings."""
+    top = max(mix.values()) or 1.0
+    mix = {n: w / top for n, w in mix.items()}  # sliders run 0-1; only the ratios matter
+    blank = [gr.skip()] * (MAX_SHARDS - len(names))
+    flags = [gr.Checkbox(value=n in mix) for n in names] + blank
+    weights = [gr.Slider(value=mix[n]) if n in mix else gr.skip() for n in names] + blank
+    r = recipe.render
+    return [*flags, *weights, recipe.method, *method_updates(recipe.method, recipe.params), recipe.text_encoders, r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale,
+            r.scheduler, r.height, r.width, message]
+
+
 def method_updates(name: str, values: dict | None = None) -> list:
     """The parameter controls for method `name`: its own shown, at `values` or its defaults; the rest hidden."""
     m, values = METHODS[name], values or {}
@@ -213,6 +226,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 )
                 download_all = gr.Button("Download all (zip: components, soup, recipe)", size="sm", elem_id="download-all")
                 download_file = gr.File(show_label=False, interactive=False, elem_id="download-all-file", height=60)
+        saved = gr.BrowserState(None, storage_key="diffusion-soup-studio")  # what survives a reload: preset, last mix, added shards
+        restoring = gr.State(False)
         history = gr.Gallery(label="History of this page's soups (click one to go back to its mix and settings)", columns=12, height=130,
                              object_fit="contain", allow_preview=False, format="png", elem_id="history", elem_classes=["pixelated"])
 
@@ -310,18 +325,18 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
         def show(images: handlers.Images, session: Session):
             if images.superseded:  # a newer click of this page is on its way: keep what is shown
-                return [gr.skip()] * 5
+                return [gr.skip()] * 6
             if images.empty:  # the last images stay, marked as such
-                return gr.skip(), gr.skip(), "**Soup**: nothing to mix", gr.skip(), images.note
+                return gr.skip(), gr.skip(), "**Soup**: nothing to mix", gr.skip(), gr.skip(), images.note
             gallery = gr.skip() if images.components is None else gr.Gallery(value=images.components, columns=max(1, len(images.components)))
             path, caption = images.soup
-            return gallery, gr.Image(value=path), caption, [(p, c) for p, c, _ in session.history], images.note
+            return gallery, gr.Image(value=path), caption, [(p, c) for p, c, _ in session.history], handlers.saved_state(session), images.note
 
-        @in_place(4)  # a refused setting or mix: said under the images, which stay
+        @in_place(5)  # a refused setting or mix: said under the images, which stay
         def on_generate(session, *values, progress=gr.Progress()):
             return show(handlers.generate(host, session, controls_from(values), lambda f, d: progress(f, desc=d)), session)
 
-        @in_place(4)
+        @in_place(5)
         def on_soup(session, *values):
             return show(handlers.render_soup(host, session, controls_from(values)), session)
 
@@ -340,9 +355,39 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         quiet = dict(api_visibility="private")
         render_opts = dict(api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4)
         mixture_inputs = [state, *checks, *sliders]
-        render_outputs = [components, soup_image, soup_label, history, stale]
+        render_outputs = [components, soup_image, soup_label, history, saved, stale]
         preset_outputs = [state, *shard_outputs, status, examples, *settings_inputs, generate, preset, components, soup_image, soup_label, stale, text_mix, history]
-        demo.load(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
+        # A reload comes back as it was: the browser's saved preset, then its added shards, then its
+        # mix and settings, rendered (nothing happens when nothing was saved).
+        restore_outputs = [*checks, *sliders, method, *params, note, text_mix, *settings_inputs]
+
+        def on_pick(saved_value):
+            name = (saved_value or {}).get("preset")
+            return gr.Dropdown(value=name) if name in host.presets else gr.skip()
+
+        def on_restore_shards(session, saved_value, *values):
+            if not saved_value or session is None:
+                return [gr.skip()] * (1 + len(shard_outputs) + 1)
+            flags, weights = current(session, values)
+            lost = handlers.restore_shards(host, session, saved_value)
+            note = "".join(error_line(ValueError(f"not restored: {line}")) for line in lost)
+            return [session, *shard_updates(session, flags, weights), note or gr.skip()]
+
+        def on_restore_controls(session, saved_value):
+            found = handlers.saved_recipe(session, saved_value) if session is not None else None
+            if found is None:
+                return [gr.skip()] * len(restore_outputs) + [False]
+            return [*restored(session.names, *found, "")[:-1], True]
+
+        def on_restored_render(flag, session, *values, progress=gr.Progress()):
+            return on_generate(session, *values, progress=progress) if flag else [gr.skip()] * len(render_outputs)
+
+        unseen = dict(**quiet, show_progress="hidden")  # no timer over the rows and images while nothing is restored
+        demo.load(on_pick, [saved], [preset], **unseen).then(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet).then(
+            on_restore_shards, [state, saved, *checks, *sliders], [state, *shard_outputs, stale], **unseen
+        ).then(on_restore_controls, [state, saved], [*restore_outputs, restoring], **unseen).then(
+            on_mixture, [state, *checks, *sliders], [mixture], **unseen
+        ).then(on_restored_render, [restoring, *job_inputs], render_outputs, **unseen)
         preset.input(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
         full = dict(fn=on_generate, inputs=job_inputs, outputs=render_outputs)
         examples.input(lambda p: p, [examples], [prompt], **quiet).then(**full, **render_opts)  # renders, as a slider does
@@ -549,18 +594,6 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     @in_message_line
     def on_export_pipeline(session, file_name, overwrite, *values):
         return handlers.export_pipeline(host, session, controls_from(values), file_name, overwrite)
-
-    def restored(names: list[str], mix: dict[str, float], recipe, message: str) -> list:
-        """Control updates for a recipe's mix and settings (a loaded file, a history image) over
-        the page's rows `names`."""
-        top = max(mix.values()) or 1.0
-        mix = {n: w / top for n, w in mix.items()}  # sliders run 0-1; only the ratios matter
-        blank = [gr.skip()] * (MAX_SHARDS - len(names))
-        flags = [gr.Checkbox(value=n in mix) for n in names] + blank
-        weights = [gr.Slider(value=mix[n]) if n in mix else gr.skip() for n in names] + blank
-        r = recipe.render
-        return [*flags, *weights, recipe.method, *method_updates(recipe.method, recipe.params), recipe.text_encoders, r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale,
-                r.scheduler, r.height, r.width, message]
 
     @user_errors
     def on_load_recipe(session, path):

@@ -296,6 +296,26 @@ def test_the_history_strip_goes_back_to_an_earlier_mix(server, browser):
     page.close()
 
 
+def test_a_reload_comes_back_with_its_shards_mix_and_settings(server, browser):
+    """Issue 22 item 13: a reload threw the session away (added shards, mix, images)."""
+    page = open_page(browser, server)
+    tab(page, "Add / remove shards")
+    fill(page, "add-name", "delta")
+    fill(page, "add-path", "gamma.safetensors")
+    page.click("#add-shard")
+    wait_text(page, "#soup-label", "+ 0.25 delta")
+    page.locator("#shard-check-1 input[type=checkbox]").uncheck()  # beta out
+    fill(page, "seed", 3)
+    page.click("#generate")
+    wait_text(page, "#soup-label", "soup: 0.34 alpha + 0.33 gamma + 0.33 delta · seed 3")
+    page.reload()
+    wait_text(page, "#soup-label", "soup: 0.34 alpha + 0.33 gamma + 0.33 delta · seed 3")
+    assert text(page, "#shard-check-3").strip() == "delta"
+    assert not page.locator("#shard-check-1 input[type=checkbox]").is_checked()
+    assert page.locator("#seed input").first.input_value() == "3"
+    page.close()
+
+
 def test_failed_add_says_why_in_the_message_line(server, browser):
     """Item 9: the reason stays in the message line; the shard rows show no error."""
     page = open_page(browser, server)
