@@ -61,6 +61,14 @@ def tab(page, name):
     page.get_by_role("tab", name=name).click()
 
 
+def add_shard(page, name, path):
+    """Add a shard from a model folder through the page's "Add / remove shards" tab."""
+    tab(page, "Add / remove shards")
+    fill(page, "add-name", name)
+    fill(page, "add-path", path)
+    page.click("#add-shard")
+
+
 def test_generate_waits_for_the_page_to_load(server, browser):
     """Item 3: while the preset loads, Generate is disabled (it used to render an empty prompt)."""
     page = browser.new_page(viewport={"width": 1300, "height": 1200})
@@ -299,10 +307,7 @@ def test_the_history_strip_goes_back_to_an_earlier_mix(server, browser):
 def test_a_reload_comes_back_with_its_shards_mix_and_settings(server, browser):
     """Issue 22 item 13: a reload threw the session away (added shards, mix, images)."""
     page = open_page(browser, server)
-    tab(page, "Add / remove shards")
-    fill(page, "add-name", "delta")
-    fill(page, "add-path", "gamma.safetensors")
-    page.click("#add-shard")
+    add_shard(page, "delta", "gamma.safetensors")
     wait_text(page, "#soup-label", "+ 0.25 delta")
     page.locator("#shard-check-1 input[type=checkbox]").uncheck()  # beta out
     fill(page, "seed", 3)
@@ -319,10 +324,7 @@ def test_a_reload_comes_back_with_its_shards_mix_and_settings(server, browser):
 def test_failed_add_says_why_in_the_message_line(server, browser):
     """Item 9: the reason stays in the message line; the shard rows show no error."""
     page = open_page(browser, server)
-    tab(page, "Add / remove shards")
-    fill(page, "add-name", "delta")
-    fill(page, "add-path", "gamma.safetensors")
-    page.click("#add-shard")
+    add_shard(page, "delta", "gamma.safetensors")
     wait_text(page, "#shards-message", "added shard delta")
     fill(page, "add-name", "outsider")
     fill(page, "add-path", "/etc/passwd")
