@@ -6,6 +6,7 @@ import functools
 import html
 import logging
 import random
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -85,6 +86,19 @@ def in_place(outputs: int):
         return user_errors(wrapper)
 
     return decorate
+
+
+def with_eta(progress, clock=time.monotonic):
+    """A `report(fraction, what)` for long work that shows, over the output it fills, what is being
+    done, how far along it is and about how long is left (from the time per share so far)."""
+    start = clock()
+
+    def report(fraction: float, what: str) -> None:
+        elapsed = clock() - start
+        left = f", about {elapsed * (1 - fraction) / fraction:.0f} s left" if 0 < fraction < 1 else ""
+        progress(fraction, desc=f"{what} ({100 * fraction:.0f}%{left})")
+
+    return report
 
 
 def error_line(err: Exception) -> str:
@@ -334,7 +348,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
         @in_place(5)  # a refused setting or mix: said under the images, which stay
         def on_generate(session, *values, progress=gr.Progress()):
-            return show(handlers.generate(host, session, controls_from(values), lambda f, d: progress(f, desc=d)), session)
+            return show(handlers.generate(host, session, controls_from(values), with_eta(progress)), session)
 
         @in_place(5)
         def on_soup(session, *values):
@@ -542,17 +556,17 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     # Workflow refusals are said in the tab's message line; the previous result stays on screen.
     @in_place(1)
     def on_loo(session, *values, progress=gr.Progress()):
-        results = handlers.leave_one_out(host, session, controls_from(values), lambda f, d: progress(f, desc=d))
+        results = handlers.leave_one_out(host, session, controls_from(values), with_eta(progress))
         return gr.Gallery(value=results, columns=len(results)), ""
 
     @in_place(1)
     def on_interpolate(session, start, end, count, *values, progress=gr.Progress()):
-        results = handlers.interpolate(host, session, controls_from(values), start, end, count, lambda f, d: progress(f, desc=d))
+        results = handlers.interpolate(host, session, controls_from(values), start, end, count, with_eta(progress))
         return gr.Gallery(value=results, columns=len(results)), ""
 
     @in_place(1)
     def on_grid(session, x_text, y_text, *values, progress=gr.Progress()):
-        return handlers.grid(host, session, controls_from(values), x_text, y_text, lambda f, d: progress(f, desc=d)), ""
+        return handlers.grid(host, session, controls_from(values), x_text, y_text, with_eta(progress)), ""
 
     @in_place(1)
     def on_ensemble(session, *values):

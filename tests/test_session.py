@@ -401,3 +401,17 @@ def test_mixing_text_encoders_where_no_shard_has_one_says_so(host, studio):
     note = handlers.generate(host, s, ticked).note
     assert note.startswith("“Mix text encoders too” changes nothing here: none of the ticked shards has a text encoder of its own")
     assert "changes nothing here" in handlers.render_soup(host, s, ticked).note
+
+
+def test_long_work_reports_its_share_and_time_left():
+    """Issue 22 item 15: workflows showed a spinner with no progress or ETA."""
+    from soup_ui.ui import with_eta
+
+    shown, now = [], [100.0]
+    report = with_eta(lambda f, desc: shown.append((f, desc)), clock=lambda: now[0])
+    now[0] = 104.0
+    report(0.25, "soup without alpha")
+    now[0] = 112.0
+    report(0.75, "soup without gamma")
+    report(1.0, "done")
+    assert shown == [(0.25, "soup without alpha (25%, about 12 s left)"), (0.75, "soup without gamma (75%, about 4 s left)"), (1.0, "done (100%)")]
