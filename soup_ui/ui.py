@@ -88,6 +88,18 @@ def in_place(outputs: int):
     return decorate
 
 
+class TypedSlider(gr.Slider):
+    """A slider whose typed value reaches the handler as typed, so the studio checks it and says
+    what is wrong once, in place; a weight above the slider's end is simply a larger ratio. Gradio's
+    own range check raised once per event the slider feeds ("Value 5 is greater than maximum value
+    1.0", twice, with an Error pill over the soup)."""
+
+    is_template = True  # drawn by Gradio's own slider
+
+    def preprocess(self, payload):
+        return None if payload is None else float(payload)
+
+
 def with_eta(progress, clock=time.monotonic):
     """A `report(fraction, what)` for long work that shows, over the output it fills, what is being
     done, how far along it is and about how long is left (from the time per share so far)."""
@@ -136,7 +148,7 @@ def param_control(name: str, field) -> gr.Component:
     bounds = {k: getattr(x, k) for x in field.metadata for k in ("ge", "le") if getattr(x, k, None) is not None}
     common = dict(label=name, info=field.description, visible=False, elem_id=f"param-{name}")
     if field.annotation is float:
-        return gr.Slider(bounds.get("ge", 0.0), bounds.get("le", 1.0), value=field.default, step=0.01, **common)
+        return TypedSlider(bounds.get("ge", 0.0), bounds.get("le", 1.0), value=field.default, step=0.01, **common)
     if field.annotation is int:
         return gr.Number(field.default, precision=0, minimum=bounds.get("ge"), maximum=bounds.get("le"), **common)
     return gr.Textbox(field.default, **common)
@@ -194,7 +206,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 for i in range(MAX_SHARDS):
                     with gr.Group(visible=False) as row:
                         check = gr.Checkbox(value=True, label=f"shard {i}", elem_id=f"shard-check-{i}")
-                        slider = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="weight", elem_id=f"shard-weight-{i}")
+                        slider = TypedSlider(0.0, 1.0, value=1.0, step=0.05, label="weight", elem_id=f"shard-weight-{i}")
                         note = gr.Markdown()
                     rows.append(row)
                     checks.append(check)

@@ -321,6 +321,23 @@ def test_a_reload_comes_back_with_its_shards_mix_and_settings(server, browser):
     page.close()
 
 
+def test_a_typed_weight_above_the_slider_is_a_larger_ratio_and_a_bad_one_is_said_once(server, browser):
+    """Issue 22 item 7: a typed weight of 5 gave "Value 5 is greater than maximum value 1.0" in a
+    toast twice ("Error (2)") and Error pills over the soup."""
+    page = open_page(browser, server)
+    generate(page, "soup: 0.34 alpha")
+    box = page.locator("#shard-weight-0 input[type=number]").first
+    box.fill("5")
+    box.press("Enter")
+    wait_text(page, "#soup-label", "soup: 0.72 alpha + 0.14 beta + 0.14 gamma")  # 5 : 1 : 1
+    assert text(page, "#mixture").split()[:2] == ["alpha", "72%"]
+    box.fill("-1")
+    box.press("Enter")
+    wait_text(page, "#stale-note", "weight of alpha must be >= 0, got -1")
+    assert page.locator(".toast-body").count() == 0 and text(page, "#soup-label").startswith("soup: 0.72 alpha")
+    page.close()
+
+
 def test_failed_add_says_why_in_the_message_line(server, browser):
     """Item 9: the reason stays in the message line; the shard rows show no error."""
     page = open_page(browser, server)
