@@ -17,6 +17,7 @@ from .presets import parse_params
 from .session import MAX_SHARDS, Controls, Session, StudioHost, settings_from
 from .methods import METHODS
 from .soup import rounded_shares
+from .widgets import TypedSlider
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +87,6 @@ def in_place(outputs: int):
         return user_errors(wrapper)
 
     return decorate
-
-
-class TypedSlider(gr.Slider):
-    """A slider whose typed value reaches the handler as typed, so the studio checks it and says
-    what is wrong once, in place; a weight above the slider's end is simply a larger ratio. Gradio's
-    own range check raised once per event the slider feeds ("Value 5 is greater than maximum value
-    1.0", twice, with an Error pill over the soup)."""
-
-    is_template = True  # drawn by Gradio's own slider
-
-    def preprocess(self, payload):
-        return None if payload is None else float(payload)
 
 
 def with_eta(progress, clock=time.monotonic):
