@@ -40,7 +40,7 @@ def test_preset_loads_with_paths_relative_to_its_file(tiny_preset):
         (lambda d: d["render"].update(height=70), r"render.height: must be divisible by 8 but is 70"),
         (lambda d: d["shards"][0].update(weight=-1), r"shards.0.weight: .*\(got -1\)"),
         (lambda d: d["render"].update(scheduler="magic"), r"render.scheduler: .*\(got 'magic'\)"),
-        (lambda d: d.update(base="nowhere"), r"base: no diffusers pipeline"),
+        (lambda d: d.update(base="nowhere"), r"base: no such file or folder 'nowhere'"),
     ],
 )
 def test_bad_presets_name_file_key_and_value(tmp_path, tiny_preset, mutate, message):

@@ -76,6 +76,10 @@ def test_generate_waits_for_the_page_to_load(server, browser):
     page.route("**/queue/join*", lambda route: held.append(route) if not held else route.continue_())
     page.goto(server)
     page.wait_for_selector("#generate", timeout=TIMEOUT)
+    for _ in range(300):  # the first load request comes once the browser's saved state is read
+        if held:
+            break
+        page.wait_for_timeout(100)
     assert held, "the load request was not seen"
     assert page.locator("#generate").is_disabled()
     page.locator("#generate").click(force=True)  # nothing happens
