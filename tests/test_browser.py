@@ -59,7 +59,7 @@ def test_nothing_ticked_is_an_empty_state_and_the_server_keeps_serving(server, b
     page.click("#generate")
     # Nothing ticked is an empty state (it was an error toast): said in place, the last images kept.
     page.wait_for_function("document.querySelector('#stale-note').innerText.includes('Nothing to mix: no shard is ticked')", timeout=30_000)
-    assert page.locator("#soup-label").inner_text().strip() == "Soup: nothing to mix"
+    page.wait_for_function("document.querySelector('#soup-label').innerText.trim() === 'Soup: nothing to mix'", timeout=30_000)  # once the timer is gone
     assert page.locator(".toast-body").count() == 0 and "Traceback" not in page.content()
     page.locator("#shard-check-1 input[type=checkbox]").check()
     page.click("#generate")
