@@ -37,6 +37,9 @@ CSS = """
 /* Gallery captions wrap instead of being cut ("t=0.25: soup: 0.75 twemoji + 0.2..."); ensemble images fit the viewport. */
 .gallery-item .caption-label, .thumbnail-item .caption-label { white-space: normal !important; overflow: visible !important; text-overflow: clip !important; max-width: none !important; }
 #ens-gallery img { max-height: 60vh; }
+/* The history strip: small thumbnails in a row, not two stretched over the page. */
+#history .grid-container { grid-template-columns: repeat(auto-fill, 92px) !important; grid-auto-rows: 92px !important; }
+#history .thumbnail-item .caption-label { white-space: nowrap !important; overflow: hidden !important; text-overflow: ellipsis !important; max-width: 84px !important; font-size: 10px; }
 """
 # Gradio's slider number box commits a typed value only on blur; Enter should commit it too (weights, method parameters).
 JS = """
@@ -240,7 +243,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                     elem_classes=["pixelated"], buttons=["download", "fullscreen"], interactive=False,
                 )
                 download_all = gr.Button("Download all (zip: components, soup, recipe)", size="sm", elem_id="download-all")
-                download_file = gr.File(show_label=False, interactive=False, elem_id="download-all-file", height=60)
+                download_file = gr.File(show_label=False, interactive=False, elem_id="download-all-file", height=60, visible=False)
         saved = gr.BrowserState(None, storage_key="diffusion-soup-studio")  # what survives a reload: preset, last mix, added shards
         restoring = gr.State(False)
         history = gr.Gallery(label="History of this page's soups (click one to go back to its mix and settings)", columns=12, height=130,
@@ -409,7 +412,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         randomize.click(lambda: random.randint(0, 2**31 - 1), None, [seed], **quiet).then(**full, **render_opts)
         soup_only = dict(fn=on_soup, inputs=job_inputs, outputs=render_outputs)
         generate.click(**full, **render_opts)
-        download_all.click(in_place(1)(lambda session, *values: (handlers.download_all(host, session, controls_from(values)), "")),
+        download_all.click(in_place(1)(lambda session, *values: (gr.File(value=handlers.download_all(host, session, controls_from(values)), visible=True), "")),
                            job_inputs, [download_file, stale], **render_opts)
         prompt.submit(**full, **render_opts)
         for check in checks:
