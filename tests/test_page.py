@@ -535,6 +535,17 @@ def test_export_single_file_from_the_page(server, browser, tiny_preset):
     page.close()
 
 
+def test_mixing_text_encoders_that_no_shard_has_says_so(server, browser):
+    """Issue 22 item 6: on a preset of UNet files the tick did nothing, silently."""
+    page = open_page(browser, server)
+    generate(page, "soup: 0.34 alpha")
+    page.locator("#mix-text-encoders input").check()
+    wait_text(page, "#stale-note", "“Mix text encoders too” changes nothing here: none of the ticked shards has a text encoder of its own")
+    page.locator("#mix-text-encoders input").uncheck()
+    page.wait_for_function("!document.querySelector('#stale-note').innerText.includes('changes nothing')", timeout=TIMEOUT)
+    page.close()
+
+
 def test_mix_text_encoders_checkbox(server, browser, tiny_preset, tmp_path):
     """A full single file with its own text encoder, uploaded; ticking "Mix text encoders too"
     re-renders with the souped text encoder (the label says so, the image changes), unticking goes back."""
