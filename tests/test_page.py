@@ -546,6 +546,21 @@ def test_mixing_text_encoders_that_no_shard_has_says_so(server, browser):
     page.close()
 
 
+def test_leave_one_out_shows_per_image_progress_with_time_left(server, browser):
+    """Issue 22 item 15: long workflows showed a spinner, with no per-image progress or ETA."""
+    page = open_page(browser, server)
+    tab(page, "Leave one out")
+    page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
+        const t = document.querySelector('#tab-loo')?.innerText || '';
+        const m = t.match(/soup without \\w+ \\(\\d+%, about \\d+ s left\\)/);
+        if (m) window.seen.push(m[0]); }).observe(document.body, {subtree: true, childList: true, characterData: true}); }""")
+    page.click("#loo-run")
+    page.wait_for_function("document.querySelectorAll('#loo-gallery img').length === 4", timeout=TIMEOUT)
+    seen = page.evaluate("window.seen")
+    assert seen and all("s left)" in s for s in seen), seen
+    page.close()
+
+
 def test_mix_text_encoders_checkbox(server, browser, tiny_preset, tmp_path):
     """A full single file with its own text encoder, uploaded; ticking "Mix text encoders too"
     re-renders with the souped text encoder (the label says so, the image changes), unticking goes back."""
