@@ -130,8 +130,10 @@ def architecture(folder: Path, family: str, denoiser_config: Mapping) -> dict[st
     scheduler = folder / "scheduler" / "scheduler_config.json"
     prediction = json.loads(scheduler.read_text()).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
     vae = json.loads((folder / "vae" / "config.json").read_text())
-    size = denoiser_config.get("sample_size", 64) * 2 ** (len(vae["block_out_channels"]) - 1)
-    return exports.modelspec(family, prediction, size, distilled=None)
+    # FLUX's transformer names no sample size: its pipeline's default is 128 latents
+    size = denoiser_config.get("sample_size", 128 if family == "flux" else 64) * 2 ** (len(vae["block_out_channels"]) - 1)
+    distilled = bool(denoiser_config.get("guidance_embeds")) if family == "flux" else None  # schnell is not
+    return exports.modelspec(family, prediction, size, distilled)
 
 
 def base_parts(folder: Path, base: Path, family: str) -> dict[str, torch.Tensor]:
@@ -188,8 +190,7 @@ def export(preset: Preset, weights: Mapping[str, float], method: str, params: Ma
     elif fmt == "unet":
         rename, out_dtype, extra = {n: n for n in names}, dtype, {}
         family = "flux" if "guidance_embeds" in config else "sd3" if config.get("_class_name", "").startswith("SD3") else family_of(folder, base_path)
-        arch = architecture(folder, family, config) if family in families.LDM_FAMILIES else exports.modelspec(family, "epsilon", None, None)
-        metadata = exports.merge_metadata_of(mix, arch, half=dtype == torch.float16)
+        metadata = exports.merge_metadata_of(mix, architecture(folder, family, config), half=dtype == torch.float16)
     else:
         raise StudioError(f"a streamed export writes 'unet' or 'single-file', not {fmt!r}")
     specs = {rename[n]: (shapes[n], out_dtype) for n in names} | {k: (tuple(v.shape), v.dtype) for k, v in extra.items()}

@@ -302,3 +302,17 @@ def test_non_linear_methods_soup_the_same_on_every_tier(studio, family, method, 
         other = Studio(load_preset(family[1]), RuntimeOptions(memory=memory))
         other.mix(other.make_mix(mix, method, params))
         assert all(torch.equal(other.hybrid_tensors[k], resident[k]) for k in resident), memory
+
+
+def test_a_streamed_transformer_export_is_the_studios(studio, family, tmp_path):
+    """`python -m soup_ui export` streams SD3 and FLUX transformers too: the same tensors and the
+    same metadata as the studio's export (modelspec included: FLUX schnell is not called dev)."""
+    from safetensors import safe_open
+
+    from soup_ui import stream
+
+    streamed, _ = stream.export(load_preset(family[1]), {"ink": 1, "pastel": 1}, "average", {}, tmp_path / "s.safetensors")
+    held = studio.export(studio.make_mix({"ink": 1, "pastel": 1}), tmp_path / "h.safetensors")
+    with safe_open(str(streamed), "pt") as a, safe_open(str(held), "pt") as b:
+        assert a.metadata() == b.metadata()
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in b.keys())  # noqa: SIM118
