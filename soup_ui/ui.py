@@ -437,7 +437,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             state=state, job_inputs=job_inputs, controls_from=controls_from, shard_updates=shard_updates, current=current,
             shard_outputs=shard_outputs, preset=preset, checks=checks, sliders=sliders, method=method, params=params, note=note, text_mix=text_mix,
             settings_inputs=settings_inputs, mixture=mixture, on_mixture=on_mixture, full=full, status=status, status_line=status_line,
-            history=history, stale=stale,
+            history=history, stale=stale, render_opts=render_opts,
         )
         build_workflow_tabs(host, **wiring)
         build_api(host, state)
@@ -446,7 +446,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
 def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, shard_updates, current, shard_outputs, preset,
                         checks, sliders, method, params, note, text_mix, settings_inputs, mixture, on_mixture, full, status, status_line,
-                        history, stale) -> None:
+                        history, stale, render_opts) -> None:
     """The paper's workflows: shards in and out, leave-one-out, interpolation and grids, the
     ensemble reference, recipes and export."""
     # Long workflows queue apart from interactive renders and give way to them between images.
@@ -550,7 +550,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     message_only = dict(show_progress_on=[shards_message])  # not a spinner over every shard row
     # The shown images follow the shards: a removed shard's component leaves, an added one joins (it
     # stayed on screen, or the new row sat ticked beside images without it).
-    again = dict(**full, api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4)
+    again = dict(**full, **render_opts)
     add_button.click(on_add, [state, add_name, add_path, add_file, *check_values], [state, *shard_outputs, shards_message, add_file, status],
                      **work_opts, **message_only).success(**again)
     remove_button.click(on_remove, [state, remove_name, *check_values], [state, *shard_outputs, shards_message, status],
@@ -634,12 +634,10 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     restore_outputs = [*check_values, method, *params, note, text_mix, *settings_inputs]
     recipe_upload.upload(
         on_load_recipe, [state, recipe_upload], [*restore_outputs, export_message], api_visibility="private",
-    ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(
-        **full, api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4
-    )
+    ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(**again)
     history.select(on_history, [state], [*restore_outputs, stale], api_visibility="private").success(
         on_mixture, [state, *check_values], [mixture], api_visibility="private"
-    ).success(**full, api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4)
+    ).success(**again)
 
 
 def build_api(host: StudioHost, state) -> None:
