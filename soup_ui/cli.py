@@ -104,8 +104,22 @@ def open_studio(args: argparse.Namespace, job: "Job", only_used: bool = False):
     for name, why in studio.failed.items():
         logger.warning("shard %s left out: %s", name, why)
     job.settings = render_settings(args, studio.preset, job.recipe)
-    job.mix = studio.make_mix(job.weights, job.method, job.params, text_encoders=job.text_encoders)  # the one Mix of this command
+    job.mix = studio.make_mix(job.weights, job.method, job.params, text_encoders=job.text_encoders, blocks=job.blocks)  # the one Mix of this command
     return studio
+
+
+def parse_blocks(items: list[str] | None) -> dict[str, str]:
+    """--blocks SHARD=SPEC (repeatable) -> {shard: spec}; the spec is read against the denoiser's
+    blocks once the studio is open (families.Blocks.parse)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise UsageError(f"--blocks: {item!r}: expected SHARD=SPEC, e.g. twemoji=IN:0,OUT:1")
+        if name.strip() in out:
+            raise UsageError(f"--blocks: {name.strip()!r} given twice")
+        out[name.strip()] = spec.strip()
+    return out
 
 
 class Job:
@@ -135,6 +149,10 @@ class Job:
             METHODS[self.method].parse(self.params)  # before any model is loaded
         except ValueError as err:
             raise UsageError(str(err)) from None
+        self.blocks = {**(self.recipe.blocks if self.recipe and args.mix is None else {}), **parse_blocks(getattr(args, "blocks", None))}
+        unknown = [n for n in self.blocks if n not in self.weights]
+        if unknown:
+            raise UsageError(f"--blocks: {unknown[0]!r} is not in the mix ({', '.join(self.weights)})")
         self.text_encoders = next(v for v in (getattr(args, "mix_text_encoders", None), self.recipe and self.recipe.text_encoders, self.preset.mix_text_encoders) if v is not None)
         self.settings = render_settings(args, self.preset, self.recipe)
         self.mix = None
@@ -194,7 +212,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype or "", torch.float32)
         with tqdm(total=100, desc=f"export {out.name}", unit="%", disable=not sys.stderr.isatty(), bar_format="{l_bar}{bar}| {elapsed}") as bar:
             _, job.mix = stream_export(job.preset, job.weights, job.method, job.params, out, args.format, dtype, overwrite=args.overwrite,
-                                       progress=lambda f: bar.update(round(100 * f) - bar.n))
+                                       progress=lambda f: bar.update(round(100 * f) - bar.n), blocks=job.blocks)
         logger.info("wrote %s", out)
         return
     studio = open_studio(args, job, only_used=True)
@@ -241,6 +259,17 @@ def cmd_grid(args: argparse.Namespace) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid_sheet([[r.image for r in row] for row in rows], row_labels, col_labels).save(args.out)
     logger.info("wrote %s", args.out)
+
+
+def cmd_block_sweep(args: argparse.Namespace) -> None:
+    from .workflows import block_sweep
+
+    job = Job(args)
+    studio = open_studio(args, job)
+    results = block_sweep(studio, job.mix, args.a, args.b, job.settings)
+    for r in results:
+        print(f"{r.info['group']}: {r.info['pixels']:.2f} mean |pixel| change from {args.a}")
+    write_strip(results, args.out, f"block sweep {args.a} -> {args.b}: {job.settings.prompt}")
 
 
 def cmd_add_shard(args: argparse.Namespace) -> None:
@@ -303,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--param", action="append", metavar="NAME=VALUE",
                        help="a parameter of the method, repeatable: " + "; ".join(
                            f"{m.name}: {', '.join(m.param_names())}" for m in METHODS.values() if m.param_names()))
+        p.add_argument("--blocks", action="append", metavar="SHARD=SPEC",
+                       help="block weights of a shard, repeatable: SPEC is NAME:VALUE pairs (NAME a group: IN, M, OUT for UNets, double, single "
+                            "for FLUX, joint for SD3; or a block: IN04, double_blocks.7; later pairs win, e.g. IN:0,IN04:1; blocks not named keep 1) "
+                            "or all values in block order (SuperMerger's list, e.g. 26 for SD 1.x: BASE, IN00-IN11, M00, OUT00-OUT11)")
         p.add_argument("--scale", type=float, help="lambda (task arithmetic, ties, dare, della): base + lambda x merged task vector")
         p.add_argument("--mix-text-encoders", action=argparse.BooleanOptionalAction, default=None,
                        help="mix the shards' own text encoders with the same weights (a shard without one counts as the base's); "
@@ -343,10 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_interpolate)
 
     p = studio_command("grid", "Render an X x Y grid of soups into one labelled PNG.")
-    p.add_argument("--x", required=True, help="weight:SHARD=0,0.5,1 | seed=0,1,2 | prompt=a|b | guidance=1,4 | steps=5,20")
+    p.add_argument("--x", required=True, help="weight:SHARD=0,0.5,1 | block:SHARD:BLOCK=0,0.5,1 (BLOCK a block or group: IN04, OUT, "
+                   "double_blocks.7) | seed=0,1,2 | prompt=a|b | guidance=1,4 | steps=5,20")
     p.add_argument("--y", required=True, help="same forms as --x")
     p.add_argument("--out", required=True, help="the grid, a .png file")
     p.set_defaults(run=cmd_grid)
+
+    p = studio_command("block-sweep", "Render shard A, then A with each group of blocks (a UNet's resolution levels, a transformer's "
+                       "quarters) taken from shard B, then B: which blocks carry B's style and which its content.")
+    p.add_argument("--a", required=True, help="the shard most blocks come from")
+    p.add_argument("--b", required=True, help="the shard each group in turn comes from")
+    p.add_argument("--out", required=True, help="the labelled strip, a .png file")
+    p.set_defaults(run=cmd_block_sweep)
 
     p = sub.add_parser("add-shard", help="Validate a UNet against a preset's base and save the preset with it added as a new file.")
     p.add_argument("--preset", required=True, help="the preset to extend")

@@ -54,6 +54,15 @@ def a1111_recipe(mix: Mix, half: bool) -> tuple[dict, dict]:
         "interp_method": method or mix.method.name, "multiplier": multiplier, "save_as_half": half, "custom_name": mix.label,
         "config_source": 0, "bake_in_vae": "None", "discard_weights": "", "is_inpainting": False, "is_instruct_pix2pix": False,
     }
+    if mix.blocked:  # SuperMerger's MBW fields: B's share (weighted sum) or alpha (add difference) per block, in block order
+        per_block = [mix.method.for_block(mix.weights, mix.multipliers(b), mix.params) for b in range(len(mix.block_map))]
+        alphas = None
+        if method == "Weighted sum":
+            alphas = [w[1] if w is not None else 0.0 for w, _ in per_block]
+        elif method == "Add difference":
+            alphas = [p.alpha for _, p in per_block]
+        recipe.update({"mbw": True, "weights_alpha": mix.block_map.format(alphas) if alphas is not None else None,
+                       "block_ids": ",".join(mix.block_map.ids)})
     models = {}
     for shard, _ in pairs:
         own = _own_metadata(shard.path)

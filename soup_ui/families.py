@@ -18,7 +18,9 @@ every family by the width of the UNet's cross-attention (768, 1024 or 2048)."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -166,3 +168,231 @@ def base_config(base: str | Path, config: str | Path | None) -> Path:
     if config is not None:
         return Path(config)
     return config_folder(single_file_family(base))
+
+
+# -- blocks: where in the denoiser a weight acts ------------------------------------------------------
+# Block IDs as the tools people know name them: A1111's MBW and SuperMerger for UNets (in LDM naming,
+# reached through `formats.ldm_unet_names`, which diffusers' own converter proves), ComfyUI's
+# ModelMergeSD3 / ModelMergeFlux1 for the transformers (Stability's and Black Forest Labs' module
+# names). SuperMerger's rule for the UNet tensors outside the numbered blocks: the time (and SDXL's
+# label) embedding goes with BASE, the text encoder's block; the final norm and conv with the last
+# output block.
+LDM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
+SD3_BLOCKS = [  # diffusers prefix -> SD3's own module (ComfyUI's ModelMergeSD3 inputs)
+    ("pos_embed.pos_embed", "pos_embed"), ("pos_embed.", "x_embedder"), ("context_embedder.", "context_embedder"),
+    ("time_text_embed.text_embedder.", "y_embedder"), ("time_text_embed.timestep_embedder.", "t_embedder"),
+    ("norm_out.", "final_layer"), ("proj_out.", "final_layer"),
+]
+FLUX_BLOCKS = [  # diffusers prefix -> FLUX.1's own module (ComfyUI's ModelMergeFlux1 inputs)
+    ("x_embedder.", "img_in"), ("context_embedder.", "txt_in"), ("time_text_embed.timestep_embedder.", "time_in"),
+    ("time_text_embed.text_embedder.", "vector_in"), ("time_text_embed.guidance_embedder.", "guidance_in"),
+    ("norm_out.", "final_layer"), ("proj_out.", "final_layer"),
+]
+NUMBERED = {  # diffusers' numbered blocks -> the original's, per family
+    "sd3": [("transformer_blocks.", "joint_blocks.")],
+    "flux": [("transformer_blocks.", "double_blocks."), ("single_transformer_blocks.", "single_blocks.")],
+}
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A denoiser's blocks: their IDs in the family's order (SuperMerger's, for a bare list of
+    values), the block of every denoiser tensor, the named groups, and the block that also weights
+    the text encoders (BASE, UNet families only)."""
+
+    family: str
+    ids: tuple[str, ...]
+    of: Mapping[str, str] = field(repr=False)  # denoiser tensor name (diffusers) -> block ID
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    text: str | None = None
+    sweep: tuple[tuple[str, tuple[str, ...]], ...] = ()  # the block sweep's groups: (label, blocks) in order, covering every block
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index(self, name: str) -> int:
+        """The position of the block of denoiser tensor `name`."""
+        return self._positions[self.of[name]]
+
+    @property
+    def _positions(self) -> dict[str, int]:
+        return {b: i for i, b in enumerate(self.ids)}
+
+    def members(self) -> dict[str, list[str]]:
+        """Block ID -> its tensors, in block order."""
+        out: dict[str, list[str]] = {b: [] for b in self.ids}
+        for name, block in self.of.items():
+            out[block].append(name)
+        return out
+
+    def order(self, names) -> list[str]:
+        """`names` sorted by block (stable inside a block): the layout of flat buffers, so that each
+        block is one contiguous range."""
+        rank = self._positions
+        return sorted(names, key=lambda n: rank[self.of[n]] if n in self.of else len(rank))
+
+    @property
+    def outline(self) -> str:
+        """The IDs in order, numbered runs shortened: "BASE, IN00-IN11, M00, OUT00-OUT11", "double_blocks.0-18"."""
+        runs: list[list[str]] = []
+        for b in self.ids:
+            head, num = _split_number(b)
+            if runs and num is not None and _split_number(runs[-1][-1]) == (head, num - 1):
+                runs[-1].append(b)
+            else:
+                runs.append([b])
+        def run(r: list[str]) -> str:
+            head, last = _split_number(r[-1])
+            return r[0] if len(r) == 1 else f"{r[0]}-{last}" if head.endswith(".") else f"{r[0]}-{r[-1]}"
+
+        return ", ".join(run(r) for r in runs)
+
+    def parse(self, spec, shard: str = "") -> tuple[float, ...]:
+        """Block multipliers from a spec: a sequence of all values in block order, or a string that
+        is either such a list ("1,1,0.5,...", SuperMerger's format) or NAME:VALUE pairs, NAME a group
+        or a block ID, later pairs overriding earlier ones ("IN:0,IN04:1"); blocks not named keep 1.
+        ValueError naming the position or name that is wrong and what this denoiser has."""
+        who = f"blocks of {shard}" if shard else "blocks"
+        if isinstance(spec, str):
+            items = [s.strip() for s in spec.replace(";", ",").split(",") if s.strip()]
+            if not items:
+                raise ValueError(f"{who}: empty; give {len(self)} values ({self.outline}) or NAME:VALUE pairs")
+            if any(":" in s or "=" in s for s in items):
+                return self.apply([1.0] * len(self), items, who)
+            spec = items
+        values = list(spec)
+        if len(values) != len(self):
+            raise ValueError(f"{who}: {len(values)} values given; this {NAMES.get(self.family, self.family)} denoiser has {len(self)} blocks ({self.outline})")
+        return tuple(_multiplier(v, f"{who}: value {i + 1} ({self.ids[i]})") for i, v in enumerate(values))
+
+    def apply(self, values, items: list[str], who: str = "blocks") -> tuple[float, ...]:
+        """`values` with NAME:VALUE pairs applied in order (a grid's block axis changes one block of
+        a shard's vector)."""
+        values = list(values)
+        lookup = {b.lower(): [b] for b in self.ids} | {g.lower(): list(m) for g, m in self.groups.items()}
+        positions = self._positions
+        for item in items:
+            name, sep, value = item.replace("=", ":").partition(":")
+            found = lookup.get(name.strip().lower())
+            if not sep or found is None:
+                groups = ", ".join(self.groups) or "none"
+                raise ValueError(f"{who}: {item!r}: not NAME:VALUE with NAME a block ({self.outline}) or a group ({groups})")
+            v = _multiplier(value.strip(), f"{who}: {name.strip()}")
+            for b in found:
+                values[positions[b]] = v
+        return tuple(values)
+
+    def format(self, values) -> str:
+        """Values as SuperMerger's bare list ("1,1,0.5,...")."""
+        return ",".join(f"{float(v):g}" for v in values)
+
+    def presets(self) -> dict[str, tuple[float, ...]]:
+        """Named block vectors (README: "Block weights"): all; input, middle or output only (UNets);
+        double or single only (FLUX); linear ramps in and out along the block order; composition
+        from this shard (the first half of the denoiser: for UNets BASE, IN and M) and style from
+        this shard (the rest: the output blocks and the final layer)."""
+        n = len(self)
+        out = {"all": (1.0,) * n}
+        for group, label in (("IN", "input only"), ("M", "middle only"), ("OUT", "output only"), ("double", "double blocks only"),
+                             ("single", "single blocks only")):
+            if group in self.groups:
+                out[label] = tuple(1.0 if b in self.groups[group] else 0.0 for b in self.ids)
+        out["ramp in"] = tuple(round(i / (n - 1), 4) for i in range(n)) if n > 1 else (1.0,)
+        out["ramp out"] = tuple(reversed(out["ramp in"]))
+        first = set(self.composition)
+        out["composition"] = tuple(1.0 if b in first else 0.0 for b in self.ids)
+        out["style"] = tuple(0.0 if b in first else 1.0 for b in self.ids)
+        return out
+
+    @property
+    def composition(self) -> tuple[str, ...]:
+        """The blocks that set composition: a UNet's BASE, input and middle blocks; a transformer's
+        embedders and the first half of its blocks."""
+        if "IN" in self.groups:
+            return tuple(b for b in self.ids if b == self.text or b in self.groups["IN"] or b in self.groups["M"])
+        numbered = [b for b in self.ids if _split_number(b)[1] is not None]
+        first = set(numbered[: len(numbered) // 2])
+        return tuple(b for b in self.ids if b in first or (b not in numbered and b != "final_layer"))
+
+
+def _split_number(block: str) -> tuple[str, int | None]:
+    m = re.match(r"^(.*?)(\d+)$", block)
+    return (m.group(1), int(m.group(2))) if m else (block, None)
+
+
+def _multiplier(value, where: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {value!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{where}: must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def block_map(family: str, config: Mapping, names) -> Blocks:
+    """The blocks of a denoiser of `family` ("sd1", "sd2", "sdxl", "sd3", "flux") with `config`
+    (its diffusers config) and tensors `names` (diffusers names); ValueError naming a tensor no
+    block holds."""
+    names = list(names)
+    if family in LDM_FAMILIES:
+        from .formats import ldm_unet_names
+
+        ldm = ldm_unet_names(names, config)
+        stride = config["layers_per_block"] + 1 if isinstance(config["layers_per_block"], int) else None
+        count = len(config["block_out_channels"]) * stride if stride else 1 + max(
+            int(m.group(2)) for n in ldm.values() if (m := LDM_BLOCK.match(n)) and m.group(1) == "input_blocks")
+        ins, outs = [f"IN{i:02d}" for i in range(count)], [f"OUT{i:02d}" for i in range(count)]
+        ids = ("BASE", *ins, "M00", *outs)
+
+        def of(name: str) -> str:
+            old = ldm[name]
+            if old.startswith(("time_embed.", "label_emb.")):
+                return "BASE"
+            if old.startswith("out."):
+                return outs[-1]
+            m = LDM_BLOCK.match(old)
+            if m is None:
+                raise ValueError(f"UNet tensor {name!r} ({old}) is in no block")
+            kind, i = m.group(1), int(m.group(2))
+            return "M00" if kind == "middle_block" else (ins if kind == "input_blocks" else outs)[i]
+
+        levels = [ins[i : i + stride] for i in range(0, count, stride)] if stride else [ins]  # one group per resolution
+        levels += [["M00"]] + ([outs[i : i + stride] for i in range(0, count, stride)] if stride else [outs])
+        sweep = (("BASE", ("BASE",)), *((_span(g), tuple(g)) for g in levels))
+        return Blocks(family, ids, {n: of(n) for n in names}, {"IN": tuple(ins), "M": ("M00",), "OUT": tuple(outs)}, "BASE", sweep)
+    if family not in NUMBERED:
+        raise ValueError(f"no block map for family {family!r}")
+    fixed = SD3_BLOCKS if family == "sd3" else FLUX_BLOCKS
+    numbered = NUMBERED[family]
+
+    def transformer_block(name: str) -> str:
+        for prefix, block in numbered:
+            if name.startswith(prefix):
+                return block + name[len(prefix):].split(".", 1)[0]
+        for prefix, block in fixed:
+            if name == prefix or name.startswith(prefix):
+                return block
+        raise ValueError(f"transformer tensor {name!r} is in no block")
+
+    of = {n: transformer_block(n) for n in names}
+    present = set(of.values())
+    heads = [b for _, b in fixed if b != "final_layer"]
+    counts = {block: 1 + max((int(_split_number(b)[1]) for b in present if b.startswith(block)), default=-1) for _, block in numbered}
+    ids = (*dict.fromkeys(b for b in heads if b in present), *(f"{block}{i}" for _, block in numbered for i in range(counts[block])), "final_layer")
+    groups = {block.rstrip("._").removesuffix("_blocks"): tuple(f"{block}{i}" for i in range(counts[block])) for _, block in numbered}
+    sweep = [("embedders", tuple(b for b in ids if b in heads))]
+    for members in groups.values():  # each kind of numbered block in quarters
+        size = max(1, -(-len(members) // 4))
+        sweep += [(_span(members[i : i + size]), members[i : i + size]) for i in range(0, len(members), size)]
+    sweep.append(("final_layer", ("final_layer",)))
+    return Blocks(family, ids, of, groups, None, tuple(sweep))
+
+
+def _span(blocks) -> str:
+    """A run of blocks as a label: "IN03-05", "double_blocks.0-4", "M00"."""
+    first, last = blocks[0], blocks[-1]
+    if first == last:
+        return first
+    head, number = _split_number(last)
+    return f"{first}-{last[len(head):]}" if head else f"{first}-{last}"

@@ -108,10 +108,21 @@ class MergeMethod:
     min_shards: int = 1
     max_shards: int | None = None
     arrange: Callable | None = None  # (shard names, params) -> the order the function takes them in; ValueError if they do not fit
+    blocked: Callable | None = None  # (weights, block multipliers, params) -> (weights, params) of one block; None: `for_block`'s rule
 
     @property
     def linear(self) -> bool:
         return self.coefficients is not None
+
+    def for_block(self, weights: Sequence[float], multipliers: Sequence[float], params: Params) -> tuple[tuple[float, ...] | None, Params]:
+        """The weights and parameters of one block, given each shard's multiplier for it: by default
+        w_i m_i normalized across the shards, or None (the block keeps the base's weights) when they
+        are all 0. ValueError when the method cannot take these multipliers."""
+        if self.blocked is not None:
+            return self.blocked(weights, multipliers, params)
+        scaled = [w * m for w, m in zip(weights, multipliers)]
+        total = math.fsum(scaled)
+        return (tuple(x / total for x in scaled) if total > 0 else None), params
 
     def parse(self, values: Mapping | Params | None = None) -> Params:
         """Typed parameters from a mapping (page, CLI, API, recipe); ValueError naming the method,
@@ -150,13 +161,13 @@ METHODS: dict[str, MergeMethod] = {}
 
 def merge_method(name: str, *, summary: str, reference: str, params: type[Params] = NoParams, needs_base: bool = True,
                  coefficients: Callable | None = None, random: bool = False, min_shards: int = 1, max_shards: int | None = None,
-                 arrange: Callable | None = None):
+                 arrange: Callable | None = None, blocked: Callable | None = None):
     """Register a merge method under `name` (the decorated function is its per-tensor function)."""
 
     def register(fn: Callable | None) -> Callable | None:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        METHODS[name] = MergeMethod(name, summary, reference, params, fn, needs_base, coefficients, random, min_shards, max_shards, arrange)
+        METHODS[name] = MergeMethod(name, summary, reference, params, fn, needs_base, coefficients, random, min_shards, max_shards, arrange, blocked)
         return fn
 
     return register
@@ -342,10 +353,18 @@ def _add_difference_coefficients(weights, p: AddDifferenceParams):
     return [1.0, p.alpha, -p.alpha], 0.0
 
 
+def _add_difference_block(weights, multipliers, p: AddDifferenceParams):
+    """Per block, alpha times B's multiplier (A1111's MBW add difference); A and C are taken whole."""
+    fixed = [m for i, m in enumerate(multipliers) if i != 1 and m != 1]
+    if fixed:
+        raise ValueError("add-difference takes block weights on B only (they scale alpha per block); A and C are taken whole")
+    return tuple(weights), p.model_copy(update={"alpha": p.alpha * multipliers[1]})
+
+
 merge_method(
     "add-difference", summary="A + alpha (B - C), C the base or a chosen shard; the weights are not used",
     reference="AUTOMATIC1111's checkpoint merger ('Add difference')", params=AddDifferenceParams,
-    coefficients=_add_difference_coefficients, min_shards=2, max_shards=3, arrange=_add_difference_order,
+    coefficients=_add_difference_coefficients, min_shards=2, max_shards=3, arrange=_add_difference_order, blocked=_add_difference_block,
 )(None)
 
 
@@ -459,24 +478,54 @@ def model_stock(out, sources, weights, base, p: NoParams, generator=None):
 
 
 # -- the engine -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Part:
+    """Tensors merged with one set of weights and parameters (a block of a block-weighted mix);
+    weights None: they keep the base's weights."""
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...] | None
+    params: Params
+
+
+def restrict(parts: Sequence[Part], names) -> list[Part]:
+    """The parts of these tensors only (a streamed export merges a group of tensors at a time)."""
+    keep = set(names)
+    out = [Part(tuple(n for n in p.names if n in keep), p.weights, p.params) for p in parts]
+    return [p for p in out if p.names]
+
+
 @torch.no_grad()
 def merge_into(
     target: Tensors, method_: MergeMethod, params: Params, sources: Sequence[Tensors], weights: Sequence[float],
     base: Tensors | None = None, fused: bool | None = None, progress: Callable[[float], None] | None = None,
+    parts: Sequence[Part] | None = None,
 ) -> None:
     """Merge `sources` (normalized `weights`) into `target` in place with a registered method.
 
-    Linear methods are one weighted sum (`soup.weighted_sum_into`: one pass over flat buffers); the
+    `parts` (block weights): tensors merged with their own weights and parameters, together covering
+    `target`; by default one part of everything with `weights` and `params`. Linear methods are one
+    weighted sum (`soup.weighted_sum_parts`: one pass over flat buffers, one range per part); the
     others run tensor by tensor (lazily read sources, lean or pinned, are resident one tensor each).
     Everything is checked before the first write."""
     from . import soup
 
-    if method_.needs_base and base is None:
+    if parts is None:
+        parts = [Part(tuple(target), tuple(weights), params)]
+    elif sorted(n for p in parts for n in p.names) != sorted(target):
+        raise ValueError("the parts do not cover the target's tensors exactly once")
+    if (method_.needs_base or any(p.weights is None for p in parts)) and base is None:
         raise ValueError(f"{method_.name} needs the base weights")
     if method_.linear:
-        coefficients, base_coefficient = method_.coefficients(list(weights), params)
-        extra = [base] if base_coefficient else []
-        soup.weighted_sum_into(target, [*sources, *extra], [*coefficients, *([base_coefficient] if extra else [])], fused)
+        with_base = []
+        for p in parts:
+            if p.weights is None:  # the base's weights
+                with_base.append((p.names, [0.0] * len(sources), 1.0))
+            else:
+                coefficients, base_coefficient = method_.coefficients(list(p.weights), p.params)
+                with_base.append((p.names, coefficients, base_coefficient))
+        extra = [base] if any(b for _, _, b in with_base) else []
+        soup.weighted_sum_parts(target, [*sources, *extra], [(n, [*c, *([b] if extra else [])]) for n, c, b in with_base], fused)
         return
     soup.check_compatible(target, [*sources, *([base] if base is not None else [])])
     read_order = getattr(sources[0], "read_order", None)  # lazy sources: walk their files front to back
@@ -484,13 +533,16 @@ def merge_into(
     if callable(read_order):
         rank = {n: i for i, n in enumerate(read_order())}
         names.sort(key=lambda n: rank.get(n, len(rank)))
-    seed = getattr(params, "seed", 0)
+    part_of = {n: p for p in parts for n in p.names}
     for i, name in enumerate(names):
-        out = target[name]
+        out, part = target[name], part_of[name]
         if not out.is_floating_point():  # integer buffers (counters): the first source's
             out.copy_(sources[0][name])
-            continue
-        generator = torch.Generator("cpu").manual_seed(tensor_seed(seed, name)) if method_.random else None
-        method_.fn(out, [s[name] for s in sources], list(weights), base[name] if base is not None else None, params, generator)
+        elif part.weights is None:
+            out.copy_(base[name])
+        else:
+            seed = getattr(part.params, "seed", 0)
+            generator = torch.Generator("cpu").manual_seed(tensor_seed(seed, name)) if method_.random else None
+            method_.fn(out, [s[name] for s in sources], list(part.weights), base[name] if base is not None else None, part.params, generator)
         if progress is not None:
             progress((i + 1) / len(names))

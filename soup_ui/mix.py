@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 from . import methods
 from .errors import StudioError
-from .methods import MergeMethod, Params
+from .methods import MergeMethod, Params, Part
 from .soup import normalize_weights, rounded_shares
 
 if TYPE_CHECKING:
+    from .families import Blocks
     from .pool import Shard
 
 
@@ -32,14 +33,18 @@ class Mix:
     text_encoders: bool = False
     given: tuple[float, ...] = ()  # the weights as entered (slider values), for grids that vary one of them
     view: Mapping[str, Shard] = field(default_factory=dict, repr=False)  # the shards it was built from (for reweighted mixes)
+    blocks: tuple[tuple[float, ...] | None, ...] = ()  # per shard, its block multipliers (None: all 1); () when none has any
+    block_map: Blocks | None = field(default=None, repr=False)  # the denoiser's blocks (what the multipliers refer to)
 
     @classmethod
     def build(
         cls, view: Mapping[str, Shard], weights: Mapping[str, float], method: str = "average",
         params: Mapping | Params | None = None, text_encoders: bool = False,
+        blocks: Mapping[str, object] | None = None, block_map: Blocks | None = None,
     ) -> Mix:
         """Resolve `weights` ({shard name: weight}) in `view`, normalize them, and validate the method
-        and its parameters; StudioError naming what is wrong."""
+        and its parameters; `blocks` ({shard name: block multipliers}, each a spec `Blocks.parse`
+        reads) over the denoiser's `block_map`. StudioError naming what is wrong."""
         try:
             m = methods.method(method)
             typed = m.parse(params)
@@ -59,8 +64,15 @@ class Mix:
         except ValueError as err:
             raise StudioError(str(err)) from None
         given = [float(w) for w in weights.values()]
-        shards, normalized, given = ([xs[i] for i in order] for xs in (shards, normalized, given))
-        return cls(tuple(shards), tuple(normalized), m, typed, bool(text_encoders), tuple(given), view)
+        vectors = _block_vectors(blocks or {}, list(weights), block_map)
+        shards, normalized, given, vectors = ([xs[i] for i in order] for xs in (shards, normalized, given, vectors))
+        mix = cls(tuple(shards), tuple(normalized), m, typed, bool(text_encoders), tuple(given), view,
+                  tuple(vectors) if any(v is not None for v in vectors) else (), block_map)
+        try:
+            mix.parts()  # the method takes these multipliers (add-difference: on B only)
+        except ValueError as err:
+            raise StudioError(str(err)) from None
+        return mix
 
     @classmethod
     def alone(cls, shard: Shard, text_encoders: bool = False) -> Mix:
@@ -78,6 +90,48 @@ class Mix:
         return list(zip(self.shards, self.weights))
 
     @property
+    def blocked(self) -> bool:
+        """Whether some shard has block multipliers."""
+        return bool(self.blocks)
+
+    def multipliers(self, block: int) -> list[float]:
+        """Each shard's multiplier for block number `block` (1 where it has none)."""
+        return [1.0 if v is None else v[block] for v in (self.blocks or (None,) * len(self.shards))]
+
+    def parts(self) -> list[Part] | None:
+        """The merge per block (methods.Part: tensors, weights, parameters), neighbouring blocks that
+        merge alike joined into one part; None without block weights. ValueError when the method
+        cannot take the multipliers."""
+        if not self.blocked:
+            return None
+        members = self.block_map.members()
+        out: list[Part] = []
+        for b, block in enumerate(self.block_map.ids):
+            weights, params = self.method.for_block(self.weights, self.multipliers(b), self.params)
+            if not members[block]:
+                continue
+            if out and (out[-1].weights, out[-1].params) == (weights, params):
+                out[-1] = Part(out[-1].names + tuple(members[block]), weights, params)
+            else:
+                out.append(Part(tuple(members[block]), weights, params))
+        return out
+
+    @property
+    def base_blocks(self) -> list[str]:
+        """The blocks that keep the base's weights (every shard's multiplier 0 there)."""
+        if not self.blocked:
+            return []
+        return [block for b, block in enumerate(self.block_map.ids) if self.method.for_block(self.weights, self.multipliers(b), self.params)[0] is None]
+
+    @property
+    def text_weights(self) -> tuple[float, ...] | None:
+        """The weights the text encoders are mixed with: the shards' weights, with block weights
+        times each shard's BASE multiplier, normalized (None: all 0 there, the base's text encoder)."""
+        if not self.blocked or self.block_map.text is None:
+            return self.weights
+        return self.method.for_block(self.weights, self.multipliers(self.block_map.ids.index(self.block_map.text)), self.params)[0]
+
+    @property
     def shares(self) -> list[float]:
         """The weights rounded to two decimals, still summing to 1 (what labels show)."""
         return rounded_shares(self.weights)
@@ -89,16 +143,18 @@ class Mix:
     @property
     def key(self) -> tuple:
         """What identifies the merged weights: method, parameters, shard contents and weights."""
-        return (self.method.name, self._params_key(), tuple((s.sha256, round(w, 12)) for s, w in self.pairs))
+        key = (self.method.name, self._params_key(), tuple((s.sha256, round(w, 12)) for s, w in self.pairs))
+        return key + (("blocks", self.blocks),) if self.blocked else key
 
     @property
     def text_key(self) -> tuple | None:
         """What identifies the text encoder it renders with: None for the base's (text encoders not
         mixed, or no shard has its own), else the method, parameters and each shard's text-encoder
         hash ("base" for a shard without one) with its weight."""
-        if not self.text_encoders or all(s.weights.text_found is None for s in self.shards):
+        weights = self.text_weights
+        if not self.text_encoders or all(s.weights.text_found is None for s in self.shards) or weights is None:
             return None
-        return ("text", self.method.name, self._params_key(), tuple((s.text_sha or "base", round(w, 12)) for s, w in self.pairs))
+        return ("text", self.method.name, self._params_key(), tuple((s.text_sha or "base", round(w, 12)) for s, w in zip(self.shards, weights)))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Mix) and (self.key, self.text_encoders) == (other.key, other.text_encoders)
@@ -109,7 +165,14 @@ class Mix:
     @property
     def label(self) -> str:
         """The recipe as a label, e.g. "soup: 0.50 twemoji + 0.50 openmoji", or
-        "ties (density 0.3, lambda 1): 0.50 twemoji + 0.50 openmoji"."""
+        "ties (density 0.3, lambda 1): 0.50 twemoji + 0.50 openmoji"; with block weights it ends
+        "[blocks: twemoji]", naming the shards that have them."""
+        label = self._label()
+        if self.blocked:
+            label += " [blocks: " + ", ".join(n for n, v in zip(self.names, self.blocks) if v is not None) + "]"
+        return label
+
+    def _label(self) -> str:
         parts = " + ".join(f"{w:.2f} {n}" for n, w in zip(self.names, self.shares) if w > 0)
         p = self.params.values()
         name = self.method.name
@@ -133,15 +196,23 @@ class Mix:
             "params": self.params.values(),
             "text_encoders": self.text_encoders,
             "shards": [
-                {"name": s.name, "sha256": s.sha256, "weight": w, **({"text_encoder_sha256": s.text_sha} if self.text_encoders and s.text_sha else {})}
-                for s, w in self.pairs
+                {"name": s.name, "sha256": s.sha256, "weight": w, **({"text_encoder_sha256": s.text_sha} if self.text_encoders and s.text_sha else {}),
+                 **({"blocks": list(v)} if v is not None else {})}
+                for s, w, v in zip(self.shards, self.weights, self.blocks or (None,) * len(self.shards))
             ],
+            **({"block_ids": list(self.block_map.ids)} if self.blocked else {}),
         }
 
     # -- mixes derived from it (workflows) ----------------------------------------------------------
-    def reweighted(self, weights: Mapping[str, float]) -> Mix:
-        """The same method, parameters and view with other weights (a shard of the view may join)."""
-        return Mix.build(self.view, weights, self.method.name, self.params, self.text_encoders)
+    def reweighted(self, weights: Mapping[str, float], blocks: Mapping[str, object] | None = None) -> Mix:
+        """The same method, parameters, view and block weights with other weights (a shard of the
+        view may join, without block weights); `blocks` replaces the block weights of the shards it names."""
+        kept = {n: v for n, v in self.as_blocks().items() if n in weights}
+        return Mix.build(self.view, weights, self.method.name, self.params, self.text_encoders, {**kept, **(blocks or {})}, self.block_map)
+
+    def as_blocks(self) -> dict[str, tuple[float, ...]]:
+        """The block multipliers, by shard name (shards that have them)."""
+        return {n: v for n, v in zip(self.names, self.blocks) if v is not None}
 
     def without(self, name: str) -> Mix:
         return self.reweighted({n: w for n, w in zip(self.names, self.weights) if n != name})
@@ -152,3 +223,21 @@ class Mix:
     def as_given(self) -> dict[str, float]:
         """The weights as entered (slider values), by shard name."""
         return dict(zip(self.names, self.given))
+
+
+def _block_vectors(blocks: Mapping[str, object], names: list[str], block_map: Blocks | None) -> list[tuple[float, ...] | None]:
+    """Per shard (in `names` order), its block multipliers parsed, or None (none given, or all 1)."""
+    unknown = [n for n in blocks if n not in names]
+    if unknown:
+        raise StudioError(f"block weights for {unknown[0]!r}, which is not in the mix ({', '.join(names)})")
+    if blocks and block_map is None:
+        raise StudioError("this denoiser has no block map: block weights are unavailable")
+    out = []
+    for name in names:
+        spec = blocks.get(name)
+        try:
+            vector = None if spec is None else block_map.parse(spec, name)
+        except ValueError as err:
+            raise StudioError(str(err)) from None
+        out.append(None if vector is None or all(v == 1 for v in vector) else vector)
+    return out

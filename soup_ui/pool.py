@@ -118,8 +118,10 @@ class Pool:
     TIERS = ("resident", "pinned", "lean")
 
     def __init__(self, device: torch.device, dtype: torch.dtype, lock, options, template: torch.nn.Module,
-                 base_specs: dict, text_specs: dict, base: Callable[[], Mapping[str, torch.Tensor]], on_change: Callable[[], None]):
+                 base_specs: dict, text_specs: dict, base: Callable[[], Mapping[str, torch.Tensor]], on_change: Callable[[], None],
+                 order: list[str] | None = None):
         self.device, self.dtype, self.lock, self.options = device, dtype, lock, options
+        self.order = order  # the hybrid's flat layout: resident shards are laid out alike (one pass, one range per block)
         self.template = template  # the base denoiser: its config validates files, its copies hold resident shards
         self.base_specs, self.text_specs = base_specs, text_specs
         self.base = base  # the base's weights (a LoRA shard is base + delta)
@@ -209,7 +211,7 @@ class Pool:
                     else:
                         unet = copy.deepcopy(self.template)
                         unet.load_state_dict(tensors, strict=True)
-                        pooled = Weights(path, sha, unet, soup.flatten_module(unet), signature, found.kind)
+                        pooled = Weights(path, sha, unet, soup.flatten_module(unet, self.order), signature, found.kind)
             pooled.text_found = text
         with self.lock:
             pooled = self._pool.setdefault(sha, pooled)

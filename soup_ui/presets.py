@@ -202,6 +202,7 @@ class Recipe(Strict):
     method: str = "average"  # a registered merge method (methods.METHODS)
     params: dict[str, float | int | str] = Field(default_factory=dict)  # its parameters, by the names the method gives them
     text_encoders: bool = False  # the shards' text encoders mixed too
+    blocks: dict[str, list[float] | str] = Field(default_factory=dict)  # block multipliers by shard (a list in block order, or a spec "IN:0,OUT:1")
     render: RenderSettings = RenderSettings()
 
     @model_validator(mode="before")
@@ -236,7 +237,16 @@ class Recipe(Strict):
     def of(cls, preset: Path | None, mix, render: RenderSettings) -> "Recipe":
         """The recipe of a Mix: its weights as entered, method, parameters and text-encoder flag."""
         return cls(preset=preset, mix=mix.as_given(), method=mix.method.name, params=mix.params.values(),
-                   text_encoders=mix.text_encoders, render=render)
+                   text_encoders=mix.text_encoders, blocks={n: list(v) for n, v in mix.as_blocks().items()}, render=render)
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks_of_mixed_shards(cls, blocks: dict, info: ValidationInfo) -> dict:
+        mix = info.data.get("mix") or {}
+        for name in blocks:
+            if name not in mix:
+                raise ValueError(f"block weights for {name!r}, which is not in the mix ({', '.join(mix)})")
+        return blocks
 
     @field_validator("mix")
     @classmethod
@@ -322,6 +332,8 @@ def save_recipe(recipe: Recipe, path: str | Path, overwrite: bool = False) -> Pa
 
     path = Path(path)
     data = recipe.model_dump(mode="json")
+    if not data["blocks"]:
+        del data["blocks"]
     if recipe.preset is not None:
         try:
             data["preset"] = os.path.relpath(Path(recipe.preset).resolve(), path.parent.resolve())

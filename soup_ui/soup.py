@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -91,14 +91,18 @@ class FlatTensors(Mapping):
 
 
 @torch.no_grad()
-def flatten_module(module: torch.nn.Module) -> Tensors:
+def flatten_module(module: torch.nn.Module, order: Sequence[str] | None = None) -> Tensors:
     """Move a module's parameters and buffers into one flat buffer; returns its tensors by state-dict name.
 
-    The module keeps working (its tensors become views of the buffer). Modules that mix dtypes or
-    hold integer buffers, or that tie tensors, are left as they are and get a plain dict back.
+    `order`: the tensors' order in the buffer (default: the state dict's; the studio orders them by
+    block, so that each block is one contiguous range). The module keeps working (its tensors become
+    views of the buffer). Modules that mix dtypes or hold integer buffers, or that tie tensors, are
+    left as they are and get a plain dict back.
     """
     state = module.state_dict(keep_vars=True)
-    tensors = {n: t.detach() for n, t in state.items()}
+    tensors = {n: state[n].detach() for n in (order if order is not None else state)}
+    if len(tensors) != len(state):
+        raise ValueError(f"the order names {len(tensors)} tensors; the module has {len(state)}")
     try:
         if len({t.data_ptr() for t in tensors.values()}) != len(tensors):
             raise ValueError("tied tensors")
@@ -138,7 +142,9 @@ GPU_BLOCK = 1 << 26
 # 1.29x for K=4); plain state dicts through a dynamic-shape kernel, one call per tensor.
 # See bench/RESULTS.md.
 FUSED_MIN_ELEMENTS = 1 << 26
-FLAT_CHUNK = 1 << 24
+FLAT_CHUNK = 1 << 20  # on the CPU: small, so that block-weighted soups (many ranges) leave little to the eager path
+GPU_FLAT_CHUNK = 1 << 24  # on a GPU: large, so that launches are few
+WARM_UP_MIN = 1 << 24  # buffers from this size on compile their kernels in the background (SD-sized denoisers)
 
 
 def _weighted_sum(out: torch.Tensor, sources: list[torch.Tensor], weights: torch.Tensor) -> None:
@@ -163,7 +169,7 @@ TRACING = __import__("threading").RLock()
 
 
 def _kernel(kind: str):
-    """The compiled kernel ("tensors": dynamic shapes; "chunk": FLAT_CHUNK static), or None if compiling failed."""
+    """The compiled kernel ("tensors": dynamic shapes; "chunk": one static chunk size per device type), or None if compiling failed."""
     if _broken:
         return None
     if kind not in _kernels:
@@ -191,8 +197,8 @@ def _compile_chunk_variant(k: int, dtype: torch.dtype, device) -> None:
     with TRACING:
         if variant in _ready or _broken:
             return
-        out = torch.zeros(FLAT_CHUNK, dtype=dtype, device=device)
-        sources = [torch.zeros(FLAT_CHUNK, dtype=dtype, device=device) for _ in range(k)]
+        out = torch.zeros(_chunk(device), dtype=dtype, device=device)
+        sources = [torch.zeros(_chunk(device), dtype=dtype, device=device) for _ in range(k)]
         weights = torch.full((k,), 1.0 / k, dtype=_acc_dtype(out), device=out.device)
         if _run_compiled("chunk", iter([(out, sources, weights)])):
             _ready.add(variant)
@@ -287,24 +293,34 @@ def _weights_tensor(mix: list, out: torch.Tensor) -> torch.Tensor:
     return torch.tensor([w for _, w in mix], dtype=_acc_dtype(out), device=out.device)
 
 
-def _average_flat(out: torch.Tensor, mix: list, fused: bool | None) -> None:
-    """One flat buffer: whole FLAT_CHUNKs through the static kernel, the rest eager.
+def _chunk(device) -> int:
+    return FLAT_CHUNK if torch.device(device).type == "cpu" else GPU_FLAT_CHUNK
+
+
+def _sum_flat(out: torch.Tensor, parts: list, fused: bool | None) -> None:
+    """Ranges of one flat buffer, each with its own sources and weights: (start, stop, [(buffer,
+    weight)]). A range runs through the static chunk kernel, one call per chunk, the last chunk
+    ending at the range's end (it overlaps the one before, whose values it writes again); a range
+    shorter than a chunk runs eager.
 
     fused=None: the kernel only if it is compiled for this K already; otherwise eager now, and the
     kernel is compiled in the background for the next mix (never inside an interactive request)."""
-    n = out.numel()
-    if fused is None:
-        fused = compiled_ready("chunk", len(mix), out.dtype, out.device)
-        if not fused and n >= FLAT_CHUNK:
-            warm_up([len(mix)], out.dtype, out.device)
-    done = n - n % FLAT_CHUNK if fused else 0
-    if done:
-        weights = _weights_tensor(mix, out)
-        calls = ((out[i : i + FLAT_CHUNK], [s[i : i + FLAT_CHUNK] for s, _ in mix], weights) for i in range(0, done, FLAT_CHUNK))
-        if not _run_compiled("chunk", calls):
-            done = 0
-    if done < n:
-        _average_eager({"": out[done:]}, [({"": s[done:]}, w) for s, w in mix])
+    chunk = _chunk(out.device)
+    for start, stop, mix in parts:
+        use = fused
+        if use is None:
+            use = compiled_ready("chunk", len(mix), out.dtype, out.device)
+            if not use and out.numel() >= WARM_UP_MIN:
+                warm_up([len(mix)], out.dtype, out.device)
+        if use and stop - start >= chunk:
+            starts = list(range(start, stop - chunk + 1, chunk))
+            if starts[-1] + chunk < stop:
+                starts.append(stop - chunk)
+            weights = _weights_tensor(mix, out)
+            calls = ((out[i : i + chunk], [s[i : i + chunk] for s, _ in mix], weights) for i in starts)
+            if _run_compiled("chunk", calls):
+                continue
+        _average_eager({"": out[start:stop]}, [({"": s[start:stop]}, w) for s, w in mix])
 
 
 def _average_tensors(target: Tensors, mix: list) -> bool:
@@ -386,49 +402,81 @@ def weighted_sum_into(target: Tensors, sources: Sequence[Tensors], coefficients:
     method (methods.py: task arithmetic, add-difference) is this with the base as one more source."""
     if len(sources) != len(coefficients):
         raise ValueError(f"{len(sources)} sources but {len(coefficients)} coefficients")
-    if not all(math.isfinite(c) for c in coefficients):
-        raise ValueError(f"coefficients must be finite, got {list(coefficients)}")
-    mix = [(s, float(c)) for s, c in zip(sources, coefficients) if c != 0]
-    if not mix:
-        raise ValueError("every coefficient is zero: nothing to sum")
-    flat = isinstance(target, FlatTensors) and all(target.same_layout(s) for s, _ in mix)
-    if flat:
-        if any(s.buffer.data_ptr() == target.buffer.data_ptr() for s, _ in mix):
-            raise ValueError("a source shares memory with the target")
-    else:
-        check_compatible(target, [s for s, _ in mix])
-    read_order = getattr(mix[0][0], "read_order", None)  # lazy sources: walk their files front to back
-    if callable(read_order) and not flat:
-        rank = {n: i for i, n in enumerate(read_order())}
-        target = dict(sorted(target.items(), key=lambda item: rank.get(item[0], len(rank))))
-    if flat:
-        _average_flat(target.buffer, [(s.buffer, w) for s, w in mix], fused)
-        return
-    if fused is None:
-        fused = sum(t.numel() for t in target.values()) * len(mix) >= FUSED_MIN_ELEMENTS
-    if not (fused and _average_tensors(target, mix)):
-        _average_eager(target, mix)
+    weighted_sum_parts(target, sources, [(list(target), coefficients)], fused)
+
+
+def part_ranges(target: FlatTensors, parts: Sequence[tuple[Sequence[str], Sequence[float]]]) -> list[tuple[int, int]] | None:
+    """Where each part's tensors lie in a flat buffer, (start, stop), or None when some part's
+    tensors are not one contiguous range."""
+    out = []
+    for names, _ in parts:
+        spans = sorted((target.layout[n][0], target.layout[n][0] + math.prod(target.layout[n][1])) for n in names)
+        if not spans or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+            return None
+        out.append((spans[0][0], spans[-1][1]))
+    return out
 
 
 @torch.no_grad()
-def weight_distance(sources: Sequence[Tensors], coefficients: Sequence[float]) -> float:
+def weighted_sum_parts(target: Tensors, sources: Sequence[Tensors], parts: Sequence[tuple[Sequence[str], Sequence[float]]],
+                       fused: bool | None = None) -> None:
+    """Per part (tensor names, one coefficient per source): target[names] = sum_i c_i * source_i[names],
+    as `weighted_sum_into` (a block-weighted soup: one part per block). Over flat buffers whose parts
+    are contiguous ranges (a layout ordered by block) each part is one range of the one pass. A
+    source whose coefficients are all zero is not read. Everything is checked before the first write."""
+    for names, coefficients in parts:
+        if len(sources) != len(coefficients):
+            raise ValueError(f"{len(sources)} sources but {len(coefficients)} coefficients")
+        if not all(math.isfinite(c) for c in coefficients):
+            raise ValueError(f"coefficients must be finite, got {list(coefficients)}")
+        if not any(coefficients):
+            raise ValueError("every coefficient is zero: nothing to sum")
+    used = [s for i, s in enumerate(sources) if any(c[i] for _, c in parts)]
+    flat = isinstance(target, FlatTensors) and all(target.same_layout(s) for s in used)
+    ranges = part_ranges(target, parts) if flat else None
+    if flat:
+        if any(s.buffer.data_ptr() == target.buffer.data_ptr() for s in used):
+            raise ValueError("a source shares memory with the target")
+    else:
+        check_compatible(target, used)
+    if ranges is not None:
+        _sum_flat(target.buffer, [(a, b, [(s.buffer, float(c)) for s, c in zip(sources, cs) if c]) for (a, b), (_, cs) in zip(ranges, parts)], fused)
+        return
+    for names, coefficients in parts:
+        mix = [(s, float(c)) for s, c in zip(sources, coefficients) if c != 0]
+        part = {n: target[n] for n in names}
+        read_order = getattr(mix[0][0], "read_order", None)  # lazy sources: walk their files front to back
+        if callable(read_order):
+            rank = {n: i for i, n in enumerate(read_order())}
+            part = dict(sorted(part.items(), key=lambda item: rank.get(item[0], len(rank))))
+        use = fused
+        if use is None:
+            use = sum(t.numel() for t in part.values()) * len(mix) >= FUSED_MIN_ELEMENTS
+        if not (use and _average_tensors(part, mix)):
+            _average_eager(part, mix)
+
+
+@torch.no_grad()
+def weight_distance(sources: Sequence[Tensors], coefficients: Sequence[float] | Callable[[str], Sequence[float]]) -> float:
     """Root-mean-square over all parameters of sum_i c_i theta_i, without materializing it.
 
     With c = w_full - w_other this is the distance between two soups of the same shards.
+    `coefficients` may depend on the tensor (a callable of its name: block weights).
     """
     total, count = 0.0, 0
-    pairs = [(s, c) for s, c in zip(sources, coefficients) if c != 0]
-    if not pairs:
-        return 0.0
-    for name in pairs[0][0]:
-        first = pairs[0][0][name]
+    for name in sources[0]:
+        first = sources[0][name]
         if not first.is_floating_point():
             continue
-        acc = first.to(torch.float32) * pairs[0][1]  # float32: Apple's MPS has no float64
+        cs = coefficients(name) if callable(coefficients) else coefficients
+        pairs = [(s, c) for s, c in zip(sources, cs) if c != 0]
+        count += first.numel()
+        if not pairs:
+            continue
+        acc = pairs[0][0][name].to(torch.float32) * pairs[0][1]  # float32: Apple's MPS has no float64
         for source, c in pairs[1:]:
             acc.add_(source[name].to(torch.float32), alpha=c)
         total += float(acc.square().sum())
-        count += acc.numel()
     return math.sqrt(total / max(count, 1))
 
 

@@ -163,17 +163,21 @@ def base_parts(folder: Path, base: Path, family: str) -> dict[str, torch.Tensor]
 
 
 def export(preset: Preset, weights: Mapping[str, float], method: str, params: Mapping, out: str | Path, fmt: str = "unet",
-           dtype: torch.dtype = torch.float32, overwrite: bool = False, progress: Callable[[float], None] | None = None) -> tuple[Path, Mix]:
+           dtype: torch.dtype = torch.float32, overwrite: bool = False, progress: Callable[[float], None] | None = None,
+           blocks: Mapping[str, object] | None = None) -> tuple[Path, Mix]:
     """Stream the soup of the preset's shards named in `weights` to `out`: the denoiser in diffusers
     names (`fmt` "unet", in `dtype`) or one fp16 single file in LDM naming ("single-file": UNet +
     the base's VAE and text encoder). Returns the file and the mix it holds."""
-    from .methods import merge_into
+    from .methods import merge_into, restrict
 
     out, base_path = Path(out), Path(preset.base)
     config, base_found = formats.base_unet(preset.base, preset.config)
     folder = families.base_config(preset.base, preset.config)
     view, base = shard_view(preset, used_names(weights, dict(params or {})), config, base_found)
-    mix = Mix.build(view, weights, method, params, False)
+    family = "flux" if "guidance_embeds" in config else "sd3" if config.get("_class_name", "").startswith("SD3") else family_of(folder, base_path)
+    block_map = families.block_map(family, config, base_found.specs) if blocks else None
+    mix = Mix.build(view, weights, method, params, False, blocks, block_map)
+    parts = mix.parts()
     names = [n for n in base_found.specs if checkpoints.torch_dtype(base_found.specs[n][1]).is_floating_point]
     first = next(iter(mix.shards)).tensors
     if hasattr(first, "read_order"):
@@ -183,18 +187,16 @@ def export(preset: Preset, weights: Mapping[str, float], method: str, params: Ma
     if fmt == "single-file":
         if config.get("_class_name") != "UNet2DConditionModel":
             raise StudioError("a single-file (LDM) export is for SD 1.x, SD 2.x and SDXL; export the denoiser instead")
-        family = family_of(folder, base_path)
         rename = {n: formats.LDM_PREFIX + ldm for n, ldm in formats.ldm_unet_names(names, config).items()}
         out_dtype, metadata = torch.float16, exports.merge_metadata_of(mix, architecture(folder, family, config), half=True)
         extra = base_parts(folder, base_path, family)
     elif fmt == "unet":
         rename, out_dtype, extra = {n: n for n in names}, dtype, {}
-        family = "flux" if "guidance_embeds" in config else "sd3" if config.get("_class_name", "").startswith("SD3") else family_of(folder, base_path)
         metadata = exports.merge_metadata_of(mix, architecture(folder, family, config), half=dtype == torch.float16)
     else:
         raise StudioError(f"a streamed export writes 'unet' or 'single-file', not {fmt!r}")
     specs = {rename[n]: (shapes[n], out_dtype) for n in names} | {k: (tuple(v.shape), v.dtype) for k, v in extra.items()}
-    needs_base = base if mix.method.needs_base else None
+    needs_base = base if mix.method.needs_base or any(p.weights is None for p in parts or ()) else None
     with atomic_path(out, overwrite=overwrite) as tmp:
         writer = Writer(tmp, specs, metadata)
         try:
@@ -206,7 +208,8 @@ def export(preset: Preset, weights: Mapping[str, float], method: str, params: Ma
                 if size < GROUP_ELEMENTS and i + 1 < len(names):
                     continue
                 target = {n: torch.empty(shapes[n], dtype=torch.float32) for n in group}
-                merge_into(target, mix.method, mix.params, [s.tensors for s in mix.shards], list(mix.weights), needs_base, fused=False)
+                merge_into(target, mix.method, mix.params, [s.tensors for s in mix.shards], list(mix.weights), needs_base, fused=False,
+                           parts=restrict(parts, group) if parts else None)
                 for n in group:
                     writer.write(rename[n], target[n])
                 done += size

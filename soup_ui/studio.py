@@ -227,9 +227,17 @@ class Studio:
         # The base denoiser's memory becomes the hybrid: mixing writes into it, never allocating anew.
         self.hybrid = getattr(self.pipe, self.kind.denoiser).eval()
         self.preset = preset.model_copy(update={"render": self._render_defaults(preset)})
-        self.hybrid_tensors = soup.flatten_module(self.hybrid)  # one buffer: the soup is one pass
+        # The denoiser's blocks (block weights), and one buffer laid out block by block: a soup is one
+        # pass, a block-weighted soup one range per block.
+        try:
+            self.blocks: families.Blocks | None = families.block_map(self.family, self.hybrid.config, self.hybrid.state_dict())
+        except (ValueError, KeyError, checkpoints.CheckpointError) as err:
+            self.blocks = None
+            logger.warning("block weights unavailable for this denoiser: %s", err)
+        order = self.blocks.order(self.hybrid.state_dict()) if self.blocks is not None else None
+        self.hybrid_tensors = soup.flatten_module(self.hybrid, order)
         self.pool = Pool(self.device, self.dtype, self.lock, options, self.hybrid, self.base_specs, self.text_specs,
-                         base=lambda: self.base_tensors, on_change=self._forget_mix)
+                         base=lambda: self.base_tensors, on_change=self._forget_mix, order=order)
         self.plan_memory(len(preset.shards), sum(t.numel() * t.element_size() for t in self.hybrid_tensors.values()))
         logger.info("memory: %s", self.memory_plan)
 
@@ -245,7 +253,7 @@ class Studio:
             raise StudioError("no shard could be loaded: " + "; ".join(self.failed.values()))
         # 3. Compile the soup kernel for the likely shard counts in the background (SD-sized UNets
         # only), so that no slider release waits 10-40 s for the compiler.
-        if isinstance(self.hybrid_tensors, soup.FlatTensors) and self.hybrid_tensors.buffer.numel() >= soup.FLAT_CHUNK:
+        if isinstance(self.hybrid_tensors, soup.FlatTensors) and self.hybrid_tensors.buffer.numel() >= soup.WARM_UP_MIN:
             soup.warm_up(range(1, min(len(self.shards), 6) + 1), self.dtype, self.device)
         report(1.0, "ready")
 
@@ -308,25 +316,29 @@ class Studio:
     # -- the soup -------------------------------------------------------------------------------
     def make_mix(
         self, weights: Mapping[str, float], method: str = "average", params: Mapping | methods.Params | None = None,
-        shards: Views | None = None, *, text_encoders: bool = False,
+        shards: Views | None = None, *, text_encoders: bool = False, blocks: Mapping[str, object] | None = None,
     ) -> Mix:
         """A `Mix` of `weights` ({shard name: weight}) over `shards` (a session's view; default: the
-        preset's), validated and normalized once; StudioError naming what is wrong."""
-        return Mix.build(self.shards if shards is None else shards, weights, method, params, text_encoders)
+        preset's), with `blocks` ({shard name: block multipliers}, see families.Blocks.parse), validated
+        and normalized once; StudioError naming what is wrong."""
+        return Mix.build(self.shards if shards is None else shards, weights, method, params, text_encoders, blocks, self.blocks)
 
     @torch.no_grad()
-    def _add_lora(self, sources: list[Mapping[str, torch.Tensor]], coefficients: list[float], terms: list[tuple[dict[str, adapters.Adapter], float]]) -> None:
-        """Each weight an adapter changes, computed again in float32 and rounded once:
-        sum_i c_i source_i + sum_j c_j * delta_j(base) (e.g. scale_j * up_j @ down_j; the rest of the merge is untouched)."""
-        for key in {k for lora, _ in terms for k in lora}:
+    def _add_lora(self, sources: list[Mapping[str, torch.Tensor]], coefficients: Mapping[str, list[float]], loras: list[tuple[int, dict[str, adapters.Adapter]]]) -> None:
+        """Each weight an adapter changes, computed again in float32 and rounded once: sum_i c_i
+        source_i + sum_j c_j * delta_j(base) (e.g. scale_j * up_j @ down_j; the rest of the merge is
+        untouched). `coefficients`: per tensor, one per source (its block's, with block weights);
+        `loras`: (the LoRA shard's source index, its adapters)."""
+        for key in {k for _, lora in loras for k in lora}:
             tensor = self.hybrid_tensors[key]
             total = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
-            for source, c in zip(sources, coefficients):
+            cs = coefficients[key]
+            for source, c in zip(sources, cs):
                 if c:
                     total += c * source[key].float()
-            for lora, c in terms:
-                if key in lora and c:
-                    total += c * lora[key].delta(self.base_tensors[key]).to(tensor.device)
+            for i, lora in loras:
+                if key in lora and cs[i]:
+                    total += cs[i] * lora[key].delta(self.base_tensors[key]).to(tensor.device)
             tensor.copy_(total)
 
     @torch.no_grad()
@@ -346,7 +358,7 @@ class Studio:
         else:
             sources = [self.pool.text_encoder_of(s.weights) if s.weights.text_found is not None else self._base_text for s in mix.shards]
             base = self._base_text if mix.method.needs_base else None
-            methods.merge_into(self.text_tensors, mix.method, mix.params, sources, mix.weights, base)
+            methods.merge_into(self.text_tensors, mix.method, mix.params, sources, mix.text_weights, base)
         self._text_mixed = key
         return key
 
@@ -359,22 +371,36 @@ class Studio:
                 self._fresh(s.weights)  # before the key: a rewritten lean file changes its hash
             key = mix.key
             if key != self._mixed:
-                base = self.base_tensors if mix.method.needs_base else None
+                parts = mix.parts()  # block weights: one part per block
+                needs_base = mix.method.needs_base or any(p.weights is None for p in parts or ())
+                base = self.base_tensors if needs_base else None
                 self._mixed = None  # if merging fails half way, the hybrid is not this mix
                 if mix.method.linear:
                     # A LoRA shard is base + delta: the base stands in for it in the linear merge, and
                     # its low-rank delta, times the coefficient the method gives that shard, is added after.
                     sources = [self.base_tensors if s.weights.lora is not None else s.tensors for s in mix.shards]
-                    methods.merge_into(self.hybrid_tensors, mix.method, mix.params, sources, mix.weights, base)
+                    methods.merge_into(self.hybrid_tensors, mix.method, mix.params, sources, mix.weights, base, parts=parts)
                     loras = [(i, s.weights.lora) for i, s in enumerate(mix.shards) if s.weights.lora is not None]
                     if loras:
-                        coefficients, base_coefficient = mix.method.coefficients(list(mix.weights), mix.params)
-                        extra = [self.base_tensors] if base_coefficient else []
-                        self._add_lora(sources + extra, coefficients + [base_coefficient] * len(extra), [(lora, coefficients[i]) for i, lora in loras])
+                        self._add_lora([*sources, self.base_tensors], self._coefficients(mix, parts, {k for _, lora in loras for k in lora}), loras)
                 else:  # tensor by tensor; a LoRA shard's full weights are made one tensor at a time (LoraTensors)
-                    methods.merge_into(self.hybrid_tensors, mix.method, mix.params, [s.tensors for s in mix.shards], mix.weights, base)
+                    methods.merge_into(self.hybrid_tensors, mix.method, mix.params, [s.tensors for s in mix.shards], mix.weights, base, parts=parts)
                 self._mixed = key
         return mix.label
+
+    @staticmethod
+    def _coefficients(mix: Mix, parts: list[methods.Part] | None, keys) -> dict[str, list[float]]:
+        """A linear mix's coefficients for each of `keys`: one per shard, then the base's."""
+        part_of = {n: p for p in parts for n in p.names} if parts else {}
+        out = {}
+        for key in keys:
+            part = part_of.get(key)
+            if part is not None and part.weights is None:
+                out[key] = [0.0] * len(mix.shards) + [1.0]
+                continue
+            coefficients, base_coefficient = mix.method.coefficients(list(part.weights if part else mix.weights), part.params if part else mix.params)
+            out[key] = [*coefficients, base_coefficient]
+        return out
 
     @property
     def base_tensors(self) -> Mapping[str, torch.Tensor]:

@@ -27,13 +27,29 @@ def pixel_distance(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
 
 
-def _coefficients(mix: Mix, names: Sequence[str]) -> list[float] | None:
-    """A linear mix's coefficient for each of `names` and then the base (None for other methods)."""
+def _coefficients(mix: Mix, names: Sequence[str], weights: Sequence[float] | None = None, params=None) -> list[float] | None:
+    """A linear mix's coefficient for each of `names` and then the base (None for other methods);
+    `weights` and `params`: one block's, where they differ from the mix's (None weights: the base's)."""
     if not mix.method.linear:
         return None
-    shard_c, base_c = mix.method.coefficients(list(mix.weights), mix.params)
+    if weights is None and params is not None:  # a block that keeps the base's weights
+        return [0.0] * len(names) + [1.0]
+    shard_c, base_c = mix.method.coefficients(list(mix.weights if weights is None else weights), mix.params if params is None else params)
     by_name = dict(zip(mix.names, shard_c))
     return [by_name.get(n, 0.0) for n in names] + [base_c]
+
+
+def _tensor_coefficients(mix: Mix, names: Sequence[str]):
+    """A linear mix's coefficients (see `_coefficients`) per tensor name: the same for every tensor,
+    or with block weights, each tensor's block's; None for other methods."""
+    if not mix.method.linear:
+        return None
+    parts = mix.parts()
+    if not parts:
+        return _coefficients(mix, names)
+    by_part = [_coefficients(mix, names, p.weights, p.params) for p in parts]
+    of = {n: i for i, p in enumerate(parts) for n in p.names}
+    return lambda name: by_part[of[name]]
 
 
 @torch.no_grad()
@@ -60,7 +76,7 @@ def _leave_one_out(studio: Studio, mix: Mix, settings: RenderSettings, progress)
     full = studio.render_soup(mix, settings)
     base = [studio.base_tensors] if mix.method.needs_base else []
     sources = [s.tensors for s in mix.shards] + base
-    full_c = _coefficients(mix, mix.names)
+    full_c = _tensor_coefficients(mix, mix.names)
     out = [Rendered(f"full {full.label}", full.image, "soup", {"pixels": 0.0, "weights": 0.0})]
     for i, (name, rest) in enumerate(rests.items()):
         report((i + 1) / (len(rests) + 1), f"soup without {name}")
@@ -69,8 +85,12 @@ def _leave_one_out(studio: Studio, mix: Mix, settings: RenderSettings, progress)
         info = {"without": name, "pixels": dp}
         label = f"without {name}: pixels move {dp:.1f}/255 on average"
         if full_c is not None:
-            rest_c = _coefficients(rest, mix.names)
-            difference = [a - b for a, b in zip(full_c, rest_c)][: len(sources)]
+            rest_c = _tensor_coefficients(rest, mix.names)
+            if callable(full_c) or callable(rest_c):  # block weights: per tensor, its block's coefficients
+                both = [c if callable(c) else (lambda name, c=c: c) for c in (full_c, rest_c)]
+                difference = lambda name: [a - b for a, b in zip(both[0](name), both[1](name))][: len(sources)]  # noqa: E731
+            else:
+                difference = [a - b for a, b in zip(full_c, rest_c)][: len(sources)]
             info["weights"] = dw = soup.weight_distance(sources, difference)
             label += f"; weights {dw:.2e} (RMS)"
         out.append(Rendered(label, image, "soup", info))
@@ -101,7 +121,41 @@ def interpolate(studio: Studio, start: Mix, end: Mix, steps: int, settings: Rend
     return out
 
 
-AXES = ("weight", "seed", "prompt", "guidance", "steps")
+def block_sweep(studio: Studio, mix: Mix, a: str, b: str, settings: RenderSettings, progress: Progress | None = None) -> list[Rendered]:
+    """Where a shard acts: shard `a` alone, then for each of the denoiser's sweep groups (a UNet's
+    resolution levels, a transformer's quarters) the soup with that group taken from shard `b` and
+    every other block from `a` (each block is one shard's weights exactly: the plain average with
+    weights (1, 0) or (0, 1) per block), then `b` alone. Labelled with the group and how far each
+    image moved from `a`'s, in pixels. Runs at background priority."""
+    blocks = studio.blocks
+    if blocks is None:
+        raise StudioError("this denoiser has no block map: the block sweep is unavailable")
+    if a == b:
+        raise StudioError("the block sweep takes its blocks from two different shards; pick two")
+    mixes = [("all from " + a, {a: (1.0,) * len(blocks), b: (0.0,) * len(blocks)})]
+    for label, group in blocks.sweep:
+        from_b = tuple(1.0 if block in group else 0.0 for block in blocks.ids)
+        mixes.append((f"{label} from {b}", {a: tuple(1 - v for v in from_b), b: from_b}))
+    mixes.append(("all from " + b, {a: (0.0,) * len(blocks), b: (1.0,) * len(blocks)}))
+    built = []
+    for label, vectors in mixes:
+        try:
+            built.append((label, Mix.build(mix.view, {a: 1.0, b: 1.0}, "average", None, mix.text_encoders, vectors, blocks)))
+        except StudioError as err:
+            raise StudioError(f"block sweep: {err}") from None
+    report = progress or (lambda f, d: None)
+    out: list[Rendered] = []
+    with studio.lock.background():
+        for i, (label, m) in enumerate(built):
+            report(i / len(built), label)
+            image = studio.render_soup(m, settings).image
+            moved = pixel_distance(out[0].image, image) if out else 0.0
+            out.append(Rendered(f"{label} ({moved:.1f} px from {a})", image, "soup", {"pixels": moved, "group": label}))
+    report(1.0, "done")
+    return out
+
+
+AXES = ("weight", "block", "seed", "prompt", "guidance", "steps")
 
 
 @dataclass(frozen=True)
@@ -111,38 +165,56 @@ class Axis:
     kind: str
     values: tuple
     shard: str | None = None
+    block: str | None = None  # a block axis: the block (or group) whose multiplier varies
 
     def __post_init__(self):
         if self.kind not in AXES:
             raise StudioError(f"grid axis must be one of {', '.join(AXES)}, got {self.kind!r}")
         if self.kind == "weight" and not self.shard:
             raise StudioError("a weight axis names its shard, e.g. weight:twemoji=0,0.5,1")
+        if self.kind == "block" and not (self.shard and self.block):
+            raise StudioError("a block axis names its shard and block, e.g. block:twemoji:IN04=0,0.5,1")
         if not 1 <= len(self.values) <= 16:
             raise StudioError(f"a grid axis has 1 to 16 values, got {len(self.values)}")
 
     @classmethod
     def parse(cls, text: str) -> "Axis":
-        """"seed=0,1,2", "weight:twemoji=0,0.5,1", "prompt=a cat|a dog", "guidance=1,4", "steps=5,20"."""
+        """"seed=0,1,2", "weight:twemoji=0,0.5,1", "block:twemoji:IN04=0,0.5,1", "prompt=a cat|a dog",
+        "guidance=1,4", "steps=5,20"."""
         head, sep, values = text.partition("=")
         if not sep:
             raise StudioError(f"grid axis {text!r} must look like KIND=V1,V2 (kinds: {', '.join(AXES)})")
         kind, _, shard = head.partition(":")
+        shard, _, block = shard.partition(":") if kind == "block" else (shard, "", "")
         parts = values.split("|") if kind == "prompt" else values.split(",")
         try:
-            cast = {"weight": float, "seed": int, "guidance": float, "steps": int, "prompt": str}[kind]
+            cast = {"weight": float, "block": float, "seed": int, "guidance": float, "steps": int, "prompt": str}[kind]
         except KeyError:
             raise StudioError(f"grid axis must be one of {', '.join(AXES)}, got {kind!r}") from None
         try:
-            return cls(kind, tuple(cast(p.strip()) for p in parts if p.strip()), shard or None)
+            return cls(kind, tuple(cast(p.strip()) for p in parts if p.strip()), shard or None, block or None)
         except ValueError as err:
             raise StudioError(f"grid axis {text!r}: {err}") from None
 
     def label(self, value) -> str:
+        if self.kind == "block":
+            return f"{self.shard} {self.block}={value:g}"
         return f"{self.shard}={value:g}" if self.kind == "weight" else f"{self.kind}={value}"
 
     def apply(self, value, mix: Mix, settings: RenderSettings) -> tuple[Mix, RenderSettings]:
         if self.kind == "weight":  # the slider value of one shard, the others as entered
             return mix.reweighted({**mix.as_given(), self.shard: float(value)}), settings
+        if self.kind == "block":  # one block (or group) of one shard's block weights, the rest as they are
+            if mix.block_map is None:
+                raise StudioError("this denoiser has no block map: a block axis is unavailable")
+            if self.shard not in mix.names:
+                raise StudioError(f"grid axis {self.label(value)}: {self.shard!r} is not in the mix ({', '.join(mix.names)})")
+            current = mix.as_blocks().get(self.shard, (1.0,) * len(mix.block_map))
+            try:
+                vector = mix.block_map.apply(current, [f"{self.block}:{value:g}"], f"grid axis block:{self.shard}")
+            except ValueError as err:
+                raise StudioError(str(err)) from None
+            return mix.reweighted(mix.as_given(), {self.shard: vector}), settings
         field = {"seed": "seed", "prompt": "prompt", "guidance": "guidance_scale", "steps": "steps"}[self.kind]
         try:
             return mix, RenderSettings(**{**settings.model_dump(), field: value})
@@ -221,6 +293,8 @@ def ensemble(studio: Studio, mix: Mix, settings: RenderSettings) -> tuple[Render
     """The geometric-mean reference (one denoiser call per component per step, predictions summed
     with the method's coefficients, the base's included for task arithmetic and add-difference) and
     the weight soup, the first labelled with its pixel distance to the second. Runs at background priority."""
+    if mix.blocked:
+        raise StudioError("the ensemble reference sums whole denoisers' predictions: it has no block weights (clear them to compare)")
     coefficients = _coefficients(mix, mix.names)
     if coefficients is None:
         raise StudioError(

@@ -263,6 +263,7 @@ def test_an_interactive_mix_never_compiles(monkeypatch):
     """Issue 12, item 14: a mix whose kernel is not compiled yet runs eager at once and compiles the
     kernel in the background; the next mix of that K uses it."""
     monkeypatch.setattr(soup, "FLAT_CHUNK", 1 << 14)
+    monkeypatch.setattr(soup, "WARM_UP_MIN", 1 << 14)  # a buffer this size counts as SD-sized
     sources = [FlatTensors.pack(big_tensors(i, torch.float32)) for i in (1, 2, 3, 4, 5)]
     target = FlatTensors.pack(big_tensors(0, torch.float32))
     variant = ("chunk", 5, torch.float32, "cpu")
