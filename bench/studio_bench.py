@@ -45,6 +45,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     parser.add_argument("--methods", default="ties", help="also time a slider release with these merge methods, interleaved with the average")
+    parser.add_argument("--blocks", action="store_true", help="also time a slider release with block weights (random per shard and block)")
     args = parser.parse_args(argv)
     quiet_libraries()
     start_rss = rss_mb()
@@ -67,14 +68,21 @@ def main(argv=None):
         t0 = time.perf_counter()
         studio.render(studio.make_mix(random_mix()), settings)
         slider.append(time.perf_counter() - t0)
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m] + (["block weights"] if args.blocks else [])
+
+    def mix_of(method: str):
+        if method == "block weights":  # the average, every shard with its own random block vector
+            return studio.make_mix(random_mix(), blocks={n: [rng.uniform(0, 1) for _ in studio.blocks.ids] for n in names})
+        return studio.make_mix(random_mix(), method)
+
     by_method = {m: [] for m in ["average", *methods]}
     for method in by_method:  # first use of each (compiled kernels, if any, compile here), untimed
-        studio.render(studio.make_mix(random_mix(), method), settings)
+        studio.render(mix_of(method), settings)
     for _ in range(args.repeats):
         for method, times in by_method.items():
+            mix = mix_of(method)
             t0 = time.perf_counter()
-            studio.render(studio.make_mix(random_mix(), method), settings)
+            studio.render(mix, settings)
             times.append(time.perf_counter() - t0)
     naive = []
     for _ in range(args.repeats):
@@ -103,7 +111,7 @@ def main(argv=None):
         f"| slider to picture: new weights -> new soup (components cached) | {s:.2f} s |",
         f"| naive: every component and the soup again | {n:.2f} s |",
         f"| naive / ours | {n / s:.1f}x |",
-        *[f"| slider to picture with {m} (its default parameters) | {statistics.median(t):.2f} s, "
+        *[f"| slider to picture with {m}{'' if m == 'block weights' else ' (its default parameters)'} | {statistics.median(t):.2f} s, "
           f"{statistics.median(t) / statistics.median(by_method['average']):.2f}x the average's ({statistics.median(by_method['average']):.2f} s) |"
           for m, t in by_method.items() if m != "average"],
         f"| RSS growth from loading the preset | {loaded_rss - start_rss:.0f} MB |",

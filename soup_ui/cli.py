@@ -14,6 +14,7 @@ from . import pngmeta
 from .errors import StudioError
 from .files import safe_name
 from .methods import METHODS
+from .presets import parse_blocks as parse_blocks_text
 from .presets import parse_mix as parse_mix_text
 from .presets import parse_params
 from .presets import (
@@ -111,15 +112,10 @@ def open_studio(args: argparse.Namespace, job: "Job", only_used: bool = False):
 def parse_blocks(items: list[str] | None) -> dict[str, str]:
     """--blocks SHARD=SPEC (repeatable) -> {shard: spec}; the spec is read against the denoiser's
     blocks once the studio is open (families.Blocks.parse)."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        name, sep, spec = item.partition("=")
-        if not sep or not name.strip() or not spec.strip():
-            raise UsageError(f"--blocks: {item!r}: expected SHARD=SPEC, e.g. twemoji=IN:0,OUT:1")
-        if name.strip() in out:
-            raise UsageError(f"--blocks: {name.strip()!r} given twice")
-        out[name.strip()] = spec.strip()
-    return out
+    try:
+        return parse_blocks_text(items or [])
+    except ValueError as err:
+        raise UsageError(f"--blocks: {err}") from None
 
 
 class Job:

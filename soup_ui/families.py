@@ -254,7 +254,7 @@ class Blocks:
         ValueError naming the position or name that is wrong and what this denoiser has."""
         who = f"blocks of {shard}" if shard else "blocks"
         if isinstance(spec, str):
-            items = [s.strip() for s in spec.replace(";", ",").split(",") if s.strip()]
+            items = [s.strip() for s in spec.split(",") if s.strip()]
             if not items:
                 raise ValueError(f"{who}: empty; give {len(self)} values ({self.outline}) or NAME:VALUE pairs")
             if any(":" in s or "=" in s for s in items):

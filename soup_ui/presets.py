@@ -257,6 +257,26 @@ class Recipe(Strict):
         return mix
 
 
+def parse_blocks(items) -> dict[str, str]:
+    """Block weights as given: ["twemoji=IN:0,OUT:1", ...] -> {"twemoji": "IN:0,OUT:1"}, or one text
+    with the items separated by ";" or new lines. The specs are read against the denoiser's blocks
+    when the mix is built (families.Blocks.parse); ValueError for an item without SHARD=SPEC or a
+    shard given twice."""
+    if isinstance(items, str):
+        items = items.replace("\n", ";").split(";")
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in items or []):
+        if not item:
+            continue
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise ValueError(f"{item!r}: expected SHARD=SPEC, e.g. twemoji=IN:0,OUT:1")
+        if name.strip() in out:
+            raise ValueError(f"{name.strip()!r} given twice")
+        out[name.strip()] = spec.strip()
+    return out
+
+
 def parse_mix(text: str) -> dict[str, float]:
     """"a=0.5,b=0.5" -> {"a": 0.5, "b": 0.5}; a bare name weighs 1; a name given twice is an error."""
     mix: dict[str, float] = {}

@@ -230,14 +230,21 @@ class Controls:
     params: tuple[tuple[str, object], ...] = ()  # the method's parameters as (name, value), validated by the Mix
     settings: RenderSettings = RenderSettings()
     text_encoders: bool = False  # "mix text encoders too"
+    blocks: tuple[str, ...] = ()  # per row, its block weights as entered ("" or all 1: none)
 
     def ticked(self, session: Session) -> dict[str, float]:
         """{name: weight} of the ticked rows."""
         return {n: float(self.weights[i]) for i, n in enumerate(session.names) if i < len(self.flags) and self.flags[i]}
 
-    def mix(self, session: Session) -> Mix:
-        """The request's Mix, built once here: the ticked rows over this session's shards."""
-        return Mix.build(session.shards, self.ticked(session), self.method, dict(self.params), self.text_encoders)
+    def ticked_blocks(self, session: Session) -> dict[str, str]:
+        """{name: block weights} of the ticked rows that have some."""
+        ticked = self.ticked(session)
+        return {n: self.blocks[i].strip() for i, n in enumerate(session.names) if n in ticked and i < len(self.blocks) and (self.blocks[i] or "").strip()}
+
+    def mix(self, session: Session, block_map=None) -> Mix:
+        """The request's Mix, built once here: the ticked rows over this session's shards, with their
+        block weights over the denoiser's `block_map`."""
+        return Mix.build(session.shards, self.ticked(session), self.method, dict(self.params), self.text_encoders, self.ticked_blocks(session), block_map)
 
 
 def settings_from(prompt, negative, seed, steps, guidance, scheduler, height, width) -> RenderSettings:
@@ -421,7 +428,8 @@ def image_files(host: StudioHost, results: list[Rendered], settings: RenderSetti
 
 def soup_file(host: StudioHost, soup: Rendered, mix: Mix, settings: RenderSettings) -> tuple[str, str]:
     method = "" if mix.method.name == "average" else f"{mix.method.name}-"
-    name = f"soup-{method}" + "-".join(f"{n}{round(100 * w)}" for n, w in zip(mix.names, mix.shares) if w > 0) + f"-seed{settings.seed}"
+    blocks = "-blocks" if mix.blocked else ""
+    name = f"soup-{method}" + "-".join(f"{n}{round(100 * w)}" for n, w in zip(mix.names, mix.shares) if w > 0) + f"{blocks}-seed{settings.seed}"
     return host.image_file(soup, name[:120]), soup_caption(soup.label, settings)
 
 
@@ -434,7 +442,7 @@ def compare(host: StudioHost, session: Session, controls: Controls, name: str) -
     if nothing_to_mix(session, controls):
         raise ValueError("nothing to compare: tick a shard with a positive weight")
     studio = host.get(session.preset)
-    mix = controls.mix(session)
+    mix = controls.mix(session, host.get(session.preset).blocks)
     component = studio.render_component(session.shards[name], controls.settings, text_encoders=mix.text_encoders)
     soup = studio.render_soup(mix, controls.settings)
     return image_files(host, [component], controls.settings)[0][0], soup_file(host, soup, mix, controls.settings)[0]
@@ -452,7 +460,7 @@ def download_all(host: StudioHost, session: Session, controls: Controls) -> str:
     if nothing_to_mix(session, controls):
         raise ValueError("nothing to download: tick a shard with a positive weight")
     studio = host.get(session.preset)
-    mix = controls.mix(session)
+    mix = controls.mix(session, host.get(session.preset).blocks)
     results = studio.render(mix, controls.settings)
     stem = Path(soup_file(host, results[-1], mix, controls.settings)[0]).stem
     path = host.output_dir / "downloads" / f"{stem}.zip"
@@ -485,7 +493,7 @@ def generate(host: StudioHost, session: Session, controls: Controls, progress=No
     if mix is None and nothing_to_mix(session, controls):
         return NOTHING_TO_MIX
     studio = host.get(session.preset)
-    mix = controls.mix(session) if mix is None else mix
+    mix = controls.mix(session, host.get(session.preset).blocks) if mix is None else mix
     results = studio.render(mix, controls.settings, progress)
     if session.superseded(ticket):
         return SUPERSEDED
@@ -504,7 +512,7 @@ def render_soup(host: StudioHost, session: Session, controls: Controls) -> Image
     if nothing_to_mix(session, controls):
         return NOTHING_TO_MIX
     studio = host.get(session.preset)
-    mix = controls.mix(session)
+    mix = controls.mix(session, host.get(session.preset).blocks)
     if session.rendered is not None and session.rendered != (tuple(mix.names), controls.settings, controls.text_encoders):
         return generate(host, session, controls, ticket=ticket, mix=mix)
     soup = studio.render_soup(mix, controls.settings)
@@ -519,7 +527,7 @@ def render_soup(host: StudioHost, session: Session, controls: Controls) -> Image
 # -- the paper's workflows ------------------------------------------------------------------------
 def leave_one_out(host: StudioHost, session: Session, controls: Controls, progress=None) -> list[tuple[str, str]]:
     session = require(session)
-    results = workflows.leave_one_out(host.get(session.preset), controls.mix(session), controls.settings, progress)
+    results = workflows.leave_one_out(host.get(session.preset), controls.mix(session, host.get(session.preset).blocks), controls.settings, progress)
     return image_files(host, results, controls.settings)
 
 
@@ -527,7 +535,7 @@ def interpolate(host: StudioHost, session: Session, controls: Controls, start: s
     session = require(session)
     if not (end or "").strip():
         raise ValueError("give the mix to interpolate to ('To'): a shard, a mix a=0.5,b=0.5, or 'soup'")
-    mix = controls.mix(session)
+    mix = controls.mix(session, host.get(session.preset).blocks)
     ends = [mix if text.strip() in ("", "soup") else mix.reweighted(parse_mix(text)) for text in (start, end)]
     results = workflows.interpolate(host.get(session.preset), ends[0], ends[1], int(count), controls.settings, progress)
     return image_files(host, results, controls.settings)
@@ -538,14 +546,26 @@ def grid(host: StudioHost, session: Session, controls: Controls, x_text: str, y_
 
     session = require(session)
     x, y = workflows.Axis.parse(x_text), workflows.Axis.parse(y_text)
-    rows, row_labels, col_labels = workflows.grid(host.get(session.preset), controls.mix(session), controls.settings, x, y, progress)
+    rows, row_labels, col_labels = workflows.grid(host.get(session.preset), controls.mix(session, host.get(session.preset).blocks), controls.settings, x, y, progress)
     sheet = grid_sheet([[r.image for r in row] for row in rows], row_labels, col_labels)
     return host.image_file(Rendered("grid", sheet, "grid"), f"grid-{x.kind}-{y.kind}-seed{controls.settings.seed}")
 
 
+def block_sweep(host: StudioHost, session: Session, controls: Controls, a: str, b: str, progress=None) -> list[tuple[str, str]]:
+    """Shard `a`, then `a` with each group of blocks from `b`, then `b` (workflows.block_sweep)."""
+    session = require(session)
+    a, b = (a or "").strip(), (b or "").strip()
+    for label, name in (("A", a), ("B", b)):
+        if name not in session.shards:
+            raise ValueError(f"block sweep: shard {label} {name!r} is not one of this page's ({', '.join(session.shards)})")
+    studio = host.get(session.preset)
+    mix = Mix.build(session.shards, {a: 1.0, b: 1.0}, "average", None, controls.text_encoders, None, studio.blocks)
+    return image_files(host, workflows.block_sweep(studio, mix, a, b, controls.settings, progress), controls.settings)
+
+
 def ensemble(host: StudioHost, session: Session, controls: Controls) -> list[tuple[str, str]]:
     session = require(session)
-    ens, soup = workflows.ensemble(host.get(session.preset), controls.mix(session), controls.settings)
+    ens, soup = workflows.ensemble(host.get(session.preset), controls.mix(session, host.get(session.preset).blocks), controls.settings)
     return image_files(host, [ens, soup], controls.settings)
 
 
@@ -553,7 +573,7 @@ def ensemble(host: StudioHost, session: Session, controls: Controls) -> list[tup
 def save_recipe(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:
     session = require(session)
     studio = host.get(session.preset)
-    mix = controls.mix(session)  # validated before anything is written
+    mix = controls.mix(session, host.get(session.preset).blocks)  # validated before anything is written
     path = host.new_file("recipes", file_name, ".yaml", overwrite)
     recipe = Recipe.of(studio.preset.source, mix, controls.settings)
     write_recipe(recipe, path, overwrite=True)
@@ -565,7 +585,7 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
     one fp16 checkpoint in the original LDM naming, for A1111, Forge and ComfyUI."""
     session = require(session)
     studio = host.get(session.preset)
-    mix = controls.mix(session)
+    mix = controls.mix(session, host.get(session.preset).blocks)
     # The two formats never share a name: NAME.safetensors is the checkpoint A1111 users expect,
     # the UNet alone is NAME-unet.safetensors (one export used to refuse the other as "exists").
     stem = safe_name(file_name).removesuffix(".safetensors") if file_name.strip() else ""
@@ -583,7 +603,7 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
 def export_pipeline(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:
     session = require(session)
     studio = host.get(session.preset)
-    mix = controls.mix(session)
+    mix = controls.mix(session, host.get(session.preset).blocks)
     folder = host.new_file("pipelines", file_name, "", overwrite)
     studio.export_pipeline(mix, folder, overwrite=overwrite)
     from .studio import folder_variant
@@ -634,12 +654,62 @@ def history_recipe(session: Session, index: int) -> tuple[dict[str, float], Reci
 def load_recipe_controls(host: StudioHost, session: Session, path: str) -> tuple[dict[str, float], Recipe]:
     """A recipe's mix and settings, checked against this session's shards (its method and
     parameters were validated when the file was read)."""
-    return recipe_controls(require(session), load_recipe(path))
+    return recipe_controls(require(session), load_recipe(path), host.get(session.preset).blocks)
 
 
-def recipe_controls(session: Session, recipe: Recipe) -> tuple[dict[str, float], Recipe]:
+def recipe_controls(session: Session, recipe: Recipe, block_map=None) -> tuple[dict[str, float], Recipe]:
+    """The recipe's mix, checked as a render checks it (its block weights too, given the denoiser's
+    `block_map`), and the recipe."""
     unknown = [n for n in recipe.mix if n not in session.shards]
     if unknown:
         raise ValueError(f"the recipe names shards this session does not have: {', '.join(unknown)}")
-    Mix.build(session.shards, recipe.mix, recipe.method, recipe.params, recipe.text_encoders)  # the same checks a render makes
+    Mix.build(session.shards, recipe.mix, recipe.method, recipe.params, recipe.text_encoders,
+              recipe.blocks if block_map is not None else None, block_map)  # the same checks a render makes
     return dict(recipe.mix), recipe
+
+
+# -- block weights on the page ------------------------------------------------------------------------
+def block_vectors(block_map, lines: dict[str, str]) -> tuple[dict[str, tuple[float, ...]], str]:
+    """Each row's block weights read from its line ({name: vector}; empty lines: none), and the
+    first problem as a message ("" when none)."""
+    out, problem = {}, ""
+    for name, line in lines.items():
+        if not (line or "").strip():
+            continue
+        try:
+            out[name] = block_map.parse(line, name)
+        except ValueError as err:
+            problem = problem or str(err)
+    return out, problem
+
+
+def blocks_picture(block_map, names: list[str], lines: dict[str, str], colours: list[str]) -> str:
+    """The denoiser's blocks in order (groups apart), one row per ticked shard, each cell its
+    multiplier as the shard's colour (full colour 1, white 0; the value on hover); blocks where every
+    ticked shard is 0 are marked: they keep the base's weights."""
+    import html as html_
+
+    if block_map is None:
+        return "<small>this denoiser has no block map: block weights are unavailable</small>"
+    vectors, problem = block_vectors(block_map, {n: lines.get(n, "") for n in names})
+    head = "".join(f"<th title='{b}'><span>{html_.escape(b)}</span></th>" for b in block_map.ids)
+    rows = []
+    for i, name in enumerate(names):
+        vector = vectors.get(name, (1.0,) * len(block_map))
+        colour = colours[i % len(colours)]
+        cells = "".join(
+            f"<td title='{html_.escape(name)} {b}: {v:g}' style='background:{colour};opacity:{0.08 + 0.92 * min(1.0, v):.2f}'></td>"
+            for b, v in zip(block_map.ids, vector)
+        )
+        rows.append(f"<tr><th class='who'>{html_.escape(name)}</th>{cells}</tr>")
+    zero = [b for j, b in enumerate(block_map.ids) if names and all(vectors.get(n, (1.0,) * len(block_map))[j] == 0 for n in names)]
+    notes = []
+    if any(n in vectors for n in names):
+        notes.append("block weights in use: each block's weights are normalized across the ticked shards")
+    if zero:
+        notes.append(f"every ticked shard is 0 in {', '.join(zero)}: there the soup keeps the base's weights")
+    if problem:
+        notes.append(f"<span class='error-line'>{html_.escape(problem)}</span>")
+    caption = "".join(f"<div>{n}</div>" for n in notes)
+    return (f"<div class='blocks-picture'><table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+            f"<small>{html_.escape(block_map.outline)} (input to output)</small>{caption}</div>")

@@ -13,7 +13,7 @@ import gradio as gr
 
 from . import session as handlers
 from .presets import SCHEDULERS
-from .presets import parse_params
+from .presets import parse_blocks, parse_params
 from .session import MAX_SHARDS, Controls, Session, StudioHost, settings_from
 from .methods import METHODS
 from .soup import rounded_shares
@@ -39,6 +39,12 @@ CSS = """
 #ens-gallery img { max-height: 60vh; }
 /* The history strip: small thumbnails in a row, not two stretched over the page. */
 #history .grid-container { grid-template-columns: repeat(auto-fill, 92px) !important; grid-auto-rows: 92px !important; }
+.blocks-picture table { border-collapse: separate; border-spacing: 2px; table-layout: fixed; width: auto; border: none; }
+.blocks-picture td, .blocks-picture th { border: none !important; background: none; }
+.blocks-picture td { width: 14px; min-width: 14px; height: 20px; border-radius: 3px; padding: 0; }
+.blocks-picture th { font-size: 9px; font-weight: 400; padding: 0 0 2px 0; vertical-align: bottom; }
+.blocks-picture th span { writing-mode: vertical-rl; transform: rotate(180deg); white-space: nowrap; }
+.blocks-picture th.who { font-size: 11px; text-align: right; padding-right: 4px; white-space: nowrap; }
 #history .thumbnail-item .caption-label { white-space: nowrap !important; overflow: hidden !important; text-overflow: ellipsis !important; max-width: 84px !important; font-size: 10px; }
 """
 # Gradio's slider number box commits a typed value only on blur; Enter should commit it too (weights, method parameters).
@@ -52,6 +58,7 @@ JS = """
   }, true);
 }
 """
+MAX_BLOCKS = 64  # block sliders in the block editor (FLUX.1 has 63 blocks)
 PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d", "#bab0ac", "#eeca3b"]
 
 
@@ -153,15 +160,24 @@ def method_note(name: str) -> str:
 
 def restored(names: list[str], mix: dict[str, float], recipe, message: str) -> list:
     """Control updates for a recipe's mix and settings (a loaded file, a history image, a reloaded
-    page) over the page's rows `names`: ticks, weights, method and parameters, text encoders, settings."""
+    page) over the page's rows `names`: ticks, weights, method and parameters, text encoders,
+    settings, block weights."""
     top = max(mix.values()) or 1.0
     mix = {n: w / top for n, w in mix.items()}  # sliders run 0-1; only the ratios matter
     blank = [gr.skip()] * (MAX_SHARDS - len(names))
     flags = [gr.Checkbox(value=n in mix) for n in names] + blank
     weights = [gr.Slider(value=mix[n]) if n in mix else gr.skip() for n in names] + blank
     r = recipe.render
+    lines = [block_line(recipe.blocks.get(n)) for n in names] + [""] * (MAX_SHARDS - len(names))
     return [*flags, *weights, recipe.method, *method_updates(recipe.method, recipe.params), recipe.text_encoders, r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale,
-            r.scheduler, r.height, r.width, message]
+            r.scheduler, r.height, r.width, *lines, message]
+
+
+def block_line(value) -> str:
+    """Block weights as the row's line: a recipe's list as SuperMerger's list, a spec as given, none as ""."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else ",".join(f"{float(v):g}" for v in value)
 
 
 def method_updates(name: str, values: dict | None = None) -> list:
@@ -194,18 +210,31 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 gr.Markdown("### Shards")
-                rows, checks, sliders, notes = [], [], [], []
+                rows, checks, sliders, notes, block_lines, block_presets = [], [], [], [], [], []
                 for i in range(MAX_SHARDS):
                     with gr.Group(visible=False) as row:
                         check = gr.Checkbox(value=True, label=f"shard {i}", elem_id=f"shard-check-{i}")
                         slider = TypedSlider(0.0, 1.0, value=1.0, step=0.05, label="weight", elem_id=f"shard-weight-{i}")
                         note = gr.Markdown()
+                        with gr.Accordion("blocks", open=False, elem_id=f"shard-blocks-box-{i}"):
+                            with gr.Row():
+                                line = gr.Textbox(label="block weights (Enter applies; empty: all 1)", scale=3, elem_id=f"shard-blocks-{i}",
+                                                  info="one value per block in order (SuperMerger's list), or NAME:VALUE pairs, e.g. IN:0,OUT:1")
+                                preset_pick = gr.Dropdown([], value=None, label="preset", scale=1, elem_id=f"shard-blocks-preset-{i}")
                     rows.append(row)
                     checks.append(check)
                     sliders.append(slider)
                     notes.append(note)
+                    block_lines.append(line)
+                    block_presets.append(preset_pick)
                 mixture = gr.HTML(elem_id="mixture")
                 uniform = gr.Button("Uniform (the paper's uniform soup)", elem_id="uniform")
+                with gr.Accordion("Block weights: where in the denoiser each shard acts", open=False, elem_id="blocks-panel"):
+                    blocks_picture = gr.HTML(elem_id="blocks-picture")
+                    block_shard = gr.Dropdown([], value=None, label="Edit the blocks of (a slider per block; release applies)", elem_id="blocks-shard")
+                    with gr.Row(elem_id="block-sliders"):
+                        block_sliders = [gr.Slider(0.0, 1.0, value=1.0, step=0.05, label=f"block {j}", visible=False, min_width=90,
+                                                   elem_id=f"block-slider-{j}") for j in range(MAX_BLOCKS)]
                 method = gr.Dropdown(list(METHODS), value="average", label="Merge method", elem_id="method")
                 note = gr.HTML(method_note("average"), elem_id="method-note")
                 params = [param_control(name, FIELDS[name]) for name in PARAMS]
@@ -250,9 +279,9 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                              object_fit="contain", allow_preview=False, format="png", elem_id="history", elem_classes=["pixelated"])
 
         settings_inputs = [prompt, negative, seed, steps, guidance, scheduler, height, width]
-        control_inputs = [method, *params, text_mix, *checks, *sliders, *settings_inputs]
+        control_inputs = [method, *params, text_mix, *checks, *sliders, *settings_inputs, *block_lines]
         job_inputs = [state, *control_inputs]
-        shard_outputs = [*rows, *checks, *sliders, *notes, mixture]
+        shard_outputs = [*rows, *checks, *sliders, *notes, mixture, *block_lines, *block_presets]
 
         def controls_from(values) -> Controls:
             """Typed controls from the values of `control_inputs`."""
@@ -262,15 +291,20 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             flags = tuple(bool(v) for v in rest[:MAX_SHARDS])
             weights = tuple(float(v or 0.0) for v in rest[MAX_SHARDS : 2 * MAX_SHARDS])
             chosen = tuple((p, given[p]) for p in METHODS[method_].param_names()) if method_ in METHODS else ()
-            return Controls(flags, weights, method_, chosen, settings_from(*rest[2 * MAX_SHARDS :]), bool(text_))
+            settings_end = 2 * MAX_SHARDS + len(settings_inputs)
+            lines = tuple(str(v or "") for v in rest[settings_end : settings_end + MAX_SHARDS])
+            return Controls(flags, weights, method_, chosen, settings_from(*rest[2 * MAX_SHARDS : settings_end]), bool(text_), lines)
 
-        def shard_updates(session: Session, flags=None, weights=None):
-            """Rows for the session's shards, in its order (keeping given ticks and weights by name)."""
+        def shard_updates(session: Session, flags=None, weights=None, lines=None):
+            """Rows for the session's shards, in its order (keeping given ticks, weights and block
+            weights by name), with the block presets of the preset's denoiser."""
             shards = list(session.shards.values())
-            flags, weights = flags or {}, weights or {}
+            flags, weights, lines = flags or {}, weights or {}, lines or {}
             blank = MAX_SHARDS - len(shards)
             ticks = [flags.get(s.name, True) for s in shards]
             values = [weights.get(s.name, s.weight) for s in shards]
+            blocks = host.get(session.preset).blocks
+            choices = list(blocks.presets()) if blocks is not None else []
             return [
                 *[gr.Group(visible=i < len(shards)) for i in range(MAX_SHARDS)],
                 *[gr.Checkbox(value=t, label=s.name) for s, t in zip(shards, ticks)], *[gr.Checkbox(value=False, label="")] * blank,
@@ -278,12 +312,16 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 *[gr.Markdown(html.escape(s.description) + (" *(has its own text encoder)*" if s.weights.text_kind else "")) for s in shards],
                 *[gr.Markdown("")] * blank,
                 mixture_html([s.name for s in shards], [v if t else 0 for t, v in zip(ticks, values)]),
+                *[lines.get(s.name, "") for s in shards], *[""] * blank,
+                *[gr.Dropdown(choices=choices, value=None) for _ in range(MAX_SHARDS)],
             ]
 
-        def current(session: Session, values) -> tuple[dict, dict]:
-            """The ticks and weights shown, by shard name."""
+        def current(session: Session, values) -> tuple[dict, dict, dict]:
+            """The ticks, weights and block weights shown, by shard name (values: checks, sliders and
+            block lines; without the lines, none)."""
             names = session.names
-            return ({n: bool(values[i]) for i, n in enumerate(names)}, {n: float(values[MAX_SHARDS + i] or 0) for i, n in enumerate(names)})
+            lines = {n: values[2 * MAX_SHARDS + i] or "" for i, n in enumerate(names)} if len(values) >= 3 * MAX_SHARDS else {}
+            return ({n: bool(values[i]) for i, n in enumerate(names)}, {n: float(values[MAX_SHARDS + i] or 0) for i, n in enumerate(names)}, lines)
 
         @user_errors
         def on_preset(name, old, progress=gr.Progress()):
@@ -300,6 +338,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             studio = host.get(session.preset)
             r = studio.preset.render
             first = r.prompt or (r.prompts[0] if r.prompts else "")
+            panel = panel_updates(session, None, {})
             return [
                 session,
                 *shard_updates(session),
@@ -308,7 +347,54 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                 first, *family_controls(studio, r), r.height, r.width,
                 gr.Button(interactive=True), gr.Dropdown(choices=list(host.presets), interactive=True),  # with presets saved since the page was built
                 None, None, "**Soup**", "", studio.preset.mix_text_encoders, [],  # a new session: a new history
+                panel[0], picture_of(session, {n: True for n in session.names}, {}), *panel[1:],  # the block editor, the picture
             ]
+
+        def picture_of(session: Session, flags: dict, lines: dict) -> str:
+            ticked = [n for n in session.names if flags.get(n)]
+            return handlers.blocks_picture(host.get(session.preset).blocks, ticked, lines, PALETTE)
+
+        def on_picture(session, *values):
+            """The block picture of the ticked rows (values: checks, sliders, block lines)."""
+            if session is None:
+                return gr.skip()
+            flags, _, lines = current(session, values)
+            return picture_of(session, flags, lines)
+
+        def panel_updates(session: Session, name: str | None, lines: dict) -> list:
+            """The block editor for one shard (default: the first): a slider per block of this
+            denoiser at its current values, labelled with the block IDs."""
+            blocks = host.get(session.preset).blocks
+            ids = blocks.ids if blocks is not None else ()
+            name = name if name in session.shards else (session.names[0] if session.names else None)
+            vector = (1.0,) * len(ids)
+            if blocks is not None and name and (lines.get(name) or "").strip():
+                vector, _ = handlers.block_vectors(blocks, {name: lines[name]})
+                vector = vector.get(name, (1.0,) * len(ids))
+            return [gr.Dropdown(choices=session.names, value=name),
+                    *[gr.Slider(label=b, value=min(1.0, v), visible=True) for b, v in zip(ids, vector)],
+                    *[gr.Slider(visible=False)] * (MAX_BLOCKS - len(ids))]
+
+        def on_block_shard(session, name, *values):
+            if session is None:
+                return [gr.skip()] * MAX_BLOCKS
+            _, _, lines = current(session, values)
+            return panel_updates(session, name, lines)[1:]
+
+        def on_block_slider(session, name, *values):
+            """The shard's line, written from the sliders (the other rows' lines stay)."""
+            if session is None or name not in session.shards:
+                return [gr.skip()] * MAX_SHARDS
+            blocks = host.get(session.preset).blocks
+            line = blocks.format(values[: len(blocks)])
+            index = session.names.index(name)
+            return [line if i == index else gr.skip() for i in range(MAX_SHARDS)]
+
+        def on_block_preset(session, choice):
+            blocks = host.get(session.preset).blocks if session is not None else None
+            if blocks is None or choice not in blocks.presets():
+                return gr.skip()
+            return blocks.format(blocks.presets()[choice])
 
         def status_line(session) -> str:
             """The preset line: name, description, this page's shard count (kept current as shards
@@ -338,7 +424,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         def on_mixture(session, *values):
             if session is None:
                 return gr.skip()
-            flags, weights = current(session, values)
+            flags, weights, _ = current(session, values)
             return mixture_html(list(flags), [weights[n] if flags[n] else 0 for n in flags])
 
         def show(images: handlers.Images, session: Session):
@@ -374,10 +460,11 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         render_opts = dict(api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4)
         mixture_inputs = [state, *checks, *sliders]
         render_outputs = [components, soup_image, soup_label, history, saved, stale]
-        preset_outputs = [state, *shard_outputs, status, examples, *settings_inputs, generate, preset, components, soup_image, soup_label, stale, text_mix, history]
+        preset_outputs = [state, *shard_outputs, status, examples, *settings_inputs, generate, preset, components, soup_image, soup_label, stale, text_mix, history,
+                          block_shard, blocks_picture, *block_sliders]
         # A reload comes back as it was: the browser's saved preset, then its added shards, then its
         # mix and settings, rendered (nothing happens when nothing was saved).
-        restore_outputs = [*checks, *sliders, method, *params, note, text_mix, *settings_inputs]
+        restore_outputs = [*checks, *sliders, method, *params, note, text_mix, *settings_inputs, *block_lines]
 
         def on_pick(saved_value):
             name = (saved_value or {}).get("preset")
@@ -386,10 +473,10 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         def on_restore_shards(session, saved_value, *values):
             if not saved_value or session is None:
                 return [gr.skip()] * (1 + len(shard_outputs) + 1)
-            flags, weights = current(session, values)
+            flags, weights, lines = current(session, values)
             lost = handlers.restore_shards(host, session, saved_value)
             note = "".join(error_line(ValueError(f"not restored: {line}")) for line in lost)
-            return [session, *shard_updates(session, flags, weights), note or gr.skip()]
+            return [session, *shard_updates(session, flags, weights, lines), note or gr.skip()]
 
         def on_restore_controls(session, saved_value):
             found = handlers.saved_recipe(session, saved_value) if session is not None else None
@@ -402,10 +489,11 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
         unseen = dict(**quiet, show_progress="hidden")  # no timer over the rows and images while nothing is restored
         demo.load(on_pick, [saved], [preset], **unseen).then(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet).then(
-            on_restore_shards, [state, saved, *checks, *sliders], [state, *shard_outputs, stale], **unseen
+            on_restore_shards, [state, saved, *checks, *sliders, *block_lines], [state, *shard_outputs, stale], **unseen
         ).then(on_restore_controls, [state, saved], [*restore_outputs, restoring], **unseen).then(
             on_mixture, [state, *checks, *sliders], [mixture], **unseen
-        ).then(on_restored_render, [restoring, *job_inputs], render_outputs, **unseen)
+        ).then(on_picture, [state, *checks, *sliders, *block_lines], [blocks_picture], **unseen).then(
+            on_restored_render, [restoring, *job_inputs], render_outputs, **unseen)
         preset.input(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
         full = dict(fn=on_generate, inputs=job_inputs, outputs=render_outputs)
         examples.input(lambda p: p, [examples], [prompt], **quiet).then(**full, **render_opts)  # renders, as a slider does
@@ -419,7 +507,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             # always_last: a second click while the first one's render runs is queued, never dropped.
             check.input(on_tick, [state, *checks, *sliders], sliders, trigger_mode="always_last", **quiet).then(
                 on_mixture, mixture_inputs, [mixture], **quiet
-            ).then(**full, **render_opts)
+            ).then(on_picture, [state, *checks, *sliders, *block_lines], [blocks_picture], **quiet).then(**full, **render_opts)
         for slider in sliders:
             # .input, not .change: programmatic updates (preset, uniform, recipe, shards) redraw the bar themselves.
             slider.input(on_mixture, mixture_inputs, [mixture], show_progress="hidden", trigger_mode="always_last", **quiet)
@@ -429,6 +517,16 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         for control in params:
             (control.release if isinstance(control, gr.Slider) else control.submit)(**soup_only, **render_opts)
         text_mix.input(**full, **render_opts)  # components change too (those with their own text encoder)
+        # Block weights: a row's line (Enter), its preset, or the block editor's sliders; the picture
+        # follows, then the soup is rendered (a refused line: said under the images, which stay).
+        picture_inputs = [state, *checks, *sliders, *block_lines]
+        picture = dict(fn=on_picture, inputs=picture_inputs, outputs=[blocks_picture], **quiet, show_progress="hidden")
+        for line, pick in zip(block_lines, block_presets):
+            line.submit(**picture).then(**soup_only, **render_opts)
+            pick.input(on_block_preset, [state, pick], [line], **quiet).then(**picture).then(**soup_only, **render_opts)
+        block_shard.input(on_block_shard, [state, block_shard, *checks, *sliders, *block_lines], block_sliders, **quiet)
+        for block_slider in block_sliders:
+            block_slider.release(on_block_slider, [state, block_shard, *block_sliders], block_lines, **quiet).then(**picture).then(**soup_only, **render_opts)
         uniform.click(on_uniform, [state, *checks], sliders, trigger_mode="always_last", **quiet).then(
             on_mixture, mixture_inputs, [mixture], **quiet
         ).then(**soup_only, **render_opts)
@@ -437,7 +535,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             state=state, job_inputs=job_inputs, controls_from=controls_from, shard_updates=shard_updates, current=current,
             shard_outputs=shard_outputs, preset=preset, checks=checks, sliders=sliders, method=method, params=params, note=note, text_mix=text_mix,
             settings_inputs=settings_inputs, mixture=mixture, on_mixture=on_mixture, full=full, status=status, status_line=status_line,
-            history=history, stale=stale, render_opts=render_opts,
+            history=history, stale=stale, render_opts=render_opts, block_lines=block_lines, on_picture=on_picture, blocks_picture=blocks_picture,
         )
         build_workflow_tabs(host, **wiring)
         build_api(host, state)
@@ -446,7 +544,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
 def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, shard_updates, current, shard_outputs, preset,
                         checks, sliders, method, params, note, text_mix, settings_inputs, mixture, on_mixture, full, status, status_line,
-                        history, stale, render_opts) -> None:
+                        history, stale, render_opts, block_lines, on_picture, blocks_picture) -> None:
     """The paper's workflows: shards in and out, leave-one-out, interpolation and grids, the
     ensemble reference, recipes and export."""
     # Long workflows queue apart from interactive renders and give way to them between images.
@@ -487,10 +585,18 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
             interp_message = gr.Markdown(elem_id="interp-message")
             interp_gallery = gr.Gallery(show_label=False, columns=8, height=260, object_fit="contain", format="png", elem_classes=["pixelated"], allow_preview=False, elem_id="interp-gallery", buttons=["download"])
             with gr.Row():
-                grid_x = gr.Textbox(label="X axis", value="seed=0,1,2", info="weight:SHARD=0,0.5,1 | seed=0,1 | prompt=a|b | guidance=1,4 | steps=5,20", elem_id="grid-x")
+                grid_x = gr.Textbox(label="X axis", value="seed=0,1,2", info="weight:SHARD=0,0.5,1 | block:SHARD:BLOCK=0,0.5,1 (BLOCK: IN04, OUT, ...) | seed=0,1 | prompt=a|b | guidance=1,4 | steps=5,20",
+                                    elem_id="grid-x")
                 grid_y = gr.Textbox(label="Y axis", value="guidance=2,5", elem_id="grid-y")
                 grid_button = gr.Button("Grid", elem_id="grid-run")
             grid_message = gr.Markdown(elem_id="grid-message")
+            with gr.Row():
+                sweep_a = gr.Textbox(label="Block sweep: most blocks from shard A", elem_id="sweep-a")
+                sweep_b = gr.Textbox(label="each group of blocks in turn from shard B", elem_id="sweep-b")
+                sweep_button = gr.Button("Block sweep", elem_id="sweep-run")
+            sweep_message = gr.Markdown(elem_id="sweep-message")
+            sweep_gallery = gr.Gallery(show_label=False, columns=10, height=260, object_fit="contain", format="png", elem_classes=["pixelated"],
+                                       allow_preview=False, elem_id="sweep-gallery", buttons=["download"])
             grid_image = gr.Image(show_label=False, type="filepath", format="png", elem_classes=["pixelated"], elem_id="grid-image", buttons=["download", "fullscreen"], interactive=False)
         with gr.Tab("Ensemble reference", elem_id="tab-ensemble"):
             gr.Markdown(
@@ -525,19 +631,19 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
 
     def on_add(session, name, path_text, upload, *values):
         try:
-            flags, weights = current(handlers.require(session), values)  # before the new row exists
+            flags, weights, lines = current(handlers.require(session), values)  # before the new row exists
             message = handlers.add_shard(host, session, name, path_text, upload)
         except (ValueError, KeyError) as err:  # the reason goes in the message line; the rows stay as they are
             return [gr.skip()] * (1 + len(shard_outputs)) + [error_line(err), None, gr.skip()]
-        return [session, *shard_updates(session, flags, weights), message, None, status_line(session)]
+        return [session, *shard_updates(session, flags, weights, lines), message, None, status_line(session)]
 
     def on_remove(session, name, *values):
         try:
-            flags, weights = current(handlers.require(session), values)
+            flags, weights, lines = current(handlers.require(session), values)
             message = handlers.remove_shard(host, session, name)
         except (ValueError, KeyError) as err:
             return [gr.skip()] * (1 + len(shard_outputs)) + [error_line(err), gr.skip()]
-        return [session, *shard_updates(session, flags, weights), message, status_line(session)]
+        return [session, *shard_updates(session, flags, weights, lines), message, status_line(session)]
 
     def on_save_preset(session, file_name, overwrite, *values):
         try:
@@ -546,15 +652,16 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
             return gr.skip(), error_line(err)
         return gr.Dropdown(choices=list(host.presets)), message
 
-    check_values = [*checks, *sliders]
+    check_values = [*checks, *sliders, *block_lines]
+    picture = dict(fn=on_picture, inputs=[state, *check_values], outputs=[blocks_picture], api_visibility="private", show_progress="hidden")
     message_only = dict(show_progress_on=[shards_message])  # not a spinner over every shard row
     # The shown images follow the shards: a removed shard's component leaves, an added one joins (it
     # stayed on screen, or the new row sat ticked beside images without it).
     again = dict(**full, **render_opts)
     add_button.click(on_add, [state, add_name, add_path, add_file, *check_values], [state, *shard_outputs, shards_message, add_file, status],
-                     **work_opts, **message_only).success(**again)
+                     **work_opts, **message_only).success(**picture).success(**again)
     remove_button.click(on_remove, [state, remove_name, *check_values], [state, *shard_outputs, shards_message, status],
-                        **work_opts, **message_only).success(**again)
+                        **work_opts, **message_only).success(**picture).success(**again)
     preset_button.click(on_save_preset, [state, preset_file, preset_overwrite, *job_inputs[1:]], [preset, shards_message], **work_opts, **message_only)
 
     # Workflow refusals are said in the tab's message line; the previous result stays on screen.
@@ -566,6 +673,11 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     @in_place(1)
     def on_interpolate(session, start, end, count, *values, progress=gr.Progress()):
         results = handlers.interpolate(host, session, controls_from(values), start, end, count, with_eta(progress))
+        return gr.Gallery(value=results, columns=len(results)), ""
+
+    @in_place(1)
+    def on_sweep(session, a, b, *values, progress=gr.Progress()):
+        results = handlers.block_sweep(host, session, controls_from(values), a, b, with_eta(progress))
         return gr.Gallery(value=results, columns=len(results)), ""
 
     @in_place(1)
@@ -582,6 +694,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     loo_button.click(on_loo, [state, *controls], [loo_gallery, loo_message], **work_opts)
     interp_button.click(on_interpolate, [state, interp_from, interp_to, interp_count, *controls], [interp_gallery, interp_message], **work_opts)
     grid_button.click(on_grid, [state, grid_x, grid_y, *controls], [grid_image, grid_message], **work_opts)
+    sweep_button.click(on_sweep, [state, sweep_a, sweep_b, *controls], [sweep_gallery, sweep_message], **work_opts)
     ens_button.click(on_ensemble, [state, *controls], [ens_gallery, ens_message], **work_opts)
 
     def in_message_line(fn):
@@ -617,7 +730,7 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     def on_load_recipe(session, path):
         session = handlers.require(session)
         if not path:
-            return [gr.skip()] * (2 * MAX_SHARDS + 3 + len(PARAMS) + len(settings_inputs) + 1)
+            return [gr.skip()] * (3 * MAX_SHARDS + 3 + len(PARAMS) + len(settings_inputs) + 1)
         mix, recipe = handlers.load_recipe_controls(host, session, path)
         return restored(session.names, mix, recipe, f"loaded recipe `{html.escape(Path(path).name)}`")
 
@@ -631,13 +744,13 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     export_button.click(on_export, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     pipeline_button.click(on_export_pipeline, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     single_button.click(on_export_single, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
-    restore_outputs = [*check_values, method, *params, note, text_mix, *settings_inputs]
+    restore_outputs = [*checks, *sliders, method, *params, note, text_mix, *settings_inputs, *block_lines]
     recipe_upload.upload(
         on_load_recipe, [state, recipe_upload], [*restore_outputs, export_message], api_visibility="private",
-    ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(**again)
+    ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(**picture).success(**again)
     history.select(on_history, [state], [*restore_outputs, stale], api_visibility="private").success(
         on_mixture, [state, *check_values], [mixture], api_visibility="private"
-    ).success(**again)
+    ).success(**picture).success(**again)
 
 
 def build_api(host: StudioHost, state) -> None:
@@ -666,6 +779,7 @@ def build_api(host: StudioHost, state) -> None:
         api_info = gr.JSON(label="info")
         api_method = gr.Textbox("average", label="method")  # a registered merge method
         api_params = gr.Textbox("", label="params")  # its parameters: "density=0.3,lambda=1"
+        api_blocks = gr.Textbox("", label="blocks")  # block weights: "twemoji=IN:0,OUT:1; noto=1,1,0.5,..." (see the README)
         buttons = {n: gr.Button(n) for n in ("mix", "render", "soup", "add", "remove", "session_render", "grid")}
 
     def preset_session(preset_name: str) -> Session:
@@ -674,24 +788,28 @@ def build_api(host: StudioHost, state) -> None:
     def api_session(session: Session | None, preset_name: str) -> Session:
         return session if session is not None and session.preset == (preset_name or host.default) else preset_session(preset_name)
 
-    def request_mix(studio, shards, mix_text: str, method_name: str, params_text: str):
-        """The request's Mix, built once: the mix text, method and parameters over these shards (the
-        preset's choice of mixing text encoders)."""
+    def request_mix(studio, shards, mix_text: str, method_name: str, params_text: str, blocks_text: str = ""):
+        """The request's Mix, built once: the mix text, method, parameters and block weights over
+        these shards (the preset's choice of mixing text encoders)."""
         weights, params = handlers.parse_mix(mix_text), parse_params(params_text or "")
-        return studio.make_mix(weights, method_name or "average", params, shards, text_encoders=studio.preset.mix_text_encoders)
+        try:
+            blocks = parse_blocks(blocks_text or "")
+        except ValueError as err:
+            raise ValueError(f"blocks: {err}") from None
+        return studio.make_mix(weights, method_name or "average", params, shards, text_encoders=studio.preset.mix_text_encoders, blocks=blocks)
 
     @user_errors
-    def api_mix_fn(preset_name, mix_text, method_name="average", params_text=""):
-        """Normalize a mix and return its recipe (method, parameters, shard names, content hashes, weights) and label."""
+    def api_mix_fn(preset_name, mix_text, method_name="average", params_text="", blocks_text=""):
+        """Normalize a mix and return its recipe (method, parameters, shard names, content hashes, weights, block weights) and label."""
         studio = host.get(preset_name or None)
-        mix = request_mix(studio, None, mix_text, method_name, params_text)
+        mix = request_mix(studio, None, mix_text, method_name, params_text, blocks_text)
         return {"label": mix.label, "recipe": mix.recipe()}
 
     def render_with(session: Session, mix_text: str, values) -> tuple:
-        *settings_values, method_name, params_text = values
+        *settings_values, method_name, params_text, blocks_text = values
         settings = settings_from(*settings_values)
         studio = host.get(session.preset)
-        mix = request_mix(studio, session.shards, mix_text, method_name, params_text)
+        mix = request_mix(studio, session.shards, mix_text, method_name, params_text, blocks_text)
         results = studio.render(mix, settings)
         files = handlers.image_files(host, results[:-1], settings) + [handlers.soup_file(host, results[-1], mix, settings)]
         return files, {"labels": [r.label for r in results], "recipe": mix.recipe()}
@@ -704,10 +822,10 @@ def build_api(host: StudioHost, state) -> None:
     @user_errors
     def api_soup_fn(preset_name, mix_text, *values):
         """The soup alone (what a slider release renders), over the preset's shards."""
-        *settings, method_name, params_text = values
+        *settings, method_name, params_text, blocks_text = values
         settings_ = settings_from(*settings)
         studio = host.get(preset_name or None)
-        mix = request_mix(studio, None, mix_text, method_name, params_text)
+        mix = request_mix(studio, None, mix_text, method_name, params_text, blocks_text)
         soup = studio.render_soup(mix, settings_)
         return handlers.soup_file(host, soup, mix, settings_)[0], {"label": soup.label, "recipe": mix.recipe()}
 
@@ -734,18 +852,25 @@ def build_api(host: StudioHost, state) -> None:
     @user_errors
     def api_grid_fn(session, preset_name, mix_text, x_text, y_text, *values):
         """An X x Y grid of soups as one labelled PNG (background priority: interactive renders go first)."""
-        *settings, method_name, params_text = values
+        *settings, method_name, params_text, blocks_text = values
         session = api_session(session, preset_name)
         mix = handlers.parse_mix(mix_text)
         unknown = [n for n in mix if n not in session.shards]
         if unknown:
             raise ValueError(f"unknown shard {unknown[0]!r} (this session has: {', '.join(session.shards)})")
+        try:
+            blocks = parse_blocks(blocks_text or "")
+        except ValueError as err:
+            raise ValueError(f"blocks: {err}") from None
+        if [n for n in blocks if n not in mix]:
+            raise ValueError(f"blocks: {next(n for n in blocks if n not in mix)!r} is not in the mix ({', '.join(mix)})")
         controls = Controls(tuple(n in mix for n in session.names), tuple(mix.get(n, 0.0) for n in session.names), method_name or "average",
-                            tuple(parse_params(params_text or "").items()), settings_from(*settings))
+                            tuple(parse_params(params_text or "").items()), settings_from(*settings),
+                            blocks=tuple(blocks.get(n, "") for n in session.names))
         return session, handlers.grid(host, session, controls, x_text, y_text)
 
     opts = dict(concurrency_id="render", concurrency_limit=4)
-    method_inputs = [api_method, api_params]
+    method_inputs = [api_method, api_params, api_blocks]
     buttons["mix"].click(api_mix_fn, [api_preset, api_mix, *method_inputs], [api_info], api_name="mix", **opts)
     buttons["render"].click(api_render_fn, [api_preset, api_mix, *api_settings, *method_inputs], [api_gallery, api_info], api_name="render", **opts)
     buttons["soup"].click(api_soup_fn, [api_preset, api_mix, *api_settings, *method_inputs], [api_image, api_info], api_name="soup", **opts)

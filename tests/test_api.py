@@ -86,3 +86,23 @@ def test_method_fields_of_the_api(server):
     with pytest.raises(Exception, match="parameter 'density': write NAME=VALUE"):
         client.predict("", "alpha=1,gamma=1", "ties", "density", api_name="/mix")
     assert client.predict("", "alpha=1", api_name="/mix")["label"] == "soup: 1.00 alpha"  # still serving
+
+
+def test_block_weights_through_the_api(server, studio):
+    """Issue 20: block weights in the API ("SHARD=SPEC; SHARD=SPEC"): the recipe carries them, the
+    soup is the studio's block-weighted soup, and a wrong spec is one clear message."""
+    from soup_ui.presets import RenderSettings
+
+    client = Client(server, verbose=False)
+    info = client.predict("", "alpha=1,gamma=1", "average", "", "alpha=OUT:0; gamma=IN:0,M:0.5", api_name="/mix")
+    assert info["label"] == "soup: 0.50 alpha + 0.50 gamma [blocks: alpha, gamma]"
+    assert info["recipe"]["shards"][0]["blocks"] == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0] and len(info["recipe"]["block_ids"]) == 10
+    image, soup_info = client.predict("", "alpha=1,gamma=1", *ARGS.values(), "average", "", "alpha=OUT:0; gamma=IN:0,M:0.5", api_name="/soup")
+    expected = studio.render_soup(studio.make_mix({"alpha": 1, "gamma": 1}, blocks={"alpha": "OUT:0", "gamma": "IN:0,M:0.5"}),
+                                  RenderSettings(**ARGS)).image
+    assert np.array_equal(np.asarray(Image.open(image)), np.asarray(expected))
+    with pytest.raises(Exception, match="blocks of gamma: 2 values given; this SD 1.x denoiser has 10 blocks"):
+        client.predict("", "alpha=1,gamma=1", "average", "", "gamma=1,1", api_name="/mix")
+    with pytest.raises(Exception, match="blocks: 'gamma': expected SHARD=SPEC"):
+        client.predict("", "alpha=1,gamma=1", "average", "", "gamma", api_name="/mix")
+    assert client.predict("", "alpha=1", api_name="/mix")["label"] == "soup: 1.00 alpha"  # still serving

@@ -379,3 +379,16 @@ def test_exports_write_block_weights_as_supermergers_mbw_and_streamed_equals_in_
     assert recipe["block_ids"] == "BASE,IN00,IN01,IN02,IN03,M00,OUT00,OUT01,OUT02,OUT03"
     ours = json.loads(meta["soup_ui.recipe"])
     assert ours["shards"][1]["blocks"] == [1, 1, 1, 1, 1, 0.5, 0, 0, 0, 0] and ours["label"].endswith("[blocks: beta]")
+
+
+def test_a_recipe_with_block_weights_restores_each_rows_line():
+    from soup_ui.presets import Recipe
+    from soup_ui.ui import MAX_SHARDS, block_line, restored
+
+    recipe = Recipe(mix={"alpha": 1, "gamma": 2}, blocks={"gamma": [1, 0.5, 0], "alpha": "OUT:0"})
+    updates = restored(["alpha", "beta", "gamma"], dict(recipe.mix), recipe, "loaded")
+    lines = updates[-1 - MAX_SHARDS : -1]
+    assert lines[:3] == ["OUT:0", "", "1,0.5,0"] and set(lines[3:]) == {""} and updates[-1] == "loaded"
+    assert block_line(None) == "" and block_line([0.25, 1.0]) == "0.25,1"
+    with pytest.raises(ValueError, match="block weights for 'beta', which is not in the mix"):
+        Recipe(mix={"alpha": 1}, blocks={"beta": "IN:0"})

@@ -108,3 +108,45 @@ def test_add_a_shard_while_running(server, browser, tiny_preset):
     page.click("#remove-shard")
     page.wait_for_selector("#shard-check-3", state="hidden", timeout=60_000)
     page.close()
+
+
+def test_block_weights_on_the_page(server, browser, tmp_path):
+    """Issue 20: a wrong block line is said in place and nothing re-renders; the "output only" preset
+    re-renders the soup, whose label says blocks, and the picture shows where each shard acts; a grid
+    runs over a block axis."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1500})
+    page.goto(server)
+    page.wait_for_selector("#shard-check-2", state="visible", timeout=60_000)
+    page.click("#generate")
+    page.wait_for_selector("#soup-image img", timeout=60_000)
+    before = page.locator("#soup-image img").get_attribute("src")
+    label = page.locator("#soup-label").inner_text()
+
+    page.click("#shard-blocks-box-1 button")  # open beta's blocks editor
+    page.click("#blocks-panel button")  # and the picture of the blocks
+    page.fill("#shard-blocks-1 textarea", "1,2,3")
+    page.press("#shard-blocks-1 textarea", "Enter")
+    page.wait_for_function("document.querySelector('#stale-note').innerText.includes('blocks of beta: 3 values given; "
+                           "this SD 1.x denoiser has 10 blocks (BASE, IN00-IN03, M00, OUT00-OUT03)')", timeout=60_000)
+    assert page.locator("#soup-image img").get_attribute("src") == before and page.locator("#soup-label").inner_text() == label
+    assert "blocks of beta: 3 values given" in page.locator("#blocks-picture").inner_text()
+
+    page.click("#shard-blocks-preset-1")
+    page.get_by_role("option", name="output only").click()
+    page.wait_for_function("document.querySelector('#soup-label').innerText.includes('[blocks: beta]')", timeout=60_000)
+    assert page.input_value("#shard-blocks-1 textarea") == "0,0,0,0,0,0,1,1,1,1"
+    assert page.locator("#soup-image img").get_attribute("src") != before
+    assert page.locator("#stale-note").inner_text().strip() == ""
+    picture = page.locator("#blocks-picture")
+    assert picture.locator("td[title='beta IN01: 0']").count() == 1 and picture.locator("td[title='beta OUT02: 1']").count() == 1
+    assert "block weights in use" in picture.inner_text()
+    page.screenshot(path=str(tmp_path / "blocks.png"), full_page=True)
+
+    page.get_by_role("tab", name="Interpolate / grid").click()
+    page.fill("#grid-x textarea", "block:beta:OUT=0,1")
+    page.fill("#grid-y textarea", "seed=0")
+    page.click("#grid-run")
+    page.wait_for_selector("#grid-image img", timeout=90_000)
+    grid = image_pixels(page, page.locator("#grid-image img"))
+    assert grid.shape[1] > 2 * 16 and page.locator("#grid-message").inner_text().strip() == ""
+    page.close()
