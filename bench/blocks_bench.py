@@ -8,9 +8,9 @@ as the studio does (`families.Blocks.order`), and times, interleaved in one run:
   (K + 1) x shard bytes a soup reads and writes;
 - the plain average (`soup.weighted_sum_parts` with one part: what a mix without block weights runs);
 - the block-weighted soup: every shard with its own random multiplier per block, normalized per
-  block: one part per block (26 for SD 1.5, 20 for SDXL), each range through the chunk kernel.
+  block: one part per block (26 for SD 1.5, 20 for SDXL), each range one call of the compiled kernel.
 Both kernels are compiled before timing, as the studio does at load. To fit K = 4 SDXL shards in
-24 GB, the shards are views into one buffer, each starting 256 MiB after the one before: every
+24 GB, the shards are views into one buffer, each starting ~200 MB after the one before: every
 read is of distinct memory at any moment (far beyond the caches), as with separate shards.
 Prints medians and ratios; with --results, appends them to a markdown file.
 """
@@ -29,12 +29,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import interleaved_medians, machine  # noqa: E402
-from soup_bench import SD15_UNET, SDXL_UNET  # noqa: E402
+from soup_bench import SD15_UNET, SDXL_UNET, random_shard  # noqa: E402
 
 from soup_ui import families, soup  # noqa: E402
 
 SHAPES = {"sd15": ("SD-1.5", "sd1", SD15_UNET), "sdxl": ("SDXL", "sdxl", SDXL_UNET)}
-STAGGER = 128 << 20  # elements between two shards' starts in the shared buffer (256 MiB in fp16)
+STAGGER = 100_000_000 - 100_000_000 % 4096  # elements between two shards' starts in the shared buffer (~200 MB in fp16): not a
+# power of two, so that the K streams do not fall into the same cache sets (a 2^27 stride ran 2x slower)
 
 
 def layout(config: dict, family: str) -> tuple[dict[str, torch.Size], families.Blocks]:
@@ -65,6 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--separate", action="store_true", help="separate buffers per shard (needs K + 1 full shards of memory)")
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
     dtype, k = getattr(torch, args.dtype), args.k
@@ -76,7 +78,7 @@ def main(argv=None) -> None:
     for key in args.unets.split(","):
         label, family, config = SHAPES[key]
         shapes, blocks = layout(config, family)
-        sources = staggered(shapes, dtype, k)
+        sources = [random_shard(shapes, dtype, seed) for seed in range(k)] if args.separate else staggered(shapes, dtype, k)
         target = soup.FlatTensors.empty(shapes, dtype)
         members = blocks.members()
         rng = random.Random(0)

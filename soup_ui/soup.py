@@ -137,13 +137,12 @@ CPU_BLOCK = 1 << 18
 GPU_BLOCK = 1 << 26
 # From this many elements per mix on, `average_into` uses a compiled kernel that reads each source
 # once and writes the target once. Smaller mixes stay eager: compiling takes ~10-40 s once per K
-# on this CPU. Flat buffers go through a kernel compiled for one fixed chunk size (static shapes:
-# 0.98-0.99x the bound for K=2 and 4 on SD-2.1-sized buffers, where the dynamic-shape kernel ran at
-# 1.29x for K=4); plain state dicts through a dynamic-shape kernel, one call per tensor.
-# See bench/RESULTS.md.
+# on this CPU. Flat buffers go through a dynamic-shape kernel, one call per contiguous range (the
+# whole buffer, or one range per block with block weights): 0.92-1.03x the bound for SD-1.5 and SDXL
+# shapes, K = 4, where 2^20-element static chunks ran at 1.16-1.23x (bench/blocks_bench.py); plain
+# state dicts through its twin, one call per tensor. See bench/RESULTS.md.
 FUSED_MIN_ELEMENTS = 1 << 26
-FLAT_CHUNK = 1 << 20  # on the CPU: small, so that block-weighted soups (many ranges) leave little to the eager path
-GPU_FLAT_CHUNK = 1 << 24  # on a GPU: large, so that launches are few
+RANGE_MAX = 1 << 30  # elements per kernel call at most (a range longer than this, SDXL's whole buffer, is split)
 WARM_UP_MIN = 1 << 24  # buffers from this size on compile their kernels in the background (SD-sized denoisers)
 
 
@@ -154,7 +153,7 @@ def _weighted_sum(out: torch.Tensor, sources: list[torch.Tensor], weights: torch
     out.copy_(acc)
 
 
-def _weighted_sum_chunk(out: torch.Tensor, sources: list[torch.Tensor], weights: torch.Tensor) -> None:
+def _weighted_sum_range(out: torch.Tensor, sources: list[torch.Tensor], weights: torch.Tensor) -> None:
     _weighted_sum(out, sources, weights)  # its own code object, so its compiled variants are cached apart
 
 
@@ -169,7 +168,8 @@ TRACING = __import__("threading").RLock()
 
 
 def _kernel(kind: str):
-    """The compiled kernel ("tensors": dynamic shapes; "chunk": one static chunk size per device type), or None if compiling failed."""
+    """The compiled kernel ("tensors": one call per tensor; "range": one call per range of a flat
+    buffer; both with dynamic shapes), or None if compiling failed."""
     if _broken:
         return None
     if kind not in _kernels:
@@ -178,8 +178,7 @@ def _kernel(kind: str):
         # One compiled variant per K (and rank, dtype): dynamo's default limit of 8 would silently
         # send the ninth back to eager Python, at ~8x the bound.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-        fn, dynamic = (_weighted_sum_chunk, False) if kind == "chunk" else (_weighted_sum, True)
-        _kernels[kind] = torch.compile(fn, dynamic=dynamic)
+        _kernels[kind] = torch.compile(_weighted_sum_range if kind == "range" else _weighted_sum, dynamic=True)
     return _kernels[kind]
 
 
@@ -192,15 +191,15 @@ def compiled_ready(kind: str, k: int, dtype: torch.dtype, device) -> bool:
     return _variant(kind, k, dtype, device) in _ready
 
 
-def _compile_chunk_variant(k: int, dtype: torch.dtype, device) -> None:
-    variant = _variant("chunk", k, dtype, device)
+def _compile_range_variant(k: int, dtype: torch.dtype, device) -> None:
+    variant = _variant("range", k, dtype, device)
     with TRACING:
         if variant in _ready or _broken:
             return
-        out = torch.zeros(_chunk(device), dtype=dtype, device=device)
-        sources = [torch.zeros(_chunk(device), dtype=dtype, device=device) for _ in range(k)]
+        out = torch.zeros(1 << 12, dtype=dtype, device=device)
+        sources = [torch.zeros(1 << 12, dtype=dtype, device=device) for _ in range(k)]
         weights = torch.full((k,), 1.0 / k, dtype=_acc_dtype(out), device=out.device)
-        if _run_compiled("chunk", iter([(out, sources, weights)])):
+        if _run_compiled("range", iter([(out, sources, weights)])):
             _ready.add(variant)
             logger.info("soup kernel compiled for K=%d, %s on %s", k, str(dtype).removeprefix("torch."), variant[3])
 
@@ -209,7 +208,7 @@ BACKGROUND = True  # compile kernels in the background for later mixes (a server
 
 
 def warm_up(ks, dtype: torch.dtype, device, background: bool = True) -> list:
-    """Compile the flat-buffer kernel for each K in `ks` ahead of use (10-40 s each on a CPU), so that
+    """Compile the flat-buffer (range) kernel for each K in `ks` ahead of use (10-40 s each on a CPU), so that
     no interactive mix pays for compiling; until a variant is ready, mixes of that K run eager.
     Returns the threads started (empty when `background` is False: compiled here and now; and when
     background compiles are off, `BACKGROUND`)."""
@@ -218,15 +217,15 @@ def warm_up(ks, dtype: torch.dtype, device, background: bool = True) -> list:
 
     threads = []
     for k in ks:
-        variant = _variant("chunk", k, dtype, device)
+        variant = _variant("range", k, dtype, device)
         if variant in _ready or variant in _warming or _broken or (background and not BACKGROUND):
             continue
         if not background:
-            _compile_chunk_variant(k, dtype, device)
+            _compile_range_variant(k, dtype, device)
             continue
         if not _warming:
             atexit.register(_join_compiles)
-        t = threading.Thread(target=_compile_chunk_variant, args=(k, dtype, device), name=f"soup-compile-K{k}", daemon=True)
+        t = threading.Thread(target=_compile_range_variant, args=(k, dtype, device), name=f"soup-compile-K{k}", daemon=True)
         _warming[variant] = t
         t.start()
         threads.append(t)
@@ -293,32 +292,23 @@ def _weights_tensor(mix: list, out: torch.Tensor) -> torch.Tensor:
     return torch.tensor([w for _, w in mix], dtype=_acc_dtype(out), device=out.device)
 
 
-def _chunk(device) -> int:
-    return FLAT_CHUNK if torch.device(device).type == "cpu" else GPU_FLAT_CHUNK
-
-
 def _sum_flat(out: torch.Tensor, parts: list, fused: bool | None) -> None:
     """Ranges of one flat buffer, each with its own sources and weights: (start, stop, [(buffer,
-    weight)]). A range runs through the static chunk kernel, one call per chunk, the last chunk
-    ending at the range's end (it overlaps the one before, whose values it writes again); a range
-    shorter than a chunk runs eager.
+    weight)]), each one call of the compiled kernel (split every RANGE_MAX elements).
 
-    fused=None: the kernel only if it is compiled for this K already; otherwise eager now, and the
-    kernel is compiled in the background for the next mix (never inside an interactive request)."""
-    chunk = _chunk(out.device)
+    fused=None: for SD-sized buffers (WARM_UP_MIN), the kernel only if it is compiled for this K
+    already; otherwise eager now, and the kernel is compiled in the background for the next mix
+    (never inside an interactive request). Smaller buffers run eager."""
     for start, stop, mix in parts:
         use = fused
         if use is None:
-            use = compiled_ready("chunk", len(mix), out.dtype, out.device)
+            use = out.numel() >= WARM_UP_MIN and compiled_ready("range", len(mix), out.dtype, out.device)
             if not use and out.numel() >= WARM_UP_MIN:
                 warm_up([len(mix)], out.dtype, out.device)
-        if use and stop - start >= chunk:
-            starts = list(range(start, stop - chunk + 1, chunk))
-            if starts[-1] + chunk < stop:
-                starts.append(stop - chunk)
+        if use:
             weights = _weights_tensor(mix, out)
-            calls = ((out[i : i + chunk], [s[i : i + chunk] for s, _ in mix], weights) for i in starts)
-            if _run_compiled("chunk", calls):
+            pieces = [(a, min(stop, a + RANGE_MAX)) for a in range(start, stop, RANGE_MAX)]
+            if _run_compiled("range", ((out[a:b], [s[a:b] for s, _ in mix], weights) for a, b in pieces)):
                 continue
         _average_eager({"": out[start:stop]}, [({"": s[start:stop]}, w) for s, w in mix])
 

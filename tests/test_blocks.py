@@ -271,17 +271,28 @@ def test_mixes_with_other_block_weights_are_other_mixes_and_refused_ones_name_th
         studio.make_mix({"alpha": 1, "beta": 1}, blocks={"beta": "1,1,1"})
 
 
-def test_flat_ranges_run_through_the_chunk_kernel_with_the_last_chunk_overlapping(monkeypatch):
-    """Each block range goes through the static kernel in whole chunks, the last one ending at the
-    range's end (overlapping the one before): the result equals the eager sum everywhere."""
-    monkeypatch.setattr(soup, "FLAT_CHUNK", 1 << 10)
+def test_flat_ranges_run_through_the_compiled_kernel_one_call_each(monkeypatch):
+    """Each block's range is one call of the compiled kernel (a range longer than RANGE_MAX is
+    split); the result equals the eager sum everywhere, and compiling happened once: later ranges
+    of other lengths reuse the kernel."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(soup, "RANGE_MAX", 4000)
     g = torch.Generator().manual_seed(0)
-    shapes = {"a": (3000,), "b": (700,), "c": (5000,)}  # a: 2 chunks + overlap, b: shorter than a chunk, c: 4 + overlap
+    shapes = {"a": (3000,), "b": (700,), "c": (9000,)}  # c: split in three calls
     sources = [soup.FlatTensors.pack({n: torch.randn(s, generator=g) for n, s in shapes.items()}) for _ in range(3)]
     parts = [(["a"], [0.2, 0.3, 0.5]), (["b"], [1.0, 0.0, 0.0]), (["c"], [0.0, 0.5, 0.5])]
     fused, eager = (soup.FlatTensors.pack({n: torch.zeros(s) for n, s in shapes.items()}) for _ in range(2))
+    calls = []
+    real = soup._run_compiled
+    monkeypatch.setattr(soup, "_run_compiled", lambda kind, it: real(kind, (calls.append((c[0].numel(), len(c[1]))) or c for c in it)))
     soup.weighted_sum_parts(fused, sources, parts, fused=True)
+    graphs = counters["stats"]["unique_graphs"]
+    soup.weighted_sum_parts(fused, sources, [(["a", "b"], [0.1, 0.2, 0.7]), (["c"], [0.3, 0.3, 0.4])], fused=True)
     soup.weighted_sum_parts(eager, sources, parts, fused=False)
+    assert calls[:5] == [(3000, 3), (700, 1), (4000, 2), (4000, 2), (1000, 2)]  # sources with weight 0 are not read
+    assert counters["stats"]["unique_graphs"] == graphs  # other lengths: no new compile
+    soup.weighted_sum_parts(fused, sources, parts, fused=True)
     torch.testing.assert_close(fused.buffer, eager.buffer, rtol=1e-6, atol=1e-6)
     assert torch.equal(fused["b"], sources[0]["b"])
     torch.testing.assert_close(fused["c"], 0.5 * sources[1]["c"] + 0.5 * sources[2]["c"])

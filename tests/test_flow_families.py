@@ -316,3 +316,26 @@ def test_a_streamed_transformer_export_is_the_studios(studio, family, tmp_path):
     with safe_open(str(streamed), "pt") as a, safe_open(str(held), "pt") as b:
         assert a.metadata() == b.metadata()
         assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in b.keys())  # noqa: SIM118
+
+
+def test_block_weights_on_a_transformer(studio, family):
+    """Issue 20 for SD3 and FLUX: the transformer's own blocks (joint_blocks.N; double_blocks.N,
+    single_blocks.N), a flat layout with one range per block, a block (1, 0) is shard A's exactly,
+    groups by name, and the block-weighted soup renders."""
+    from soup_ui import soup
+
+    blocks = studio.blocks
+    group = "joint" if family[0] == "sd3" else "single"
+    assert set(blocks.groups) == ({"joint"} if family[0] == "sd3" else {"double", "single"}) and blocks.ids[-1] == "final_layer"
+    members = blocks.members()
+    assert soup.part_ranges(studio.hybrid_tensors, [(members[b], ()) for b in blocks.ids]) is not None
+    mix = studio.make_mix({"ink": 1, "pastel": 1}, blocks={"pastel": f"{group}:0,final_layer:0"})
+    studio.mix(mix)
+    ink, pastel = studio.shards["ink"].tensors, studio.shards["pastel"].tensors
+    for block in (*blocks.groups[group], "final_layer"):
+        for n in members[block]:
+            assert torch.equal(studio.hybrid_tensors[n], ink[n]), n
+    first = blocks.ids[0]
+    for n in members[first]:
+        torch.testing.assert_close(studio.hybrid_tensors[n], (ink[n] + pastel[n]) / 2, rtol=0, atol=1e-6)
+    assert studio.render_soup(mix, SETTINGS).label.endswith("[blocks: pastel]")

@@ -180,15 +180,15 @@ def test_flat_buffers_give_the_per_tensor_result_bit_for_bit():
         assert torch.equal(flat[k], per_tensor[k]), k
 
 
-def test_flat_buffers_through_the_chunk_kernel(monkeypatch):
-    """Whole chunks go through the compiled kernel, the tail eager; the seams do not show."""
-    monkeypatch.setattr(soup, "FLAT_CHUNK", 1 << 16)  # 7 whole chunks and a tail
+def test_flat_buffers_through_the_range_kernel(monkeypatch):
+    """A flat buffer goes through the compiled kernel in calls of at most RANGE_MAX elements; the seams do not show."""
+    monkeypatch.setattr(soup, "RANGE_MAX", 1 << 16)  # 7 whole pieces and a shorter one
     sources = [FlatTensors.pack(big_tensors(i)) for i in (1, 2, 3)]
     eager, fused = FlatTensors.pack(big_tensors(0)), FlatTensors.pack(big_tensors(0))
     average_into(eager, sources, [0.2, 0.3, 0.5], fused=False)
     average_into(fused, sources, [0.2, 0.3, 0.5], fused=True)
     require_compiled()
-    assert soup.compiled_ready("chunk", 3, torch.float16, "cpu")  # the compiled kernel ran
+    assert soup.compiled_ready("range", 3, torch.float16, "cpu")  # the compiled kernel ran
     torch.testing.assert_close(fused.buffer, eager.buffer, rtol=1e-3, atol=1e-3)  # fused multiply-adds may round differently
     average_into(fused, sources, [0.0, 1.0, 0.0], fused=True)
     assert torch.equal(fused.buffer, sources[1].buffer)
@@ -262,11 +262,10 @@ def test_lazy_sources_are_read_a_tensor_at_a_time(fused):
 def test_an_interactive_mix_never_compiles(monkeypatch):
     """Issue 12, item 14: a mix whose kernel is not compiled yet runs eager at once and compiles the
     kernel in the background; the next mix of that K uses it."""
-    monkeypatch.setattr(soup, "FLAT_CHUNK", 1 << 14)
     monkeypatch.setattr(soup, "WARM_UP_MIN", 1 << 14)  # a buffer this size counts as SD-sized
     sources = [FlatTensors.pack(big_tensors(i, torch.float32)) for i in (1, 2, 3, 4, 5)]
     target = FlatTensors.pack(big_tensors(0, torch.float32))
-    variant = ("chunk", 5, torch.float32, "cpu")
+    variant = ("range", 5, torch.float32, "cpu")
     soup._ready.discard(variant)
     soup._warming.pop(variant, None)
     calls = []
