@@ -198,7 +198,7 @@ class Axis:
 
     def label(self, value) -> str:
         if self.kind == "block":
-            return f"{self.shard} {self.block}={value:g}"
+            return f"{self.shard}:{self.block}={value:g}"
         return f"{self.shard}={value:g}" if self.kind == "weight" else f"{self.kind}={value}"
 
     def apply(self, value, mix: Mix, settings: RenderSettings) -> tuple[Mix, RenderSettings]:

@@ -341,9 +341,9 @@ def test_a_grid_over_a_block_axis_renders_each_blocks_soup(studio):
     settings = RenderSettings(prompt="a cat face", seed=2, steps=3, guidance_scale=4.0, height=16, width=16)
     mix = studio.make_mix({"alpha": 1, "beta": 1}, blocks={"beta": "IN:0"})
     x = Axis.parse("block:beta:OUT=0,1")
-    assert x.label(0.0) == "beta OUT=0"
+    assert x.label(0.0) == "beta:OUT=0"
     rows, row_labels, col_labels = grid(studio, mix, settings, x, Axis.parse("seed=2"))
-    assert col_labels == ["beta OUT=0", "beta OUT=1"]
+    assert col_labels == ["beta:OUT=0", "beta:OUT=1"]
     for value, cell in zip((0, 1), rows[0]):  # beta's other blocks stay as they were (IN:0)
         expected = studio.make_mix({"alpha": 1, "beta": 1}, blocks={"beta": f"IN:0,OUT:{value}"})
         assert cell.label == expected.label
