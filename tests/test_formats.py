@@ -172,6 +172,12 @@ def test_a_lora_shard_soups_like_the_lora_fused_first(tmp_path, tiny_preset, stu
         gamma = {k: v.clone() for k, v in studio.shards["gamma"].tensors.items()}
         for k in base:
             torch.testing.assert_close(mixed[k], 0.25 * fused[k] + 0.75 * gamma[k], rtol=0, atol=1e-6)
+        # With block weights (issue 20), per block: the LoRA's delta takes its block's coefficient.
+        studio.mix(studio.make_mix({"lora": 1, "gamma": 3}, blocks={"lora": "OUT:0,M:3"}))
+        for k in base:
+            block = studio.blocks.of[k]
+            w = 0.0 if block.startswith("OUT") else 0.5 if block == "M00" else 0.25  # M00: 0.75 / (0.75 + 0.75)
+            torch.testing.assert_close(studio.hybrid_tensors[k], w * fused[k] + (1 - w) * gamma[k], rtol=0, atol=1e-6)
         # Task arithmetic: base + scale * w * delta.
         studio.mix(studio.make_mix({"lora": 1}, method="task-arithmetic", params={"lambda": 2.0}))
         for k in base:

@@ -80,6 +80,16 @@ def test_text_encoders_are_souped_with_the_mix_weights_and_a_shard_without_count
         assert torch.allclose(mixed[k], expected, atol=1e-6), k
     studio.render_soup(studio.make_mix({"full": 1, "pipe": 1}), SETTINGS.model_copy(update={"seed": 3}))  # off (the default): the base's text encoder
     assert all(torch.equal(text_state(studio)[k], v) for k, v in base.items())
+    # Block weights (issue 20): BASE weighs the text encoders, normalized like a block; all 0 there: the base's.
+    studio.render_soup(studio.make_mix({"full": 1, "pipe": 1}, text_encoders=True, blocks={"full": "BASE:3"}), SETTINGS)
+    mixed = text_state(studio)
+    for k, v in base.items():
+        if not k.endswith("position_ids"):
+            assert torch.allclose(mixed[k], 0.75 * text_a[k].float() + 0.25 * text_b[k].float(), atol=1e-6), k
+    zero = studio.make_mix({"full": 1, "pipe": 1}, text_encoders=True, blocks={"full": "BASE:0", "pipe": "BASE:0"})
+    assert zero.text_key is None and "BASE" in zero.base_blocks
+    studio.render_soup(zero, SETTINGS)
+    assert all(torch.equal(text_state(studio)[k], v) for k, v in base.items())
 
 
 def test_the_option_changes_the_images_and_the_caches_keep_them_apart(studio):
