@@ -34,6 +34,8 @@ def parameters(recipe, label: str, model_hash: str | None = None) -> str:
         fields += [("Soup", label), ("Merge method", recipe.method)]
         if recipe.params:
             fields.append(("Merge parameters", " ".join(f"{k}={v}" for k, v in recipe.params.items())))
+        for name, values in recipe.blocks.items():  # SuperMerger's line per shard (commas become ";", as in every field)
+            fields.append((f"Block weights {name}", values if isinstance(values, str) else ",".join(f"{float(v):g}" for v in values)))
     tail = ", ".join(f"{k}: {str(v).replace(',', ';')}" for k, v in fields)
     negative = f"\nNegative prompt: {r.negative_prompt}" if r.negative_prompt else ""
     return f"{r.prompt}{negative}\n{tail}"

@@ -313,6 +313,7 @@ def test_cli_blocks_render_and_their_recipe_renders_the_same_images(tiny_preset,
     assert saved["blocks"]["alpha"] == [1.0] * 6 + [0.0] * 4 and saved["blocks"]["beta"] == [1.0, 0.5, 0.5, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
     assert main(["render", "--recipe", str(recipe), "--out-dir", str(second)]) == 0
     assert (first / "soup.png").read_bytes() == (second / "soup.png").read_bytes()
+    assert "Block weights alpha: 1;1;1;1;1;1;0;0;0;0, Block weights beta: 1;0.5;0.5;0;0.5;1;1;1;1;1" in Image.open(first / "soup.png").text["parameters"]
     assert main(["render", "--recipe", str(first / "soup.png"), "--out-dir", str(again)]) == 0  # the PNG's own recipe
     assert (again / "soup.png").read_bytes() == (first / "soup.png").read_bytes()
     plain = tmp_path / "plain"
