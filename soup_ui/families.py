@@ -210,10 +210,6 @@ class Blocks:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def index(self, name: str) -> int:
-        """The position of the block of denoiser tensor `name`."""
-        return self._positions[self.of[name]]
-
     @property
     def _positions(self) -> dict[str, int]:
         return {b: i for i, b in enumerate(self.ids)}

@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -109,6 +110,7 @@ class MergeMethod:
     max_shards: int | None = None
     arrange: Callable | None = None  # (shard names, params) -> the order the function takes them in; ValueError if they do not fit
     blocked: Callable | None = None  # (weights, block multipliers, params) -> (weights, params) of one block; None: `for_block`'s rule
+    batch: Callable | None = None  # (outs, sources per shard, weights, bases, params[, generators]): many small tensors at once, as `fn` one by one
 
     @property
     def linear(self) -> bool:
@@ -161,13 +163,14 @@ METHODS: dict[str, MergeMethod] = {}
 
 def merge_method(name: str, *, summary: str, reference: str, params: type[Params] = NoParams, needs_base: bool = True,
                  coefficients: Callable | None = None, random: bool = False, min_shards: int = 1, max_shards: int | None = None,
-                 arrange: Callable | None = None, blocked: Callable | None = None):
-    """Register a merge method under `name` (the decorated function is its per-tensor function)."""
+                 arrange: Callable | None = None, blocked: Callable | None = None, batch: Callable | None = None):
+    """Register a merge method under `name` (the decorated function is its per-tensor function;
+    `batch`, if given, merges many small tensors in one pass exactly as the function would)."""
 
     def register(fn: Callable | None) -> Callable | None:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        METHODS[name] = MergeMethod(name, summary, reference, params, fn, needs_base, coefficients, random, min_shards, max_shards, arrange, blocked)
+        METHODS[name] = MergeMethod(name, summary, reference, params, fn, needs_base, coefficients, random, min_shards, max_shards, arrange, blocked, batch)
         return fn
 
     return register
@@ -295,8 +298,8 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     if k <= 0:
         return _scalars([math.inf] * len(sources), base)
     b = base.reshape(-1)
-    if n < FUSED_MIN_ELEMENTS:
-        return torch.stack([torch.kthvalue((_acc(s).reshape(-1) - _acc(b)).abs(), n - k + 1).values for s in sources]).to(_acc(base).dtype)
+    if n < FUSED_MIN_ELEMENTS:  # one selection for all shards (a row each)
+        return torch.kthvalue(torch.stack([(_acc(s).reshape(-1) - _acc(b)).abs() for s in sources]), n - k + 1, dim=1).values
     m = 1 << 16
     index = torch.randint(n, (m,), generator=torch.Generator("cpu").manual_seed(n)).to(base.device)
     q = 1 - k / n
@@ -379,6 +382,39 @@ def ties(out, sources, weights, base, p: TiesParams, generator=None):
     _write(out, _run(_ties_kernel, base, list(sources), thresholds, _scalars(weights, base), _scalars([p.lambda_], base)[0]))
 
 
+def small_thresholds(bases: Sequence[torch.Tensor], sources: Sequence[Sequence[torch.Tensor]], density: float) -> torch.Tensor:
+    """`magnitude_thresholds` of many small tensors at once, (shards, tensors): the tensors of one
+    size share one selection (a row per shard and tensor), so the values are the same as one by one."""
+    out = torch.empty(len(sources), len(bases), dtype=_acc(bases[0]).dtype)
+    by_size: dict[int, list[int]] = {}
+    for j, b in enumerate(bases):
+        by_size.setdefault(b.numel(), []).append(j)
+    for n, js in by_size.items():
+        k = int(density * n)
+        if k >= n or k <= 0:
+            out[:, js] = 0.0 if k >= n else math.inf
+            continue
+        rows = torch.stack([(_acc(shard[j]).reshape(-1) - _acc(bases[j]).reshape(-1)).abs() for shard in sources for j in js])
+        out[:, js] = torch.kthvalue(rows, n - k + 1, dim=1).values.view(len(sources), len(js))
+    return out
+
+
+def ties_batch(outs, sources, weights, bases, p: TiesParams) -> None:
+    """TIES over many small tensors in one eager pass (their thresholds per tensor, as `ties` takes
+    them; the same values as tensor by tensor: every step is elementwise)."""
+    thresholds = small_thresholds(bases, sources, p.density)
+    sizes = [b.numel() for b in bases]
+    base = torch.cat([_acc(b).reshape(-1) for b in bases])
+    flat = [torch.cat([_acc(t).reshape(-1) for t in shard]) for shard in sources]
+    per_entry = [torch.repeat_interleave(thresholds[i], torch.tensor(sizes)) for i in range(len(sources))]
+    merged = _ties_kernel(base, flat, per_entry, _scalars(weights, base), _scalars([p.lambda_], base)[0])
+    for out, piece in zip(outs, merged.split(sizes)):
+        _write(out, piece)
+
+
+METHODS["ties"] = dataclass_replace(METHODS["ties"], batch=ties_batch)
+
+
 @merge_method(
     "dare", summary="base + lambda sum_i w_i DARE(t_i): keep each entry with probability density, rescale by 1/density",
     reference="Yu et al. 2024, Language models are Super Mario (DARE, arXiv 2311.03099)", params=DareParams, random=True,
@@ -422,6 +458,32 @@ def rank_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
     return (density - epsilon + (2 * epsilon / (n - 1)) * ranks).reshape(delta.shape)
 
 
+def _dropped_batch(elect: bool, probabilities: Callable | None):
+    """The batch function of DARE (elect False), DARE-TIES and DELLA (elect True): each tensor's draws
+    from its own generator and its keep probabilities (DELLA's ranks per tensor and row), then one
+    eager pass over all of them: the same values as tensor by tensor."""
+
+    def batch(outs, sources, weights, bases, p, generators) -> None:
+        sizes = [b.numel() for b in bases]
+        base = torch.cat([_acc(b).reshape(-1) for b in bases])
+        flat = [torch.cat([_acc(t).reshape(-1) for t in shard]) for shard in sources]
+        per_tensor = [_draws(b, len(sources), g) for b, g in zip(bases, generators)]  # in the order tensor by tensor draws them
+        draws = [torch.cat([d[i].reshape(-1) for d in per_tensor]) for i in range(len(sources))]
+        if probabilities is None:
+            keep = [_scalars([p.density], base)[0]] * len(sources)
+        else:
+            keep = [torch.cat([probabilities(_acc(t) - _acc(b), p).reshape(-1) for t, b in zip(shard, bases)]) for shard in sources]
+        merged = _dropped_kernel(base, flat, draws, keep, _scalars(weights, base), _scalars([p.lambda_], base)[0], elect)
+        for out, piece in zip(outs, merged.split(sizes)):
+            _write(out, piece)
+
+    return batch
+
+
+METHODS["dare"] = dataclass_replace(METHODS["dare"], batch=_dropped_batch(False, None))
+METHODS["dare-ties"] = dataclass_replace(METHODS["dare-ties"], batch=_dropped_batch(True, None))
+
+
 @merge_method(
     "della", summary="base + lambda x TIES' sign election over t_i kept with probability ranked by magnitude (density +- epsilon), rescaled",
     reference="Deep et al. 2024, DELLA-Merging (arXiv 2406.11617), as mergekit's della", params=DellaParams, random=True,
@@ -432,6 +494,9 @@ def della(out, sources, weights, base, p: DellaParams, generator):
     b = _acc(base)
     probabilities = [rank_probabilities(_acc(s) - b, p.density, p.epsilon) for s in sources]
     _write(out, _dropped(base, sources, weights, p, generator, probabilities, elect=True))
+
+
+METHODS["della"] = dataclass_replace(METHODS["della"], batch=_dropped_batch(True, lambda delta, p: rank_probabilities(delta, p.density, p.epsilon)))
 
 
 DOT_THRESHOLD = 0.9995  # mergekit's: above it the two tensors count as parallel and are interpolated linearly
@@ -534,6 +599,8 @@ def merge_into(
         rank = {n: i for i, n in enumerate(read_order())}
         names.sort(key=lambda n: rank.get(n, len(rank)))
     part_of = {n: p for p in parts for n in p.names}
+    if method_.batch is not None:  # small tensors of one part in a few eager passes
+        names = _merge_batches(target, method_, sources, base, part_of, names)
     for i, name in enumerate(names):
         out, part = target[name], part_of[name]
         if not out.is_floating_point():  # integer buffers (counters): the first source's
@@ -546,3 +613,31 @@ def merge_into(
             method_.fn(out, [s[name] for s in sources], list(part.weights), base[name] if base is not None else None, part.params, generator)
         if progress is not None:
             progress((i + 1) / len(names))
+
+
+BATCH_ELEMENTS = 1 << 20  # elements per batched pass (bounds its temporaries: a few times this per shard)
+
+
+def _merge_batches(target, method_: MergeMethod, sources, base, part_of, names: list[str]) -> list[str]:
+    """Merge the floating tensors under FUSED_MIN_ELEMENTS with the method's batch function, a part
+    at a time in passes of about BATCH_ELEMENTS; returns the names left for the per-tensor loop."""
+    rest, groups = [], {}
+    for name in names:
+        out, part = target[name], part_of[name]
+        if out.is_floating_point() and out.numel() < FUSED_MIN_ELEMENTS and part.weights is not None:
+            groups.setdefault(id(part), (part, []))[1].append(name)
+        else:
+            rest.append(name)
+    for part, members in groups.values():
+        batch, size = [], 0
+        for j, name in enumerate(members):
+            batch.append(name)
+            size += target[name].numel()
+            if size >= BATCH_ELEMENTS or j + 1 == len(members):
+                args = [[target[n] for n in batch], [[s[n] for n in batch] for s in sources], list(part.weights), [base[n] for n in batch], part.params]
+                if method_.random:  # each tensor's own generator, seeded as tensor by tensor
+                    seed = getattr(part.params, "seed", 0)
+                    args.append([torch.Generator("cpu").manual_seed(tensor_seed(seed, n)) for n in batch])
+                method_.batch(*args)
+                batch, size = [], 0
+    return rest

@@ -240,3 +240,31 @@ def test_the_sign_election_is_pefts_majority_sign_mask():
         got = methods.sign_consensus(deltas, torch.tensor(weights))
         torch.testing.assert_close(got, expected)
     assert torch.all(methods.sign_consensus(deltas, torch.tensor([0.5, 0.5, 0.0]))[:5] == 1.0)  # the +1 election keeps the positive one
+
+
+@pytest.mark.parametrize("method,density", [("ties", 0.0), ("ties", 0.2), ("ties", 0.5), ("ties", 1.0), ("dare", 0.3), ("dare-ties", 0.5),
+                                            ("della", 0.4)])
+def test_small_tensors_at_once_equal_tensor_by_tensor(method, density):
+    """Issue 19: small tensors go through TIES, DARE, DARE-TIES and DELLA in a few batched passes
+    (TIES: one selection per size for all shards and tensors; the random ones: each tensor's draws
+    from its own generator); the merged weights are the same, bit for bit, as one tensor at a time."""
+    from soup_ui.methods import METHODS, merge_into, tensor_seed
+
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a": (7, 5), "b": (35,), "c": (16, 4, 3, 3), "d": (1,), "e": (7, 5), "f": (300,)}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    sources = [{n: t + 0.1 * torch.randn(t.shape, generator=g).round(decimals=1) for n, t in base.items()} for _ in range(3)]
+    import dataclasses
+
+    m = METHODS[method]
+    params = m.parse({"density": density, "lambda": 1.5, **({"seed": 7} if m.random else {})})
+    batched = {n: torch.empty(s) for n, s in shapes.items()}
+    calls = []
+    spy = dataclasses.replace(m, batch=lambda outs, *rest: calls.append(len(outs)) or m.batch(outs, *rest))
+    merge_into(batched, spy, params, sources, [0.2, 0.3, 0.5], base)
+    assert calls == [len(shapes)]  # one pass for all six
+    for n in shapes:
+        one = torch.empty(shapes[n])
+        generator = torch.Generator().manual_seed(tensor_seed(7, n)) if m.random else None
+        m.fn(one, [s[n] for s in sources], [0.2, 0.3, 0.5], base[n], params, generator)
+        assert torch.equal(batched[n], one), n
