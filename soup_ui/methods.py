@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 
@@ -111,6 +111,8 @@ class MergeMethod:
     arrange: Callable | None = None  # (shard names, params) -> the order the function takes them in; ValueError if they do not fit
     blocked: Callable | None = None  # (weights, block multipliers, params) -> (weights, params) of one block; None: `for_block`'s rule
     batch: Callable | None = None  # (outs, sources per shard, weights, bases, params[, generators]): many small tensors at once, as `fn` one by one
+    stats: Callable | None = None  # (bases, one shard's tensors, params) -> a number per tensor that depends on that shard alone (TIES' thresholds)
+    stats_key: Callable | None = None  # params -> what the stats depend on (TIES: the density), for caching them across mixes
 
     @property
     def linear(self) -> bool:
@@ -375,17 +377,17 @@ merge_method(
     "ties", summary="base + lambda x TIES(trim to density, elect sign, disjoint mean of t_i = theta_i - base)",
     reference="Yadav et al. 2023, TIES-Merging (arXiv 2306.01708), as mergekit formulates it", params=TiesParams,
 )
-def ties(out, sources, weights, base, p: TiesParams, generator=None):
+def ties(out, sources, weights, base, p: TiesParams, generator=None, stats=None):
     """Trim each task vector to its `density` largest entries, elect the sign of the weighted sum,
-    and average (weighted) the entries that agree with it."""
-    thresholds = magnitude_thresholds(base, sources, p.density)
+    and average (weighted) the entries that agree with it. `stats`: the shards' thresholds, known already."""
+    thresholds = stats if stats is not None else magnitude_thresholds(base, sources, p.density)
     _write(out, _run(_ties_kernel, base, list(sources), thresholds, _scalars(weights, base), _scalars([p.lambda_], base)[0]))
 
 
 def small_thresholds(bases: Sequence[torch.Tensor], sources: Sequence[Sequence[torch.Tensor]], density: float) -> torch.Tensor:
     """`magnitude_thresholds` of many small tensors at once, (shards, tensors): the tensors of one
     size share one selection (a row per shard and tensor), so the values are the same as one by one."""
-    out = torch.empty(len(sources), len(bases), dtype=_acc(bases[0]).dtype)
+    out = torch.empty(len(sources), len(bases), dtype=_acc(bases[0]).dtype, device=bases[0].device)
     by_size: dict[int, list[int]] = {}
     for j, b in enumerate(bases):
         by_size.setdefault(b.numel(), []).append(j)
@@ -399,20 +401,30 @@ def small_thresholds(bases: Sequence[torch.Tensor], sources: Sequence[Sequence[t
     return out
 
 
-def ties_batch(outs, sources, weights, bases, p: TiesParams) -> None:
+def ties_batch(outs, sources, weights, bases, p: TiesParams, stats=None) -> None:
     """TIES over many small tensors in one eager pass (their thresholds per tensor, as `ties` takes
-    them; the same values as tensor by tensor: every step is elementwise)."""
-    thresholds = small_thresholds(bases, sources, p.density)
+    them; the same values as tensor by tensor: every step is elementwise). `stats`: the thresholds,
+    (shards, tensors), known already."""
+    thresholds = stats if stats is not None else small_thresholds(bases, sources, p.density)
     sizes = [b.numel() for b in bases]
     base = torch.cat([_acc(b).reshape(-1) for b in bases])
     flat = [torch.cat([_acc(t).reshape(-1) for t in shard]) for shard in sources]
-    per_entry = [torch.repeat_interleave(thresholds[i], torch.tensor(sizes)) for i in range(len(sources))]
+    counts = torch.tensor(sizes, device=base.device)
+    per_entry = [torch.repeat_interleave(thresholds[i].to(base.device), counts) for i in range(len(sources))]
     merged = _ties_kernel(base, flat, per_entry, _scalars(weights, base), _scalars([p.lambda_], base)[0])
     for out, piece in zip(outs, merged.split(sizes)):
         _write(out, piece)
 
 
-METHODS["ties"] = dataclass_replace(METHODS["ties"], batch=ties_batch)
+def ties_stats(bases, shard, p: TiesParams) -> torch.Tensor:
+    """One shard's thresholds of these tensors (they depend on the shard, the base and the density
+    alone: cached across mixes, so a new weight selects nothing again)."""
+    if len(bases) == 1 and bases[0].numel() >= FUSED_MIN_ELEMENTS:
+        return magnitude_thresholds(bases[0], shard, p.density)
+    return small_thresholds(bases, [shard], p.density)[0]
+
+
+METHODS["ties"] = dataclass_replace(METHODS["ties"], batch=ties_batch, stats=ties_stats, stats_key=lambda p: ("density", p.density))
 
 
 @merge_method(
@@ -564,9 +576,13 @@ def restrict(parts: Sequence[Part], names) -> list[Part]:
 def merge_into(
     target: Tensors, method_: MergeMethod, params: Params, sources: Sequence[Tensors], weights: Sequence[float],
     base: Tensors | None = None, fused: bool | None = None, progress: Callable[[float], None] | None = None,
-    parts: Sequence[Part] | None = None,
+    parts: Sequence[Part] | None = None, memo: MutableMapping | None = None, keys: Sequence | None = None,
 ) -> None:
     """Merge `sources` (normalized `weights`) into `target` in place with a registered method.
+
+    `memo` and `keys` (each source's content key; the base is the memo owner's): per-shard
+    statistics that do not depend on the mix (TIES' thresholds) are kept there across mixes, so a
+    new weight recomputes none of them.
 
     `parts` (block weights): tensors merged with their own weights and parameters, together covering
     `target`; by default one part of everything with `weights` and `params`. Linear methods are one
@@ -599,8 +615,9 @@ def merge_into(
         rank = {n: i for i, n in enumerate(read_order())}
         names.sort(key=lambda n: rank.get(n, len(rank)))
     part_of = {n: p for p in parts for n in p.names}
+    known = _Stats(method_, sources, base, memo, keys) if method_.stats is not None and memo is not None and keys is not None else None
     if method_.batch is not None:  # small tensors of one part in a few eager passes
-        names = _merge_batches(target, method_, sources, base, part_of, names)
+        names = _merge_batches(target, method_, sources, base, part_of, names, known)
     for i, name in enumerate(names):
         out, part = target[name], part_of[name]
         if not out.is_floating_point():  # integer buffers (counters): the first source's
@@ -610,15 +627,37 @@ def merge_into(
         else:
             seed = getattr(part.params, "seed", 0)
             generator = torch.Generator("cpu").manual_seed(tensor_seed(seed, name)) if method_.random else None
-            method_.fn(out, [s[name] for s in sources], list(part.weights), base[name] if base is not None else None, part.params, generator)
+            extra = {"stats": known.get([name], part.params)[:, 0]} if known is not None else {}
+            method_.fn(out, [s[name] for s in sources], list(part.weights), base[name] if base is not None else None, part.params, generator, **extra)
         if progress is not None:
             progress((i + 1) / len(names))
 
 
-BATCH_ELEMENTS = 1 << 20  # elements per batched pass (bounds its temporaries: a few times this per shard)
+BATCH_ELEMENTS = 1 << 18  # elements per batched pass (bounds its temporaries: a few times this per shard)
 
 
-def _merge_batches(target, method_: MergeMethod, sources, base, part_of, names: list[str]) -> list[str]:
+class _Stats:
+    """A method's per-shard statistics of tensors, from the memo or computed (and kept) there."""
+
+    def __init__(self, method_: MergeMethod, sources, base, memo: MutableMapping, keys: Sequence):
+        self.method, self.sources, self.base, self.memo, self.keys = method_, sources, base, memo, keys
+
+    def get(self, names: list[str], params: Params) -> torch.Tensor:
+        """(shards, tensors) of these tensors under these parameters."""
+        out = []
+        for shard, key in zip(self.sources, self.keys):
+            memo_key = lambda n: (self.method.name, self.method.stats_key(params), key, n)  # noqa: E731
+            missing = [n for n in names if memo_key(n) not in self.memo]
+            if missing:
+                values = self.method.stats([self.base[n] for n in missing], [shard[n] for n in missing], params)
+                for n, v in zip(missing, values.tolist()):
+                    self.memo[memo_key(n)] = v
+            out.append([self.memo[memo_key(n)] for n in names])
+        like = self.base[names[0]]
+        return torch.tensor(out, dtype=_acc(like).dtype, device=like.device)
+
+
+def _merge_batches(target, method_: MergeMethod, sources, base, part_of, names: list[str], known: _Stats | None = None) -> list[str]:
     """Merge the floating tensors under FUSED_MIN_ELEMENTS with the method's batch function, a part
     at a time in passes of about BATCH_ELEMENTS; returns the names left for the per-tensor loop."""
     rest, groups = [], {}
@@ -638,6 +677,6 @@ def _merge_batches(target, method_: MergeMethod, sources, base, part_of, names: 
                 if method_.random:  # each tensor's own generator, seeded as tensor by tensor
                     seed = getattr(part.params, "seed", 0)
                     args.append([torch.Generator("cpu").manual_seed(tensor_seed(seed, n)) for n in batch])
-                method_.batch(*args)
+                method_.batch(*args, **({"stats": known.get(batch, part.params)} if known is not None else {}))
                 batch, size = [], 0
     return rest

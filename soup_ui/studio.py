@@ -151,11 +151,13 @@ class LRU(OrderedDict):
         super().__init__()
         self.size = size
 
-    def put(self, key, value):
-        self[key] = value
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
         self.move_to_end(key)
         while len(self) > self.size:
             self.popitem(last=False)
+
+    put = __setitem__
 
     def hit(self, key):
         if key in self:
@@ -189,6 +191,7 @@ class Studio:
         self._text = LRU(64)
         self._mixed: tuple | None = None
         self._base_tensors: Mapping[str, torch.Tensor] | None = None
+        self._stats = LRU(1 << 20)  # merge methods' per-shard statistics that no weight changes (TIES' thresholds), by shard hash and tensor
         self._text_mixed: tuple | None = None  # what the text encoder holds: None for the base's, else a mix key
         self._base_text: dict[str, torch.Tensor] | None = None  # the base's, copied when first mixed
 
@@ -384,7 +387,8 @@ class Studio:
                     if loras:
                         self._add_lora([*sources, self.base_tensors], self._coefficients(mix, parts, {k for _, lora in loras for k in lora}), loras)
                 else:  # tensor by tensor; a LoRA shard's full weights are made one tensor at a time (LoraTensors)
-                    methods.merge_into(self.hybrid_tensors, mix.method, mix.params, [s.tensors for s in mix.shards], mix.weights, base, parts=parts)
+                    methods.merge_into(self.hybrid_tensors, mix.method, mix.params, [s.tensors for s in mix.shards], mix.weights, base, parts=parts,
+                                       memo=self._stats, keys=[s.sha256 for s in mix.shards])
                 self._mixed = key
         return mix.label
 

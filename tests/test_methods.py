@@ -268,3 +268,29 @@ def test_small_tensors_at_once_equal_tensor_by_tensor(method, density):
         generator = torch.Generator().manual_seed(tensor_seed(7, n)) if m.random else None
         m.fn(one, [s[n] for s in sources], [0.2, 0.3, 0.5], base[n], params, generator)
         assert torch.equal(batched[n], one), n
+
+
+def test_ties_thresholds_are_kept_across_mixes_and_give_the_same_weights(studio):
+    """Issue 19: TIES' thresholds depend on the shard, the base and the density alone: the studio
+    keeps them (by shard hash and tensor), so a new weight selects nothing again; the weights are
+    the same as when they are computed afresh."""
+    from soup_ui import methods
+
+    calls = []
+    real = methods.small_thresholds
+    methods.small_thresholds = lambda *a: calls.append(len(a[0])) or real(*a)
+    try:
+        studio._stats.clear()
+        studio.mix(studio.make_mix({"alpha": 1, "beta": 2}, "ties", {"density": 0.4}))
+        first = len(calls)
+        studio.mix(studio.make_mix({"alpha": 3, "beta": 1}, "ties", {"density": 0.4}))
+        assert first > 0 and len(calls) == first  # new weights: no selection
+        kept = {n: t.clone() for n, t in studio.hybrid_tensors.items()}
+        studio._stats.clear()
+        studio._mixed = None
+        studio.mix(studio.make_mix({"alpha": 3, "beta": 1}, "ties", {"density": 0.4}))
+        assert len(calls) > first and all(torch.equal(kept[n], t) for n, t in studio.hybrid_tensors.items())
+        studio.mix(studio.make_mix({"alpha": 3, "beta": 1}, "ties", {"density": 0.5}))  # another density: selected again
+        assert len(calls) > first + 1
+    finally:
+        methods.small_thresholds = real
