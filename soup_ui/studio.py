@@ -191,7 +191,7 @@ class Studio:
         self._text = LRU(64)
         self._mixed: tuple | None = None
         self._base_tensors: Mapping[str, torch.Tensor] | None = None
-        self._stats = LRU(1 << 20)  # merge methods' per-shard statistics that no weight changes (TIES' thresholds), by shard hash and tensor
+        self._stats = LRU(1 << 18)  # merge methods' per-shard statistics that no weight changes (TIES' thresholds), by shard hash and tensor
         self._text_mixed: tuple | None = None  # what the text encoder holds: None for the base's, else a mix key
         self._base_text: dict[str, torch.Tensor] | None = None  # the base's, copied when first mixed
 
