@@ -684,9 +684,9 @@ def block_vectors(block_map, lines: dict[str, str]) -> tuple[dict[str, tuple[flo
 
 
 def blocks_picture(block_map, names: list[str], lines: dict[str, str], colours: list[str]) -> str:
-    """The denoiser's blocks in order (groups apart), one row per ticked shard, each cell its
-    multiplier as the shard's colour (full colour 1, white 0; the value on hover); blocks where every
-    ticked shard is 0 are marked: they keep the base's weights."""
+    """The denoiser's blocks in order, one row per ticked shard (`names`, with `colours`: the
+    mixture bar's), each cell its multiplier as the shard's colour (full colour 1, white 0; the
+    value on hover); blocks where every ticked shard is 0 are named: they keep the base's weights."""
     import html as html_
 
     if block_map is None:
@@ -696,7 +696,7 @@ def blocks_picture(block_map, names: list[str], lines: dict[str, str], colours: 
     rows = []
     for i, name in enumerate(names):
         vector = vectors.get(name, (1.0,) * len(block_map))
-        colour = colours[i % len(colours)]
+        colour = colours[i]
         cells = "".join(
             f"<td title='{html_.escape(name)} {b}: {v:g}' style='background:{colour};opacity:{0.08 + 0.92 * min(1.0, v):.2f}'></td>"
             for b, v in zip(block_map.ids, vector)

@@ -352,7 +352,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
         def picture_of(session: Session, flags: dict, lines: dict) -> str:
             ticked = [n for n in session.names if flags.get(n)]
-            return handlers.blocks_picture(host.get(session.preset).blocks, ticked, lines, PALETTE)
+            colours = [PALETTE[session.names.index(n) % len(PALETTE)] for n in ticked]  # each row's colour in the mixture bar
+            return handlers.blocks_picture(host.get(session.preset).blocks, ticked, lines, colours)
 
         def on_picture(session, *values):
             """The block picture of the ticked rows (values: checks, sliders, block lines)."""

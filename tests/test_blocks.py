@@ -404,3 +404,14 @@ def test_a_recipe_with_block_weights_restores_each_rows_line():
     assert block_line(None) == "" and block_line([0.25, 1.0]) == "0.25,1"
     with pytest.raises(ValueError, match="block weights for 'beta', which is not in the mix"):
         Recipe(mix={"alpha": 1}, blocks={"beta": "IN:0"})
+
+
+def test_the_block_picture_colours_each_row_as_its_mixture_bar_and_names_base_blocks():
+    from soup_ui.session import blocks_picture
+
+    b = sd1_blocks()
+    html = blocks_picture(b, ["ink", "pastel"], {"ink": "OUT:0,M:0", "pastel": "M:0"}, ["#aa0000", "#00bb00"])
+    assert html.count("background:#aa0000") == 26 and html.count("background:#00bb00") == 26
+    assert "title='ink OUT03: 0' style='background:#aa0000;opacity:0.08'" in html
+    assert "every ticked shard is 0 in M00: there the soup keeps the base's weights" in html
+    assert "blocks of pastel: 2 values given" in blocks_picture(b, ["pastel"], {"pastel": "1,1"}, ["#00bb00"])
