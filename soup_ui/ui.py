@@ -382,6 +382,13 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             _, _, lines = current(session, values)
             return panel_updates(session, name, lines)[1:]
 
+        def on_follow(index, session, *values):
+            """The block editor turns to the row whose line just changed, its sliders at that line's values."""
+            if session is None or index >= len(session.names):
+                return [gr.skip()] * (1 + MAX_BLOCKS)
+            _, _, lines = current(session, values)
+            return panel_updates(session, session.names[index], lines)
+
         def on_block_slider(session, name, *values):
             """The shard's line, written from the sliders (the other rows' lines stay)."""
             if session is None or name not in session.shards:
@@ -522,9 +529,11 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         # follows, then the soup is rendered (a refused line: said under the images, which stay).
         picture_inputs = [state, *checks, *sliders, *block_lines]
         picture = dict(fn=on_picture, inputs=picture_inputs, outputs=[blocks_picture], **quiet, show_progress="hidden")
-        for line, pick in zip(block_lines, block_presets):
-            line.submit(**picture).then(**soup_only, **render_opts)
-            pick.input(on_block_preset, [state, pick], [line], **quiet).then(**picture).then(**soup_only, **render_opts)
+        panel_inputs = [state, *checks, *sliders, *block_lines]
+        for i, (line, pick) in enumerate(zip(block_lines, block_presets)):
+            follow = dict(fn=functools.partial(on_follow, i), inputs=panel_inputs, outputs=[block_shard, *block_sliders], **quiet, show_progress="hidden")
+            line.submit(**picture).then(**follow).then(**soup_only, **render_opts)
+            pick.input(on_block_preset, [state, pick], [line], **quiet).then(**picture).then(**follow).then(**soup_only, **render_opts)
         block_shard.input(on_block_shard, [state, block_shard, *checks, *sliders, *block_lines], block_sliders, **quiet)
         for block_slider in block_sliders:
             block_slider.release(on_block_slider, [state, block_shard, *block_sliders], block_lines, **quiet).then(**picture).then(**soup_only, **render_opts)

@@ -135,6 +135,10 @@ def test_block_weights_on_the_page(server, browser, tmp_path):
     page.get_by_role("option", name="output only").click()
     page.wait_for_function("document.querySelector('#soup-label').innerText.includes('[blocks: beta]')", timeout=60_000)
     assert page.input_value("#shard-blocks-1 textarea") == "0,0,0,0,0,0,1,1,1,1"
+    # the block editor turned to beta, its sliders at beta's values
+    page.wait_for_function("document.querySelector('#block-slider-1 input[type=number]').value === '0'", timeout=30_000)
+    assert page.locator("#blocks-shard input").input_value() == "beta"
+    assert page.locator("#block-slider-7 input[type=number]").input_value() == "1"
     assert page.locator("#soup-image img").get_attribute("src") != before
     assert page.locator("#stale-note").inner_text().strip() == ""
     picture = page.locator("#blocks-picture")
