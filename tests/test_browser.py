@@ -5,6 +5,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from browsing import shown
+
 
 def image_pixels(page, img):
     """Decode the picture an <img> shows, as served."""
@@ -16,7 +18,7 @@ def test_select_mix_generate_and_move_a_slider(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1300, "height": 1200})
     page.goto(server)
     page.wait_for_selector("#shard-check-2", state="visible", timeout=60_000)
-    assert page.locator("#mixture").inner_text().split() == ["alpha", "34%", "beta", "33%", "gamma", "33%"]
+    assert shown(page, "#mixture").split() == ["alpha", "34%", "beta", "33%", "gamma", "33%"]
 
     # Select two shards: untick gamma.
     page.locator("#shard-check-2 input[type=checkbox]").uncheck()
@@ -37,7 +39,7 @@ def test_select_mix_generate_and_move_a_slider(server, browser, tmp_path):
     box = track.bounding_box()
     page.mouse.click(box["x"] + 0.2 * box["width"], box["y"] + box["height"] / 2)
     page.wait_for_function("!document.querySelector('#soup-label').innerText.includes('0.50 alpha')", timeout=60_000)
-    label = page.locator("#soup-label").inner_text()
+    label = shown(page, "#soup-label")
     assert label.startswith("soup: 0.1") or label.startswith("soup: 0.2"), label
     page.wait_for_function(f"document.querySelector('#soup-image img').getAttribute('src') !== {before_soup_src!r}")
     after_soup = image_pixels(page, page.locator("#soup-image img"))
@@ -120,7 +122,7 @@ def test_block_weights_on_the_page(server, browser, tmp_path):
     page.click("#generate")
     page.wait_for_selector("#soup-image img", timeout=60_000)
     before = page.locator("#soup-image img").get_attribute("src")
-    label = page.locator("#soup-label").inner_text()
+    label = shown(page, "#soup-label")
 
     page.click("#shard-blocks-box-1 button")  # open beta's blocks editor
     page.click("#blocks-panel button")  # and the picture of the blocks
@@ -128,7 +130,7 @@ def test_block_weights_on_the_page(server, browser, tmp_path):
     page.press("#shard-blocks-1 textarea", "Enter")
     page.wait_for_function("document.querySelector('#stale-note').innerText.includes('blocks of beta: 3 values given; "
                            "this SD 1.x denoiser has 10 blocks (BASE, IN00-IN03, M00, OUT00-OUT03)')", timeout=60_000)
-    assert page.locator("#soup-image img").get_attribute("src") == before and page.locator("#soup-label").inner_text() == label
+    assert page.locator("#soup-image img").get_attribute("src") == before and shown(page, "#soup-label") == label
     assert "blocks of beta: 3 values given" in page.locator("#blocks-picture").inner_text()
 
     page.click("#shard-blocks-preset-1")

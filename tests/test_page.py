@@ -8,6 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from browsing import shown, wait_shown
+
 TIMEOUT = 90_000
 
 
@@ -20,7 +22,7 @@ def open_page(browser, server, height=1400):
 
 
 def text(page, selector) -> str:
-    return page.locator(selector).inner_text()
+    return shown(page, selector)
 
 
 def fill(page, elem_id, value):
@@ -42,9 +44,7 @@ def fill(page, elem_id, value):
 
 
 def wait_text(page, selector, needle, timeout=TIMEOUT):
-    page.wait_for_function(
-        f"(document.querySelector({selector!r}) || {{}}).innerText?.includes({needle!r})", timeout=timeout
-    )
+    wait_shown(page, selector, needle, timeout)
 
 
 def soup_src(page):
