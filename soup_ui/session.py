@@ -247,6 +247,11 @@ class Controls:
         return Mix.build(session.shards, self.ticked(session), self.method, dict(self.params), self.text_encoders, self.ticked_blocks(session), block_map)
 
 
+def page_mix(host: StudioHost, session: Session, controls: Controls) -> Mix:
+    """The request's Mix over the session's shards, its block weights read against the preset's denoiser."""
+    return controls.mix(session, host.get(session.preset).blocks)
+
+
 def settings_from(prompt, negative, seed, steps, guidance, scheduler, height, width) -> RenderSettings:
     """RenderSettings from widget values; ValueError naming each bad value (no clamping)."""
     values = dict(prompt=prompt or "", negative_prompt=negative or "", seed=seed, steps=steps, guidance_scale=guidance,
@@ -442,7 +447,7 @@ def compare(host: StudioHost, session: Session, controls: Controls, name: str) -
     if nothing_to_mix(session, controls):
         raise ValueError("nothing to compare: tick a shard with a positive weight")
     studio = host.get(session.preset)
-    mix = controls.mix(session, host.get(session.preset).blocks)
+    mix = page_mix(host, session, controls)
     component = studio.render_component(session.shards[name], controls.settings, text_encoders=mix.text_encoders)
     soup = studio.render_soup(mix, controls.settings)
     return image_files(host, [component], controls.settings)[0][0], soup_file(host, soup, mix, controls.settings)[0]
@@ -460,7 +465,7 @@ def download_all(host: StudioHost, session: Session, controls: Controls) -> str:
     if nothing_to_mix(session, controls):
         raise ValueError("nothing to download: tick a shard with a positive weight")
     studio = host.get(session.preset)
-    mix = controls.mix(session, host.get(session.preset).blocks)
+    mix = page_mix(host, session, controls)
     results = studio.render(mix, controls.settings)
     stem = Path(soup_file(host, results[-1], mix, controls.settings)[0]).stem
     path = host.output_dir / "downloads" / f"{stem}.zip"
@@ -493,7 +498,7 @@ def generate(host: StudioHost, session: Session, controls: Controls, progress=No
     if mix is None and nothing_to_mix(session, controls):
         return NOTHING_TO_MIX
     studio = host.get(session.preset)
-    mix = controls.mix(session, host.get(session.preset).blocks) if mix is None else mix
+    mix = page_mix(host, session, controls) if mix is None else mix
     results = studio.render(mix, controls.settings, progress)
     if session.superseded(ticket):
         return SUPERSEDED
@@ -512,7 +517,7 @@ def render_soup(host: StudioHost, session: Session, controls: Controls) -> Image
     if nothing_to_mix(session, controls):
         return NOTHING_TO_MIX
     studio = host.get(session.preset)
-    mix = controls.mix(session, host.get(session.preset).blocks)
+    mix = page_mix(host, session, controls)
     if session.rendered is not None and session.rendered != (tuple(mix.names), controls.settings, controls.text_encoders):
         return generate(host, session, controls, ticket=ticket, mix=mix)
     soup = studio.render_soup(mix, controls.settings)
@@ -527,7 +532,7 @@ def render_soup(host: StudioHost, session: Session, controls: Controls) -> Image
 # -- the paper's workflows ------------------------------------------------------------------------
 def leave_one_out(host: StudioHost, session: Session, controls: Controls, progress=None) -> list[tuple[str, str]]:
     session = require(session)
-    results = workflows.leave_one_out(host.get(session.preset), controls.mix(session, host.get(session.preset).blocks), controls.settings, progress)
+    results = workflows.leave_one_out(host.get(session.preset), page_mix(host, session, controls), controls.settings, progress)
     return image_files(host, results, controls.settings)
 
 
@@ -535,7 +540,7 @@ def interpolate(host: StudioHost, session: Session, controls: Controls, start: s
     session = require(session)
     if not (end or "").strip():
         raise ValueError("give the mix to interpolate to ('To'): a shard, a mix a=0.5,b=0.5, or 'soup'")
-    mix = controls.mix(session, host.get(session.preset).blocks)
+    mix = page_mix(host, session, controls)
     ends = [mix if text.strip() in ("", "soup") else mix.reweighted(parse_mix(text)) for text in (start, end)]
     results = workflows.interpolate(host.get(session.preset), ends[0], ends[1], int(count), controls.settings, progress)
     return image_files(host, results, controls.settings)
@@ -546,7 +551,7 @@ def grid(host: StudioHost, session: Session, controls: Controls, x_text: str, y_
 
     session = require(session)
     x, y = workflows.Axis.parse(x_text), workflows.Axis.parse(y_text)
-    rows, row_labels, col_labels = workflows.grid(host.get(session.preset), controls.mix(session, host.get(session.preset).blocks), controls.settings, x, y, progress)
+    rows, row_labels, col_labels = workflows.grid(host.get(session.preset), page_mix(host, session, controls), controls.settings, x, y, progress)
     sheet = grid_sheet([[r.image for r in row] for row in rows], row_labels, col_labels)
     return host.image_file(Rendered("grid", sheet, "grid"), f"grid-{x.kind}-{y.kind}-seed{controls.settings.seed}")
 
@@ -565,7 +570,7 @@ def block_sweep(host: StudioHost, session: Session, controls: Controls, a: str, 
 
 def ensemble(host: StudioHost, session: Session, controls: Controls) -> list[tuple[str, str]]:
     session = require(session)
-    ens, soup = workflows.ensemble(host.get(session.preset), controls.mix(session, host.get(session.preset).blocks), controls.settings)
+    ens, soup = workflows.ensemble(host.get(session.preset), page_mix(host, session, controls), controls.settings)
     return image_files(host, [ens, soup], controls.settings)
 
 
@@ -573,7 +578,7 @@ def ensemble(host: StudioHost, session: Session, controls: Controls) -> list[tup
 def save_recipe(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:
     session = require(session)
     studio = host.get(session.preset)
-    mix = controls.mix(session, host.get(session.preset).blocks)  # validated before anything is written
+    mix = page_mix(host, session, controls)  # validated before anything is written
     path = host.new_file("recipes", file_name, ".yaml", overwrite)
     recipe = Recipe.of(studio.preset.source, mix, controls.settings)
     write_recipe(recipe, path, overwrite=True)
@@ -585,7 +590,7 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
     one fp16 checkpoint in the original LDM naming, for A1111, Forge and ComfyUI."""
     session = require(session)
     studio = host.get(session.preset)
-    mix = controls.mix(session, host.get(session.preset).blocks)
+    mix = page_mix(host, session, controls)
     # The two formats never share a name: NAME.safetensors is the checkpoint A1111 users expect,
     # the UNet alone is NAME-unet.safetensors (one export used to refuse the other as "exists").
     stem = safe_name(file_name).removesuffix(".safetensors") if file_name.strip() else ""
@@ -603,7 +608,7 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
 def export_pipeline(host: StudioHost, session: Session, controls: Controls, file_name: str, overwrite: bool) -> tuple[str, str]:
     session = require(session)
     studio = host.get(session.preset)
-    mix = controls.mix(session, host.get(session.preset).blocks)
+    mix = page_mix(host, session, controls)
     folder = host.new_file("pipelines", file_name, "", overwrite)
     studio.export_pipeline(mix, folder, overwrite=overwrite)
     from .studio import folder_variant

@@ -376,7 +376,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
                     *[gr.Slider(label=b, value=min(1.0, v), visible=True) for b, v in zip(ids, vector)],
                     *[gr.Slider(visible=False)] * (MAX_BLOCKS - len(ids))]
 
-        def on_block_shard(session, name, *values):
+        def on_block_shard(name, session, *values):
             if session is None:
                 return [gr.skip()] * MAX_BLOCKS
             _, _, lines = current(session, values)
@@ -400,9 +400,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
         def on_block_preset(session, choice):
             blocks = host.get(session.preset).blocks if session is not None else None
-            if blocks is None or choice not in blocks.presets():
-                return gr.skip()
-            return blocks.format(blocks.presets()[choice])
+            vector = blocks.presets().get(choice) if blocks is not None else None
+            return gr.skip() if vector is None else blocks.format(vector)
 
         def status_line(session) -> str:
             """The preset line: name, description, this page's shard count (kept current as shards
@@ -473,6 +472,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         # A reload comes back as it was: the browser's saved preset, then its added shards, then its
         # mix and settings, rendered (nothing happens when nothing was saved).
         restore_outputs = [*checks, *sliders, method, *params, note, text_mix, *settings_inputs, *block_lines]
+        row_inputs = [state, *checks, *sliders, *block_lines]  # what `current` reads: ticks, weights, block lines
+        picture = dict(fn=on_picture, inputs=row_inputs, outputs=[blocks_picture], **quiet, show_progress="hidden")  # the block picture follows
 
         def on_pick(saved_value):
             name = (saved_value or {}).get("preset")
@@ -500,7 +501,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             on_restore_shards, [state, saved, *checks, *sliders, *block_lines], [state, *shard_outputs, stale], **unseen
         ).then(on_restore_controls, [state, saved], [*restore_outputs, restoring], **unseen).then(
             on_mixture, [state, *checks, *sliders], [mixture], **unseen
-        ).then(on_picture, [state, *checks, *sliders, *block_lines], [blocks_picture], **unseen).then(
+        ).then(**picture).then(
             on_restored_render, [restoring, *job_inputs], render_outputs, **unseen)
         preset.input(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
         full = dict(fn=on_generate, inputs=job_inputs, outputs=render_outputs)
@@ -515,7 +516,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             # always_last: a second click while the first one's render runs is queued, never dropped.
             check.input(on_tick, [state, *checks, *sliders], sliders, trigger_mode="always_last", **quiet).then(
                 on_mixture, mixture_inputs, [mixture], **quiet
-            ).then(on_picture, [state, *checks, *sliders, *block_lines], [blocks_picture], **quiet).then(**full, **render_opts)
+            ).then(**picture).then(**full, **render_opts)
         for slider in sliders:
             # .input, not .change: programmatic updates (preset, uniform, recipe, shards) redraw the bar themselves.
             slider.input(on_mixture, mixture_inputs, [mixture], show_progress="hidden", trigger_mode="always_last", **quiet)
@@ -527,14 +528,11 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         text_mix.input(**full, **render_opts)  # components change too (those with their own text encoder)
         # Block weights: a row's line (Enter), its preset, or the block editor's sliders; the picture
         # follows, then the soup is rendered (a refused line: said under the images, which stay).
-        picture_inputs = [state, *checks, *sliders, *block_lines]
-        picture = dict(fn=on_picture, inputs=picture_inputs, outputs=[blocks_picture], **quiet, show_progress="hidden")
-        panel_inputs = [state, *checks, *sliders, *block_lines]
         for i, (line, pick) in enumerate(zip(block_lines, block_presets)):
-            follow = dict(fn=functools.partial(on_follow, i), inputs=panel_inputs, outputs=[block_shard, *block_sliders], **quiet, show_progress="hidden")
+            follow = dict(fn=functools.partial(on_follow, i), inputs=row_inputs, outputs=[block_shard, *block_sliders], **quiet, show_progress="hidden")
             line.submit(**picture).then(**follow).then(**soup_only, **render_opts)
             pick.input(on_block_preset, [state, pick], [line], **quiet).then(**picture).then(**follow).then(**soup_only, **render_opts)
-        block_shard.input(on_block_shard, [state, block_shard, *checks, *sliders, *block_lines], block_sliders, **quiet)
+        block_shard.input(on_block_shard, [block_shard, *row_inputs], block_sliders, **quiet)
         for block_slider in block_sliders:
             block_slider.release(on_block_slider, [state, block_shard, *block_sliders], block_lines, **quiet).then(**picture).then(**soup_only, **render_opts)
         uniform.click(on_uniform, [state, *checks], sliders, trigger_mode="always_last", **quiet).then(
@@ -545,7 +543,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             state=state, job_inputs=job_inputs, controls_from=controls_from, shard_updates=shard_updates, current=current,
             shard_outputs=shard_outputs, preset=preset, checks=checks, sliders=sliders, method=method, params=params, note=note, text_mix=text_mix,
             settings_inputs=settings_inputs, mixture=mixture, on_mixture=on_mixture, full=full, status=status, status_line=status_line,
-            history=history, stale=stale, render_opts=render_opts, block_lines=block_lines, on_picture=on_picture, blocks_picture=blocks_picture,
+            history=history, stale=stale, render_opts=render_opts, block_lines=block_lines, picture=picture,
         )
         build_workflow_tabs(host, **wiring)
         build_api(host, state)
@@ -554,7 +552,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
 
 def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, shard_updates, current, shard_outputs, preset,
                         checks, sliders, method, params, note, text_mix, settings_inputs, mixture, on_mixture, full, status, status_line,
-                        history, stale, render_opts, block_lines, on_picture, blocks_picture) -> None:
+                        history, stale, render_opts, block_lines, picture) -> None:
     """The paper's workflows: shards in and out, leave-one-out, interpolation and grids, the
     ensemble reference, recipes and export."""
     # Long workflows queue apart from interactive renders and give way to them between images.
@@ -663,7 +661,6 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
         return gr.Dropdown(choices=list(host.presets)), message
 
     check_values = [*checks, *sliders, *block_lines]
-    picture = dict(fn=on_picture, inputs=[state, *check_values], outputs=[blocks_picture], api_visibility="private", show_progress="hidden")
     message_only = dict(show_progress_on=[shards_message])  # not a spinner over every shard row
     # The shown images follow the shards: a removed shard's component leaves, an added one joins (it
     # stayed on screen, or the new row sat ticked beside images without it).
