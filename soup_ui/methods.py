@@ -191,6 +191,12 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
+def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Tensors as one vector in the accumulation precision (joined first, converted once: many
+    small conversions cost more than the one large one)."""
+    return _acc(torch.cat([t.reshape(-1) for t in tensors]))
+
+
 def _weighted_sum(deltas: Sequence[torch.Tensor], weights):
     total = deltas[0] * weights[0]
     for i in range(1, len(deltas)):
@@ -246,15 +252,29 @@ def _dropped_kernel(base, sources: list, draws: list, probabilities: list, weigh
     return b + lam * (sign_consensus(deltas, weights) if elect else _weighted_sum(deltas, weights))
 
 
-def _band_kernel(base, sources: list, lo, hi):
-    """Per shard: how many |t_i| lie above hi, and which lie in [lo, hi] (the exact selection's band)."""
+def _ties_into(out, base, sources: list, thresholds, weights, lam):
+    """out <- `_ties_kernel`: compiled, the write is part of the kernel (no full-size fp32 result to
+    allocate and copy: that took two thirds of the time of a large tensor)."""
+    out.copy_(_ties_kernel(base, sources, thresholds, weights, lam).view(out.shape))
+
+
+def _dropped_into(out, base, sources: list, draws: list, probabilities: list, weights, lam, elect: bool):
+    """out <- `_dropped_kernel`, written by the kernel (as `_ties_into`)."""
+    out.copy_(_dropped_kernel(base, sources, draws, probabilities, weights, lam, elect).view(out.shape))
+
+
+def _probe_kernel(base, sources: list, candidates):
+    """Per shard i, at the magnitude c_i: how many |t_i| are >= c_i, the smallest of those and the
+    largest one below c_i (-1 if none): one pass, no temporaries (the exact selection's step)."""
     b = _acc(base)
-    counts, bands = [], []
+    at_least, smallest, below = [], [], []
     for i, s in enumerate(sources):
         a = (_acc(s) - b).abs()
-        counts.append((a > hi[i]).sum())
-        bands.append((a >= lo[i]) & (a <= hi[i]))
-    return torch.stack(counts), bands
+        keep = a >= candidates[i]
+        at_least.append(keep.sum())
+        smallest.append(torch.where(keep, a, math.inf).min())
+        below.append(torch.where(keep, -1.0, a).max())
+    return torch.stack(at_least), torch.stack(smallest), torch.stack(below)
 
 
 FUSED_MIN_ELEMENTS = 1 << 18  # tensors from this size on run compiled (SD's larger tensors); smaller ones eager
@@ -284,16 +304,50 @@ def _run(kernel: Callable, *args):
         return kernel(*args)
 
 
+def _flat(x, n: int):
+    """Tensors of n entries (and lists of them) as vectors: a compiled kernel is then compiled once
+    for every shape (a conv's 4-d weight, a linear's 2-d one, a norm's vector), not once per rank."""
+    if isinstance(x, torch.Tensor):
+        return x.reshape(-1) if x.numel() == n and x.dim() != 1 else x
+    if isinstance(x, list):
+        return [_flat(v, n) for v in x]
+    return x
+
+
+def _into(kernel: Callable, out: torch.Tensor, base: torch.Tensor, *args) -> None:
+    """kernel(out, base, *args), which writes its result into `out` (an `_into` kernel); where `out`
+    cannot be written as a vector or lives on another device than the base, the result is computed
+    beside the base and copied over."""
+    n = base.numel()
+    args = tuple(_flat(a, n) for a in args)
+    if out.device == base.device and out.is_contiguous():
+        _run(kernel, out.view(-1), _flat(base, n), *args)
+    else:
+        result = torch.empty(n, dtype=out.dtype, device=base.device)
+        _run(kernel, result, _flat(base, n), *args)
+        out.copy_(result.view(out.shape))
+
+
 def _scalars(values, like: torch.Tensor) -> torch.Tensor:
     """Weights, thresholds, ... as one tensor (a compiled kernel is not recompiled for new values)."""
     return torch.tensor([float(v) for v in values], dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device)
 
 
+PROBE_SAMPLE = 1 << 14  # entries sampled per tensor and shard for the first guess of the threshold
+PROBE_PASSES = 40  # passes over a tensor before the selection falls back to sorting everything
+
+
 def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], density: float) -> torch.Tensor:
     """Per shard, the magnitude of its task vector's k-th largest entry, k = int(density n) (TIES'
     trim keeps |t_i| >= it: the entries peft's `magnitude_based_pruning` keeps, and any tied with the
-    k-th). Exact: a sample brackets the threshold, one pass counts the entries above the bracket and
-    marks those in it, and the selection runs over those few; +inf keeps nothing, 0 keeps all."""
+    k-th). +inf keeps nothing, 0 keeps all.
+
+    Exact, in a few passes over the tensor and no temporaries: a sample gives the first guess; each
+    pass (`_probe_kernel`) counts the entries at or above each shard's guess and reports the nearest
+    values on either side, which narrows the interval holding the k-th value to the values it has
+    seen; the sample places the next guess inside that interval (linearly in the magnitude once it
+    holds too few samples there; halving now and then), so fp16 deltas, which tie on few values,
+    settle in two to four passes and distinct fp32 ones in about ten."""
     n, k = base.numel(), int(density * base.numel())
     if k >= n:
         return _scalars([0.0] * len(sources), base)
@@ -302,24 +356,65 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     b = base.reshape(-1)
     if n < FUSED_MIN_ELEMENTS:  # one selection for all shards (a row each)
         return torch.kthvalue(torch.stack([(_acc(s).reshape(-1) - _acc(b)).abs() for s in sources]), n - k + 1, dim=1).values
-    m = 1 << 16
+    m = min(PROBE_SAMPLE, n)
     index = torch.randint(n, (m,), generator=torch.Generator("cpu").manual_seed(n)).to(base.device)
-    q = 1 - k / n
-    margin = 5 * math.sqrt(q * (1 - q) / m) + 2 / m
-    quantiles = torch.tensor([max(0.0, q - margin), min(1.0, q + margin)], device=base.device)
-    brackets = [torch.quantile((_acc(s.reshape(-1)[index]) - _acc(b[index])).abs().float(), quantiles) for s in sources]
-    lo, hi = _scalars([x[0] for x in brackets], base), _scalars([x[1] for x in brackets], base)
-    counts, bands = _run(_band_kernel, base, list(sources), lo, hi)
-    out = []
-    for s, count, band in zip(sources, counts.tolist(), bands):
-        need = k - int(count)
-        where = band.reshape(-1).nonzero().squeeze(1)
-        values = (_acc(s.reshape(-1)[where]) - _acc(b[where])).abs()
-        if 0 < need <= values.numel():
-            out.append(torch.kthvalue(values, values.numel() - need + 1).values)
-        else:  # the sample missed (rare): select over everything
-            out.append(torch.kthvalue((_acc(s).reshape(-1) - _acc(b)).abs(), n - k + 1).values)
-    return torch.stack(out)
+    sample = torch.stack([(_acc(s.reshape(-1)[index]) - _acc(b[index])).abs() for s in sources]).cpu().sort(dim=1).values
+    spread = n * (4 * math.sqrt((k / n) * (1 - k / n) / m) + 1 / m)  # the sample's guess is this many entries off, almost never more
+
+    def guess(row: int, count: float) -> float:
+        """The sample's magnitude with about `count` of n entries at or above it."""
+        return float(sample[row, min(m, max(1, m - round(count * m / n) + 1)) - 1])
+
+    def within(row: int) -> float | None:
+        """The sample's magnitude between lo and hi with the share of their entries above it that
+        the k-th needs (the sample sees where the entries lie, ties included); None if it holds
+        too few there to say."""
+        edges = torch.tensor([lo[row], below_hi[row]], dtype=sample.dtype)
+        first, last = torch.searchsorted(sample[row], edges[:1]).item(), torch.searchsorted(sample[row], edges[1:], right=True).item()
+        if last - first < 8:
+            return None
+        share = (k - hi_count[row]) / max(lo_count[row] - hi_count[row], 1)  # of the entries in [lo, hi), at or above the k-th
+        return float(sample[row, min(last - 1, max(first, last - round(share * (last - first))))])
+
+    dtype = _acc(base).dtype
+    found: list[float | None] = [None] * len(sources)
+    lo = [0.0] * len(sources)  # a magnitude with >= k entries at or above it (0: all n)
+    lo_count = [n] * len(sources)
+    hi = [math.inf] * len(sources)  # one with < k at or above it
+    hi_count = [0] * len(sources)
+    below_hi = [math.inf] * len(sources)  # the largest value under hi (inf: not seen yet)
+    candidates = [guess(i, k) for i in range(len(sources))]
+    for step in range(PROBE_PASSES):
+        counts, smallest, below = (x.tolist() for x in _run(_probe_kernel, b, _flat(list(sources), n), _scalars(candidates, base)))
+        for i, c in enumerate(candidates):
+            if found[i] is not None:
+                continue
+            if counts[i] >= k:  # the k-th value is at least the smallest value >= c
+                lo[i], lo_count[i] = smallest[i], counts[i]
+            else:  # it is at most the largest value below c
+                hi[i], hi_count[i], below_hi[i] = c, counts[i], below[i]
+            if lo[i] == below_hi[i]:  # one value left between them
+                found[i] = lo[i]
+                continue
+            if math.isinf(hi[i]):  # nothing is known to be too high yet: the sample's guess, further up
+                nxt = guess(i, k - spread * 4 ** step)
+            elif lo_count[i] == n and lo[i] == 0.0 and step < 3:  # nor too low
+                nxt = guess(i, k + spread * 4 ** step)
+            else:
+                nxt = within(i)
+                if nxt is None:  # few samples left between them: the count is nearly linear in the magnitude there
+                    nxt = lo[i] + (below_hi[i] - lo[i]) * (lo_count[i] - k + 0.5) / max(lo_count[i] - hi_count[i], 1)
+                if step % 4 == 3:  # now and then halve the interval (guesses can creep up on one side)
+                    nxt = (lo[i] + below_hi[i]) / 2
+            # strictly above lo (so the pass tells lo's ties apart), at most the largest value under hi,
+            # in the precision the kernel compares in
+            up = float(torch.nextafter(torch.tensor(lo[i], dtype=dtype), torch.tensor(math.inf, dtype=dtype)))
+            top = below_hi[i] if not math.isinf(below_hi[i]) else hi[i]
+            candidates[i] = min(max(float(torch.tensor(nxt, dtype=dtype)), up), top)
+        if all(f is not None for f in found):
+            return _scalars(found, base)
+    logger.debug("magnitude selection did not settle in %d passes: sorting", PROBE_PASSES)
+    return torch.stack([torch.kthvalue((_acc(s).reshape(-1) - _acc(b)).abs(), n - k + 1).values for s in sources])
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -381,7 +476,7 @@ def ties(out, sources, weights, base, p: TiesParams, generator=None, stats=None)
     """Trim each task vector to its `density` largest entries, elect the sign of the weighted sum,
     and average (weighted) the entries that agree with it. `stats`: the shards' thresholds, known already."""
     thresholds = stats if stats is not None else magnitude_thresholds(base, sources, p.density)
-    _write(out, _run(_ties_kernel, base, list(sources), thresholds, _scalars(weights, base), _scalars([p.lambda_], base)[0]))
+    _into(_ties_into, out, base, list(sources), thresholds, _scalars(weights, base), _scalars([p.lambda_], base)[0])
 
 
 def small_thresholds(bases: Sequence[torch.Tensor], sources: Sequence[Sequence[torch.Tensor]], density: float) -> torch.Tensor:
@@ -396,7 +491,7 @@ def small_thresholds(bases: Sequence[torch.Tensor], sources: Sequence[Sequence[t
         if k >= n or k <= 0:
             out[:, js] = 0.0 if k >= n else math.inf
             continue
-        rows = torch.stack([(_acc(shard[j]).reshape(-1) - _acc(bases[j]).reshape(-1)).abs() for shard in sources for j in js])
+        rows = (_cat([shard[j] for shard in sources for j in js]).view(-1, n) - _cat([bases[j] for j in js]).view(1, -1, n).expand(len(sources), -1, -1).reshape(-1, n)).abs()
         out[:, js] = torch.kthvalue(rows, n - k + 1, dim=1).values.view(len(sources), len(js))
     return out
 
@@ -407,8 +502,8 @@ def ties_batch(outs, sources, weights, bases, p: TiesParams, stats=None) -> None
     (shards, tensors), known already."""
     thresholds = stats if stats is not None else small_thresholds(bases, sources, p.density)
     sizes = [b.numel() for b in bases]
-    base = torch.cat([_acc(b).reshape(-1) for b in bases])
-    flat = [torch.cat([_acc(t).reshape(-1) for t in shard]) for shard in sources]
+    base = _cat(bases)
+    flat = [_cat(shard) for shard in sources]
     counts = torch.tensor(sizes, device=base.device)
     per_entry = [torch.repeat_interleave(thresholds[i].to(base.device), counts) for i in range(len(sources))]
     merged = _ties_kernel(base, flat, per_entry, _scalars(weights, base), _scalars([p.lambda_], base)[0])
@@ -433,7 +528,7 @@ METHODS["ties"] = dataclass_replace(METHODS["ties"], batch=ties_batch, stats=tie
 )
 def dare(out, sources, weights, base, p: DareParams, generator):
     """Drop and rescale each task vector, then task arithmetic (density 1 is task arithmetic)."""
-    _write(out, _dropped(base, sources, weights, p, generator, [p.density] * len(sources), elect=False))
+    _dropped(out, base, sources, weights, p, generator, [p.density] * len(sources), elect=False)
 
 
 def _draws(base: torch.Tensor, count: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -441,10 +536,11 @@ def _draws(base: torch.Tensor, count: int, generator: torch.Generator) -> list[t
     return [torch.rand(base.shape, generator=generator, dtype=torch.float32).to(base.device) for _ in range(count)]
 
 
-def _dropped(base, sources, weights, p, generator, probabilities: list, elect: bool) -> torch.Tensor:
+def _dropped(out, base, sources, weights, p, generator, probabilities: list, elect: bool) -> None:
+    """out <- DARE / DARE-TIES / DELLA of one tensor, with these keep probabilities."""
     keep = [pr if isinstance(pr, torch.Tensor) else _scalars([pr], base)[0] for pr in probabilities]
     draws = _draws(base, len(sources), generator)
-    return _run(_dropped_kernel, base, list(sources), draws, keep, _scalars(weights, base), _scalars([p.lambda_], base)[0], elect)
+    _into(_dropped_into, out, base, list(sources), draws, keep, _scalars(weights, base), _scalars([p.lambda_], base)[0], elect)
 
 
 @merge_method(
@@ -453,7 +549,7 @@ def _dropped(base, sources, weights, p, generator, probabilities: list, elect: b
 )
 def dare_ties(out, sources, weights, base, p: DareParams, generator):
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
-    _write(out, _dropped(base, sources, weights, p, generator, [p.density] * len(sources), elect=True))
+    _dropped(out, base, sources, weights, p, generator, [p.density] * len(sources), elect=True)
 
 
 def rank_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -477,8 +573,8 @@ def _dropped_batch(elect: bool, probabilities: Callable | None):
 
     def batch(outs, sources, weights, bases, p, generators) -> None:
         sizes = [b.numel() for b in bases]
-        base = torch.cat([_acc(b).reshape(-1) for b in bases])
-        flat = [torch.cat([_acc(t).reshape(-1) for t in shard]) for shard in sources]
+        base = _cat(bases)
+        flat = [_cat(shard) for shard in sources]
         per_tensor = [_draws(b, len(sources), g) for b, g in zip(bases, generators)]  # in the order tensor by tensor draws them
         draws = [torch.cat([d[i].reshape(-1) for d in per_tensor]) for i in range(len(sources))]
         if probabilities is None:
@@ -505,7 +601,7 @@ def della(out, sources, weights, base, p: DellaParams, generator):
     probability; then sign election and the disjoint mean."""
     b = _acc(base)
     probabilities = [rank_probabilities(_acc(s) - b, p.density, p.epsilon) for s in sources]
-    _write(out, _dropped(base, sources, weights, p, generator, probabilities, elect=True))
+    _dropped(out, base, sources, weights, p, generator, probabilities, elect=True)
 
 
 METHODS["della"] = dataclass_replace(METHODS["della"], batch=_dropped_batch(True, lambda delta, p: rank_probabilities(delta, p.density, p.epsilon)))

@@ -209,18 +209,25 @@ def test_the_compiled_kernels_give_the_eager_results(monkeypatch, name, params):
     assert float(((fused.float() - eager.float()).abs() / step).max()) <= 1
 
 
-def test_sampled_magnitude_thresholds_are_exact(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("passes", [40, 1])
+def test_probed_magnitude_thresholds_are_exact(monkeypatch, dtype, passes):
+    """Large tensors find each shard's k-th magnitude by counting passes guided by a sample: exactly
+    torch.kthvalue's, for distinct fp32 deltas and for fp16 ones (which tie on few values), and
+    still exact when the passes run out (it then sorts)."""
     monkeypatch.setattr(methods, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(methods, "PROBE_PASSES", passes)
     g = torch.Generator().manual_seed(6)
     base = torch.randn(500, 900, generator=g)
-    sources = [base + torch.randn(500, 900, generator=g) * s for s in (0.01, 0.1)]
+    sources = [(base + torch.randn(500, 900, generator=g) * s).to(dtype) for s in (0.01, 0.1)]
+    base = base.to(dtype)
     for density in (0.05, 0.2, 0.8):
         got = methods.magnitude_thresholds(base, sources, density)
         k = int(density * base.numel())
-        expected = [torch.kthvalue((s - base).abs().reshape(-1), base.numel() - k + 1).values for s in sources]
+        expected = [torch.kthvalue((s.float() - base.float()).abs().reshape(-1), base.numel() - k + 1).values for s in sources]
         assert torch.equal(got, torch.stack(expected)), density
         for s, t in zip(sources, got):  # k kept, and only values tied with the k-th beyond them
-            a = (s - base).abs()
+            a = (s.float() - base.float()).abs()
             assert int((a > t).sum()) < k <= int((a >= t).sum())
 
 
