@@ -366,7 +366,7 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
         return float(sample[row, min(m, max(1, m - round(count * m / n) + 1)) - 1])
 
     def within(row: int) -> float | None:
-        """The sample's magnitude between lo and hi with the share of their entries above it that
+        """The sample's magnitude between lo and below_hi with the share of their entries above it that
         the k-th needs (the sample sees where the entries lie, ties included); None if it holds
         too few there to say."""
         edges = torch.tensor([lo[row], below_hi[row]], dtype=sample.dtype)
@@ -380,9 +380,8 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     found: list[float | None] = [None] * len(sources)
     lo = [0.0] * len(sources)  # a magnitude with >= k entries at or above it (0: all n)
     lo_count = [n] * len(sources)
-    hi = [math.inf] * len(sources)  # one with < k at or above it
-    hi_count = [0] * len(sources)
-    below_hi = [math.inf] * len(sources)  # the largest value under hi (inf: not seen yet)
+    below_hi = [math.inf] * len(sources)  # the largest value under a magnitude with < k at or above it (inf: none seen yet)
+    hi_count = [0] * len(sources)  # how many are at or above that magnitude
     candidates = [guess(i, k) for i in range(len(sources))]
     for step in range(PROBE_PASSES):
         counts, smallest, below = (x.tolist() for x in _run(_probe_kernel, b, _flat(list(sources), n), _scalars(candidates, base)))
@@ -391,12 +390,12 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
                 continue
             if counts[i] >= k:  # the k-th value is at least the smallest value >= c
                 lo[i], lo_count[i] = smallest[i], counts[i]
-            else:  # it is at most the largest value below c
-                hi[i], hi_count[i], below_hi[i] = c, counts[i], below[i]
+            else:  # it is at most the largest value below c (there is one: fewer than k are >= c)
+                below_hi[i], hi_count[i] = below[i], counts[i]
             if lo[i] == below_hi[i]:  # one value left between them
                 found[i] = lo[i]
                 continue
-            if math.isinf(hi[i]):  # nothing is known to be too high yet: the sample's guess, further up
+            if math.isinf(below_hi[i]):  # nothing is known to be too high yet: the sample's guess, further up
                 nxt = guess(i, k - spread * 4 ** step)
             elif lo_count[i] == n and lo[i] == 0.0 and step < 3:  # nor too low
                 nxt = guess(i, k + spread * 4 ** step)
@@ -406,11 +405,10 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
                     nxt = lo[i] + (below_hi[i] - lo[i]) * (lo_count[i] - k + 0.5) / max(lo_count[i] - hi_count[i], 1)
                 if step % 4 == 3:  # now and then halve the interval (guesses can creep up on one side)
                     nxt = (lo[i] + below_hi[i]) / 2
-            # strictly above lo (so the pass tells lo's ties apart), at most the largest value under hi,
-            # in the precision the kernel compares in
+            # strictly above lo (so the pass tells lo's ties apart), at most below_hi, in the precision
+            # the kernel compares in
             up = float(torch.nextafter(torch.tensor(lo[i], dtype=dtype), torch.tensor(math.inf, dtype=dtype)))
-            top = below_hi[i] if not math.isinf(below_hi[i]) else hi[i]
-            candidates[i] = min(max(float(torch.tensor(nxt, dtype=dtype)), up), top)
+            candidates[i] = min(max(float(torch.tensor(nxt, dtype=dtype)), up), below_hi[i])
         if all(f is not None for f in found):
             return _scalars(found, base)
     logger.debug("magnitude selection did not settle in %d passes: sorting", PROBE_PASSES)
@@ -491,7 +489,8 @@ def small_thresholds(bases: Sequence[torch.Tensor], sources: Sequence[Sequence[t
         if k >= n or k <= 0:
             out[:, js] = 0.0 if k >= n else math.inf
             continue
-        rows = (_cat([shard[j] for shard in sources for j in js]).view(-1, n) - _cat([bases[j] for j in js]).view(1, -1, n).expand(len(sources), -1, -1).reshape(-1, n)).abs()
+        deltas = _cat([shard[j] for shard in sources for j in js]).view(len(sources), len(js), n) - _cat([bases[j] for j in js]).view(1, len(js), n)
+        rows = deltas.abs().view(-1, n)  # a row per shard and tensor
         out[:, js] = torch.kthvalue(rows, n - k + 1, dim=1).values.view(len(sources), len(js))
     return out
 
