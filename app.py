@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 # Before gradio is imported: no analytics, no telemetry. Offline mode is not forced: the studio reads
@@ -32,8 +34,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-upload", default="16gb", help="largest file the page accepts as an upload (default 16gb)")
     parser.add_argument("--output-dir", type=Path, default=Path("soup-outputs"), help="where uploads, exports, recipes and saved presets go")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; CPU images differ in the last bits between thread counts)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    workers = parser.add_argument_group("render workers (Ray Serve; see the README's 'Serving many users')")
+    workers.add_argument("--workers", type=int, metavar="N",
+                         help="render on N Ray Serve replicas of a local Ray instance (loopback only, no dashboard); this process serves the page")
+    workers.add_argument("--ray-address", metavar="ADDRESS",
+                         help="join this Ray cluster instead (replicas may run on its other machines: --models-dir and --output-dir must be on storage every node reads)")
+    workers.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    workers.add_argument("--worker-gpus", type=float, help="GPUs per replica (default: 1 where this machine has a GPU, else 0)")
+    workers.add_argument("--serve-config", type=Path, metavar="YAML",
+                         help="Serve deployment options for the replicas, Serve's own keys (autoscaling_config, max_ongoing_requests, ray_actor_options, ...)")
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers: give at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from soup_ui.cli import quiet_libraries
@@ -42,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     from soup_ui.ui import StudioHost, build_ui, launch
 
     quiet_libraries()
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            parser.error("--threads: give at least 1")
+        torch.set_num_threads(args.threads)
     presets = args.preset or list_presets(HERE / "presets")
     if not args.preset and DEFAULT_PRESET in presets:  # the embedded default first
         presets = [DEFAULT_PRESET] + [p for p in presets if p != DEFAULT_PRESET]
@@ -52,11 +72,29 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--preset: no such file: {p}")
     options = RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None, memory=args.memory)
     models_dirs = args.models_dir or ([HERE / "assets" / "emoji" / "shards"] if DEFAULT_PRESET in presets else [])
-    host = StudioHost(presets, options, models_dirs=models_dirs, output_dir=args.output_dir)
     # The presets named on the command line (else the first, the embedded default) load before the
     # server answers; the others load when a visitor picks them.
-    host.preload([Path(p).stem for p in (args.preset or presets[:1])])
-    launch(build_ui(host), port=args.port, share=args.share, max_file_size=args.max_upload)
+    first = list(args.preset or presets[:1])
+    workers = None
+    if args.workers is not None or args.ray_address:
+        from soup_ui.workers import Workers, serve_options
+
+        try:
+            workers = Workers.start(first, options, serve_options(args.workers, args.ray_address, args.worker_cpus, args.worker_gpus, args.serve_config))
+        except ValueError as err:
+            parser.error(str(err))
+        host = StudioHost(presets, Workers.PAGE_OPTIONS, loader=workers.loader, models_dirs=models_dirs, output_dir=args.output_dir)
+        host.render_slots = 4 * max(workers.replicas(), 1)
+        # a terminated server stops its render workers too (set after Ray, which installs its own handler)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    else:
+        host = StudioHost(presets, options, models_dirs=models_dirs, output_dir=args.output_dir)
+    host.preload([Path(p).stem for p in first])
+    try:
+        launch(build_ui(host), port=args.port, share=args.share, max_file_size=args.max_upload)
+    finally:
+        if workers is not None:
+            workers.stop()
 
 
 if __name__ == "__main__":

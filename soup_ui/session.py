@@ -67,6 +67,7 @@ class StudioHost:
         self._studios: dict[str, Studio] = {}
         self._lock = threading.Lock()
         self._image_writes = 0
+        self.render_slots = 4  # page and API renders at once (one studio's lock orders them; render workers take more)
         for saved in sorted((self.output_dir / "presets").glob("*.yaml")):  # presets saved from the page, by any visitor, before
             self.add_preset(saved)
 
@@ -570,7 +571,7 @@ def block_sweep(host: StudioHost, session: Session, controls: Controls, a: str, 
 
 def ensemble(host: StudioHost, session: Session, controls: Controls) -> list[tuple[str, str]]:
     session = require(session)
-    ens, soup = workflows.ensemble(host.get(session.preset), page_mix(host, session, controls), controls.settings)
+    ens, soup = host.get(session.preset).render_ensemble(page_mix(host, session, controls), controls.settings)
     return image_files(host, [ens, soup], controls.settings)
 
 

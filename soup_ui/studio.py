@@ -39,6 +39,7 @@ class RuntimeOptions:
     cache_size: int = 512  # rendered images kept in memory
     lean: bool | None = None  # stream shards from memory-mapped files; None: when they would not fit
     memory: str | None = None  # force where shards live: "resident", "pinned" or "lean" (None: planned, see Studio.plan_memory)
+    warm_up: bool = True  # compile the soup kernel in the background at start (off where this Studio never merges: a page with render workers)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -256,7 +257,7 @@ class Studio:
             raise StudioError("no shard could be loaded: " + "; ".join(self.failed.values()))
         # 3. Compile the soup kernel for the likely shard counts in the background (SD-sized UNets
         # only), so that no slider release waits 10-40 s for the compiler.
-        if isinstance(self.hybrid_tensors, soup.FlatTensors) and self.hybrid_tensors.buffer.numel() >= soup.WARM_UP_MIN:
+        if options.warm_up and isinstance(self.hybrid_tensors, soup.FlatTensors) and self.hybrid_tensors.buffer.numel() >= soup.WARM_UP_MIN:
             soup.warm_up(range(1, min(len(self.shards), 6) + 1), self.dtype, self.device)
         report(1.0, "ready")
 
@@ -603,6 +604,12 @@ class Studio:
             self.check_settings(settings)
             self._use_text_encoder(mix)
             return self._denoise(denoiser, settings, kind)
+
+    def render_ensemble(self, mix: Mix, settings: RenderSettings) -> tuple[Rendered, Rendered]:
+        """The output-space ensemble of the mix's shards and the soup (workflows.ensemble)."""
+        from . import workflows
+
+        return workflows.ensemble(self, mix, settings)
 
     @torch.no_grad()
     def base_denoiser(self) -> torch.nn.Module:

@@ -464,7 +464,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         # releasing a slider or changing the mode re-renders the soup (and the components, when the
         # settings changed since they were rendered), once, for the last value only.
         quiet = dict(api_visibility="private")
-        render_opts = dict(api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=4)
+        render_opts = dict(api_visibility="private", trigger_mode="always_last", concurrency_id="render", concurrency_limit=host.render_slots)
         mixture_inputs = [state, *checks, *sliders]
         render_outputs = [components, soup_image, soup_label, history, saved, stale]
         preset_outputs = [state, *shard_outputs, status, examples, *settings_inputs, generate, preset, components, soup_image, soup_label, stale, text_mix, history,
@@ -876,7 +876,7 @@ def build_api(host: StudioHost, state) -> None:
                             blocks=tuple(blocks.get(n, "") for n in session.names))
         return session, handlers.grid(host, session, controls, x_text, y_text)
 
-    opts = dict(concurrency_id="render", concurrency_limit=4)
+    opts = dict(concurrency_id="render", concurrency_limit=host.render_slots)
     method_inputs = [api_method, api_params, api_blocks]
     buttons["mix"].click(api_mix_fn, [api_preset, api_mix, *method_inputs], [api_info], api_name="mix", **opts)
     buttons["render"].click(api_render_fn, [api_preset, api_mix, *api_settings, *method_inputs], [api_gallery, api_info], api_name="render", **opts)

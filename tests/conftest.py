@@ -1,5 +1,6 @@
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(presets: list[Path], folder: Path):
-    """`python app.py` serving these presets on a free loopback port; yields its URL."""
+@contextmanager
+def app(args: list[str], folder: Path, env: dict | None = None):
+    """`python app.py ARGS` on a free loopback port, its output in folder/outputs and its log in
+    folder/server.log; yields (URL, process) once it answers, then stops it."""
+    import os
     import subprocess
     import time
     import urllib.request
@@ -53,15 +57,14 @@ def serve(presets: list[Path], folder: Path):
     port = free_port()
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "app.py", *[a for p in presets for a in ("--preset", str(p))], "--port", str(port),
-         "--models-dir", str(folder), "--output-dir", str(folder / "outputs")],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "app.py", *args, "--port", str(port), "--output-dir", str(folder / "outputs")],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + 240
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("app.py exited: " + (folder / "server.log").read_text()[-2000:])
+            raise RuntimeError("app.py exited: " + (folder / "server.log").read_text()[-3000:])
         try:
             urllib.request.urlopen(url, timeout=2)
             break
@@ -69,11 +72,19 @@ def serve(presets: list[Path], folder: Path):
             time.sleep(0.5)
     else:
         proc.kill()
-        raise RuntimeError("app.py did not start in 180 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+        raise RuntimeError("app.py did not start in 240 s")
+    try:
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def serve(presets: list[Path], folder: Path):
+    """`python app.py` serving these presets on a free loopback port; yields its URL."""
+    with app([*[a for p in presets for a in ("--preset", str(p))], "--models-dir", str(folder)], folder) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="session")

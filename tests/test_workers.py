@@ -1,0 +1,273 @@
+"""Render workers on Ray Serve (a local Ray instance on the CPU, 2 replicas, the tiny fixtures): the
+page's handlers get the same bytes as the in-process studio, for several mixes, methods, seeds and
+visitors at once; an added shard works on whichever replica answers; a replica killed mid-run
+costs nothing."""
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from soup_ui import session as handlers
+from soup_ui.presets import RenderSettings
+from soup_ui.session import Controls, StudioHost
+from soup_ui.studio import RuntimeOptions, StudioError
+
+ray = pytest.importorskip("ray")
+from soup_ui import workers as W  # noqa: E402 - after the skip
+
+SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=3)
+REPLICAS = 2
+
+
+@pytest.fixture(scope="module")
+def workers(tiny_preset):
+    started = W.Workers.start([tiny_preset], RuntimeOptions(), W.WorkerOptions(replicas=REPLICAS, cpus=1))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def routed(workers, tiny_preset, tmp_path_factory):
+    """The page's host with renders going to the workers."""
+    return StudioHost([tiny_preset], W.Workers.PAGE_OPTIONS, loader=workers.loader, models_dirs=[tiny_preset.parent],
+                      output_dir=tmp_path_factory.mktemp("routed"))
+
+
+@pytest.fixture(scope="module")
+def local(tiny_preset, tmp_path_factory):
+    """The in-process studio, rendering with the replicas' one thread (CPU images differ in the last
+    bits between thread counts, not between processes)."""
+    return StudioHost([tiny_preset], models_dirs=[tiny_preset.parent], output_dir=tmp_path_factory.mktemp("local"))
+
+
+@contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def controls(session, mix: dict, settings=SETTINGS, method="average", blocks=None, **params) -> Controls:
+    names = session.names
+    return Controls(tuple(n in mix for n in names), tuple(mix.get(n, 0.0) for n in names), method, tuple(params.items()), settings,
+                    blocks=tuple((blocks or {}).get(n, "") for n in names))
+
+
+def files(images: handlers.Images) -> list[bytes]:
+    return [Path(p).read_bytes() for p, _ in [*images.components, images.soup]]
+
+
+MIXES = [
+    ({"alpha": 1, "beta": 2}, "average", {}, None),
+    ({"alpha": 1, "gamma": 1}, "task-arithmetic", {"lambda": 1.5}, None),
+    ({"alpha": 1, "beta": 1, "gamma": 1}, "ties", {"density": 0.5}, None),
+    ({"beta": 1, "gamma": 3}, "dare", {"density": 0.4, "seed": 3}, None),
+    ({"alpha": 1, "beta": 1}, "add-difference", {"alpha": 0.7}, None),
+    ({"alpha": 1, "gamma": 1}, "average", {}, {"gamma": "IN:0,M:0"}),
+]
+
+
+def test_replicas_render_the_bytes_the_studio_renders(routed, local, workers):
+    page, reference = handlers.open_session(routed, None), handlers.open_session(local, None)
+    for mix, method, params, blocks in MIXES:
+        for seed in (1, 2):
+            settings = SETTINGS.model_copy(update={"seed": seed})
+            got = handlers.generate(routed, page, controls(page, mix, settings, method, blocks, **params))
+            with threads(1):
+                want = handlers.generate(local, reference, controls(reference, mix, settings, method, blocks, **params))
+            assert got.soup[1] == want.soup[1]  # the caption: label, seed, prompt
+            assert files(got) == files(want), (method, seed)
+    assert sum(workers.answered.values()) >= len(MIXES) * 2 * 2
+    # a slider release: the soup alone, again the same bytes
+    release = controls(page, {"alpha": 0.3, "beta": 0.7}, SETTINGS, "ties", density=0.3)
+    got = handlers.render_soup(routed, page, release)
+    with threads(1):
+        want = handlers.render_soup(local, reference, controls(reference, {"alpha": 0.3, "beta": 0.7}, SETTINGS, "ties", density=0.3))
+    assert Path(got.soup[0]).read_bytes() == Path(want.soup[0]).read_bytes()
+
+
+def test_workflows_and_the_ensemble_run_on_the_replicas(routed, local):
+    page, reference = handlers.open_session(routed, None), handlers.open_session(local, None)
+    c = controls(page, {"alpha": 1, "beta": 1, "gamma": 1}, method="task-arithmetic", **{"lambda": 1.2})
+    r = controls(reference, {"alpha": 1, "beta": 1, "gamma": 1}, method="task-arithmetic", **{"lambda": 1.2})
+    for run in (handlers.leave_one_out, handlers.ensemble):
+        got = run(routed, page, c)
+        with threads(1):
+            want = run(local, reference, r)
+        assert [cap for _, cap in got] == [cap for _, cap in want]
+        assert [Path(p).read_bytes() for p, _ in got] == [Path(p).read_bytes() for p, _ in want], run.__name__
+
+
+def test_two_visitors_at_once(routed, local):
+    pages = [handlers.open_session(routed, None) for _ in range(2)]
+    mixes = [{"alpha": 1, "beta": 1}, {"beta": 1, "gamma": 2}]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda i: handlers.generate(routed, pages[i], controls(pages[i], mixes[i])), range(2)))
+    reference = handlers.open_session(local, None)
+    for images, mix in zip(got, mixes):
+        with threads(1):
+            want = handlers.generate(local, reference, controls(reference, mix))
+        assert files(images) == files(want)
+
+
+def test_an_added_shard_is_used_by_whichever_replica_answers(routed, local, workers, tiny_preset, tmp_path):
+    """A file added in one session (after the replicas started) reaches every replica that is asked."""
+    weights = {k: v + 0.02 for k, v in load_file(tiny_preset.parent / "gamma.safetensors").items()}
+    save_file(weights, tiny_preset.parent / "delta.safetensors")
+    page, reference = handlers.open_session(routed, None), handlers.open_session(local, None)
+    handlers.add_shard(routed, page, "delta", "delta.safetensors")
+    handlers.add_shard(local, reference, "delta", "delta.safetensors")
+    studio = routed.get(None)
+    # new mixes, one after another: Serve sends a new key to the replica holding the fewest
+    answers = []
+    for w in (0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4):
+        request = W.RenderRequest.of("soup", studio.preset.source, studio.make_mix({"alpha": 1, "delta": w}, shards=page.shards), SETTINGS)
+        answers.append((w, *workers.handle.options(multiplexed_model_id=request.model_id).remote(request).result()))
+        if len({replica for _, replica, _ in answers}) == REPLICAS:
+            break
+    assert len({replica for _, replica, _ in answers}) == REPLICAS  # both replicas loaded delta and rendered with it
+    for w, _, (rendered,) in answers:
+        with threads(1):
+            want = local.get(None).render_soup(local.get(None).make_mix({"alpha": 1, "delta": w}, shards=reference.shards), SETTINGS)
+        assert rendered.label == want.label and "delta" in rendered.label
+        assert rendered.image.tobytes() == want.image.tobytes()
+
+
+def test_a_worker_error_reaches_the_page_as_the_studio_says_it(routed, local, tiny_preset, tmp_path):
+    page, reference = handlers.open_session(routed, None), handlers.open_session(local, None)
+    odd = SETTINGS.model_copy(update={"height": 20})  # not a multiple of 8: the pipeline refuses it
+    messages = []
+    for host, session in ((routed, page), (local, reference)):
+        with pytest.raises(Exception) as caught:
+            handlers.generate(host, session, controls(session, {"alpha": 1, "beta": 1}, odd))
+        messages.append((type(caught.value), str(caught.value)))
+    assert messages[0] == messages[1] and "divisible by 8" in messages[0][1]
+    # a shard the replicas cannot read: one line naming the node and the path
+    gone = tiny_preset.parent / "epsilon.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(tiny_preset.parent / "beta.safetensors").items()}, gone)
+    handlers.add_shard(routed, page, "epsilon", "epsilon.safetensors")
+    gone.unlink()
+    with pytest.raises(StudioError, match=r"render worker on \S+: cannot read shard 'epsilon' at .*epsilon\.safetensors") as caught:
+        handlers.render_soup(routed, page, controls(page, {"alpha": 1, "epsilon": 1}))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_replica_killed_mid_run_costs_nothing(routed, local, workers, caplog):
+    """4 clients rendering in a loop; one replica killed by its actor handle once they are under way:
+    every request answered with the single-process bytes, one warning, the replicas back to 2."""
+    pages = [handlers.open_session(routed, None) for _ in range(4)]
+    plan = [[({"alpha": 1 + i, "beta": 1 + n % 3}, n) for n in range(10)] for i in range(4)]
+    got: dict[tuple, bytes] = {}
+    answered = threading.Semaphore(0)
+    errors = []
+
+    def client(i):
+        for mix, seed in plan[i]:
+            try:
+                images = handlers.render_soup(routed, pages[i], controls(pages[i], mix, SETTINGS.model_copy(update={"seed": seed})))
+                got[(i, seed)] = Path(images.soup[0]).read_bytes()
+            except Exception as err:  # noqa: BLE001 - every one is reported below
+                errors.append(repr(err))
+            answered.release()
+
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::"))
+    retries = workers.retries
+    with caplog.at_level(logging.WARNING):
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in clients:
+            t.start()
+        for _ in range(6):  # under way: six answers in
+            assert answered.acquire(timeout=120)
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=False)
+        for t in clients:
+            t.join(timeout=300)
+    assert errors == []
+    assert len(got) == 40
+    assert workers.retries > retries  # a request was in flight on the killed replica
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == ["a render worker was lost mid-request (ActorDiedError); its requests are retried on another"]
+    deadline = time.time() + 120
+    while workers.replicas() != REPLICAS and time.time() < deadline:
+        time.sleep(0.5)
+    assert workers.replicas() == REPLICAS
+    reference = handlers.open_session(local, None)
+    with threads(1):
+        for i in range(4):
+            for mix, seed in plan[i]:
+                want = handlers.render_soup(local, reference, controls(reference, mix, SETTINGS.model_copy(update={"seed": seed})))
+                assert got[(i, seed)] == Path(want.soup[0]).read_bytes()
+
+
+def test_bad_worker_options_are_named(tmp_path):
+    with pytest.raises(ValueError, match="--worker-cpus"):
+        W.serve_options(2, None, cpus=0)
+    path = tmp_path / "serve.yaml"
+    path.write_text("replicas: 3\n")
+    with pytest.raises(ValueError, match="replicas: not a Serve deployment option"):
+        W.serve_options(2, None, config=path)
+    path.write_text("autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 2}\n")
+    options = W.serve_options(None, "auto", config=path)
+    assert options.address == "auto" and options.config["autoscaling_config"]["max_replicas"] == 4
+
+
+@pytest.mark.parametrize("how", ["workers", "ray-address"])
+def test_the_app_serves_through_render_workers(how, tiny_preset, local, tmp_path):
+    """`python app.py --workers 2`, and `--ray-address` to a running Ray head with a Serve config:
+    the API's images are the in-process studio's; stopping the server stops what it started."""
+    import subprocess
+
+    import numpy as np
+    import psutil
+    from gradio_client import Client
+    from PIL import Image
+
+    from conftest import app, free_port
+
+    import os
+    import secrets
+
+    args = ["--preset", str(tiny_preset), "--models-dir", str(tiny_preset.parent), "--workers", "2"]
+    head, env = None, {}
+    if how == "ray-address":  # a one-node "cluster" with its own token, as a cluster's nodes share one
+        port = free_port()
+        env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                                 "--node-ip-address=127.0.0.1", "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env})
+        config = tmp_path / "serve.yaml"
+        config.write_text("max_ongoing_requests: 4\nray_actor_options: {num_cpus: 1}\n")
+        args += ["--ray-address", f"127.0.0.1:{port}", "--serve-config", str(config)]
+    try:
+        with app(args, tmp_path, env) as (url, proc):
+            client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+            gallery, info = client.predict("", "alpha=1,gamma=2", "a red apple", "", 5, 3, 4.0, "dpm++", 16, 16, "ties", "density=0.5", "", api_name="/render")
+            started = psutil.Process(proc.pid).children(recursive=True)
+        log = (tmp_path / "server.log").read_text()
+        assert "render workers: num_replicas 2" in log and "(2 running)" in log
+        if how == "ray-address":
+            assert "max_ongoing_requests 4" in log
+        else:  # the local Ray instance it started went with it
+            psutil.wait_procs(started, timeout=60)
+            assert [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    finally:
+        if head is not None:
+            head.terminate()
+            head.wait(timeout=60)
+    studio = local.get(None)
+    settings = RenderSettings(prompt="a red apple", seed=5, steps=3, guidance_scale=4.0, height=16, width=16)
+    with threads(1):
+        want = studio.render(studio.make_mix({"alpha": 1, "gamma": 2}, "ties", {"density": 0.5}), settings)
+    got = [Image.open(item["image"]["path"] if isinstance(item["image"], dict) else item["image"]) for item in gallery]
+    assert [item["caption"] for item in gallery][:2] == ["alpha", "gamma"]
+    for image, rendered in zip(got, want):
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(rendered.image.convert("RGB")))
