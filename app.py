@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as err:
             parser.error(str(err))
         host = StudioHost(presets, Workers.PAGE_OPTIONS, loader=workers.loader, models_dirs=models_dirs, output_dir=args.output_dir)
-        host.render_slots = 4 * max(workers.replicas(), 1)
+        host.render_slots = 4 * workers.most  # renders at once: 4 per replica, at most
         # a terminated server stops its render workers too (set after Ray, which installs its own handler)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     else:

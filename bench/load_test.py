@@ -2,6 +2,7 @@
 
     python bench/load_test.py                      # 16 users, 5 minutes, the embedded default
     python bench/load_test.py --users 4 --seconds 30
+    python bench/load_test.py --workers 2           # the page with 2 Ray Serve render replicas
 
 Each user has its own client (own session, own download folder) and does what people do on the page:
 Generate (`/render`: components and soup), then a few slider moves (`/soup`: the soup alone), with
@@ -51,12 +52,12 @@ def free_port() -> int:
 class Server:
     """`python app.py` on a free loopback port, in its own output folder."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, extra: list[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(workdir / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "app.py", "--port", str(self.port), "--output-dir", str(workdir / f"out-{self.port}")],
+            [sys.executable, "app.py", "--port", str(self.port), "--output-dir", str(workdir / f"out-{self.port}"), *extra],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.time() + 300
@@ -71,10 +72,14 @@ class Server:
         raise RuntimeError("app.py did not start in 300 s")
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """The server's resident memory with its children (render replicas, Ray's own processes)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+        except psutil.Error:
+            return float("nan")
 
     def stop(self):
         self.proc.terminate()
@@ -188,11 +193,13 @@ def main(argv=None):
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, help="serve with N Ray Serve render replicas (app.py --workers N); the replay server then "
+                        "renders in one process with the replicas' one CPU thread each (CPU images differ in the last bits between thread counts)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="soup-load-"))
-    server = Server(work)
+    server = Server(work, ["--workers", str(args.workers)] if args.workers else [])
     results = Results()
     try:
         from gradio_client import Client
@@ -201,13 +208,15 @@ def main(argv=None):
         warm.predict("", "twemoji=1,openmoji=1", *settings(random.Random(0)), api_name="/render")
         rss_start = server.rss_mb()
         logger.info("server up at %s, RSS %.0f MB; %d users for %.0f s", server.url, rss_start, args.users, args.seconds)
-        until = time.time() + args.seconds
+        started = time.time()
+        until = started + args.seconds
         threads = [threading.Thread(target=user, args=(i, server.url, until, work, results, args.seed)) for i in range(args.users)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         rss_end = server.rss_mb()
+        minutes = (time.time() - started) / 60
     finally:
         server.stop()
 
@@ -222,7 +231,7 @@ def main(argv=None):
     # Mismatches against a single-user render of each distinct request by a fresh server.
     distinct = list(dict.fromkeys(r for r, _, _ in results.images if r))
     logger.info("replaying %d distinct requests on a fresh server, one at a time", len(distinct))
-    reference_server = Server(work)
+    reference_server = Server(work, ["--threads", "1"] if args.workers else [])
     try:
         reference = replay(reference_server.url, distinct, work)
     finally:
@@ -237,7 +246,8 @@ def main(argv=None):
             mismatches += 1
 
     served = sum(len(v) for v in results.latency.values())
-    print(f"\n{args.users} users, {args.seconds:.0f} s, the embedded default (6 shards, 64x64, 20 steps) on this machine")
+    where = f"{args.workers} render replica{'s' if args.workers > 1 else ''} (Ray Serve)" if args.workers else "one process"
+    print(f"\n{args.users} users, {args.seconds:.0f} s, the embedded default (6 shards, 64x64, 20 steps) on this machine, {where}")
     print("| endpoint | requests | p50 | p95 |")
     print("|---|---|---|---|")
     for endpoint, times in sorted(results.latency.items()):
@@ -245,7 +255,8 @@ def main(argv=None):
         print(f"| {endpoint} | {len(times)} | {statistics.median(times):.2f} s | {q[18]:.2f} s |")
     print(f"\nrequests served: {served}; errors: {len(results.errors)}; images downloaded: {len(results.images)}; "
           f"compared byte for byte with a single-user render: {compared}; mismatches: {mismatches}; truncated downloads: {truncated}")
-    print(f"server RSS: {rss_start:.0f} MB at start, {rss_end:.0f} MB at the end")
+    print(f"images per minute: {len(results.images) / minutes:.1f}")
+    print(f"server RSS (with its child processes): {rss_start:.0f} MB at start, {rss_end:.0f} MB at the end")
     for e in results.errors[:10]:
         print("error:", e)
     shutil.rmtree(work, ignore_errors=True)

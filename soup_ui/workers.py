@@ -102,7 +102,7 @@ class RenderRequest:
 class RenderWorker:
     """A render replica: a `Studio` per preset (loaded before the replica takes requests), shard
     weights pooled by content hash, images cached by the Studio. Usable without Ray (`run`): the
-    Serve deployment wraps it (`deployment`)."""
+    Serve deployment (`ServedWorker`) is this class with Serve's routing around it."""
 
     def __init__(self, presets: list[str], options: RuntimeOptions = RuntimeOptions(), keep_shards: int = 16):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -138,9 +138,9 @@ class RenderWorker:
             studio.release(weights)
             raise StudioError(f"shard {ref.name!r}: {ref.path} changed since it was added (its content hash differs); add it again")
         with self._lock:
-            evicted = [w for k, w in self._held.items() if k != (preset, ref.sha256)]
+            before = dict(self._held)
             self._held.put((preset, ref.sha256), weights)
-            gone = [w for w in evicted if all(w is not v for v in self._held.values())]
+            gone = [w for k, w in before.items() if k not in self._held]  # the least recently used, past keep_shards
         for w in gone:
             studio.release(w)
         return weights
@@ -195,7 +195,9 @@ class ServedWorker(RenderWorker):
 
     @serve.multiplexed(max_num_models_per_replica=32)
     async def prepared(self, model_id: str) -> Prepared:
-        request = self._wanted.pop(model_id)
+        request = self._wanted.get(model_id)
+        if request is None:  # a concurrent request for the same id took it: `run` loads what it needs
+            return Prepared()
         studio = await asyncio.to_thread(self.studio, request.preset)
         return Prepared([await asyncio.to_thread(self.weights, studio, request.preset, ref) for ref in request.shards])
 
@@ -207,9 +209,6 @@ class ServedWorker(RenderWorker):
             self._wanted.pop(model_id, None)
         answer = await asyncio.to_thread(self.run, request)
         return serve.get_replica_context().replica_id.unique_id, answer
-
-    def check_health(self) -> None:
-        pass
 
 
 @dataclass
@@ -275,6 +274,7 @@ class Workers:
         self.retries = 0
         self.answered: Counter[str] = Counter()  # requests answered, by replica
         self.described = "render workers"
+        self.most = 1  # replicas at most (autoscaling's max_replicas)
         self._lost: set = set()  # replicas (actor ids) seen lost: one warning each
 
     @classmethod
@@ -308,6 +308,7 @@ class Workers:
         logging.getLogger("ray.serve").setLevel(logging.ERROR)
         workers = cls(handle)
         workers.described = ", ".join(f"{k} {v}" for k, v in config.items())
+        workers.most = int((config.get("autoscaling_config") or {}).get("max_replicas") or config.get("num_replicas") or 1)
         logger.info("render workers: %s (%d running)", workers.described, workers.replicas())
         return workers
 
