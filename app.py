@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     first = list(args.preset or presets[:1])
     workers = None
     if args.workers is not None or args.ray_address:
+        if not args.ray_address:  # a local instance: Ray's own servers on loopback only (read when ray is imported)
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         from soup_ui.workers import Workers, serve_options
 
         try:

@@ -40,6 +40,10 @@ from .studio import BACKGROUND, LRU, Rendered, RuntimeOptions, Studio
 logger = logging.getLogger(__name__)
 
 APP = "soup-studio"  # the Serve application's name
+# Ray binds its servers (GCS, raylet, workers, agents) to 127.0.0.1 only when it does not run as a
+# cluster, which this variable decides when ray is first imported (Ray resolves a 127.0.0.1 node
+# address to the machine's own). A local instance sets it to "0"; joining a cluster must not.
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DEPLOYMENT = "RenderWorker"
 KINDS = ("component", "soup", "batch", "ensemble", "export")
 EXPORTS = ("unet", "single-file", "pipeline")
@@ -190,6 +194,8 @@ class ServedWorker(RenderWorker):
         cpus = _assigned_cpus()
         if cpus:  # torch's threads as many as the CPUs Ray gave this replica
             torch.set_num_threads(cpus)
+        if os.environ.get(LOOPBACK_ONLY) == "0":  # a local instance (the variable reaches its processes)
+            _replica_grpc_on_loopback()
         super().__init__(presets, options, keep_shards)
         self._wanted: dict[str, RenderRequest] = {}
 
@@ -216,6 +222,20 @@ class Prepared:
     """What a replica keeps for a multiplexed id: the weights the request used (pooled; a reference)."""
 
     weights: list[Weights] = field(default_factory=list)
+
+
+def _replica_grpc_on_loopback() -> None:
+    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on [::] (every interface)
+    whatever the node's address; on a local instance, where every Ray server is on loopback, this one
+    is moved there too (tests/test_workers.py checks every listening socket of the app)."""
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+
+    def on_loopback(server, address: str):
+        return bind(server, address.replace("[::]", "127.0.0.1", 1))
+
+    replica.add_port_to_grpc_server = on_loopback
 
 
 def _assigned_cpus() -> int:
@@ -290,8 +310,10 @@ class Workers:
             if options.address:
                 ray.init(address=options.address, runtime_env={"py_modules": [package]}, log_to_driver=False)
             else:
-                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         _node_ip_address="127.0.0.1", runtime_env={"py_modules": [package]})
+                if os.environ.get(LOOPBACK_ONLY) != "0":
+                    logger.warning("Ray's servers listen on every interface (token-protected): set %s=0 before ray is imported for loopback only "
+                                   "(app.py does)", LOOPBACK_ONLY)
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env={"py_modules": [package]})
         serve.start(proxy_location="Disabled")
         gpus = options.gpus
         if gpus is None:

@@ -4,6 +4,7 @@ visitors at once; an added shard works on whichever replica answers; a replica k
 costs nothing."""
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import ray
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: its servers on loopback only, as app.py has them
+import ray  # noqa: E402
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -250,11 +253,13 @@ def test_the_app_serves_through_render_workers(how, tiny_preset, local, tmp_path
             client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
             gallery, info = client.predict("", "alpha=1,gamma=2", "a red apple", "", 5, 3, 4.0, "dpm++", 16, 16, "ties", "density=0.5", "", api_name="/render")
             started = psutil.Process(proc.pid).children(recursive=True)
+            listening = {c.laddr.ip for p in [psutil.Process(proc.pid), *started] for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
         log = (tmp_path / "server.log").read_text()
         assert "render workers: num_replicas 2" in log and "(2 running)" in log
         if how == "ray-address":
             assert "max_ongoing_requests 4" in log
-        else:  # the local Ray instance it started went with it
+        else:  # the local Ray instance listens on loopback only, and went with the server
+            assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
             psutil.wait_procs(started, timeout=60)
             assert [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
     finally:
