@@ -25,7 +25,7 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,13 +347,20 @@ class Workers:
 
         return load
 
-    def submit(self, request: RenderRequest):
-        """A future of `ask(request)`."""
-        return self.pool.submit(self.ask, request)
+    def submit(self, request: RenderRequest) -> Future:
+        """A future of (the replica that answered, its answer). The request is sent and waited for
+        in this object's own threads, never in the caller's: Serve refuses a blocking wait in a
+        thread that runs an event loop (Playwright's, a notebook's)."""
+        return self.pool.submit(self._answer, request)
 
     def ask(self, request: RenderRequest):
+        """The replica's answer to `request`: its own error re-raised as it was, a lost replica
+        retried once on another."""
+        return self.submit(request).result()[1]
+
+    def _answer(self, request: RenderRequest) -> tuple[str, object]:
         try:
-            return self._ask(request)
+            return self._once(request)
         except Exception as err:  # noqa: BLE001 - told apart below
             if type(err).__name__ not in LOST and type(getattr(err, "cause", None)).__name__ not in LOST:
                 raise _own(err) from None
@@ -363,14 +370,14 @@ class Workers:
                 self._lost.add(actor)
                 logger.warning("a render worker was lost mid-request (%s); its requests are retried on another", type(err).__name__)
         try:
-            return self._ask(request)
+            return self._once(request)
         except Exception as err:  # noqa: BLE001
             raise _own(err) from None
 
-    def _ask(self, request: RenderRequest):
+    def _once(self, request: RenderRequest) -> tuple[str, object]:
         replica, answer = self.handle.options(multiplexed_model_id=request.model_id).remote(request).result()
         self.answered[replica] += 1
-        return answer
+        return replica, answer
 
     def replicas(self) -> int:
         """Running replicas of the deployment (Serve's status)."""
@@ -432,7 +439,7 @@ class RoutedStudio(Studio):
         out = []
         for i, future in enumerate(futures):
             report(i / len(futures), f"rendering {'the soup' if i == len(futures) - 1 else mix.shards[i].name}")
-            out.append(future.result()[0])
+            out.append(future.result()[1][0])
         report(1.0, "done")
         return out
 

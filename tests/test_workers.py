@@ -3,6 +3,7 @@ page's handlers get the same bytes as the in-process studio, for several mixes, 
 visitors at once; an added shard works on whichever replica answers; a replica killed mid-run
 costs nothing."""
 
+import asyncio
 import logging
 import os
 import threading
@@ -110,6 +111,20 @@ def test_workflows_and_the_ensemble_run_on_the_replicas(routed, local):
         assert [Path(p).read_bytes() for p, _ in got] == [Path(p).read_bytes() for p, _ in want], run.__name__
 
 
+def test_renders_are_asked_from_a_thread_running_an_event_loop(routed, local):
+    """Serve refuses a blocking wait inside a running event loop (Playwright's sync API runs one in
+    the thread that drives the browser): the request waits in the workers' own threads (CI failed)."""
+    page, reference = handlers.open_session(routed, None), handlers.open_session(local, None)
+
+    async def in_a_loop():
+        return handlers.render_soup(routed, page, controls(page, {"alpha": 2, "gamma": 1}))
+
+    got = asyncio.run(in_a_loop())
+    with threads(1):
+        want = handlers.render_soup(local, reference, controls(reference, {"alpha": 2, "gamma": 1}))
+    assert Path(got.soup[0]).read_bytes() == Path(want.soup[0]).read_bytes()
+
+
 def test_two_visitors_at_once(routed, local):
     pages = [handlers.open_session(routed, None) for _ in range(2)]
     mixes = [{"alpha": 1, "beta": 1}, {"beta": 1, "gamma": 2}]
@@ -134,7 +149,7 @@ def test_an_added_shard_is_used_by_whichever_replica_answers(routed, local, work
     answers = []
     for w in (0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4):
         request = W.RenderRequest.of("soup", studio.preset.source, studio.make_mix({"alpha": 1, "delta": w}, shards=page.shards), SETTINGS)
-        answers.append((w, *workers.handle.options(multiplexed_model_id=request.model_id).remote(request).result()))
+        answers.append((w, *workers.submit(request).result()))
         if len({replica for _, replica, _ in answers}) == REPLICAS:
             break
     assert len({replica for _, replica, _ in answers}) == REPLICAS  # both replicas loaded delta and rendered with it
