@@ -119,7 +119,8 @@ def test_renders_are_asked_from_a_thread_running_an_event_loop(routed, local):
     async def in_a_loop():
         return handlers.render_soup(routed, page, controls(page, {"alpha": 2, "gamma": 1}))
 
-    got = asyncio.run(in_a_loop())
+    with ThreadPoolExecutor(1) as pool:  # a thread of its own: the test's may run a loop already (Playwright's, in CI)
+        got = pool.submit(lambda: asyncio.run(in_a_loop())).result()
     with threads(1):
         want = handlers.render_soup(local, reference, controls(reference, {"alpha": 2, "gamma": 1}))
     assert Path(got.soup[0]).read_bytes() == Path(want.soup[0]).read_bytes()
