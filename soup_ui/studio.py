@@ -277,6 +277,11 @@ class Studio:
     def lean(self) -> bool:
         return self.pool.lean
 
+    @property
+    def runs_on(self) -> str:
+        """Where its images are rendered, as the page's header says it: "cuda, float16"."""
+        return f"{self.device}, {str(self.dtype).removeprefix('torch.')}"
+
     def load(self, path: str | Path, name: str | None = None) -> Weights:
         """Detect, validate and pool a checkpoint's weights; the caller holds one use (see Pool.load)."""
         return self.pool.load(path, name)

@@ -412,7 +412,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             lean += f"<br><small>memory: {html.escape(studio.memory_plan)}</small>"
             return (f"**{studio.preset.name or session.preset}**: {html.escape(studio.preset.description)}"
                     f" ({len(session.shards)} shards; {studio.family_name}: {type(studio.pipe).__name__}, soups its {studio.kind.denoiser};"
-                    f" {studio.device}, {str(studio.dtype).removeprefix('torch.')}{lean}){failed}")
+                    f" {studio.runs_on}{lean}){failed}")
 
         def family_controls(studio, r) -> list:
             """Negative prompt, seed, steps, guidance and scheduler as the family takes them: the negative

@@ -281,6 +281,16 @@ SERVE_KEYS = {"num_replicas", "autoscaling_config", "max_ongoing_requests", "max
               "health_check_timeout_s", "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", "placement_group_bundles", "placement_group_strategy",
               "max_replicas_per_node"}
 
+def describe(config: dict) -> str:
+    """Serve deployment options as the log and the page say them: "2 replicas, 1 CPU and 0 GPUs each"."""
+    actor = config.get("ray_actor_options") or {}
+    auto = config.get("autoscaling_config")
+    count = f"{auto.get('min_replicas', 1)} to {auto.get('max_replicas', 1)} replicas (autoscaling)" if auto else f"{config.get('num_replicas', 1)} replicas"
+    each = f"{actor.get('num_cpus', 1):g} CPU and {actor.get('num_gpus', 0):g} GPUs each"
+    rest = [f"{k} {v}" for k, v in config.items() if k not in ("num_replicas", "autoscaling_config", "ray_actor_options")]
+    return ", ".join([count, each, *rest])
+
+
 LOST = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError", "NodeDiedError", "DeploymentUnavailableError")
 
 
@@ -329,7 +339,7 @@ class Workers:
         # Serve's own warnings about a lost replica would repeat what `ask` says once, in its words
         logging.getLogger("ray.serve").setLevel(logging.ERROR)
         workers = cls(handle)
-        workers.described = ", ".join(f"{k} {v}" for k, v in config.items())
+        workers.described = describe(config)
         workers.most = int((config.get("autoscaling_config") or {}).get("max_replicas") or config.get("num_replicas") or 1)
         logger.info("render workers: %s (%d running)", workers.described, workers.replicas())
         return workers
@@ -411,8 +421,12 @@ class RoutedStudio(Studio):
         super().__init__(preset, options, progress)
 
     @property
+    def runs_on(self) -> str:
+        return f"rendered by Ray Serve replicas, {self.workers.replicas()} running"
+
+    @property
     def memory_plan(self) -> str:
-        return f"renders on Ray Serve replicas ({self.workers.described}; {self.workers.replicas()} running); each holds its shards as the plan of its own device says"
+        return f"render workers: {self.workers.described}; each replica plans where its shards live from its own device's free memory"
 
     @property
     def lean(self) -> bool:

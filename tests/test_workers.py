@@ -209,12 +209,13 @@ def test_a_replica_killed_mid_run_costs_nothing(routed, local, workers, caplog):
         ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=False)
         for t in clients:
             t.join(timeout=300)
-    assert errors == []
+    assert errors == [], errors
     assert len(got) == 40
-    assert workers.retries > retries  # a request was in flight on the killed replica
+    # Requests in flight on the killed replica were retried, with one warning for the replica. (It
+    # is killed mid-run, usually mid-request; Serve may have had none of the 4 on it at that moment.)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].name == "soup_ui.workers", [r.getMessage() for r in warnings]
-    assert warnings[0].getMessage().startswith("a render worker was lost mid-request (")
+    said = [(r.name, r.getMessage().startswith("a render worker was lost mid-request (")) for r in warnings]
+    assert said == [("soup_ui.workers", True)] * (workers.retries > retries), [r.getMessage() for r in warnings]
     deadline = time.time() + 120
     while workers.replicas() != REPLICAS and time.time() < deadline:
         time.sleep(0.5)
@@ -237,6 +238,8 @@ def test_bad_worker_options_are_named(tmp_path):
     path.write_text("autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 2}\n")
     options = W.serve_options(None, "auto", config=path)
     assert options.address == "auto" and options.config["autoscaling_config"]["max_replicas"] == 4
+    config = {"ray_actor_options": {"num_gpus": 1, "num_cpus": 4}, **options.config, "max_ongoing_requests": 4}
+    assert W.describe(config) == "1 to 4 replicas (autoscaling), 4 CPU and 1 GPUs each, max_ongoing_requests 4"
 
 
 @pytest.mark.parametrize("how", ["workers", "ray-address"])
@@ -271,7 +274,7 @@ def test_the_app_serves_through_render_workers(how, tiny_preset, local, tmp_path
             started = psutil.Process(proc.pid).children(recursive=True)
             listening = {c.laddr.ip for p in [psutil.Process(proc.pid), *started] for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
         log = (tmp_path / "server.log").read_text()
-        assert "render workers: num_replicas 2" in log and "(2 running)" in log
+        assert "render workers: 2 replicas, 1 CPU and 0 GPUs each" in log and "(2 running)" in log
         if how == "ray-address":
             assert "max_ongoing_requests 4" in log
         else:  # the local Ray instance listens on loopback only, and went with the server
