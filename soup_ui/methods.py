@@ -7,11 +7,12 @@ all read from `METHODS`. Linear methods (a fixed coefficient per shard and for t
 their `coefficients`, so the engine merges them in one fused pass over flat buffers; the others run
 tensor by tensor through their function, which writes the merged tensor into `out` in place:
 
-    fn(out, sources, weights, base, params, generator) -> None
+    fn(out, sources, weights, base, params, draws) -> None
 
 `sources` are the shards' tensors, `weights` their normalized weights (sum 1), `base` the base
-model's tensor (None unless the method needs it), `generator` a CPU generator seeded from the recipe
-and the tensor's name (random methods only), so the same recipe gives the same weights on any tier.
+model's tensor (None unless the method needs it), `draws` where the tensor's random draws come from
+(`Draws`: the recipe's seed, the tensor's name and the recipe's `rng`; random methods only), so the
+same recipe gives the same weights on any tier and device.
 Everything is computed in float32 (float64 for float64 targets) and rounded once.
 """
 
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Literal
 from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 
@@ -58,6 +60,14 @@ def SEED():
     return Field(0, ge=0, le=2**32 - 1, description="seeds the random drop: the same recipe gives the same weights")
 
 
+RNG_NAMES = ("counter", "torch")
+
+
+def RNG():
+    return Field("counter", description="how the drop is drawn: 'counter' (a hash of the seed, the tensor's name and each entry's "
+                                        "index, computed in the merge kernel) or 'torch' (torch's CPU generator: recipes saved before 2026-12-03)")
+
+
 class TaskArithmeticParams(Params):
     lambda_: float = LAMBDA()
 
@@ -76,6 +86,7 @@ class DareParams(Params):
     density: float = DENSITY()
     lambda_: float = LAMBDA()
     seed: int = SEED()
+    rng: Literal["counter", "torch"] = RNG()
 
 
 class DellaParams(Params):
@@ -84,6 +95,7 @@ class DellaParams(Params):
                            description="keep probabilities run from density - epsilon (smallest entries) to density + epsilon (largest)")
     lambda_: float = LAMBDA()
     seed: int = SEED()
+    rng: Literal["counter", "torch"] = RNG()
 
     @model_validator(mode="after")
     def _probabilities_in_range(self):
@@ -110,7 +122,7 @@ class MergeMethod:
     max_shards: int | None = None
     arrange: Callable | None = None  # (shard names, params) -> the order the function takes them in; ValueError if they do not fit
     blocked: Callable | None = None  # (weights, block multipliers, params) -> (weights, params) of one block; None: `for_block`'s rule
-    batch: Callable | None = None  # (outs, sources per shard, weights, bases, params[, generators]): many small tensors at once, as `fn` one by one
+    batch: Callable | None = None  # (outs, sources per shard, weights, bases, params[, draws]): many small tensors at once, as `fn` one by one
     stats: Callable | None = None  # (bases, one shard's tensors, params) -> a number per tensor that depends on that shard alone (TIES' thresholds)
     stats_key: Callable | None = None  # params -> what the stats depend on (TIES: the density), for caching them across mixes
 
@@ -229,6 +241,54 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def _int32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Where one tensor's uniform draws come from (random methods): the recipe's seed, the tensor's
+    name and the recipe's `rng`.
+
+    'counter' (the default): entry j of shard i draws u = mix32(mix32(j + key) ^ shard_key(i)) / 2^32
+    (its top 24 bits), key = the tensor seed's low 32 bits; int32 arithmetic, wrapping, computed inside
+    the merge kernel: no draws in memory, the same bits on every device. mix32 is Chris Wellons'
+    `lowbias32` integer hash. 'torch': a CPU generator seeded with `tensor_seed`, one `torch.rand` per
+    shard (how recipes saved before 2026-12-03 drew; about 15x slower)."""
+
+    seed: int
+    name: str
+    rng: str = "counter"
+
+    @property
+    def key(self) -> int:
+        return _int32(tensor_seed(self.seed, self.name))
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator("cpu").manual_seed(tensor_seed(self.seed, self.name))
+
+
+def shard_key(i: int) -> int:
+    """Shard i's key, xored into each entry's hash: (i + 1) x the golden ratio's 32 bits."""
+    return _int32((i + 1) * 0x9E3779B9)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' lowbias32 on int32 tensors (wrapping multiplies; logical shifts by masking)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _int32(0x846CA68B)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def counter_uniforms(counter: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """`count` shards' uniforms in [0, 1) (float32, 24 bits) for int32 counters (entry index + key)."""
+    h = mix32(counter)
+    return [((mix32(h ^ shard_key(i)) >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24)) for i in range(count)]
+
+
 # -- kernels: one pass per tensor, compiled for large tensors -------------------------------------------
 def _ties_kernel(base, sources: list, thresholds, weights, lam):
     """base + lambda x TIES over the task vectors trimmed at each shard's magnitude threshold."""
@@ -252,6 +312,13 @@ def _dropped_kernel(base, sources: list, draws: list, probabilities: list, weigh
     return b + lam * (sign_consensus(deltas, weights) if elect else _weighted_sum(deltas, weights))
 
 
+def _counted_kernel(base, sources: list, key, probabilities: list, weights, lam, elect: bool):
+    """`_dropped_kernel` with counter draws made in the kernel: entry j's counter is j + key (key an
+    int32 scalar, or per entry when small tensors are merged at once)."""
+    counter = torch.arange(base.numel(), dtype=torch.int32, device=base.device) + key
+    return _dropped_kernel(base, sources, counter_uniforms(counter, len(sources)), probabilities, weights, lam, elect)
+
+
 def _ties_into(out, base, sources: list, thresholds, weights, lam):
     """out <- `_ties_kernel`: compiled, the write is part of the kernel (no full-size fp32 result to
     allocate and copy: that took two thirds of the time of a large tensor)."""
@@ -261,6 +328,11 @@ def _ties_into(out, base, sources: list, thresholds, weights, lam):
 def _dropped_into(out, base, sources: list, draws: list, probabilities: list, weights, lam, elect: bool):
     """out <- `_dropped_kernel`, written by the kernel (as `_ties_into`)."""
     out.copy_(_dropped_kernel(base, sources, draws, probabilities, weights, lam, elect).view(out.shape))
+
+
+def _counted_into(out, base, sources: list, key, probabilities: list, weights, lam, elect: bool):
+    """out <- `_counted_kernel`, written by the kernel (as `_ties_into`)."""
+    out.copy_(_counted_kernel(base, sources, key, probabilities, weights, lam, elect).view(out.shape))
 
 
 def _probe_kernel(base, sources: list, candidates):
@@ -470,7 +542,7 @@ merge_method(
     "ties", summary="base + lambda x TIES(trim to density, elect sign, disjoint mean of t_i = theta_i - base)",
     reference="Yadav et al. 2023, TIES-Merging (arXiv 2306.01708), as mergekit formulates it", params=TiesParams,
 )
-def ties(out, sources, weights, base, p: TiesParams, generator=None, stats=None):
+def ties(out, sources, weights, base, p: TiesParams, draws=None, stats=None):
     """Trim each task vector to its `density` largest entries, elect the sign of the weighted sum,
     and average (weighted) the entries that agree with it. `stats`: the shards' thresholds, known already."""
     thresholds = stats if stats is not None else magnitude_thresholds(base, sources, p.density)
@@ -525,30 +597,34 @@ METHODS["ties"] = dataclass_replace(METHODS["ties"], batch=ties_batch, stats=tie
     "dare", summary="base + lambda sum_i w_i DARE(t_i): keep each entry with probability density, rescale by 1/density",
     reference="Yu et al. 2024, Language models are Super Mario (DARE, arXiv 2311.03099)", params=DareParams, random=True,
 )
-def dare(out, sources, weights, base, p: DareParams, generator):
+def dare(out, sources, weights, base, p: DareParams, draws: Draws):
     """Drop and rescale each task vector, then task arithmetic (density 1 is task arithmetic)."""
-    _dropped(out, base, sources, weights, p, generator, [p.density] * len(sources), elect=False)
+    _dropped(out, base, sources, weights, p, draws, [p.density] * len(sources), elect=False)
 
 
-def _draws(base: torch.Tensor, count: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """One uniform draw per entry and shard, on the CPU (the same on every device), in shard order."""
+def _torch_draws(base: torch.Tensor, count: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """rng 'torch': one uniform draw per entry and shard, on the CPU (the same on every device), in shard order."""
     return [torch.rand(base.shape, generator=generator, dtype=torch.float32).to(base.device) for _ in range(count)]
 
 
-def _dropped(out, base, sources, weights, p, generator, probabilities: list, elect: bool) -> None:
+def _dropped(out, base, sources, weights, p, draws: Draws, probabilities: list, elect: bool) -> None:
     """out <- DARE / DARE-TIES / DELLA of one tensor, with these keep probabilities."""
     keep = [pr if isinstance(pr, torch.Tensor) else _scalars([pr], base)[0] for pr in probabilities]
-    draws = _draws(base, len(sources), generator)
-    _into(_dropped_into, out, base, list(sources), draws, keep, _scalars(weights, base), _scalars([p.lambda_], base)[0], elect)
+    w, lam = _scalars(weights, base), _scalars([p.lambda_], base)[0]
+    if p.rng == "torch":
+        _into(_dropped_into, out, base, list(sources), _torch_draws(base, len(sources), draws.generator()), keep, w, lam, elect)
+    else:
+        key = torch.tensor(draws.key, dtype=torch.int32, device=base.device)
+        _into(_counted_into, out, base, list(sources), key, keep, w, lam, elect)
 
 
 @merge_method(
     "dare-ties", summary="base + lambda x TIES' sign election over DARE(t_i)",
     reference="Yu et al. 2024 (DARE) with Yadav et al. 2023 (TIES), as mergekit's dare_ties", params=DareParams, random=True,
 )
-def dare_ties(out, sources, weights, base, p: DareParams, generator):
+def dare_ties(out, sources, weights, base, p: DareParams, draws: Draws):
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
-    _dropped(out, base, sources, weights, p, generator, [p.density] * len(sources), elect=True)
+    _dropped(out, base, sources, weights, p, draws, [p.density] * len(sources), elect=True)
 
 
 def rank_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -567,20 +643,26 @@ def rank_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
 
 def _dropped_batch(elect: bool, probabilities: Callable | None):
     """The batch function of DARE (elect False), DARE-TIES and DELLA (elect True): each tensor's draws
-    from its own generator and its keep probabilities (DELLA's ranks per tensor and row), then one
-    eager pass over all of them: the same values as tensor by tensor."""
+    (its counters, or its own generator) and its keep probabilities (DELLA's ranks per tensor and
+    row), then one eager pass over all of them: the same values as tensor by tensor."""
 
-    def batch(outs, sources, weights, bases, p, generators) -> None:
+    def batch(outs, sources, weights, bases, p, draws: list[Draws]) -> None:
         sizes = [b.numel() for b in bases]
         base = _cat(bases)
         flat = [_cat(shard) for shard in sources]
-        per_tensor = [_draws(b, len(sources), g) for b, g in zip(bases, generators)]  # in the order tensor by tensor draws them
-        draws = [torch.cat([d[i].reshape(-1) for d in per_tensor]) for i in range(len(sources))]
         if probabilities is None:
             keep = [_scalars([p.density], base)[0]] * len(sources)
         else:
             keep = [torch.cat([probabilities(_acc(t) - _acc(b), p).reshape(-1) for t, b in zip(shard, bases)]) for shard in sources]
-        merged = _dropped_kernel(base, flat, draws, keep, _scalars(weights, base), _scalars([p.lambda_], base)[0], elect)
+        w, lam = _scalars(weights, base), _scalars([p.lambda_], base)[0]
+        if p.rng == "torch":
+            per_tensor = [_torch_draws(b, len(sources), d.generator()) for b, d in zip(bases, draws)]  # in the order tensor by tensor draws them
+            uniforms = [torch.cat([u[i].reshape(-1) for u in per_tensor]) for i in range(len(sources))]
+            merged = _dropped_kernel(base, flat, uniforms, keep, w, lam, elect)
+        else:  # entry j of a tensor starting at s counts j - s + its key
+            starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+            keys = torch.tensor([_int32(d.key - s) for d, s in zip(draws, starts.tolist())], dtype=torch.int32)
+            merged = _counted_kernel(base, flat, torch.repeat_interleave(keys, torch.tensor(sizes)).to(base.device), keep, w, lam, elect)
         for out, piece in zip(outs, merged.split(sizes)):
             _write(out, piece)
 
@@ -595,12 +677,12 @@ METHODS["dare-ties"] = dataclass_replace(METHODS["dare-ties"], batch=_dropped_ba
     "della", summary="base + lambda x TIES' sign election over t_i kept with probability ranked by magnitude (density +- epsilon), rescaled",
     reference="Deep et al. 2024, DELLA-Merging (arXiv 2406.11617), as mergekit's della", params=DellaParams, random=True,
 )
-def della(out, sources, weights, base, p: DellaParams, generator):
+def della(out, sources, weights, base, p: DellaParams, draws: Draws):
     """MagPrune: larger entries are more likely kept; each kept entry is rescaled by 1 / its keep
     probability; then sign election and the disjoint mean."""
     b = _acc(base)
     probabilities = [rank_probabilities(_acc(s) - b, p.density, p.epsilon) for s in sources]
-    _dropped(out, base, sources, weights, p, generator, probabilities, elect=True)
+    _dropped(out, base, sources, weights, p, draws, probabilities, elect=True)
 
 
 METHODS["della"] = dataclass_replace(METHODS["della"], batch=_dropped_batch(True, lambda delta, p: rank_probabilities(delta, p.density, p.epsilon)))
@@ -613,7 +695,7 @@ DOT_THRESHOLD = 0.9995  # mergekit's: above it the two tensors count as parallel
     "slerp", summary="spherical interpolation of two shards per tensor, t = the second shard's weight (linear when near-parallel)",
     reference="Shoemake 1985; mergekit's slerp", needs_base=False, min_shards=2, max_shards=2,
 )
-def slerp(out, sources, weights, base, p: NoParams, generator=None):
+def slerp(out, sources, weights, base, p: NoParams, draws=None):
     """sin((1-t) omega)/sin omega v0 + sin(t omega)/sin omega v1, omega the angle between the two
     tensors (flattened); lerp when |cos omega| > 0.9995."""
     v0, v1 = _acc(sources[0]), _acc(sources[1])
@@ -632,7 +714,7 @@ def slerp(out, sources, weights, base, p: NoParams, generator=None):
     "model-stock", summary="t w_avg + (1 - t) base, t = K cos / (1 + (K - 1) cos), cos the mean pairwise cosine of the t_i",
     reference="Jang et al. 2024, Model Stock (arXiv 2403.19522)", min_shards=2,
 )
-def model_stock(out, sources, weights, base, p: NoParams, generator=None):
+def model_stock(out, sources, weights, base, p: NoParams, draws=None):
     """Per tensor, how far to go from the base towards the (weighted) average follows from the angle
     between the task vectors; a negative mean cosine counts as 0 (t = 0: the base)."""
     b = _acc(base)
@@ -720,12 +802,15 @@ def merge_into(
         elif part.weights is None:
             out.copy_(base[name])
         else:
-            seed = getattr(part.params, "seed", 0)
-            generator = torch.Generator("cpu").manual_seed(tensor_seed(seed, name)) if method_.random else None
+            draws = _draws_of(part.params, name) if method_.random else None
             extra = {"stats": known.get([name], part.params)[:, 0]} if known is not None else {}
-            method_.fn(out, [s[name] for s in sources], list(part.weights), base[name] if base is not None else None, part.params, generator, **extra)
+            method_.fn(out, [s[name] for s in sources], list(part.weights), base[name] if base is not None else None, part.params, draws, **extra)
         if progress is not None:
             progress((i + 1) / len(names))
+
+
+def _draws_of(params: Params, name: str) -> Draws:
+    return Draws(getattr(params, "seed", 0), name, getattr(params, "rng", "counter"))
 
 
 BATCH_ELEMENTS = 1 << 18  # elements per batched pass (bounds its temporaries: a few times this per shard)
@@ -769,9 +854,8 @@ def _merge_batches(target, method_: MergeMethod, sources, base, part_of, names: 
             size += target[name].numel()
             if size >= BATCH_ELEMENTS or j + 1 == len(members):
                 args = [[target[n] for n in batch], [[s[n] for n in batch] for s in sources], list(part.weights), [base[n] for n in batch], part.params]
-                if method_.random:  # each tensor's own generator, seeded as tensor by tensor
-                    seed = getattr(part.params, "seed", 0)
-                    args.append([torch.Generator("cpu").manual_seed(tensor_seed(seed, n)) for n in batch])
+                if method_.random:  # each tensor's own draws, as tensor by tensor
+                    args.append([_draws_of(part.params, n) for n in batch])
                 method_.batch(*args, **({"stats": known.get(batch, part.params)} if known is not None else {}))
                 batch, size = [], 0
     return rest

@@ -185,7 +185,7 @@ class Mix:
             return f"add difference: {a} + {p['alpha']:g} x ({b} - {p['c']})"
         if name == "slerp":
             return f"slerp: {self.names[0]} -> {self.names[1]} at t = {self.weights[1]:.2f}"
-        shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items())
+        shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items() if (k, v) != ("rng", "counter"))  # the default draw goes unsaid
         return f"{name}{f' ({shown})' if shown else ''}: {parts}"
 
     def recipe(self) -> dict:

@@ -193,9 +193,14 @@ def list_presets(folder: str | Path) -> list[Path]:
     return sorted(Path(folder).glob("*.yaml")) + sorted(Path(folder).glob("*.yml"))
 
 
+RANDOM_BEFORE_COUNTER = ("dare", "dare-ties", "della")  # the random methods that drew with torch's generator before `rng`
+
+
 class Recipe(Strict):
     """A saved mix: which preset, the shard weights, the merge method with its parameters and the
-    render settings. Recipes of earlier versions (`mode`, `scale`) are read as method and lambda."""
+    render settings. Recipes of earlier versions are read as they were made: `mode` and `scale` as
+    method and lambda; a random method's recipe without `rng` (saved before 2026-12-03) draws with
+    torch's generator, as it did then."""
 
     preset: Path | None = None  # relative paths are taken from the recipe file's folder
     mix: dict[str, float] = Field(min_length=1)
@@ -214,6 +219,8 @@ class Recipe(Strict):
             scale = data.pop("scale", None)
             if scale is not None and data["method"] == "task-arithmetic":
                 data["params"] = {"lambda": scale, **data.get("params", {})}
+        if isinstance(data, dict) and data.get("method") in RANDOM_BEFORE_COUNTER and "rng" not in (data.get("params") or {}):
+            data = {**data, "params": {**(data.get("params") or {}), "rng": "torch"}}
         return data
 
     @field_validator("method")

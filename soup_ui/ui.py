@@ -7,6 +7,7 @@ import html
 import logging
 import random
 import time
+import typing
 from pathlib import Path
 
 import gradio as gr
@@ -143,13 +144,15 @@ def method_params() -> dict:
 
 
 def param_control(name: str, field) -> gr.Component:
-    """A control rendered from a parameter's field: a slider over its range, a whole number, or text."""
+    """A control rendered from a parameter's field: a slider over its range, a whole number, a choice, or text."""
     bounds = {k: getattr(x, k) for x in field.metadata for k in ("ge", "le") if getattr(x, k, None) is not None}
     common = dict(label=name, info=field.description, visible=False, elem_id=f"param-{name}")
     if field.annotation is float:
         return TypedSlider(bounds.get("ge", 0.0), bounds.get("le", 1.0), value=field.default, step=0.01, **common)
     if field.annotation is int:
         return gr.Number(field.default, precision=0, minimum=bounds.get("ge"), maximum=bounds.get("le"), **common)
+    if typing.get_origin(field.annotation) is typing.Literal:
+        return gr.Dropdown(list(typing.get_args(field.annotation)), value=field.default, **common)
     return gr.Textbox(field.default, **common)
 
 
@@ -190,7 +193,7 @@ def method_updates(name: str, values: dict | None = None) -> list:
     ] + [method_note(name)]
 
 
-PARAM_ORDER = ("density", "epsilon", "alpha", "c", "lambda", "seed")  # what shapes the merge first, the seed last
+PARAM_ORDER = ("density", "epsilon", "alpha", "c", "lambda", "seed", "rng")  # what shapes the merge first, the seed last
 FIELDS = method_params()
 PARAMS = sorted(FIELDS, key=lambda p: PARAM_ORDER.index(p) if p in PARAM_ORDER else len(PARAM_ORDER))
 

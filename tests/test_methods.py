@@ -40,7 +40,7 @@ def test_registry_lists_methods_with_params_and_references():
     for m in METHODS.values():
         assert m.summary and m.reference
         m.parse({})  # every default is valid
-    assert METHODS["dare"].param_names() == ["density", "lambda", "seed"]
+    assert METHODS["dare"].param_names() == ["density", "lambda", "seed", "rng"]
 
 
 def test_average_and_task_arithmetic_are_the_weighted_sums():
@@ -95,26 +95,76 @@ def test_dare_density_one_is_task_arithmetic_and_zero_is_the_base():
     torch.testing.assert_close(run("dare", [a, b], [0.4, 0.6], base, density=0.0), base)
 
 
-def test_dare_drops_with_the_seeded_draw_and_rescales():
+M32 = 0xFFFFFFFF
+
+
+def lowbias32(x: int) -> int:
+    """Chris Wellons' lowbias32, on Python integers (the reference for the int32 tensor version)."""
+    x &= M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed: int, name: str, shard: int, j: int) -> float:
+    """The documented counter draw of entry j of a shard: top 24 bits of the hash of the hashed counter
+    (j + the tensor seed's low 32 bits) xor the shard's key, over 2^24."""
+    key = methods.tensor_seed(seed, name) & M32
+    return (lowbias32(lowbias32(j + key) ^ (((shard + 1) * 0x9E3779B9) & M32)) >> 8) / (1 << 24)
+
+
+def test_dare_drops_with_the_seeded_counter_draw_and_rescales():
     base, a = torch.zeros(2000), torch.ones(2000)
     got = run("dare", [a], [1.0], base, density=0.25, seed=7)
     kept = got != 0
     assert torch.all(got[kept] == 4.0)  # rescaled by 1 / density
     assert 0.2 < kept.float().mean() < 0.3
-    # The same draw as the documented one: a CPU generator seeded from the seed and the tensor's name.
-    g = torch.Generator("cpu").manual_seed(methods.tensor_seed(7, "w"))
-    expected = torch.rand(2000, generator=g) < 0.25
+    expected = torch.tensor([counter_uniform(7, "w", 0, j) < 0.25 for j in range(2000)])
     assert torch.equal(kept, expected)
     assert torch.equal(run("dare", [a], [1.0], base, density=0.25, seed=7), got)  # reproducible
     assert not torch.equal(run("dare", [a], [1.0], base, density=0.25, seed=8), got)
 
 
+def test_dare_with_rng_torch_draws_as_recipes_before_the_counter():
+    """rng 'torch': a CPU generator seeded from the seed and the tensor's name, one torch.rand per shard."""
+    base, a = torch.zeros(2000), torch.ones(2000)
+    kept = run("dare", [a], [1.0], base, density=0.25, seed=7, rng="torch") != 0
+    g = torch.Generator("cpu").manual_seed(methods.tensor_seed(7, "w"))
+    assert torch.equal(kept, torch.rand(2000, generator=g) < 0.25)
+
+
+def test_counter_draws_are_uniform_independent_across_shards_and_the_same_compiled():
+    """Each shard keeps its density's share, two shards' drops are independent (both kept: density^2),
+    neighbours are uncorrelated, and the compiled kernel's int32 arithmetic wraps as eager's does
+    (counters through the int32 range's ends, a length that leaves a vector tail)."""
+    n = (1 << 20) + 13
+    counter = torch.arange(n, dtype=torch.int32) + methods._int32((1 << 31) - 5000)
+    u = methods.counter_uniforms(counter, 3)
+    for x in u:
+        assert abs(float((x < 0.3).float().mean()) - 0.3) < 0.003
+        assert float(x.min()) >= 0.0 and float(x.max()) < 1.0
+    assert abs(float(((u[0] < 0.3) & (u[1] < 0.3)).float().mean()) - 0.09) < 0.002
+    assert abs(float(((u[1] < 0.5) & (u[2] < 0.5)).float().mean()) - 0.25) < 0.003
+    assert abs(float(torch.corrcoef(torch.stack([u[0][1:], u[0][:-1]]))[0, 1])) < 0.005
+    compiled = torch.compile(methods.counter_uniforms, dynamic=True)(counter, 3)
+    for x, y in zip(u, compiled):
+        assert torch.equal(x, y)
+    for j in (0, 4999, 5000, 5001, n - 1):  # the int32 wrap at j = 5000
+        assert u[2][j].item() == counter_uniform_at((1 << 31) - 5000 + j, 2)
+
+
+def counter_uniform_at(counter: int, shard: int) -> float:
+    return (lowbias32(lowbias32(counter) ^ (((shard + 1) * 0x9E3779B9) & M32)) >> 8) / (1 << 24)
+
+
 def test_dare_ties_is_the_drop_then_the_sign_election():
     base, a, b = torch.randn(50), torch.randn(50), torch.randn(50)
     got = run("dare-ties", [a, b], [0.5, 0.5], base, density=0.5, seed=3)
-    g = torch.Generator("cpu").manual_seed(methods.tensor_seed(3, "w"))
-    da = torch.where(torch.rand(50, generator=g) < 0.5, (a - base) / 0.5, torch.zeros(50))
-    db = torch.where(torch.rand(50, generator=g) < 0.5, (b - base) / 0.5, torch.zeros(50))
+    keep = [torch.tensor([counter_uniform(3, "w", i, j) < 0.5 for j in range(50)]) for i in range(2)]
+    da = torch.where(keep[0], (a - base) / 0.5, torch.zeros(50))
+    db = torch.where(keep[1], (b - base) / 0.5, torch.zeros(50))
     torch.testing.assert_close(got, ref_ties(base, [base + da, base + db], [0.5, 0.5], 1.0, 1.0), atol=1e-5, rtol=1e-5)
 
 
@@ -162,7 +212,8 @@ def test_model_stock_interpolates_by_the_task_vectors_angle():
         ("ties", {"density": 1.5}, "ties: density = 1.5: Input should be less than or equal to 1"),
         ("dare", {"density": -0.1}, "dare: density = -0.1"),
         ("task-arithmetic", {"lambda": float("nan")}, "task-arithmetic: lambda = nan"),
-        ("dare", {"dens": 0.3}, "dare has no parameter 'dens' \\(its parameters: density, lambda, seed\\)"),
+        ("dare", {"dens": 0.3}, "dare has no parameter 'dens' \\(its parameters: density, lambda, seed, rng\\)"),
+        ("della", {"rng": "philox"}, "della: rng = 'philox': Input should be 'counter' or 'torch'"),
         ("average", {"lambda": 2}, "average has no parameter 'lambda' \\(its parameters: none\\)"),
     ],
 )
@@ -249,13 +300,13 @@ def test_the_sign_election_is_pefts_majority_sign_mask():
     assert torch.all(methods.sign_consensus(deltas, torch.tensor([0.5, 0.5, 0.0]))[:5] == 1.0)  # the +1 election keeps the positive one
 
 
-@pytest.mark.parametrize("method,density", [("ties", 0.0), ("ties", 0.2), ("ties", 0.5), ("ties", 1.0), ("dare", 0.3), ("dare-ties", 0.5),
-                                            ("della", 0.4)])
-def test_small_tensors_at_once_equal_tensor_by_tensor(method, density):
+@pytest.mark.parametrize("method,density,rng", [("ties", 0.0, None), ("ties", 0.2, None), ("ties", 0.5, None), ("ties", 1.0, None), ("dare", 0.3, "counter"),
+                                                ("dare", 0.3, "torch"), ("dare-ties", 0.5, "counter"), ("della", 0.4, "counter"), ("della", 0.4, "torch")])
+def test_small_tensors_at_once_equal_tensor_by_tensor(method, density, rng):
     """Issue 19: small tensors go through TIES, DARE, DARE-TIES and DELLA in a few batched passes
     (TIES: one selection per size for all shards and tensors; the random ones: each tensor's draws
     from its own generator); the merged weights are the same, bit for bit, as one tensor at a time."""
-    from soup_ui.methods import METHODS, merge_into, tensor_seed
+    from soup_ui.methods import METHODS, Draws, merge_into
 
     g = torch.Generator().manual_seed(3)
     shapes = {"a": (7, 5), "b": (35,), "c": (16, 4, 3, 3), "d": (1,), "e": (7, 5), "f": (300,)}
@@ -264,7 +315,7 @@ def test_small_tensors_at_once_equal_tensor_by_tensor(method, density):
     import dataclasses
 
     m = METHODS[method]
-    params = m.parse({"density": density, "lambda": 1.5, **({"seed": 7} if m.random else {})})
+    params = m.parse({"density": density, "lambda": 1.5, **({"seed": 7, "rng": rng} if m.random else {})})
     batched = {n: torch.empty(s) for n, s in shapes.items()}
     calls = []
     spy = dataclasses.replace(m, batch=lambda outs, *rest: calls.append(len(outs)) or m.batch(outs, *rest))
@@ -272,8 +323,7 @@ def test_small_tensors_at_once_equal_tensor_by_tensor(method, density):
     assert calls == [len(shapes)]  # one pass for all six
     for n in shapes:
         one = torch.empty(shapes[n])
-        generator = torch.Generator().manual_seed(tensor_seed(7, n)) if m.random else None
-        m.fn(one, [s[n] for s in sources], [0.2, 0.3, 0.5], base[n], params, generator)
+        m.fn(one, [s[n] for s in sources], [0.2, 0.3, 0.5], base[n], params, Draws(7, n, rng) if m.random else None)
         assert torch.equal(batched[n], one), n
 
 

@@ -61,9 +61,29 @@ def test_derived_mixes_keep_method_and_params():
     rest = m.without("c")
     assert rest.names == ["a", "b"] and rest.weights == (0.5, 0.5)
     assert rest.method.name == "dare" and rest.params == m.params
-    assert m.reweighted({"a": 1}).params.values() == {"density": 0.3, "lambda": 1.0, "seed": 4}
+    assert m.reweighted({"a": 1}).params.values() == {"density": 0.3, "lambda": 1.0, "seed": 4, "rng": "counter"}
     assert m.recipe() == {
-        "method": "dare", "params": {"density": 0.3, "lambda": 1.0, "seed": 4}, "text_encoders": False,
+        "method": "dare", "params": {"density": 0.3, "lambda": 1.0, "seed": 4, "rng": "counter"}, "text_encoders": False,
         "shards": [{"name": "a", "sha256": "sha-a", "weight": 0.25}, {"name": "b", "sha256": "sha-b", "weight": 0.25},
                    {"name": "c", "sha256": "sha-c", "weight": 0.5}],
     }
+
+
+def test_random_methods_draw_by_counter_and_recipes_saved_before_it_keep_torchs_draws():
+    """rng: 'counter' is the default and goes unsaid in the label; a DARE, DARE-TIES or DELLA recipe
+    without rng (saved before the counter draws) is read with rng 'torch', so it renders what it did."""
+    from soup_ui.presets import Recipe
+
+    v = view("a", "b")
+    counter = Mix.build(v, {"a": 1, "b": 1}, "dare", {"density": 0.3})
+    legacy = Mix.build(v, {"a": 1, "b": 1}, "dare", {"density": 0.3, "rng": "torch"})
+    assert counter.label == "dare (density 0.3, lambda 1, seed 0): 0.50 a + 0.50 b"
+    assert legacy.label == "dare (density 0.3, lambda 1, seed 0, rng torch): 0.50 a + 0.50 b"
+    assert counter.key != legacy.key
+    for name in ("dare", "dare-ties", "della"):
+        old = Recipe.model_validate({"mix": {"a": 1}, "method": name, "params": {"density": 0.3, "seed": 2}})
+        assert old.params == {"density": 0.3, "seed": 2, "rng": "torch"}
+    assert Recipe.model_validate({"mix": {"a": 1}, "method": "dare", "params": {"rng": "counter"}}).params == {"rng": "counter"}
+    assert Recipe.model_validate({"mix": {"a": 1}, "method": "ties"}).params == {}
+    saved = Recipe.of(None, counter, Recipe.model_fields["render"].default)
+    assert Recipe.model_validate(saved.model_dump(mode="json")).params["rng"] == "counter"
