@@ -26,6 +26,7 @@ from typing import Literal
 from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 
+import numpy
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -96,6 +97,8 @@ class DellaParams(Params):
     lambda_: float = LAMBDA()
     seed: int = SEED()
     rng: Literal["counter", "torch"] = RNG()
+    ranks: Literal["sampled", "exact"] = Field("sampled", description="'sampled': each row's magnitude ranks read off 64 of its entries "
+                                               "(fast; probabilities near the exact ranks'); 'exact': each row sorted (recipes saved before 2026-12-03)")
 
     @model_validator(mode="after")
     def _probabilities_in_range(self):
@@ -335,18 +338,23 @@ def _counted_into(out, base, sources: list, key, probabilities: list, weights, l
     out.copy_(_counted_kernel(base, sources, key, probabilities, weights, lam, elect).view(out.shape))
 
 
-def _probe_kernel(base, sources: list, candidates):
-    """Per shard i, at the magnitude c_i: how many |t_i| are >= c_i, the smallest of those and the
-    largest one below c_i (-1 if none): one pass, no temporaries (the exact selection's step)."""
+def _probe_kernel(base, sources: list, candidates: list):
+    """Per shard i and each of its candidate magnitudes c (candidates: one vector per try, an entry
+    per shard): how many |t_i| are >= c, the smallest of those and the largest one below c (-1 if
+    none), as (shards, tries) each: one pass over the tensor for all of them, no temporaries (the
+    exact selection's step). Counted in int32 (a quarter faster than bool sums in int64; tensors
+    have fewer than 2^31 entries)."""
     b = _acc(base)
     at_least, smallest, below = [], [], []
     for i, s in enumerate(sources):
         a = (_acc(s) - b).abs()
-        keep = a >= candidates[i]
-        at_least.append(keep.sum())
-        smallest.append(torch.where(keep, a, math.inf).min())
-        below.append(torch.where(keep, -1.0, a).max())
-    return torch.stack(at_least), torch.stack(smallest), torch.stack(below)
+        for c in candidates:
+            keep = a >= c[i]
+            at_least.append(keep.to(torch.int32).sum(dtype=torch.int32))
+            smallest.append(torch.where(keep, a, math.inf).min())
+            below.append(torch.where(keep, -1.0, a).max())
+    shape = (len(sources), len(candidates))
+    return torch.stack(at_least).view(shape), torch.stack(smallest).view(shape), torch.stack(below).view(shape)
 
 
 FUSED_MIN_ELEMENTS = 1 << 18  # tensors from this size on run compiled (SD's larger tensors); smaller ones eager
@@ -355,8 +363,10 @@ _failed: list[str] = []  # why compiling failed, once: then everything runs eage
 
 
 def _run(kernel: Callable, *args):
-    """kernel(*args), compiled for large tensors (one variant per shard count and dtype, compiled on
-    first use under soup.TRACING, like the soup kernel); eager for small ones or if compiling fails."""
+    """kernel(*args), compiled for large tensors and batches of small ones (one variant per shard
+    count and dtype, compiled on first use under soup.TRACING, like the soup kernel); eager for
+    smaller ones (a small model's mix compiles nothing) or if compiling fails. Compiled and eager
+    kernels do the same float32 operations in the same order (tested: the same weights)."""
     from . import soup
 
     if args[0].numel() < FUSED_MIN_ELEMENTS or _failed:
@@ -406,6 +416,8 @@ def _scalars(values, like: torch.Tensor) -> torch.Tensor:
 
 
 PROBE_SAMPLE = 1 << 14  # entries sampled per tensor and shard for the first guess of the threshold
+PROBE_RUN = 64  # the sample is taken in runs of this many neighbouring entries (a cache line or two each, not one per entry)
+PROBE_CANDIDATES = 2  # magnitudes tried per shard in one pass
 PROBE_PASSES = 40  # passes over a tensor before the selection falls back to sorting everything
 
 
@@ -414,12 +426,14 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     trim keeps |t_i| >= it: the entries peft's `magnitude_based_pruning` keeps, and any tied with the
     k-th). +inf keeps nothing, 0 keeps all.
 
-    Exact, in a few passes over the tensor and no temporaries: a sample gives the first guess; each
-    pass (`_probe_kernel`) counts the entries at or above each shard's guess and reports the nearest
-    values on either side, which narrows the interval holding the k-th value to the values it has
-    seen; the sample places the next guess inside that interval (linearly in the magnitude once it
-    holds too few samples there; halving now and then), so fp16 deltas, which tie on few values,
-    settle in two to four passes and distinct fp32 ones in about ten."""
+    Exact, in a few passes over the tensor and no temporaries: a sample gives the first guesses; each
+    pass (`_probe_kernel`) tries two magnitudes per shard, counting the entries at or above each and
+    reporting the nearest values on either side, which narrows the interval holding the k-th value
+    to values it has seen. The first pass tries the sample's guesses a little above and below the
+    k-th (so it brackets it); later ones try the sample's value inside the interval with the share of
+    its entries the k-th needs, and the next magnitude above it (if that value is the k-th, the pass
+    closes the interval), or, with too few samples inside, a linear interpolation and the midpoint.
+    SD-1.5-shaped fp16 deltas: two passes for 223 of 227 large tensors, three for the rest."""
     n, k = base.numel(), int(density * base.numel())
     if k >= n:
         return _scalars([0.0] * len(sources), base)
@@ -427,10 +441,13 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
         return _scalars([math.inf] * len(sources), base)
     b = base.reshape(-1)
     if n < FUSED_MIN_ELEMENTS:  # one selection for all shards (a row each)
-        return torch.kthvalue(torch.stack([(_acc(s).reshape(-1) - _acc(b)).abs() for s in sources]), n - k + 1, dim=1).values
-    m = min(PROBE_SAMPLE, n)
-    index = torch.randint(n, (m,), generator=torch.Generator("cpu").manual_seed(n)).to(base.device)
-    sample = torch.stack([(_acc(s.reshape(-1)[index]) - _acc(b[index])).abs() for s in sources]).cpu().sort(dim=1).values
+        return kth_smallest(torch.stack([(_acc(s).reshape(-1) - _acc(b)).abs() for s in sources]), n - k)
+    run = min(PROBE_RUN, n)
+    starts = torch.randint(n - run + 1, (max(1, PROBE_SAMPLE // run),), generator=torch.Generator("cpu").manual_seed(n))
+    index = (starts.unsqueeze(1) + torch.arange(run)).reshape(-1).to(base.device)
+    m = index.numel()
+    base_sample = _acc(b[index])
+    sample = torch.from_numpy(numpy.sort(torch.stack([(_acc(s.reshape(-1)[index]) - base_sample).abs() for s in sources]).cpu().numpy(), axis=1))  # numpy's sort: 3x torch's here
     spread = n * (4 * math.sqrt((k / n) * (1 - k / n) / m) + 1 / m)  # the sample's guess is this many entries off, almost never more
 
     def guess(row: int, count: float) -> float:
@@ -448,43 +465,72 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
         share = (k - hi_count[row]) / max(lo_count[row] - hi_count[row], 1)  # of the entries in [lo, hi), at or above the k-th
         return float(sample[row, min(last - 1, max(first, last - round(share * (last - first))))])
 
-    dtype = _acc(base).dtype
+    def linear(row: int) -> float:
+        """Where the count reaches k if it falls linearly in the magnitude between lo and below_hi."""
+        return lo[row] + (below_hi[row] - lo[row]) * (lo_count[row] - k + 0.5) / max(lo_count[row] - hi_count[row], 1)
+
+    def above(x: float) -> float:
+        """The next magnitude above x in the precision the kernel compares in."""
+        return float(torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(math.inf, dtype=dtype)))
+
+    def tries(row: int, step: int) -> list[float]:
+        """This pass's two magnitudes for shard `row`. A value v of the tensor and the next magnitude
+        above it close the interval if v is the k-th; so do lo's next magnitude if lo is the k-th and
+        below_hi if it is: fp16 deltas tie on few values, and the sample's or a pass's value is often it."""
+        if step == 0:
+            g = guess(row, k)
+            return [g, above(g)]
+        if math.isinf(below_hi[row]):  # nothing is known to be too high yet: is lo the k-th? and further up
+            return [above(lo[row]), guess(row, k - spread * 4 ** (step - 1))]
+        if lo_count[row] == n and lo[row] == 0.0:  # nor too low: is below_hi the k-th? and further down
+            return [below_hi[row], guess(row, k + spread * 4 ** (step - 1))]
+        if step % 4 == 3:  # now and then halve the interval (guesses can creep up on one side)
+            return [(lo[row] + below_hi[row]) / 2, linear(row)]
+        inside = within(row)
+        return [linear(row), (lo[row] + below_hi[row]) / 2] if inside is None else [inside, above(inside)]
+
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32  # the precision the kernel compares in
     found: list[float | None] = [None] * len(sources)
     lo = [0.0] * len(sources)  # a magnitude with >= k entries at or above it (0: all n)
     lo_count = [n] * len(sources)
     below_hi = [math.inf] * len(sources)  # the largest value under a magnitude with < k at or above it (inf: none seen yet)
     hi_count = [0] * len(sources)  # how many are at or above that magnitude
-    candidates = [guess(i, k) for i in range(len(sources))]
+    candidates = [tries(i, 0) for i in range(len(sources))]
     for step in range(PROBE_PASSES):
-        counts, smallest, below = (x.tolist() for x in _run(_probe_kernel, b, _flat(list(sources), n), _scalars(candidates, base)))
-        for i, c in enumerate(candidates):
+        tried = _scalars_2d(candidates, base).T  # a vector per try
+        counts, smallest, below = (x.tolist() for x in _run(_probe_kernel, b, _flat(list(sources), n), list(tried)))
+        for i in range(len(sources)):
             if found[i] is not None:
                 continue
-            if counts[i] >= k:  # the k-th value is at least the smallest value >= c
-                lo[i], lo_count[i] = smallest[i], counts[i]
-            else:  # it is at most the largest value below c (there is one: fewer than k are >= c)
-                below_hi[i], hi_count[i] = below[i], counts[i]
+            for j in range(PROBE_CANDIDATES):
+                if counts[i][j] >= k:  # the k-th value is at least the smallest value >= c
+                    if smallest[i][j] > lo[i] or lo_count[i] == n:
+                        lo[i], lo_count[i] = smallest[i][j], counts[i][j]
+                elif below[i][j] < below_hi[i]:  # it is at most the largest value below c (there is one: fewer than k are >= c)
+                    below_hi[i], hi_count[i] = below[i][j], counts[i][j]
             if lo[i] == below_hi[i]:  # one value left between them
                 found[i] = lo[i]
                 continue
-            if math.isinf(below_hi[i]):  # nothing is known to be too high yet: the sample's guess, further up
-                nxt = guess(i, k - spread * 4 ** step)
-            elif lo_count[i] == n and lo[i] == 0.0 and step < 3:  # nor too low
-                nxt = guess(i, k + spread * 4 ** step)
-            else:
-                nxt = within(i)
-                if nxt is None:  # few samples left between them: the count is nearly linear in the magnitude there
-                    nxt = lo[i] + (below_hi[i] - lo[i]) * (lo_count[i] - k + 0.5) / max(lo_count[i] - hi_count[i], 1)
-                if step % 4 == 3:  # now and then halve the interval (guesses can creep up on one side)
-                    nxt = (lo[i] + below_hi[i]) / 2
             # strictly above lo (so the pass tells lo's ties apart), at most below_hi, in the precision
             # the kernel compares in
-            up = float(torch.nextafter(torch.tensor(lo[i], dtype=dtype), torch.tensor(math.inf, dtype=dtype)))
-            candidates[i] = min(max(float(torch.tensor(nxt, dtype=dtype)), up), below_hi[i])
+            candidates[i] = [min(max(float(torch.tensor(c, dtype=dtype)), above(lo[i])), below_hi[i]) for c in tries(i, step + 1)]
         if all(f is not None for f in found):
             return _scalars(found, base)
     logger.debug("magnitude selection did not settle in %d passes: sorting", PROBE_PASSES)
     return torch.stack([torch.kthvalue((_acc(s).reshape(-1) - _acc(b)).abs(), n - k + 1).values for s in sources])
+
+
+def kth_smallest(rows: torch.Tensor, index: int) -> torch.Tensor:
+    """Each row's value at 0-based `index` in ascending order (`torch.kthvalue`'s); on the CPU by
+    numpy's partition, about twice as fast here."""
+    if rows.device.type != "cpu":
+        return torch.kthvalue(rows, index + 1, dim=1).values
+    return torch.from_numpy(numpy.partition(rows.numpy(), index, axis=1)[:, index].copy())
+
+
+def _scalars_2d(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    """Rows of numbers as one tensor in the accumulation precision (as `_scalars`)."""
+    return torch.tensor(rows, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device)
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -563,7 +609,7 @@ def small_thresholds(bases: Sequence[torch.Tensor], sources: Sequence[Sequence[t
             continue
         deltas = _cat([shard[j] for shard in sources for j in js]).view(len(sources), len(js), n) - _cat([bases[j] for j in js]).view(1, len(js), n)
         rows = deltas.abs().view(-1, n)  # a row per shard and tensor
-        out[:, js] = torch.kthvalue(rows, n - k + 1, dim=1).values.view(len(sources), len(js))
+        out[:, js] = kth_smallest(rows, n - k).view(len(sources), len(js))
     return out
 
 
@@ -577,7 +623,7 @@ def ties_batch(outs, sources, weights, bases, p: TiesParams, stats=None) -> None
     flat = [_cat(shard) for shard in sources]
     counts = torch.tensor(sizes, device=base.device)
     per_entry = [torch.repeat_interleave(thresholds[i].to(base.device), counts) for i in range(len(sources))]
-    merged = _ties_kernel(base, flat, per_entry, _scalars(weights, base), _scalars([p.lambda_], base)[0])
+    merged = _run(_ties_kernel, base, flat, per_entry, _scalars(weights, base), _scalars([p.lambda_], base)[0])
     for out, piece in zip(outs, merged.split(sizes)):
         _write(out, piece)
 
@@ -658,11 +704,11 @@ def _dropped_batch(elect: bool, probabilities: Callable | None):
         if p.rng == "torch":
             per_tensor = [_torch_draws(b, len(sources), d.generator()) for b, d in zip(bases, draws)]  # in the order tensor by tensor draws them
             uniforms = [torch.cat([u[i].reshape(-1) for u in per_tensor]) for i in range(len(sources))]
-            merged = _dropped_kernel(base, flat, uniforms, keep, w, lam, elect)
+            merged = _run(_dropped_kernel, base, flat, uniforms, keep, w, lam, elect)
         else:  # entry j of a tensor starting at s counts j - s + its key
             starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
             keys = torch.tensor([_int32(d.key - s) for d, s in zip(draws, starts.tolist())], dtype=torch.int32)
-            merged = _counted_kernel(base, flat, torch.repeat_interleave(keys, torch.tensor(sizes)).to(base.device), keep, w, lam, elect)
+            merged = _run(_counted_kernel, base, flat, torch.repeat_interleave(keys, torch.tensor(sizes)).to(base.device), keep, w, lam, elect)
         for out, piece in zip(outs, merged.split(sizes)):
             _write(out, piece)
 
@@ -680,12 +726,75 @@ METHODS["dare-ties"] = dataclass_replace(METHODS["dare-ties"], batch=_dropped_ba
 def della(out, sources, weights, base, p: DellaParams, draws: Draws):
     """MagPrune: larger entries are more likely kept; each kept entry is rescaled by 1 / its keep
     probability; then sign election and the disjoint mean."""
-    b = _acc(base)
-    probabilities = [rank_probabilities(_acc(s) - b, p.density, p.epsilon) for s in sources]
-    _dropped(out, base, sources, weights, p, draws, probabilities, elect=True)
+    if p.ranks == "exact" or p.rng == "torch":
+        b = _acc(base)
+        _dropped(out, base, sources, weights, p, draws, [_della_probabilities(_acc(s) - b, p) for s in sources], elect=True)
+        return
+    rows = _rows(base)
+    b = base.reshape(rows)
+    values = _scalars([p.lambda_, p.density, p.epsilon], base)
+    probabilities = []
+    for s in sources:  # one pass each: the probabilities are read twice in the merge, not recomputed there
+        knots, slopes = row_knots(b, s.reshape(rows))
+        probabilities.append(_run(_ranked_kernel, b, s.reshape(rows), knots, slopes, values).reshape(-1))
+    key = torch.tensor(draws.key, dtype=torch.int32, device=base.device)
+    _into(_counted_into, out, base, list(sources), key, probabilities, _scalars(weights, base), values[0], True)
 
 
-METHODS["della"] = dataclass_replace(METHODS["della"], batch=_dropped_batch(True, lambda delta, p: rank_probabilities(delta, p.density, p.epsilon)))
+RANK_SAMPLE = 64  # entries per row that DELLA's sampled ranks are read from
+RANK_KNOTS = 4  # pieces of the piecewise-linear rank curve through them
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int]:
+    """DELLA's rows: the tensor viewed as (shape[0], -1); a vector is one row."""
+    return (t.shape[0], t.numel() // t.shape[0]) if t.dim() > 1 else (1, t.numel())
+
+
+def row_knots(base: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of |source - base| (rows x L), RANK_KNOTS + 1 magnitudes that split an evenly strided
+    sample of RANK_SAMPLE of its entries into equal shares (the first its smallest, the last its
+    largest), and the slope of each piece (1 / its width; a huge one for a piece of width 0, a step)."""
+    length = base.shape[1]
+    pick = torch.arange(0, length, max(1, length // RANK_SAMPLE), device=base.device)[:RANK_SAMPLE]
+    sample = (_acc(source[:, pick]) - _acc(base[:, pick])).abs()
+    ordered = torch.from_numpy(numpy.sort(sample.cpu().numpy(), axis=1)).to(base.device) if base.device.type == "cpu" else sample.sort(dim=1).values
+    at = torch.tensor([round(j * (ordered.shape[1] - 1) / RANK_KNOTS) for j in range(RANK_KNOTS + 1)], device=base.device)
+    knots = ordered[:, at]
+    widths = knots[:, 1:] - knots[:, :-1]
+    return knots, torch.where(widths > 0, 1.0 / torch.where(widths > 0, widths, 1.0), 1e30)
+
+
+def sampled_rank(a: torch.Tensor, knots: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """Each entry's share of its row below it (0 to 1), read off the piecewise-linear curve through
+    its row's knots: a (rows x L), knots (rows x RANK_KNOTS + 1)."""
+    share = torch.zeros_like(a)
+    for j in range(RANK_KNOTS):
+        share = share + ((a - knots[:, j : j + 1]) * slopes[:, j : j + 1]).clamp(0.0, 1.0)
+    return share * (1.0 / RANK_KNOTS)
+
+
+def _ranked_kernel(base, source, knots, slopes, values):
+    """DELLA's keep probabilities with sampled ranks over rows (base, source: rows x L), values =
+    (lambda, density, epsilon)."""
+    return _keep(sampled_rank((_acc(source) - _acc(base)).abs(), knots, slopes), values)
+
+
+def _keep(share: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Keep probabilities from rank shares: density - epsilon + 2 epsilon x share (values = (lambda, density, epsilon))."""
+    return values[1] - values[2] + 2 * values[2] * share
+
+
+def _della_probabilities(delta: torch.Tensor, p: DellaParams) -> torch.Tensor:
+    """One tensor's keep probabilities, exact or sampled ranks, computed as `della`'s kernel does
+    (the batch of small tensors and the 'torch' draws take them from here)."""
+    if p.ranks == "exact":
+        return rank_probabilities(delta, p.density, p.epsilon)
+    rows = _rows(delta)
+    knots, slopes = row_knots(torch.zeros(rows, dtype=delta.dtype, device=delta.device), delta.reshape(rows))
+    return _keep(sampled_rank(delta.abs().reshape(rows), knots, slopes), _scalars([p.lambda_, p.density, p.epsilon], delta)).reshape(delta.shape)
+
+
+METHODS["della"] = dataclass_replace(METHODS["della"], batch=_dropped_batch(True, _della_probabilities))
 
 
 DOT_THRESHOLD = 0.9995  # mergekit's: above it the two tensors count as parallel and are interpolated linearly

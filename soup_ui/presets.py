@@ -200,7 +200,7 @@ class Recipe(Strict):
     """A saved mix: which preset, the shard weights, the merge method with its parameters and the
     render settings. Recipes of earlier versions are read as they were made: `mode` and `scale` as
     method and lambda; a random method's recipe without `rng` (saved before 2026-12-03) draws with
-    torch's generator, as it did then."""
+    torch's generator (and DELLA ranks exactly), as it did then."""
 
     preset: Path | None = None  # relative paths are taken from the recipe file's folder
     mix: dict[str, float] = Field(min_length=1)
@@ -220,7 +220,8 @@ class Recipe(Strict):
             if scale is not None and data["method"] == "task-arithmetic":
                 data["params"] = {"lambda": scale, **data.get("params", {})}
         if isinstance(data, dict) and data.get("method") in RANDOM_BEFORE_COUNTER and "rng" not in (data.get("params") or {}):
-            data = {**data, "params": {**(data.get("params") or {}), "rng": "torch"}}
+            before = {"rng": "torch", **({"ranks": "exact"} if data["method"] == "della" else {})}
+            data = {**data, "params": {**(data.get("params") or {}), **before}}
         return data
 
     @field_validator("method")

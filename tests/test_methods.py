@@ -41,6 +41,7 @@ def test_registry_lists_methods_with_params_and_references():
         assert m.summary and m.reference
         m.parse({})  # every default is valid
     assert METHODS["dare"].param_names() == ["density", "lambda", "seed", "rng"]
+    assert METHODS["della"].param_names() == ["density", "epsilon", "lambda", "seed", "rng", "ranks"]
 
 
 def test_average_and_task_arithmetic_are_the_weighted_sums():
@@ -173,12 +174,30 @@ def test_della_keep_probabilities_follow_magnitude_rank():
     p = methods.rank_probabilities(delta, 0.5, 0.2)
     torch.testing.assert_close(p, torch.tensor([[0.3, 0.7, 0.6, 0.4, 0.5]]))
     base, a = torch.zeros(1, 4000), torch.linspace(-1, 1, 4000).view(1, -1)
-    got = run("della", [a], [1.0], base, density=0.5, epsilon=0.4, seed=1)
-    kept = got != 0
-    large, small = a.abs() > 0.75, a.abs() < 0.25
-    assert kept[large].float().mean() > 0.75 and kept[small].float().mean() < 0.25
-    probability = methods.rank_probabilities(a, 0.5, 0.4)
-    torch.testing.assert_close(got[kept], (a / probability)[kept])  # each kept entry rescaled by its own probability
+    for ranks in ("exact", "sampled"):
+        got = run("della", [a], [1.0], base, density=0.5, epsilon=0.4, seed=1, ranks=ranks)
+        kept = got != 0
+        large, small = a.abs() > 0.75, a.abs() < 0.25
+        assert kept[large].float().mean() > 0.75 and kept[small].float().mean() < 0.25
+        probability = methods.rank_probabilities(a, 0.5, 0.4)
+        if ranks == "sampled":  # 64 evenly spaced entries of a linear ramp: near the exact shares
+            probability = methods._della_probabilities(a, method("della").parse({"density": 0.5, "epsilon": 0.4}))
+            torch.testing.assert_close(probability, methods.rank_probabilities(a, 0.5, 0.4), atol=0.015, rtol=0)
+        torch.testing.assert_close(got[kept], (a / probability)[kept])  # each kept entry rescaled by its own probability
+
+
+@pytest.mark.parametrize("shape", [(64, 3000), (320, 32, 3, 3), (5000,), (40, 7)])
+def test_della_sampled_ranks_are_near_the_exact_ranks(shape):
+    """ranks 'sampled' reads each row's rank curve off 64 evenly strided entries: on rows of
+    differently scaled normal deltas, keep probabilities within 0.5 epsilon of the exact ranks'
+    everywhere (the rows' extremes, beyond the sample's) and 0.1 epsilon on average, in
+    [density - epsilon, density + epsilon]."""
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(*shape, generator=g) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g)
+    sampled = methods._della_probabilities(delta, method("della").parse({"density": 0.5, "epsilon": 0.1}))
+    error = (sampled - methods.rank_probabilities(delta, 0.5, 0.1)).abs()
+    assert float(error.max()) <= 0.05 and float(error.mean()) <= 0.01
+    assert float(sampled.min()) >= 0.4 - 1e-6 and float(sampled.max()) <= 0.6 + 1e-6
 
 
 def test_della_refuses_probabilities_outside_zero_one():
@@ -244,7 +263,7 @@ def test_non_linear_methods_write_in_the_targets_dtype_and_keep_integer_buffers(
 @pytest.mark.parametrize(
     "name, params",
     [("ties", {"density": 0.3}), ("dare", {"density": 0.4, "seed": 2}), ("dare-ties", {"density": 0.4, "seed": 2}),
-     ("della", {"density": 0.5, "epsilon": 0.2, "seed": 2})],
+     ("della", {"density": 0.5, "epsilon": 0.2, "seed": 2}), ("della", {"density": 0.5, "epsilon": 0.2, "seed": 2, "ranks": "exact"})],
 )
 def test_the_compiled_kernels_give_the_eager_results(monkeypatch, name, params):
     """Large tensors run through compiled kernels (the same functions, fused): the same weights to
@@ -301,7 +320,8 @@ def test_the_sign_election_is_pefts_majority_sign_mask():
 
 
 @pytest.mark.parametrize("method,density,rng", [("ties", 0.0, None), ("ties", 0.2, None), ("ties", 0.5, None), ("ties", 1.0, None), ("dare", 0.3, "counter"),
-                                                ("dare", 0.3, "torch"), ("dare-ties", 0.5, "counter"), ("della", 0.4, "counter"), ("della", 0.4, "torch")])
+                                                ("dare", 0.3, "torch"), ("dare-ties", 0.5, "counter"), ("della", 0.4, "counter"), ("della", 0.4, "torch"),
+                                                ("della-exact", 0.4, "counter")])
 def test_small_tensors_at_once_equal_tensor_by_tensor(method, density, rng):
     """Issue 19: small tensors go through TIES, DARE, DARE-TIES and DELLA in a few batched passes
     (TIES: one selection per size for all shards and tensors; the random ones: each tensor's draws
@@ -314,8 +334,9 @@ def test_small_tensors_at_once_equal_tensor_by_tensor(method, density, rng):
     sources = [{n: t + 0.1 * torch.randn(t.shape, generator=g).round(decimals=1) for n, t in base.items()} for _ in range(3)]
     import dataclasses
 
+    method, ranks = (method.removesuffix("-exact"), {"ranks": "exact"}) if method.endswith("-exact") else (method, {})
     m = METHODS[method]
-    params = m.parse({"density": density, "lambda": 1.5, **({"seed": 7, "rng": rng} if m.random else {})})
+    params = m.parse({"density": density, "lambda": 1.5, **({"seed": 7, "rng": rng} if m.random else {}), **ranks})
     batched = {n: torch.empty(s) for n, s in shapes.items()}
     calls = []
     spy = dataclasses.replace(m, batch=lambda outs, *rest: calls.append(len(outs)) or m.batch(outs, *rest))

@@ -71,7 +71,8 @@ def test_derived_mixes_keep_method_and_params():
 
 def test_random_methods_draw_by_counter_and_recipes_saved_before_it_keep_torchs_draws():
     """rng: 'counter' is the default and goes unsaid in the label; a DARE, DARE-TIES or DELLA recipe
-    without rng (saved before the counter draws) is read with rng 'torch', so it renders what it did."""
+    without rng (saved before the counter draws) is read with rng 'torch' (DELLA: and exact ranks),
+    so it renders what it did."""
     from soup_ui.presets import Recipe
 
     v = view("a", "b")
@@ -82,7 +83,7 @@ def test_random_methods_draw_by_counter_and_recipes_saved_before_it_keep_torchs_
     assert counter.key != legacy.key
     for name in ("dare", "dare-ties", "della"):
         old = Recipe.model_validate({"mix": {"a": 1}, "method": name, "params": {"density": 0.3, "seed": 2}})
-        assert old.params == {"density": 0.3, "seed": 2, "rng": "torch"}
+        assert old.params == {"density": 0.3, "seed": 2, "rng": "torch", **({"ranks": "exact"} if name == "della" else {})}
     assert Recipe.model_validate({"mix": {"a": 1}, "method": "dare", "params": {"rng": "counter"}}).params == {"rng": "counter"}
     assert Recipe.model_validate({"mix": {"a": 1}, "method": "ties"}).params == {}
     saved = Recipe.of(None, counter, Recipe.model_fields["render"].default)
