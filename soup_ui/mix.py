@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from .pool import Shard
 
 
+UNSAID = {("rng", "counter"), ("ranks", "sampled")}  # defaults of how a random method draws, left out of labels
+
+
 @dataclass(frozen=True, eq=False)
 class Mix:
     """Shards (in mix order), normalized weights, method and parameters, and whether the shards'
@@ -185,7 +188,7 @@ class Mix:
             return f"add difference: {a} + {p['alpha']:g} x ({b} - {p['c']})"
         if name == "slerp":
             return f"slerp: {self.names[0]} -> {self.names[1]} at t = {self.weights[1]:.2f}"
-        shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items() if (k, v) != ("rng", "counter"))  # the default draw goes unsaid
+        shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items() if (k, v) not in UNSAID)
         return f"{name}{f' ({shown})' if shown else ''}: {parts}"
 
     def recipe(self) -> dict:

@@ -81,6 +81,8 @@ def test_random_methods_draw_by_counter_and_recipes_saved_before_it_keep_torchs_
     assert counter.label == "dare (density 0.3, lambda 1, seed 0): 0.50 a + 0.50 b"
     assert legacy.label == "dare (density 0.3, lambda 1, seed 0, rng torch): 0.50 a + 0.50 b"
     assert counter.key != legacy.key
+    assert Mix.build(v, {"a": 1}, "della", {"ranks": "exact"}).label == "della (density 0.5, epsilon 0.1, lambda 1, seed 0, ranks exact): 1.00 a"
+    assert Mix.build(v, {"a": 1}, "della").label == "della (density 0.5, epsilon 0.1, lambda 1, seed 0): 1.00 a"
     for name in ("dare", "dare-ties", "della"):
         old = Recipe.model_validate({"mix": {"a": 1}, "method": name, "params": {"density": 0.3, "seed": 2}})
         assert old.params == {"density": 0.3, "seed": 2, "rng": "torch", **({"ranks": "exact"} if name == "della" else {})}

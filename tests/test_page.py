@@ -741,6 +741,21 @@ def test_a_recipe_saved_with_dare_reloads_and_renders_the_same_bytes(server, bro
     assert soup_from_recipe(browser, server, recipe, "dare (density 0.3, lambda 1, seed 0)", "dare") == saved  # byte-identical soup
 
 
+def test_della_draw_choices_on_the_page_re_render_the_soup_and_label_what_is_not_the_default(server, browser):
+    """Issue 19: DELLA's `rng` and `ranks` are choices on the page (a Literal parameter as a dropdown;
+    the app failed to start before: a dropdown has no submit event); picking one re-renders the soup
+    and the label names it, while the defaults go unsaid."""
+    page = open_page(browser, server)
+    choose_method(page, "della")
+    wait_text(page, "#soup-label", "della (density 0.5, epsilon 0.1, lambda 1, seed 0)")
+    sampled = image_digest(page)
+    page.locator("#param-ranks input").first.click()
+    page.get_by_role("option", name="exact", exact=True).click()
+    wait_text(page, "#soup-label", "della (density 0.5, epsilon 0.1, lambda 1, seed 0, ranks exact)")
+    assert image_digest(page) != sampled  # other keep probabilities, other weights
+    page.close()
+
+
 def test_a_soup_png_dropped_on_the_page_restores_its_mix_and_renders_the_same_bytes(server, browser, tmp_path):
     """Every image the page serves carries its recipe (PNG text chunks: A1111's `parameters` and
     the full recipe); loading that PNG as a recipe restores the method, parameters, mix and settings."""
