@@ -527,8 +527,12 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         # A method brings its own parameters (at their defaults), then the soup is rendered with it.
         method.input(method_updates, [method], [*params, note], **quiet).then(**soup_only, **render_opts)
         for control in params:
-            event = control.release if isinstance(control, gr.Slider) else control.input if isinstance(control, gr.Dropdown) else control.submit
-            event(**soup_only, **render_opts)
+            if isinstance(control, gr.Slider):
+                control.release(**soup_only, **render_opts)
+            elif isinstance(control, gr.Dropdown):
+                control.input(**soup_only, **render_opts)
+            else:
+                control.submit(**soup_only, **render_opts)
         text_mix.input(**full, **render_opts)  # components change too (those with their own text encoder)
         # Block weights: a row's line (Enter), its preset, or the block editor's sliders; the picture
         # follows, then the soup is rendered (a refused line: said under the images, which stay).

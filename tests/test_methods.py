@@ -344,7 +344,7 @@ def test_small_tensors_at_once_equal_tensor_by_tensor(method, density, rng):
     assert calls == [len(shapes)]  # one pass for all six
     for n in shapes:
         one = torch.empty(shapes[n])
-        m.fn(one, [s[n] for s in sources], [0.2, 0.3, 0.5], base[n], params, Draws(7, n, rng) if m.random else None)
+        m.fn(one, [s[n] for s in sources], [0.2, 0.3, 0.5], base[n], params, Draws(7, n) if m.random else None)
         assert torch.equal(batched[n], one), n
 
 
