@@ -354,6 +354,11 @@ def _probe_kernel(base, sources: list, candidates: list):
 
 
 FUSED_MIN_ELEMENTS = 1 << 18  # tensors from this size on run compiled (SD's larger tensors); smaller ones eager
+# Inductor realizes an intermediate read twice (TIES' agree masks) as its own loop node; a node that
+# loads no fp16 makes the whole fused loop run 8 float lanes wide, reading fp16 through partial
+# (copied) vector loads: DARE-TIES on fp16 took 2-3x as long. Inlined, every node reads fp16 and the
+# loop runs 16 wide; the operations and their order are the same (tested: the same weights).
+COMPILE_OPTIONS = {"realize_opcount_threshold": 1 << 14, "realize_reads_threshold": 1 << 14, "realize_acc_reads_threshold": 1 << 14}
 _compiled: dict[str, Callable] = {}
 _failed: list[str] = []  # why compiling failed, once: then everything runs eager
 
@@ -372,7 +377,7 @@ def _run(kernel: Callable, *args):
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-        _compiled[name] = torch.compile(kernel, dynamic=True)
+        _compiled[name] = torch.compile(kernel, dynamic=True, options=COMPILE_OPTIONS)
     try:
         with soup.TRACING:
             return _compiled[name](*args)
@@ -392,17 +397,20 @@ def _flat(x, n: int):
     return x
 
 
-def _into(kernel: Callable, out: torch.Tensor, base: torch.Tensor, *args) -> None:
-    """kernel(out, base, *args), which writes its result into `out` (an `_into` kernel); where `out`
-    cannot be written as a vector or lives on another device than the base, the result is computed
-    beside the base and copied over."""
+def _into(kernel: Callable, out: torch.Tensor, base: torch.Tensor, *args, rows: tuple[int, int] | None = None) -> None:
+    """kernel(out, base, *args), which writes its result into `out` (an `_into` kernel), every tensor
+    of the base's size as a vector (or, given `rows`, out and base as rows x L, the arguments as the
+    caller shaped them: DELLA); where `out` cannot be written so or lives on another device than the
+    base, the result is computed beside the base and copied over."""
     n = base.numel()
-    args = tuple(_flat(a, n) for a in args)
+    shape = rows or (n,)
+    if rows is None:
+        args = tuple(_flat(a, n) for a in args)
     if out.device == base.device and out.is_contiguous():
-        _run(kernel, out.view(-1), _flat(base, n), *args)
+        _run(kernel, out.view(shape), base.reshape(shape), *args)
     else:
-        result = torch.empty(n, dtype=out.dtype, device=base.device)
-        _run(kernel, result, _flat(base, n), *args)
+        result = torch.empty(shape, dtype=out.dtype, device=base.device)
+        _run(kernel, result, base.reshape(shape), *args)
         out.copy_(result.view(out.shape))
 
 
@@ -721,10 +729,27 @@ def della(out, sources, weights, base, p: DellaParams, draws: Draws):
         return
     rows = _rows(base)
     values = _scalars([p.lambda_, p.density, p.epsilon], base)
-    # one pass each: the probabilities are read twice in the merge, not recomputed there
-    probabilities = [sampled_probabilities(base.reshape(rows), s.reshape(rows), values).reshape(-1) for s in sources]
+    knots = [row_knots(base.reshape(rows), s.reshape(rows)) for s in sources]
     key = torch.tensor(draws.key, dtype=torch.int32, device=base.device)
-    _into(_counted_into, out, base, list(sources), key, probabilities, _scalars(weights, base), values[0], True)
+    _into(_della_into, out, base, [s.reshape(rows) for s in sources], key, [k for k, _ in knots], [s for _, s in knots], _scalars(weights, base), values, rows=rows)
+
+
+def _della_into(out, base, sources: list, key, knots: list, slopes: list, weights, values) -> None:
+    """out <- DELLA with sampled ranks and counter draws over rows (out, base, sources: rows x L; each
+    shard's knots and slopes: rows x RANK_KNOTS + 1 and rows x RANK_KNOTS; values = (lambda, density,
+    epsilon)), in one pass: each entry's keep probability is computed where it is used (written out
+    and read back, the probabilities took longer than the merge). Entry (r, c) counts r L + c + key,
+    as `_counted_kernel` counts the flat index: the same draws."""
+    rows, length = base.shape
+    at = torch.arange(rows, dtype=torch.int32, device=base.device).view(-1, 1) * length + torch.arange(length, dtype=torch.int32, device=base.device)
+    uniforms = counter_uniforms(at + key, len(sources))
+    b = _acc(base)
+    deltas = []
+    for i, s in enumerate(sources):
+        d = _acc(s) - b
+        keep = _keep(sampled_rank(d.abs(), knots[i], slopes[i]), values)
+        deltas.append(torch.where(uniforms[i] < keep, d / torch.where(keep > 0, keep, 1.0), 0.0))
+    out.copy_(b + values[0] * sign_consensus(deltas, weights))
 
 
 RANK_SAMPLE = 64  # entries per row that DELLA's sampled ranks are read from
@@ -739,13 +764,15 @@ def _rows(t: torch.Tensor) -> tuple[int, int]:
 def row_knots(base: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of |source - base| (rows x L), RANK_KNOTS + 1 magnitudes that split an evenly strided
     sample of RANK_SAMPLE of its entries into equal shares (the first its smallest, the last its
-    largest), and the slope of each piece (1 / its width; a huge one for a piece of width 0, a step)."""
-    length = base.shape[1]
-    pick = torch.arange(0, length, max(1, length // RANK_SAMPLE), device=base.device)[:RANK_SAMPLE]
-    sample = (_acc(source[:, pick]) - _acc(base[:, pick])).abs()
-    ordered = torch.from_numpy(numpy.sort(sample.cpu().numpy(), axis=1)).to(base.device) if base.device.type == "cpu" else sample.sort(dim=1).values
-    at = torch.tensor([round(j * (ordered.shape[1] - 1) / RANK_KNOTS) for j in range(RANK_KNOTS + 1)], device=base.device)
-    knots = ordered[:, at]
+    largest), and the slope of each piece (1 / its width; a huge one for a piece of width 0, a step).
+    The sample is a strided view (no gather); on the CPU numpy sorts its rows."""
+    step = max(1, base.shape[1] // RANK_SAMPLE)
+    sample = (_acc(source[:, ::step][:, :RANK_SAMPLE]) - _acc(base[:, ::step][:, :RANK_SAMPLE])).abs()
+    at = [round(j * (sample.shape[1] - 1) / RANK_KNOTS) for j in range(RANK_KNOTS + 1)]
+    if sample.device.type == "cpu":
+        knots = torch.from_numpy(numpy.sort(sample.numpy(), axis=1)[:, at])
+    else:
+        knots = sample.sort(dim=1).values[:, at]
     widths = knots[:, 1:] - knots[:, :-1]
     return knots, torch.where(widths > 0, 1.0 / torch.where(widths > 0, widths, 1.0), 1e30)
 

@@ -279,6 +279,26 @@ def test_the_compiled_kernels_give_the_eager_results(monkeypatch, name, params):
     assert float(((fused.float() - eager.float()).abs() / step).max()) <= 1
 
 
+@pytest.mark.parametrize("shape", [(300, 700), (64, 32, 3, 3), (70_000,)])
+def test_della_one_pass_gives_the_weights_of_probabilities_then_merge(monkeypatch, shape):
+    """DELLA (sampled ranks, counter draws) computes each keep probability inside the merge kernel,
+    over rows; the weights are bit for bit those of writing the probabilities out first and merging
+    them with the flat counter kernel (the same draws: entry (r, c) counts r L + c), compiled."""
+    monkeypatch.setattr(methods, "FUSED_MIN_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(shape, generator=g).half()
+    sources = [(base.float() + s * torch.randn(shape, generator=g)).half() for s in (0.01, 0.03, 0.002)]
+    p = method("della").parse({"density": 0.4, "epsilon": 0.15, "seed": 3})
+    one_pass = torch.empty_like(base)
+    methods.della(one_pass, sources, [0.5, 0.3, 0.2], base, p, methods.Draws(3, "w"))
+    probabilities = [methods._della_probabilities(s.float() - base.float(), p) for s in sources]
+    two_pass = torch.empty_like(base)
+    methods._dropped(two_pass, base, sources, [0.5, 0.3, 0.2], p, methods.Draws(3, "w"), probabilities, elect=True)
+    assert not methods._failed, methods._failed
+    assert torch.equal(one_pass, two_pass)
+    assert 0 < int((one_pass != base).sum()) < base.numel()  # some entries kept, some dropped
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("passes", [40, 1])
 def test_probed_magnitude_thresholds_are_exact(monkeypatch, dtype, passes):
