@@ -696,7 +696,7 @@ def _dropped_batch(elect: bool, probabilities: Callable | None):
         if probabilities is None:
             keep = [_scalars([p.density], base)[0]] * len(sources)
         else:
-            keep = [torch.cat([probabilities(_acc(t) - _acc(b), p).reshape(-1) for t, b in zip(shard, bases)]) for shard in sources]
+            keep = [torch.cat([q.reshape(-1) for q in probabilities([_acc(t) - _acc(b) for t, b in zip(shard, bases)], p)]) for shard in sources]
         w, lam = _scalars(weights, base), _scalars([p.lambda_], base)[0]
         if p.rng == "torch":
             per_tensor = [_torch_draws(b, len(sources), d.generator()) for b, d in zip(bases, draws)]  # in the order tensor by tensor draws them
@@ -813,7 +813,27 @@ def _della_probabilities(delta: torch.Tensor, p: DellaParams) -> torch.Tensor:
     return sampled_probabilities(zero, delta.reshape(rows), _scalars([p.lambda_, p.density, p.epsilon], delta)).reshape(delta.shape)
 
 
-METHODS["della"] = dataclass_replace(METHODS["della"], batch=_dropped_batch(True, _della_probabilities))
+def _della_probabilities_of(deltas: list[torch.Tensor], p: DellaParams) -> list[torch.Tensor]:
+    """`_della_probabilities` of many small tensors (the batch's): with sampled ranks, the rows of one
+    length in one pass (a row's knots and probabilities depend on its row alone: the same values;
+    SD-1.5's 459 small tensors have few row lengths, and one by one they took a sixth of DELLA's time)."""
+    if p.ranks == "exact":
+        return [_della_probabilities(d, p) for d in deltas]
+    values = _scalars([p.lambda_, p.density, p.epsilon], deltas[0])
+    by_length: dict[int, list[int]] = {}
+    for j, d in enumerate(deltas):
+        by_length.setdefault(_rows(d)[1], []).append(j)
+    out: list[torch.Tensor] = [deltas[0]] * len(deltas)
+    for js in by_length.values():
+        rows = torch.cat([deltas[j].reshape(_rows(deltas[j])) for j in js])
+        zero = torch.zeros((), dtype=rows.dtype, device=rows.device).expand(rows.shape)
+        kept = _ranked_kernel(zero, rows, *row_knots(zero, rows), values)  # eager, as each small tensor alone ran
+        for j, piece in zip(js, kept.split([_rows(deltas[j])[0] for j in js])):
+            out[j] = piece.reshape(deltas[j].shape)
+    return out
+
+
+METHODS["della"] = dataclass_replace(METHODS["della"], batch=_dropped_batch(True, _della_probabilities_of))
 
 
 DOT_THRESHOLD = 0.9995  # mergekit's: above it the two tensors count as parallel and are interpolated linearly
