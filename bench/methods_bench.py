@@ -7,7 +7,7 @@ Shards are the base plus a small random task vector each (random weights with SD
 and shapes, 859.5M parameters, one flat buffer per model as the studio holds them). Linear methods
 are timed against the bound (K sources, plus the base where its coefficient is not 0, read once
 and the target written once, at the streaming rate `torch.add` reaches over whole buffers in the
-same run); the others against our average. sd-mecha (pip install --no-deps sd-mecha==1.1.8 scipy)
+same run); the others against our average. sd-mecha (pip install --no-deps sd-mecha==1.1.8 scipy fuzzywuzzy)
 merges the same in-memory state dicts, fp32 maths, fp16 out. Agreement is measured where the two
 formulations agree, in fp16 steps (units in the last place of the result).
 """
@@ -163,8 +163,8 @@ def main(argv=None) -> int:
     if use_mecha:
         try:
             import sd_mecha  # noqa: F401
-        except ImportError:
-            print("sd-mecha is not installed: its columns are left empty")
+        except ImportError as err:  # not installed, or a dependency --no-deps left out (fuzzywuzzy)
+            print(f"sd-mecha cannot be imported ({err}): its columns are left empty")
             use_mecha = False
     out = torch.empty_like(base.buffer)
     copy = lambda: torch.add(base.buffer, shards[0].buffer, out=out)  # noqa: E731

@@ -9,7 +9,7 @@ parameters, each shard one flat buffer whose views are its 686 tensors) and time
 - `soup_ui.soup.average_into` on the flat buffers (what the studio holds) and on the 686 tensors
   (the generic API on a plain state dict), interleaved with the bound;
 - a naive per-key loop that builds a new state dict (what A1111-style mergers do);
-- sd-mecha's n_average on the same state dicts, if installed (pip install --no-deps sd-mecha).
+- sd-mecha's n_average on the same state dicts, if installed (pip install --no-deps sd-mecha==1.1.8 scipy fuzzywuzzy).
 With --lean-k, it also streams K fp16 shards from safetensors files (lean mode) against reading them;
 `--unet flux --lean-only --flux-blocks D,S` does that alone for FLUX.1-shaped bf16 transformers
 (FLUX's widths, D double and S single blocks: the full 23.8 GB per shard rarely fits a disk K times).
