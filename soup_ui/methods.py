@@ -336,21 +336,22 @@ def _counted_into(out, base, sources: list, key, probabilities: list, weights, l
 
 def _probe_kernel(base, sources: list, candidates: list):
     """Per shard i and each of its candidate magnitudes c (candidates: one vector per try, an entry
-    per shard): how many |t_i| are >= c, the smallest of those and the largest one below c (-1 if
-    none), as (shards, tries) each: one pass over the tensor for all of them, no temporaries (the
-    exact selection's step). Counted in int32 (a quarter faster than bool sums in int64; tensors
-    have fewer than 2^31 entries)."""
+    per shard): how many |t_i| are >= c and how many > c, the smallest one above c (inf if none)
+    and the largest one below c (-1 if none), as (shards, tries) each: one pass over the tensor for
+    all of them, no temporaries (the exact selection's step). Counted in int32 (a quarter faster
+    than bool sums in int64; tensors have fewer than 2^31 entries)."""
     b = _acc(base)
-    at_least, smallest, below = [], [], []
+    at_least, above, smallest, below = [], [], [], []
     for i, s in enumerate(sources):
         a = (_acc(s) - b).abs()
         for c in candidates:
-            keep = a >= c[i]
-            at_least.append(keep.to(torch.int32).sum(dtype=torch.int32))
-            smallest.append(torch.where(keep, a, math.inf).min())
-            below.append(torch.where(keep, -1.0, a).max())
+            over = a > c[i]
+            at_least.append((a >= c[i]).to(torch.int32).sum(dtype=torch.int32))
+            above.append(over.to(torch.int32).sum(dtype=torch.int32))
+            smallest.append(torch.where(over, a, math.inf).min())
+            below.append(torch.where(a < c[i], a, -1.0).max())
     shape = (len(sources), len(candidates))
-    return torch.stack(at_least).view(shape), torch.stack(smallest).view(shape), torch.stack(below).view(shape)
+    return tuple(torch.stack(x).view(shape) for x in (at_least, above, smallest, below))
 
 
 FUSED_MIN_ELEMENTS = 1 << 18  # tensors from this size on run compiled (SD's larger tensors); smaller ones eager
@@ -430,11 +431,12 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     k-th). +inf keeps nothing, 0 keeps all.
 
     Exact, in a few passes over the tensor and no temporaries: a sample gives the first guess; each
-    pass (`_probe_kernel`) tries two magnitudes per shard, counting the entries at or above each and
-    reporting the nearest values on either side, which narrows the interval holding the k-th value
-    to values it has seen (`tries` says which two: a value of the tensor and the next magnitude above
-    it close the interval when the value is the k-th). SD-1.5-shaped fp16 deltas: one pass for 156 of
-    227 large tensors, three for the rest."""
+    pass (`_probe_kernel`) tries one or two magnitudes per shard still open, counting the entries at
+    or above each and above each (a value is the k-th when the first count reaches k and the second
+    does not) and reporting the nearest values on either side, which narrows the interval holding
+    the k-th value to values it has seen. A shard leaves the passes once its value is found.
+    SD-1.5-shaped fp16 deltas (they tie on few values): the first pass, one magnitude per shard,
+    finds 601 of the 681 values (227 tensors, 3 shards), the second the other 80."""
     n, k = base.numel(), int(density * base.numel())
     if k >= n:
         return _scalars([0.0] * len(sources), base)
@@ -448,73 +450,78 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     index = (starts.unsqueeze(1) + torch.arange(run)).reshape(-1).to(base.device)
     m = index.numel()
     base_sample = _acc(b[index])
-    sample = torch.from_numpy(numpy.sort(torch.stack([(_acc(s.reshape(-1)[index]) - base_sample).abs() for s in sources]).cpu().numpy(), axis=1))  # numpy's sort: 3x torch's here
+    drawn = torch.stack([(_acc(s.reshape(-1)[index]) - base_sample).abs() for s in sources]).cpu().numpy()
     spread = n * (4 * math.sqrt((k / n) * (1 - k / n) / m) + 1 / m)  # the sample's guess is this many entries off, almost never more
+    sorted_: list = []
+
+    def at(count: float) -> int:
+        """The sample's position (ascending) of the magnitude with about `count` of n entries at or above it."""
+        return min(m, max(1, m - round(count * m / n) + 1)) - 1
+
+    def sample() -> torch.Tensor:
+        """The sample sorted, row by row (numpy's sort: 3x torch's here); sorted when a second pass needs it."""
+        if not sorted_:
+            sorted_.append(torch.from_numpy(numpy.sort(drawn, axis=1)))
+        return sorted_[0]
 
     def guess(row: int, count: float) -> float:
         """The sample's magnitude with about `count` of n entries at or above it."""
-        return float(sample[row, min(m, max(1, m - round(count * m / n) + 1)) - 1])
+        return float(sample()[row, at(count)])
 
     def within(row: int) -> float | None:
         """The sample's magnitude between lo and below_hi with the share of their entries above it that
         the k-th needs (the sample sees where the entries lie, ties included); None if it holds
         too few there to say."""
-        edges = torch.tensor([lo[row], below_hi[row]], dtype=sample.dtype)
-        first, last = torch.searchsorted(sample[row], edges[:1]).item(), torch.searchsorted(sample[row], edges[1:], right=True).item()
+        edges = torch.tensor([lo[row], below_hi[row]], dtype=sample().dtype)
+        first, last = torch.searchsorted(sample()[row], edges[:1]).item(), torch.searchsorted(sample()[row], edges[1:], right=True).item()
         if last - first < 8:
             return None
-        share = (k - hi_count[row]) / max(lo_count[row] - hi_count[row], 1)  # of the entries in [lo, hi), at or above the k-th
-        return float(sample[row, min(last - 1, max(first, last - round(share * (last - first))))])
+        share = (k - hi_count[row]) / max(lo_count[row] - hi_count[row], 1)  # of the entries in [lo, below_hi], above the k-th
+        return float(sample()[row, min(last - 1, max(first, last - round(share * (last - first))))])
 
     def linear(row: int) -> float:
         """Where the count reaches k if it falls linearly in the magnitude between lo and below_hi."""
         return lo[row] + (below_hi[row] - lo[row]) * (lo_count[row] - k + 0.5) / max(lo_count[row] - hi_count[row], 1)
 
-    def above(x: float) -> float:
-        """The next magnitude above x in the precision the kernel compares in."""
-        return float(torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(math.inf, dtype=dtype)))
-
     def tries(row: int, step: int) -> list[float]:
-        """This pass's two magnitudes for shard `row`. A value v of the tensor and the next magnitude
-        above it close the interval if v is the k-th; so do lo's next magnitude if lo is the k-th and
-        below_hi if it is: fp16 deltas tie on few values, and the sample's or a pass's value is often it."""
-        if step == 0:
-            g = guess(row, k)
-            return [g, above(g)]
+        """This pass's two magnitudes for shard `row` (after the first): lo or below_hi is often the
+        k-th itself (fp16 deltas tie on few values, and a pass reports the values next to its
+        magnitude), the others close in from the side not yet bounded or inside the interval."""
         if math.isinf(below_hi[row]):  # nothing is known to be too high yet: is lo the k-th? and further up
-            return [above(lo[row]), guess(row, k - spread * 4 ** (step - 1))]
+            return [lo[row], guess(row, k - spread * 4 ** (step - 1))]
         if lo_count[row] == n and lo[row] == 0.0:  # nor too low: is below_hi the k-th? and further down
             return [below_hi[row], guess(row, k + spread * 4 ** (step - 1))]
         if step % 4 == 3:  # now and then halve the interval (guesses can creep up on one side)
             return [(lo[row] + below_hi[row]) / 2, linear(row)]
         inside = within(row)
-        return [linear(row), (lo[row] + below_hi[row]) / 2] if inside is None else [inside, above(inside)]
+        return [linear(row), (lo[row] + below_hi[row]) / 2] if inside is None else [inside, linear(row)]
 
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32  # the precision the kernel compares in
     found: list[float | None] = [None] * len(sources)
-    lo = [0.0] * len(sources)  # a magnitude with >= k entries at or above it (0: all n)
+    lo = [0.0] * len(sources)  # a magnitude with lo_count >= k entries at or above it (0: all n)
     lo_count = [n] * len(sources)
-    below_hi = [math.inf] * len(sources)  # the largest value under a magnitude with < k at or above it (inf: none seen yet)
-    hi_count = [0] * len(sources)  # how many are at or above that magnitude
-    candidates = [tries(i, 0) for i in range(len(sources))]
+    below_hi = [math.inf] * len(sources)  # a magnitude with hi_count < k entries above it (inf: none seen yet)
+    hi_count = [0] * len(sources)
+    first = numpy.partition(drawn, at(k), axis=1)[:, at(k)]  # the first guess needs one position of the sample: no sort
+    candidates = [[float(first[i])] for i in range(len(sources))]
     for step in range(PROBE_PASSES):
-        tried = _scalars([c for row in candidates for c in row], base).view(len(sources), -1).T  # a vector per try
-        counts, smallest, below = (x.tolist() for x in _run(_probe_kernel, b, _flat(list(sources), n), list(tried)))
-        for i in range(len(sources)):
-            if found[i] is not None:
-                continue
-            for j in range(len(candidates[i])):
-                if counts[i][j] >= k:  # the k-th value is at least the smallest value >= c
-                    if smallest[i][j] > lo[i] or lo_count[i] == n:
-                        lo[i], lo_count[i] = smallest[i][j], counts[i][j]
-                elif below[i][j] < below_hi[i]:  # it is at most the largest value below c (there is one: fewer than k are >= c)
-                    below_hi[i], hi_count[i] = below[i][j], counts[i][j]
-            if lo[i] == below_hi[i]:  # one value left between them
+        rows = [i for i in range(len(sources)) if found[i] is None]
+        tried = _scalars([c for i in rows for c in candidates[i]], base).view(len(rows), -1)  # as the kernel compares them
+        probed = _run(_probe_kernel, b, _flat([sources[i] for i in rows], n), list(tried.T))
+        at_least, above, smallest, below = (x.tolist() for x in probed)
+        for r, i in enumerate(rows):
+            for j, c in enumerate(tried[r].tolist()):
+                if at_least[r][j] >= k > above[r][j]:  # c is the k-th value
+                    found[i] = c
+                    break
+                if above[r][j] >= k and smallest[r][j] > lo[i]:  # the k-th is above c: at least the smallest value there
+                    lo[i], lo_count[i] = smallest[r][j], above[r][j]
+                elif at_least[r][j] < k and below[r][j] < below_hi[i]:  # below c: at most the largest value there
+                    below_hi[i], hi_count[i] = below[r][j], at_least[r][j]
+            if found[i] is None and lo[i] == below_hi[i]:  # one value left between them
                 found[i] = lo[i]
-                continue
-            # strictly above lo (so the pass tells lo's ties apart), at most below_hi, in the precision
-            # the kernel compares in
-            candidates[i] = [min(max(float(torch.tensor(c, dtype=dtype)), above(lo[i])), below_hi[i]) for c in tries(i, step + 1)]
+            if found[i] is None:  # within [lo, below_hi], in the precision the kernel compares in
+                candidates[i] = [min(max(float(torch.tensor(c, dtype=dtype)), lo[i]), below_hi[i]) for c in tries(i, step + 1)]
         if all(f is not None for f in found):
             return _scalars(found, base)
     logger.debug("magnitude selection did not settle in %d passes: sorting", PROBE_PASSES)

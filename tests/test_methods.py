@@ -303,15 +303,17 @@ def test_della_one_pass_gives_the_weights_of_probabilities_then_merge(monkeypatc
 @pytest.mark.parametrize("passes", [40, 1])
 def test_probed_magnitude_thresholds_are_exact(monkeypatch, dtype, passes):
     """Large tensors find each shard's k-th magnitude by counting passes guided by a sample: exactly
-    torch.kthvalue's, for distinct fp32 deltas and for fp16 ones (which tie on few values), and
-    still exact when the passes run out (it then sorts)."""
+    torch.kthvalue's, for distinct fp32 deltas, for fp16 ones (which tie on few values) and for a
+    shard whose k-th magnitude is 0, and still exact when the passes run out (it then sorts)."""
     monkeypatch.setattr(methods, "FUSED_MIN_ELEMENTS", 1)
     monkeypatch.setattr(methods, "PROBE_PASSES", passes)
     g = torch.Generator().manual_seed(6)
     base = torch.randn(500, 900, generator=g)
     sources = [(base + torch.randn(500, 900, generator=g) * s).to(dtype) for s in (0.01, 0.1)]
+    sparse = torch.randn(500, 900, generator=g) * 0.03 * (torch.rand(500, 900, generator=g) < 0.3)  # 70% exact zeros
+    sources.append((base + sparse).to(dtype))
     base = base.to(dtype)
-    for density in (0.05, 0.2, 0.8):
+    for density in (0.05, 0.2, 0.8):  # at 0.8 the sparse shard's k-th magnitude is 0
         got = methods.magnitude_thresholds(base, sources, density)
         k = int(density * base.numel())
         expected = [torch.kthvalue((s.float() - base.float()).abs().reshape(-1), base.numel() - k + 1).values for s in sources]
