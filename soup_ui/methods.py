@@ -421,7 +421,7 @@ def _scalars(values, like: torch.Tensor) -> torch.Tensor:
 
 
 PROBE_SAMPLE = 1 << 14  # entries sampled per tensor and shard for the first guess of the threshold
-PROBE_RUN = 64  # the sample is taken in runs of this many neighbouring entries (a cache line or two each, not one per entry)
+PROBE_RUN = 64  # the sample is taken in aligned runs of this many neighbouring entries (a cache line or two each, not one per entry)
 PROBE_PASSES = 40  # passes over a tensor before the selection falls back to sorting everything
 
 
@@ -446,11 +446,10 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     if n < FUSED_MIN_ELEMENTS:  # one selection for all shards (a row each)
         return kth_smallest(torch.stack([(_acc(s).reshape(-1) - _acc(b)).abs() for s in sources]), n - k)
     run = min(PROBE_RUN, n)
-    starts = torch.randint(n - run + 1, (max(1, PROBE_SAMPLE // run),), generator=torch.Generator("cpu").manual_seed(n))
-    index = (starts.unsqueeze(1) + torch.arange(run)).reshape(-1).to(base.device)
-    m = index.numel()
-    base_sample = _acc(b[index])
-    drawn = torch.stack([(_acc(s.reshape(-1)[index]) - base_sample).abs() for s in sources]).cpu().numpy()
+    picked = torch.randint(n // run, (max(1, PROBE_SAMPLE // run),), generator=torch.Generator("cpu").manual_seed(n)).to(base.device)
+    runs = lambda t: t.reshape(-1)[: n // run * run].view(-1, run).index_select(0, picked)  # noqa: E731  rows of neighbours, copied whole
+    drawn = (_acc(torch.stack([runs(s) for s in sources])) - _acc(runs(b))).abs().view(len(sources), -1).cpu().numpy()
+    m = drawn.shape[1]
     spread = n * (4 * math.sqrt((k / n) * (1 - k / n) / m) + 1 / m)  # the sample's guess is this many entries off, almost never more
     sorted_: list = []
 
