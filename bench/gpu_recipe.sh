@@ -6,6 +6,7 @@
 #   mv assets/emoji /tmp/  # the tree the device tool copies must stay under 64 MiB (run trains from scratch)
 #   (device tool) command: bash bench/gpu_recipe.sh run, carry: [".gpu"], timeout_s: 600
 #   (device tool, same warm machine) command: bash bench/gpu_recipe.sh fetch
+#   (device tool, optional, if 3 minutes are left) command: bash bench/gpu_recipe.sh methods, carry: [".gpu"], timeout_s: 300
 #
 # `run` installs the carried wheels, trains the base and the shards from scratch with --device cuda
 # (bf16 autocast, batches 8x larger for twice the epochs) on the shipped tokenizer and VAE, evaluates with bench/emoji_eval.py (table, paper
@@ -34,6 +35,14 @@ if [ "$mode" = prepare ]; then
   rm -rf "$GPU/autoencoder" && mkdir -p "$GPU/autoencoder"
   cp -r assets/emoji/pipeline/tokenizer assets/emoji/pipeline/vae "$GPU/autoencoder/"
   du -sh "$GPU"
+  exit 0
+fi
+
+if [ "$mode" = methods ]; then  # issue 19's merge-method times on CUDA: every method against our average, in one run
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$GPU"/whl/*.whl
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+  timeout 270 python3 bench/methods_bench.py --device cuda --no-mecha --methods average,task-arithmetic,ties,dare,dare-ties,della \
+    --slow-repeats 3 2>&1 | tee "${OUT:?}/methods.md" | grep -v Warning || echo "methods stopped (exit $?)"
   exit 0
 fi
 

@@ -1,7 +1,7 @@
 """Every registered merge method on SD-1.5-shaped fp16 shards, against the memory-bandwidth bound,
 our plain average and sd-mecha's same method, in one run; plus where ours and sd-mecha's agree.
 
-    python bench/methods_bench.py [--k 3] [--repeats 3] [--no-mecha] [--results bench/RESULTS.md]
+    python bench/methods_bench.py [--k 3] [--repeats 3] [--no-mecha] [--device cuda] [--results bench/RESULTS.md]
 
 Shards are the base plus a small random task vector each (random weights with SD 1.5's UNet names
 and shapes, 859.5M parameters, one flat buffer per model as the studio holds them). Linear methods
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--results", help="append the table to this markdown file")
     p.add_argument("--small", action="store_true", help="SD 1.5's layout at 1/10 of its widths (a quick check of the script)")
+    p.add_argument("--device", default="cpu", help="where the shards live and merge (cpu or cuda; sd-mecha runs on the CPU only here)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # sd-mecha warns on every merge that an in-memory recipe has no serialized form
     torch.set_grad_enabled(False)
@@ -157,9 +158,11 @@ def main(argv=None) -> int:
     shapes = unet_shapes(config)
     base = random_shard(shapes, torch.float16, 0)
     shards = shards_of(base, args.k)
-    target = FlatTensors.empty(shapes, torch.float16)
+    if args.device != "cpu":  # drawn on the CPU (the same numbers on every device), then moved
+        base, *shards = (FlatTensors(t.buffer.to(args.device), t.layout) for t in (base, *shards))
+    target = FlatTensors.empty(shapes, torch.float16, args.device)
     nbytes = base.buffer.numel() * 2
-    use_mecha = not args.no_mecha
+    use_mecha = not args.no_mecha and args.device == "cpu"
     if use_mecha:
         try:
             import sd_mecha  # noqa: F401
