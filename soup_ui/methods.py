@@ -735,9 +735,9 @@ def della(out, sources, weights, base, p: DellaParams, draws: Draws):
         return
     rows = _rows(base)
     values = _scalars([p.lambda_, p.density, p.epsilon], base)
-    knots = [row_knots(base.reshape(rows), s.reshape(rows)) for s in sources]
+    knots, slopes = row_knots(base.reshape(rows), [s.reshape(rows) for s in sources])
     key = torch.tensor(draws.key, dtype=torch.int32, device=base.device)
-    _into(_della_into, out, base, [s.reshape(rows) for s in sources], key, [k for k, _ in knots], [s for _, s in knots], _scalars(weights, base), values, rows=rows)
+    _into(_della_into, out, base, [s.reshape(rows) for s in sources], key, list(knots), list(slopes), _scalars(weights, base), values, rows=rows)
 
 
 def _della_into(out, base, sources: list, key, knots: list, slopes: list, weights, values) -> None:
@@ -767,19 +767,21 @@ def _rows(t: torch.Tensor) -> tuple[int, int]:
     return (t.shape[0], t.numel() // t.shape[0]) if t.dim() > 1 else (1, t.numel())
 
 
-def row_knots(base: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of |source - base| (rows x L), RANK_KNOTS + 1 magnitudes that split an evenly strided
-    sample of RANK_SAMPLE of its entries into equal shares (the first its smallest, the last its
-    largest), and the slope of each piece (1 / its width; a huge one for a piece of width 0, a step).
-    The sample is a strided view (no gather); on the CPU numpy sorts its rows."""
+def row_knots(base: torch.Tensor, sources: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per shard and row of |source - base| (each rows x L), RANK_KNOTS + 1 magnitudes that split an
+    evenly strided sample of RANK_SAMPLE of its entries into equal shares (the first its smallest,
+    the last its largest), and the slope of each piece (1 / its width; a huge one for a piece of
+    width 0, a step): (shards, rows, RANK_KNOTS + 1) and (shards, rows, RANK_KNOTS). The samples are
+    strided views (no gather), converted and sorted for all shards at once (on the CPU by numpy)."""
     step = max(1, base.shape[1] // RANK_SAMPLE)
-    sample = (_acc(source[:, ::step][:, :RANK_SAMPLE]) - _acc(base[:, ::step][:, :RANK_SAMPLE])).abs()
-    at = [round(j * (sample.shape[1] - 1) / RANK_KNOTS) for j in range(RANK_KNOTS + 1)]
+    pick = lambda t: t[:, ::step][:, :RANK_SAMPLE]  # noqa: E731
+    sample = (_acc(torch.stack([pick(s) for s in sources])) - _acc(pick(base))).abs()
+    at = [round(j * (sample.shape[-1] - 1) / RANK_KNOTS) for j in range(RANK_KNOTS + 1)]
     if sample.device.type == "cpu":
-        knots = torch.from_numpy(numpy.sort(sample.numpy(), axis=1)[:, at])
+        knots = torch.from_numpy(numpy.sort(sample.numpy(), axis=-1)[..., at])
     else:
-        knots = sample.sort(dim=1).values[:, at]
-    widths = knots[:, 1:] - knots[:, :-1]
+        knots = sample.sort(dim=-1).values[..., at]
+    widths = knots[..., 1:] - knots[..., :-1]
     return knots, torch.where(widths > 0, 1.0 / torch.where(widths > 0, widths, 1.0), 1e30)
 
 
@@ -795,7 +797,8 @@ def sampled_rank(a: torch.Tensor, knots: torch.Tensor, slopes: torch.Tensor) -> 
 def sampled_probabilities(base: torch.Tensor, source: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """DELLA's keep probabilities of |source - base| (rows x L) with sampled ranks; values = (lambda,
     density, epsilon)."""
-    return _run(_ranked_kernel, base, source, *row_knots(base, source), values)
+    knots, slopes = row_knots(base, [source])
+    return _run(_ranked_kernel, base, source, knots[0], slopes[0], values)
 
 
 def _ranked_kernel(base, source, knots, slopes, values):
@@ -833,7 +836,8 @@ def _della_probabilities_of(deltas: list[torch.Tensor], p: DellaParams) -> list[
     for js in by_length.values():
         rows = torch.cat([deltas[j].reshape(_rows(deltas[j])) for j in js])
         zero = torch.zeros((), dtype=rows.dtype, device=rows.device).expand(rows.shape)
-        kept = _ranked_kernel(zero, rows, *row_knots(zero, rows), values)  # eager, as each small tensor alone ran
+        knots, slopes = row_knots(zero, [rows])
+        kept = _ranked_kernel(zero, rows, knots[0], slopes[0], values)  # eager, as each small tensor alone ran
         for j, piece in zip(js, kept.split([_rows(deltas[j])[0] for j in js])):
             out[j] = piece.reshape(deltas[j].shape)
     return out
