@@ -434,7 +434,9 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     pass (`_probe_kernel`) tries one or two magnitudes per shard still open, counting the entries at
     or above each and above each (a value is the k-th when the first count reaches k and the second
     does not) and reporting the nearest values on either side, which narrows the interval holding
-    the k-th value to values it has seen. A shard leaves the passes once its value is found.
+    the k-th value to values it has seen. A shard leaves the passes once its value is found; after
+    the first pass each open shard is probed alone (so the kernel is compiled twice in all, not once
+    per number of shards left).
     SD-1.5-shaped fp16 deltas (they tie on few values): the first pass, one magnitude per shard,
     finds 601 of the 681 values (227 tensors, 3 shards), the second the other 80."""
     n, k = base.numel(), int(density * base.numel())
@@ -506,7 +508,11 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     for step in range(PROBE_PASSES):
         rows = [i for i in range(len(sources)) if found[i] is None]
         tried = _scalars([c for i in rows for c in candidates[i]], base).view(len(rows), -1)  # as the kernel compares them
-        probed = _run(_probe_kernel, b, _flat([sources[i] for i in rows], n), list(tried.T))
+        if step == 0:  # every shard, one magnitude each
+            probed = _run(_probe_kernel, b, _flat([sources[i] for i in rows], n), list(tried.T))
+        else:  # each shard still open alone: two compiled variants in all, whatever the shards left
+            parts = [_run(_probe_kernel, b, _flat([sources[i]], n), list(tried[r : r + 1].T)) for r, i in enumerate(rows)]
+            probed = [torch.cat([part[q] for part in parts]) for q in range(4)]
         at_least, above, smallest, below = (x.tolist() for x in probed)
         for r, i in enumerate(rows):
             for j, c in enumerate(tried[r].tolist()):
