@@ -18,6 +18,7 @@ Everything is computed in float32 (float64 for float64 targets) and rounded once
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -453,17 +454,15 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     drawn = (_acc(torch.stack([runs(s) for s in sources])) - _acc(runs(b))).abs().view(len(sources), -1).cpu().numpy()
     m = drawn.shape[1]
     spread = n * (4 * math.sqrt((k / n) * (1 - k / n) / m) + 1 / m)  # the sample's guess is this many entries off, almost never more
-    sorted_: list = []
 
     def at(count: float) -> int:
         """The sample's position (ascending) of the magnitude with about `count` of n entries at or above it."""
         return min(m, max(1, m - round(count * m / n) + 1)) - 1
 
+    @functools.cache
     def sample() -> torch.Tensor:
         """The sample sorted, row by row (numpy's sort: 3x torch's here); sorted when a second pass needs it."""
-        if not sorted_:
-            sorted_.append(torch.from_numpy(numpy.sort(drawn, axis=1)))
-        return sorted_[0]
+        return torch.from_numpy(numpy.sort(drawn, axis=1))
 
     def guess(row: int, count: float) -> float:
         """The sample's magnitude with about `count` of n entries at or above it."""
