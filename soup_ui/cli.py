@@ -14,6 +14,7 @@ from . import pngmeta
 from .errors import StudioError
 from .files import safe_name
 from .methods import METHODS
+from .soup import normalize_weights
 from .presets import parse_blocks as parse_blocks_text
 from .presets import parse_mix as parse_mix_text
 from .presets import parse_params
@@ -36,6 +37,9 @@ logger = logging.getLogger("soup_ui")
 
 # What a studio command uses when neither --preset nor --recipe names a preset: the embedded default.
 DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "presets" / "emoji-styles.yaml"
+
+
+DTYPES = ["float16", "bfloat16", "float32"]
 
 
 class UsageError(ValueError):
@@ -130,6 +134,10 @@ class Job:
             self.weights = dict(self.recipe.mix)
         else:
             self.weights = parse_mix(args.mix, self.preset)
+        try:  # every check before any model is loaded
+            normalize_weights(list(self.weights.values()), list(self.weights))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         self.method = args.method or (self.recipe.method if self.recipe else "average")
         same = self.recipe is not None and self.recipe.method == self.method
         try:
@@ -205,7 +213,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         from .stream import export as stream_export
 
-        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype or "", torch.float32)
+        dtype = getattr(torch, args.dtype) if args.dtype else None  # None: each tensor in the base's stored dtype
         with tqdm(total=100, desc=f"export {out.name}", unit="%", disable=not sys.stderr.isatty(), bar_format="{l_bar}{bar}| {elapsed}") as bar:
             _, job.mix = stream_export(job.preset, job.weights, job.method, job.params, out, args.format, dtype, overwrite=args.overwrite,
                                        progress=lambda f: bar.update(round(100 * f) - bar.n), blocks=job.blocks)
@@ -337,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mix the shards' own text encoders with the same weights (a shard without one counts as the base's); "
                             "default: the recipe's, else the preset's mix_text_encoders (off)")
         p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-        p.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
+        p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: float16 on GPU, float32 on CPU); for a streamed "
+                       "export (unet), the file's dtype (default: the base's)")
         p.add_argument("--lean", action="store_true", help="stream shards from their files (default: when they would not fit)")
         p.add_argument("--memory", choices=["resident", "pinned", "lean"], help="force where shards live (default: planned from free memory)")
         if render_options:

@@ -47,7 +47,7 @@ def attach(image: Image.Image, recipe, label: str, model_hash: str | None = None
     data = recipe.model_dump(mode="json")
     if recipe.preset is not None:  # absolute: the image may be read from anywhere
         data["preset"] = str(Path(recipe.preset).resolve())
-    out.info = {**image.info, "parameters": parameters(recipe, label, model_hash), RECIPE_KEY: json.dumps(data, sort_keys=True)}
+    out.info = {**image.info, "parameters": parameters(recipe, label, model_hash), RECIPE_KEY: json.dumps(data)}  # in mix order: the sum, and so the pixels, follow it
     return out
 
 

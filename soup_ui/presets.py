@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from .soup import MAX_WEIGHT, checked_weight
 
 SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
@@ -71,7 +72,7 @@ class ShardSpec(Strict):
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     path: Path
-    weight: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    weight: float = Field(1.0, ge=0.0, le=MAX_WEIGHT, allow_inf_nan=False)
     description: str = ""
 
 
@@ -259,10 +260,7 @@ class Recipe(Strict):
     @field_validator("mix")
     @classmethod
     def _weights_in_range(cls, mix: dict[str, float]) -> dict[str, float]:
-        for name, w in mix.items():
-            if not (w == w and 0 <= w <= 100):  # w == w is False for NaN
-                raise ValueError(f"weight of {name!r} must be between 0 and 100, got {w}")
-        return mix
+        return {name: checked_weight(name, w) for name, w in mix.items()}  # the rule every mix follows
 
 
 def parse_blocks(items) -> dict[str, str]:

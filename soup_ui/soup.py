@@ -18,8 +18,24 @@ logger = logging.getLogger(__name__)
 Tensors = Mapping[str, torch.Tensor]
 
 
+MAX_WEIGHT = 100.0  # the largest weight a mix, a recipe or a preset takes (a slider's share, not a scale)
+
+
+def checked_weight(label: str, w) -> float:
+    """`w` as a float, or ValueError naming `label` when it is not a number from 0 to MAX_WEIGHT."""
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        raise ValueError(f"weight of {label} must be a number, got {w!r}") from None
+    if not math.isfinite(w):
+        raise ValueError(f"weight of {label} must be finite, got {w}")
+    if not 0 <= w <= MAX_WEIGHT:
+        raise ValueError(f"weight of {label} must be between 0 and {MAX_WEIGHT:g}, got {w:g}")
+    return w
+
+
 def normalize_weights(weights: Sequence[float], names: Sequence[str] | None = None) -> list[float]:
-    """Check mixing weights (finite, >= 0, positive sum) and scale them to sum to 1.
+    """Check mixing weights (finite, 0 to MAX_WEIGHT, positive sum) and scale them to sum to 1.
 
     Raises ValueError naming the offending weight; `names` label the weights in messages.
     """
@@ -28,17 +44,7 @@ def normalize_weights(weights: Sequence[float], names: Sequence[str] | None = No
         raise ValueError("no shard selected: select at least one shard to mix")
     if len(labels) != len(weights):
         raise ValueError(f"{len(weights)} weights but {len(labels)} names")
-    values = []
-    for label, w in zip(labels, weights):
-        try:
-            w = float(w)
-        except (TypeError, ValueError):
-            raise ValueError(f"weight of {label} must be a number, got {w!r}") from None
-        if not math.isfinite(w):
-            raise ValueError(f"weight of {label} must be finite, got {w}")
-        if w < 0:
-            raise ValueError(f"weight of {label} must be >= 0, got {w}")
-        values.append(w)
+    values = [checked_weight(label, w) for label, w in zip(labels, weights)]
     total = math.fsum(values)
     if total <= 0:
         raise ValueError("the weights sum to zero: give at least one selected shard a positive weight")

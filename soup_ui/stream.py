@@ -163,10 +163,10 @@ def base_parts(folder: Path, base: Path, family: str) -> dict[str, torch.Tensor]
 
 
 def export(preset: Preset, weights: Mapping[str, float], method: str, params: Mapping, out: str | Path, fmt: str = "unet",
-           dtype: torch.dtype = torch.float32, overwrite: bool = False, progress: Callable[[float], None] | None = None,
+           dtype: torch.dtype | None = None, overwrite: bool = False, progress: Callable[[float], None] | None = None,
            blocks: Mapping[str, object] | None = None) -> tuple[Path, Mix]:
     """Stream the soup of the preset's shards named in `weights` to `out`: the denoiser in diffusers
-    names (`fmt` "unet", in `dtype`) or one fp16 single file in LDM naming ("single-file": UNet +
+    names (`fmt` "unet", in `dtype`, by default the base's stored dtypes) or one fp16 single file in LDM naming ("single-file": UNet +
     the base's VAE and text encoder). Returns the file and the mix it holds."""
     from .methods import merge_into, restrict
 
@@ -191,11 +191,14 @@ def export(preset: Preset, weights: Mapping[str, float], method: str, params: Ma
         out_dtype, metadata = torch.float16, exports.merge_metadata_of(mix, architecture(folder, family, config), half=True)
         extra = base_parts(folder, base_path, family)
     elif fmt == "unet":
-        rename, out_dtype, extra = {n: n for n in names}, dtype, {}
-        metadata = exports.merge_metadata_of(mix, architecture(folder, family, config), half=dtype == torch.float16)
+        rename, extra = {n: n for n in names}, {}
+        out_dtype = dtype or {n: checkpoints.torch_dtype(base_found.specs[n][1]) for n in names}
+        half = all(d == torch.float16 for d in out_dtype.values()) if isinstance(out_dtype, dict) else out_dtype == torch.float16
+        metadata = exports.merge_metadata_of(mix, architecture(folder, family, config), half=half)
     else:
         raise StudioError(f"a streamed export writes 'unet' or 'single-file', not {fmt!r}")
-    specs = {rename[n]: (shapes[n], out_dtype) for n in names} | {k: (tuple(v.shape), v.dtype) for k, v in extra.items()}
+    dtypes = out_dtype if isinstance(out_dtype, dict) else dict.fromkeys(names, out_dtype)
+    specs = {rename[n]: (shapes[n], dtypes[n]) for n in names} | {k: (tuple(v.shape), v.dtype) for k, v in extra.items()}
     needs_base = base if mix.method.needs_base or any(p.weights is None for p in parts or ()) else None
     with atomic_path(out, overwrite=overwrite) as tmp:
         writer = Writer(tmp, specs, metadata)

@@ -320,3 +320,50 @@ def test_images_carry_their_recipe_and_render_again_from_it_byte_for_byte(tiny_p
     assert main(["render", "--recipe", str(tmp_path / "plain.png"), "--out-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "plain.png: this PNG carries no studio recipe" in err and len(err.splitlines()) == 1
+
+
+def test_a_png_recipe_keeps_the_mix_order_and_renders_the_same_bytes(tiny_preset, tmp_path):
+    """Issue 33, defect 1: the recipe a PNG carries lists the shards in mix order (a sorted order
+    sums in another order, and the label reads the other way round); rendered again, the same bytes."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main(["render", "--preset", str(tiny_preset), "--mix", "gamma=0.7,alpha=0.3", "--prompt", "a cat face", "--seed", "4",
+                 "--out-dir", str(first)]) == 0
+    text = Image.open(first / "soup.png").text
+    assert list(json.loads(text["soup_ui.recipe"])["mix"]) == ["gamma", "alpha"]
+    assert "Soup: soup: 0.70 gamma + 0.30 alpha" in text["parameters"]
+    assert main(["render", "--recipe", str(first / "soup.png"), "--out-dir", str(again)]) == 0
+    assert (again / "soup.png").read_bytes() == (first / "soup.png").read_bytes()
+
+
+def test_a_streamed_export_keeps_the_bases_half_precision_and_refuses_an_unknown_dtype(tmp_path, capsys):
+    """Issue 33, defect 2: the fp16 embedded default exports fp16 (not float32, twice the size),
+    and A1111's metadata says half; an unknown --dtype is refused, not read as float32."""
+    out = tmp_path / "soup.safetensors"
+    assert main(["export", "--mix", "twemoji=0.5,openmoji=0.5", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert json.loads(f.metadata()["sd_merge_recipe"])["save_as_half"] is True
+    assert dtypes == {"F16"}
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--mix", "twemoji=1", "--dtype", "float8", "--out", str(tmp_path / "x.safetensors")])
+    assert exit_.value.code == 2 and "--dtype: invalid choice: 'float8'" in capsys.readouterr().err
+    assert main(["export", "--mix", "twemoji=1", "--dtype", "float32", "--out", str(tmp_path / "f32.safetensors")]) == 0
+    with safe_open(str(tmp_path / "f32.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+@pytest.mark.parametrize("command", ["render", "export"])
+def test_a_weight_out_of_range_is_refused_before_any_model_loads(tiny_preset, tmp_path, capsys, monkeypatch, command):
+    """Issue 33, defect 3: a weight of 150 is refused in one line, in the studio's words (no pydantic
+    text, no link), before a model is opened or a tensor merged."""
+    from soup_ui import stream, studio
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the weights were checked")
+
+    monkeypatch.setattr(studio.Studio, "__init__", no_work)
+    monkeypatch.setattr(stream, "export", no_work)
+    out = ["--out", str(tmp_path / ("x.png" if command == "render" else "x.safetensors"))]
+    assert main([command, "--preset", str(tiny_preset), "--mix", "alpha=150,beta=1", *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: weight of alpha must be between 0 and 100, got 150"

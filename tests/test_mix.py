@@ -47,7 +47,7 @@ def test_bad_requests_are_refused_naming_what_is_wrong():
     v = view("a", "b")
     with pytest.raises(StudioError, match="unknown shard 'z' \\(loaded: a, b\\)"):
         Mix.build(v, {"z": 1})
-    with pytest.raises(StudioError, match="weight of a must be >= 0, got -1"):
+    with pytest.raises(StudioError, match="weight of a must be between 0 and 100, got -1"):
         Mix.build(v, {"a": -1, "b": 1})
     with pytest.raises(StudioError, match="ties: density = 2"):
         Mix.build(v, {"a": 1, "b": 1}, "ties", {"density": 2})

@@ -337,7 +337,7 @@ def test_a_typed_weight_above_the_slider_is_a_larger_ratio_and_a_bad_one_is_said
     assert text(page, "#mixture").split()[:2] == ["alpha", "72%"]
     box.fill("-1")
     box.press("Enter")
-    wait_text(page, "#stale-note", "weight of alpha must be >= 0, got -1")
+    wait_text(page, "#stale-note", "weight of alpha must be between 0 and 100, got -1")
     assert page.locator(".toast-body").count() == 0 and text(page, "#soup-label").startswith("soup: 0.72 alpha")
     page.close()
 

@@ -70,7 +70,7 @@ def test_fp16_target_is_accumulated_in_fp32():
     [
         ([], "no shard selected"),
         ([0.0, 0.0], "sum to zero"),
-        ([1.0, -0.5], "must be >= 0, got -0.5"),
+        ([1.0, -0.5], "must be between 0 and 100, got -0.5"),
         ([1.0, math.nan], "must be finite"),
         ([math.inf, 1.0], "must be finite"),
     ],

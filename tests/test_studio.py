@@ -63,7 +63,7 @@ def test_same_seed_same_noise(studio):
     [
         ({}, "no shard selected"),
         ({"alpha": 0, "beta": 0}, "sum to zero"),
-        ({"alpha": -1}, "weight of alpha must be >= 0"),
+        ({"alpha": -1}, "weight of alpha must be between 0 and 100"),
         ({"alpha": float("nan")}, "weight of alpha must be finite"),
         ({"zeta": 1}, r"unknown shard 'zeta' \(loaded: alpha, beta, gamma\)"),
     ],
