@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import interleaved_medians, machine  # noqa: E402
 from soup_bench import SD15_UNET  # noqa: E402
 
-from soup_ui import formats  # noqa: E402
+from soup_ui import formats, ldm_names  # noqa: E402
 from soup_ui.checkpoints import LazyWeights, check_finite  # noqa: E402
 
 def write_files(folder: Path, dtype: torch.dtype) -> tuple[Path, Path, dict, dict]:
@@ -45,7 +45,7 @@ def write_files(folder: Path, dtype: torch.dtype) -> tuple[Path, Path, dict, dic
         g = torch.Generator().manual_seed(0)
         weights = {k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()}
         save_file(weights, str(diffusers_file))
-        names = formats.ldm_unet_names(list(weights), config)
+        names = ldm_names.ldm_unet_names(list(weights), config)
         full = {formats.LDM_PREFIX + names[k]: v for k, v in weights.items()}
         # Stand-ins for the rest of an A1111 checkpoint (VAE 83.7M, CLIP-L text encoder 123M parameters).
         full["first_stage_model.stand_in.weight"] = torch.zeros(83_653_863, dtype=dtype)

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, Found
 from .families import of_denoiser
 
 # A tensor-name part -> what the file is; each is refused: no exact merge into a weight difference here.
@@ -125,11 +125,9 @@ def naming(keys) -> str:
 
 
 def read(path: Path, files: list[Path], base_config: Mapping, base_specs: Mapping):
-    """The adapter at `path` as a `formats.Found` whose `lora` maps each base tensor it changes to an
+    """The adapter at `path` as a `checkpoints.Found` whose `lora` maps each base tensor it changes to an
     `Adapter`; CheckpointError naming what is wrong."""
     from safetensors import SafetensorError, safe_open
-
-    from .formats import Found
 
     if len(files) != 1:
         raise CheckpointError(f"{path.name}: an adapter split over {len(files)} files is not supported")

@@ -12,11 +12,17 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+if TYPE_CHECKING:
+    from .adapters import Adapter
 
 logger = logging.getLogger(__name__)
 
@@ -298,3 +304,20 @@ def file_signature(path: str | Path) -> tuple:
         st = file.stat()
         out.append((file.name, st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(out)
+
+
+@dataclass
+class Found:
+    """A checkpoint as detected: what it is, where each UNet tensor is stored, what was left out."""
+
+    path: Path
+    kind: str  # for people: "diffusers UNet", "LDM single-file checkpoint (full: VAE, text encoder)", ...
+    files: list[Path]
+    names: dict[str, tuple[Path, str]] = field(default_factory=dict)  # diffusers name -> (file, stored name)
+    specs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # diffusers name -> (shape, dtype)
+    ignored: Counter = field(default_factory=Counter)  # what kind of tensor -> how many were left out
+    lora: dict[str, Adapter] | None = None  # an adapter (LoRA, DoRA...): base tensor name -> what it changes
+    convert: Callable[[], dict[str, torch.Tensor]] | None = None  # an original transformer file: read and convert it (not a renaming)
+
+    def describe_ignored(self) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in self.ignored.items())

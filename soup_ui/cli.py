@@ -14,10 +14,6 @@ from . import pngmeta
 from .errors import StudioError
 from .files import safe_name
 from .methods import METHODS
-from .soup import normalize_weights
-from .presets import parse_blocks as parse_blocks_text
-from .presets import parse_mix as parse_mix_text
-from .presets import parse_params
 from .presets import (
     SCHEDULERS,
     Preset,
@@ -27,10 +23,14 @@ from .presets import (
     describe_validation_error,
     load_preset,
     load_recipe,
+    parse_params,
     preset_data,
     save_recipe,
     write_yaml_atomic,
 )
+from .presets import parse_blocks as parse_blocks_text
+from .presets import parse_mix as parse_mix_text
+from .soup import normalize_weights
 
 logger = logging.getLogger("soup_ui")
 
@@ -219,15 +219,17 @@ def cmd_export(args: argparse.Namespace) -> None:
                                        progress=lambda f: bar.update(round(100 * f) - bar.n), blocks=job.blocks)
         logger.info("wrote %s", out)
         return
+    from . import exports
+
     studio = open_studio(args, job, only_used=True)
     if args.format == "pipeline":
-        studio.export_pipeline(job.mix, out)
+        exports.pipeline_folder(studio, job.mix, out)
     elif args.format == "single-file":
-        studio.export_single_file(job.mix, out)
+        exports.single_file(studio, job.mix, out)
     else:
         if job.text_encoders:
             logger.warning("a UNet file holds no text encoder: the mixed text encoders are not written (use --format single-file or pipeline)")
-        studio.export(job.mix, out)
+        exports.denoiser_file(studio, job.mix, out)
     logger.info("wrote %s", out)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoints import CheckpointError, read_header
+from .ldm_names import ldm_unet_names
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -172,7 +173,7 @@ def base_config(base: str | Path, config: str | Path | None) -> Path:
 
 # -- blocks: where in the denoiser a weight acts ------------------------------------------------------
 # Block IDs as the tools people know name them: A1111's MBW and SuperMerger for UNets (in LDM naming,
-# reached through `formats.ldm_unet_names`, which diffusers' own converter proves), ComfyUI's
+# reached through `ldm_names.ldm_unet_names`, which diffusers' own converter proves), ComfyUI's
 # ModelMergeSD3 / ModelMergeFlux1 for the transformers (Stability's and Black Forest Labs' module
 # names). SuperMerger's rule for the UNet tensors outside the numbered blocks: the time (and SDXL's
 # label) embedding goes with BASE, the text encoder's block; the final norm and conv with the last
@@ -332,8 +333,6 @@ def block_map(family: str, config: Mapping, names) -> Blocks:
     block holds."""
     names = list(names)
     if family in LDM_FAMILIES:
-        from .formats import ldm_unet_names
-
         ldm = ldm_unet_names(names, config)
         stride = config["layers_per_block"] + 1 if isinstance(config["layers_per_block"], int) else None
         count = len(config["block_out_channels"]) * stride if stride else 1 + max(

@@ -21,19 +21,19 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import adapters
-from .checkpoints import CheckpointError, file_variant, read_header, weight_files
+from .checkpoints import CheckpointError, Found, file_variant, read_header, weight_files
 from .families import BY_WIDTH, TEXT_PREFIXES, cross_attention_width, of_denoiser
+from .ldm_names import LDM_PREFIX, ldm_unet_names
 
 logger = logging.getLogger(__name__)
 
-LDM_PREFIX = "model.diffusion_model."
 # Other parts of a full single-file checkpoint, by what a person would call them.
 OTHER_PARTS = {
     "first_stage_model.": "VAE",
@@ -43,23 +43,6 @@ OTHER_PARTS = {
     "text_encoders.": "text encoders",
     "vae.": "VAE",
 }
-
-
-@dataclass
-class Found:
-    """A checkpoint as detected: what it is, where each UNet tensor is stored, what was left out."""
-
-    path: Path
-    kind: str  # for people: "diffusers UNet", "LDM single-file checkpoint (full: VAE, text encoder)", ...
-    files: list[Path]
-    names: dict[str, tuple[Path, str]] = field(default_factory=dict)  # diffusers name -> (file, stored name)
-    specs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # diffusers name -> (shape, dtype)
-    ignored: Counter = field(default_factory=Counter)  # what kind of tensor -> how many were left out
-    lora: dict[str, adapters.Adapter] | None = None  # an adapter (LoRA, DoRA...): base tensor name -> what it changes
-    convert: Callable[[], dict[str, torch.Tensor]] | None = None  # an original transformer file: read and convert it (not a renaming)
-
-    def describe_ignored(self) -> str:
-        return ", ".join(f"{n} {kind}" for kind, n in self.ignored.items())
 
 
 def family(width: int) -> str:
@@ -244,70 +227,6 @@ def check_against_base(found: Found, base_specs: Mapping[str, tuple], label: str
         logger.info("%s (%s): ignored %s", label, found.kind, found.describe_ignored())
 
 
-# -- export: diffusers names -> original LDM names --------------------------------------------------
-# diffusers ships only LDM -> diffusers. Its converter renames: fixed layers (DIFFUSERS_TO_LDM_MAPPING,
-# used here as is), resnet sub-layers (the replacements below, the inverse of
-# `update_unet_resnet_ldm_to_diffusers`) and blocks by index arithmetic (the inverse of
-# `convert_ldm_unet_checkpoint`'s). `ldm_unet_names` checks its result by running that converter on it.
-RESNET_TO_LDM = [
-    ("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
-    ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"),
-]
-
-
-def ldm_unet_names(names: list[str], config: Mapping) -> dict[str, str]:
-    """diffusers UNet tensor name -> its name in an original LDM checkpoint (without the
-    `model.diffusion_model.` prefix), proven by diffusers' own converter mapping every result back."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_ldm_unet_checkpoint
-
-    fixed = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
-    if config.get("class_embed_type") in ("timestep", "projection"):
-        fixed.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["class_embed_type"])
-    if config.get("addition_embed_type") == "text_time":
-        fixed.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
-    stride = config["layers_per_block"] + 1
-    up_has_attention = {i: any(n.startswith(f"up_blocks.{i}.attentions.") for n in names) for i in range(len(config["block_out_channels"]))}
-
-    def resnet(rest: str) -> str:
-        for new, old in RESNET_TO_LDM:
-            if rest.startswith(new + "."):
-                return old + rest[len(new) :]
-        return rest
-
-    def rename(name: str) -> str:
-        if name in fixed:
-            return fixed[name]
-        parts = name.split(".")
-        if parts[0] == "down_blocks":
-            block, kind = int(parts[1]), parts[2]
-            if kind == "downsamplers":  # down_blocks.i.downsamplers.0.conv.* -> input_blocks.{stride(i+1)}.0.op.*
-                return f"input_blocks.{stride * (block + 1)}.0.op." + ".".join(parts[5:])
-            index = stride * block + int(parts[3]) + 1
-            rest = ".".join(parts[4:])
-            return f"input_blocks.{index}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
-        if parts[0] == "mid_block":
-            rest = ".".join(parts[3:])
-            return f"middle_block.{2 * int(parts[2])}.{resnet(rest)}" if parts[1] == "resnets" else f"middle_block.1.{rest}"
-        if parts[0] == "up_blocks":
-            block, kind = int(parts[1]), parts[2]
-            if kind == "upsamplers":
-                return f"output_blocks.{stride * block + stride - 1}.{2 if up_has_attention[block] else 1}.conv." + ".".join(parts[5:])
-            index = stride * block + int(parts[3])
-            rest = ".".join(parts[4:])
-            return f"output_blocks.{index}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
-        raise CheckpointError(f"no LDM name for UNet tensor {name!r}")
-
-    out = {name: rename(name) for name in names}
-    # The proof: diffusers' converter takes every LDM name back to the name it came from.
-    tagged = {LDM_PREFIX + ldm: torch.empty(1, device="meta") for ldm in out.values()}
-    back = convert_ldm_unet_checkpoint(tagged, dict(config))
-    origin = {id(t): name for name, t in zip(out, tagged.values())}
-    wrong = [n for n, t in back.items() if t is not None and origin.get(id(t)) != n]
-    if len(tagged) != len(out) or wrong or {n for n, t in back.items() if t is not None} != set(out):
-        raise CheckpointError(f"the LDM names of this UNet do not convert back (first: {wrong[:1] or sorted(set(out) - set(back))[:1]})")
-    return out
-
-
 def base_unet(base: str | Path, config: str | Path | None = None) -> tuple[dict, Found]:
     """A preset's base denoiser (UNet or transformer): its config and where its tensors lie. `base`
     is a pipeline folder or a single-file checkpoint whose configs come from the pipeline folder
@@ -382,7 +301,10 @@ def ldm_open_clip_tensors(text_encoder: Mapping[str, torch.Tensor], prefix: str)
     `in_proj`; the projection transposed), checked by running that converter on the result."""
     from types import SimpleNamespace
 
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_open_clip_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        DIFFUSERS_TO_LDM_MAPPING,
+        convert_open_clip_checkpoint,
+    )
 
     state = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in text_encoder.items()}
     fixed = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
@@ -457,7 +379,10 @@ def ldm_checkpoint(unet: Mapping[str, torch.Tensor], unet_config: Mapping, vae: 
 def ldm_parts(vae: Mapping[str, torch.Tensor], vae_config: Mapping, text_encoders: list[Mapping[str, torch.Tensor]], family: str,
               base_file: Path | None = None) -> dict[str, torch.Tensor]:
     """The VAE and text encoder(s) of an original-LDM checkpoint (see `ldm_checkpoint`)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     out = {}
     vae_names = ldm_vae_names(list(vae), vae_config)

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import checkpoints, formats, pngmeta, workflows
+from . import checkpoints, exports, formats, pngmeta, workflows
 from .files import atomic_path, safe_name
+from .mix import Mix
+from .pool import Shard
 from .presets import (
     Recipe,
     RenderSettings,
@@ -34,8 +36,6 @@ from .presets import (
     write_yaml_atomic,
 )
 from .presets import save_recipe as write_recipe
-from .mix import Mix
-from .pool import Shard
 from .studio import Rendered, RuntimeOptions, Studio
 
 logger = logging.getLogger(__name__)
@@ -571,7 +571,7 @@ def block_sweep(host: StudioHost, session: Session, controls: Controls, a: str, 
 
 def ensemble(host: StudioHost, session: Session, controls: Controls) -> list[tuple[str, str]]:
     session = require(session)
-    ens, soup = host.get(session.preset).render_ensemble(page_mix(host, session, controls), controls.settings)
+    ens, soup = workflows.ensemble(host.get(session.preset), page_mix(host, session, controls), controls.settings)
     return image_files(host, [ens, soup], controls.settings)
 
 
@@ -599,9 +599,9 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
         stem += "-unet"
     path = host.new_file("exports", stem, ".safetensors", overwrite)
     if single_file:
-        studio.export_single_file(mix, path)
+        exports.single_file(studio, mix, path)
     else:
-        studio.export(mix, path)
+        exports.denoiser_file(studio, mix, path)
     what = "a single-file checkpoint (LDM naming, fp16) for A1111, Forge and ComfyUI" if single_file else mix.label
     return str(path), f"wrote `{host.shown(path)}` ({what})"
 
@@ -611,7 +611,7 @@ def export_pipeline(host: StudioHost, session: Session, controls: Controls, file
     studio = host.get(session.preset)
     mix = page_mix(host, session, controls)
     folder = host.new_file("pipelines", file_name, "", overwrite)
-    studio.export_pipeline(mix, folder, overwrite=overwrite)
+    exports.pipeline_folder(studio, mix, folder, overwrite=overwrite)
     from .studio import folder_variant
 
     archive = zip_folder(folder)

@@ -22,6 +22,7 @@ from . import adapters, checkpoints, exports, families, formats
 from .checkpoints import CheckpointError, LazyWeights
 from .errors import StudioError
 from .files import atomic_path
+from .ldm_names import LDM_PREFIX, ldm_unet_names
 from .mix import Mix
 from .pool import LoraTensors, Shard, Weights
 from .presets import Preset
@@ -80,7 +81,7 @@ class Writer:
         self.file.close()
 
 
-def shard_view(preset: Preset, names: set[str], config: Mapping, base_found: formats.Found) -> tuple[dict[str, Shard], Mapping]:
+def shard_view(preset: Preset, names: set[str], config: Mapping, base_found: checkpoints.Found) -> tuple[dict[str, Shard], Mapping]:
     """The preset's shards named in `names`, each detected and validated against the base (headers
     only) and read on access; and the base's tensors, read on access (a LoRA shard is base + its change)."""
     base_specs = base_found.specs
@@ -187,7 +188,7 @@ def export(preset: Preset, weights: Mapping[str, float], method: str, params: Ma
     if fmt == "single-file":
         if config.get("_class_name") != "UNet2DConditionModel":
             raise StudioError("a single-file (LDM) export is for SD 1.x, SD 2.x and SDXL; export the denoiser instead")
-        rename = {n: formats.LDM_PREFIX + ldm for n, ldm in formats.ldm_unet_names(names, config).items()}
+        rename = {n: LDM_PREFIX + ldm for n, ldm in ldm_unet_names(names, config).items()}
         out_dtype, metadata = torch.float16, exports.merge_metadata_of(mix, architecture(folder, family, config), half=True)
         extra = base_parts(folder, base_path, family)
     elif fmt == "unet":

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import adapters, checkpoints, exports, families, formats, methods, pngmeta, soup
+from . import adapters, checkpoints, families, formats, methods, pngmeta, soup
 from .errors import StudioError
 from .mix import Mix
 from .pool import Pool, Shard, Weights
@@ -610,12 +610,6 @@ class Studio:
             self._use_text_encoder(mix)
             return self._denoise(denoiser, settings, kind)
 
-    def render_ensemble(self, mix: Mix, settings: RenderSettings) -> tuple[Rendered, Rendered]:
-        """The output-space ensemble of the mix's shards and the soup (workflows.ensemble)."""
-        from . import workflows
-
-        return workflows.ensemble(self, mix, settings)
-
     @torch.no_grad()
     def base_denoiser(self) -> torch.nn.Module:
         """A copy of the base's denoiser (the hybrid's memory holds merges), for the ensemble reference."""
@@ -647,16 +641,3 @@ class Studio:
             self.mix(mix)
             self._use_text_encoder(mix)
             yield self.pipe
-
-    # -- files (see exports.py) -----------------------------------------------------------------------
-    def export(self, mix: Mix, out: str | Path, overwrite: bool = True) -> Path:
-        """The merged denoiser as .safetensors (diffusers names), with the recipe in the metadata."""
-        return exports.denoiser_file(self, mix, out, overwrite)
-
-    def export_single_file(self, mix: Mix, out: str | Path, overwrite: bool = True) -> Path:
-        """One fp16 LDM checkpoint (UNet + VAE + text encoders) for A1111, Forge and ComfyUI."""
-        return exports.single_file(self, mix, out, overwrite)
-
-    def export_pipeline(self, mix: Mix, out: str | Path, overwrite: bool = False) -> Path:
-        """A diffusers pipeline folder whose denoiser is the soup."""
-        return exports.pipeline_folder(self, mix, out, overwrite)

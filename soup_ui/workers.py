@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ray import serve
 
+from . import exports
 from .errors import StudioError
 from .mix import Mix
 from .pool import Shard, Weights
@@ -178,8 +179,8 @@ class RenderWorker:
             return studio.render_soup_batch(mix, list(request.batch))
         if request.kind == "ensemble":
             return list(workflows.ensemble(studio, mix, settings))
-        write = {"unet": studio.export, "single-file": studio.export_single_file, "pipeline": studio.export_pipeline}[request.export]
-        return str(write(mix, request.out, overwrite=request.overwrite))
+        write = {"unet": exports.denoiser_file, "single-file": exports.single_file, "pipeline": exports.pipeline_folder}[request.export]
+        return str(write(studio, mix, request.out, overwrite=request.overwrite))
 
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=8, health_check_period_s=5, graceful_shutdown_timeout_s=5)

@@ -116,7 +116,20 @@ def browser():
         b.close()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", help="also run the tests marked long (repetitions that CI leaves out)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--long"):
+        skip = pytest.mark.skip(reason="a long repetition: run with --long")
+        for item in items:
+            if "long" in item.keywords:
+                item.add_marker(skip)
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "long: a long repetition of a test that CI runs shorter (pytest --long runs it)")
     # diffusers and numpy 2 warn about their own internals; keep the summary readable.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
     config.addinivalue_line("filterwarnings", "ignore::FutureWarning")

@@ -44,7 +44,7 @@ def assert_partition(blocks: families.Blocks, names) -> None:
 def test_unet_blocks_are_supermergers_ids_and_match_the_ldm_prefixes_through_diffusers_converter(family, count):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from soup_ui.formats import LDM_PREFIX, ldm_unet_names
+    from soup_ui.ldm_names import LDM_PREFIX, ldm_unet_names
 
     unet, config = meta_unet(family)
     names = list(unet.state_dict())

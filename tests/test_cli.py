@@ -180,10 +180,11 @@ def test_task_arithmetic_in_lean_mode_equals_in_memory(tiny_preset, tmp_path):
 
 
 def readme_commands() -> list[str]:
-    """Every `python -m soup_ui ...` command of the README, joined over line continuations."""
+    """Every `python -m soup_ui ...` command of the README and docs/, in reading order, joined over
+    line continuations."""
     import re
 
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S) + re.findall(r"`(python -m soup_ui [^`]+)`", text)
     commands = []
     for block in blocks:
@@ -213,16 +214,21 @@ def scratch_repo(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", readme_commands())
-def test_every_readme_command_runs_as_printed(command, scratch_repo):
-    """Issue 12, item 11: each command of the README runs on the embedded default, in the order
-    printed, from the repository's layout (`train` runs 2 steps instead of its 400)."""
+def test_every_readme_command_runs_as_printed(command, scratch_repo, monkeypatch, capsys):
+    """Issue 12, item 11: each command of the README and docs/ runs on the embedded default, in the
+    order printed, from the repository's layout (`train` runs 2 steps instead of its 400). In-process
+    through `main(argv)`, as `python -m soup_ui` calls it (a subprocess would add a torch import
+    each; `test_a_missing_preset_is_one_line_without_traceback` runs the module itself)."""
     import shlex
+
+    from soup_ui import soup
 
     argv = shlex.split(command, comments=True)[3:]
     if argv[0] == "train":
         argv += ["--steps", "2"]
-    proc = subprocess.run([sys.executable, "-m", "soup_ui", *argv], cwd=scratch_repo, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(scratch_repo)
+    monkeypatch.setattr(soup, "BACKGROUND", False)  # as __main__ sets it: one command, no compile ahead
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
 
 
 def test_add_shard_and_render_take_a_single_file_and_a_lora(tiny_preset, tmp_path, studio, capsys):
@@ -270,13 +276,15 @@ runpy.run_module("soup_ui", run_name="__main__")  # python -m soup_ui ..., which
 """
 
 
-def test_a_cli_export_exiting_during_a_background_compile_never_aborts(tiny_preset, tmp_path):
+@pytest.mark.parametrize("count", [6, pytest.param(50, marks=pytest.mark.long)])
+def test_a_cli_export_exiting_during_a_background_compile_never_aborts(tiny_preset, tmp_path, count):
     """A process that exits while a kernel compile runs in a background thread could abort at
     teardown ("terminate called without an active exception", exit 134) after writing its file;
-    `python -m soup_ui` ends with soup.exit, which abandons the compile cleanly. 50 runs, 3 at a time."""
+    `python -m soup_ui` ends with soup.exit, which abandons the compile cleanly. `count` runs, 3 at a
+    time (the 50-run version with `pytest --long`)."""
     script = tmp_path / "exit_during_compile.py"
     script.write_text(EXIT_DURING_COMPILE)
-    runs, results = list(range(50)), []
+    runs, results = list(range(count)), []
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
     while runs:
         batch, runs = runs[:3], runs[3:]
@@ -288,7 +296,7 @@ def test_a_cli_export_exiting_during_a_background_compile_never_aborts(tiny_pres
     assert aborted == []
     assert all("compiling 3" in out for _, _, out, _ in results)  # each exited with compiles in flight
     expected = load_file(str(tmp_path / "soup-0.safetensors"))
-    for i in range(50):
+    for i in range(count):
         written = load_file(str(tmp_path / f"soup-{i}.safetensors"))
         assert written.keys() == expected.keys() and all(torch.equal(written[k], v) for k, v in expected.items())
 

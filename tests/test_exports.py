@@ -5,6 +5,7 @@ import json
 
 from safetensors import safe_open
 
+from soup_ui import exports
 from soup_ui.checkpoints import sha256_file
 
 A1111_RECIPE_KEYS = {  # what A1111's checkpoint merger writes in sd_merge_recipe (modules/extras.py, run_modelmerger)
@@ -34,7 +35,7 @@ def test_merge_metadata_is_a1111s_layout_with_each_source_and_its_ancestry(studi
     sd_merge_models names each file with A1111's legacy hash, and a source that is itself a merge
     brings its recipe and its own sources, as A1111 does; our full recipe is under soup_ui.recipe."""
     folder = tiny_preset.parent
-    first = studio.export(studio.make_mix({"beta": 1, "gamma": 3}), tmp_path / "first.safetensors")
+    first = exports.denoiser_file(studio, studio.make_mix({"beta": 1, "gamma": 3}), tmp_path / "first.safetensors")
     meta = metadata(first)
     recipe, models = json.loads(meta["sd_merge_recipe"]), json.loads(meta["sd_merge_models"])
     assert set(recipe) == A1111_RECIPE_KEYS
@@ -50,7 +51,7 @@ def test_merge_metadata_is_a1111s_layout_with_each_source_and_its_ancestry(studi
     assert "modelspec.date" not in meta  # no timestamp unless asked (SOURCE_DATE_EPOCH)
     studio.add_shard("first", first)
     try:
-        second = studio.export(studio.make_mix({"first": 1, "alpha": 1}, method="ties"), tmp_path / "second.safetensors")
+        second = exports.denoiser_file(studio, studio.make_mix({"first": 1, "alpha": 1}, method="ties"), tmp_path / "second.safetensors")
         recipe, models = json.loads(metadata(second)["sd_merge_recipe"]), json.loads(metadata(second)["sd_merge_models"])
         assert (recipe["interp_method"], recipe["multiplier"], recipe["primary_model_hash"]) == ("ties", None, sha256_file(first))
         assert models[sha256_file(first)]["sd_merge_recipe"] == json.loads(meta["sd_merge_recipe"])  # its ancestry
@@ -63,10 +64,10 @@ def test_the_same_recipe_exports_the_same_bytes(studio, tmp_path, monkeypatch):
     """safetensors writes its metadata map in a random order: two identical exports had different
     sha256. Sorted now, for the UNet file and the single file; a date only when asked."""
     mix = studio.make_mix({"alpha": 1, "beta": 2})
-    for export in (studio.export, studio.export_single_file):
-        files = [export(mix, tmp_path / f"{export.__name__}-{i}.safetensors") for i in range(4)]
+    for export in (exports.denoiser_file, exports.single_file):
+        files = [export(studio, mix, tmp_path / f"{export.__name__}-{i}.safetensors") for i in range(4)]
         assert len({sha(f) for f in files}) == 1, export.__name__
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
-    dated = studio.export(mix, tmp_path / "dated.safetensors")
+    dated = exports.denoiser_file(studio, mix, tmp_path / "dated.safetensors")
     assert metadata(dated)["modelspec.date"] == "2026-01-01"
-    assert sha(dated) == sha(studio.export(mix, tmp_path / "dated-again.safetensors"))
+    assert sha(dated) == sha(exports.denoiser_file(studio, mix, tmp_path / "dated-again.safetensors"))

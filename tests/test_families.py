@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from soup_ui import families, formats
+from soup_ui import exports, families, formats, ldm_names
 from soup_ui.checkpoints import CheckpointError
 
 # Published sizes: UNet, VAE, text encoder(s) (SD 2.x: OpenCLIP ViT-H without its last layer, as diffusers keeps it).
@@ -52,7 +52,7 @@ def test_diffusers_detects_each_family_from_its_original_naming(family, tmp_path
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     _, unet, _, _ = meta_models(family)
-    names = formats.ldm_unet_names(list(unet.state_dict()), unet.config)
+    names = ldm_names.ldm_unet_names(list(unet.state_dict()), unet.config)
     checkpoint = {formats.LDM_PREFIX + names[k]: v for k, v in unet.state_dict().items()}
     if family == "sdxl":
         checkpoint["conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"] = torch.empty(1280, device="meta")  # OpenCLIP-G
@@ -70,7 +70,7 @@ def test_an_unknown_family_is_refused_naming_its_width(tiny_preset):
     from soup_ui.studio import Studio
 
     studio = Studio(load_preset(tiny_preset))
-    out = studio.export_single_file(studio.make_mix({"alpha": 1}), tiny_preset.parent / "tiny-single.safetensors")
+    out = exports.single_file(studio, studio.make_mix({"alpha": 1}), tiny_preset.parent / "tiny-single.safetensors")
     with pytest.raises(CheckpointError, match="32-wide cross-attention; give `config:`"):
         families.single_file_family(out)
 

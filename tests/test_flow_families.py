@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from soup_ui import exports
 from soup_ui.checkpoints import CheckpointError
 from soup_ui.presets import RenderSettings, load_preset
 from soup_ui.studio import RuntimeOptions, Studio, StudioError
@@ -74,7 +75,7 @@ def test_a_flow_soup_exports_as_a_pipeline_diffusers_renders_identically(studio,
     from diffusers import DiffusionPipeline
 
     mix = {"ink": 2, "chalk": 1}
-    out = studio.export_pipeline(studio.make_mix(mix), tmp_path / "soup")
+    out = exports.pipeline_folder(studio, studio.make_mix(mix), tmp_path / "soup")
     back = DiffusionPipeline.from_pretrained(out)
     assert type(back) is type(studio.pipe)
     soup = studio.souped_weights(studio.make_mix(mix))
@@ -87,13 +88,13 @@ def test_a_flow_soup_exports_as_a_pipeline_diffusers_renders_identically(studio,
     ours = np.asarray(studio.render_soup(studio.make_mix(mix), SETTINGS).image).astype(np.float32) / 255
     assert np.abs(image - ours).max() <= 1.5 / 255
     # the transformer alone, as diffusers and ComfyUI load it
-    file = studio.export(studio.make_mix(mix), tmp_path / "soup-transformer.safetensors")
+    file = exports.denoiser_file(studio, studio.make_mix(mix), tmp_path / "soup-transformer.safetensors")
     assert set(load_file(str(file))) == set(soup)
 
 
 def test_a_single_file_export_of_a_flow_family_is_refused_saying_what_to_do(studio, tmp_path):
     with pytest.raises(StudioError, match=r"single-file \(LDM\) export is for SD 1.x, SD 2.x and SDXL; export this .* soup as its transformer"):
-        studio.export_single_file(studio.make_mix({"ink": 1}), tmp_path / "x.safetensors")
+        exports.single_file(studio, studio.make_mix({"ink": 1}), tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -312,7 +313,7 @@ def test_a_streamed_transformer_export_is_the_studios(studio, family, tmp_path):
     from soup_ui import stream
 
     streamed, _ = stream.export(load_preset(family[1]), {"ink": 1, "pastel": 1}, "average", {}, tmp_path / "s.safetensors")
-    held = studio.export(studio.make_mix({"ink": 1, "pastel": 1}), tmp_path / "h.safetensors")
+    held = exports.denoiser_file(studio, studio.make_mix({"ink": 1, "pastel": 1}), tmp_path / "h.safetensors")
     with safe_open(str(streamed), "pt") as a, safe_open(str(held), "pt") as b:
         assert a.metadata() == b.metadata()
         assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in b.keys())  # noqa: SIM118

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soup_ui import formats
+from soup_ui import exports, formats, ldm_names
 from soup_ui.checkpoints import CheckpointError
 from soup_ui.presets import RenderSettings, load_preset
 from soup_ui.studio import Studio
@@ -31,7 +31,7 @@ def diffusers_weights(tiny_preset):
 
 
 def to_ldm(weights, config, prefix=formats.LDM_PREFIX):
-    names = formats.ldm_unet_names(list(weights), config)
+    names = ldm_names.ldm_unet_names(list(weights), config)
     return {prefix + names[k]: v for k, v in weights.items()}
 
 
@@ -231,7 +231,7 @@ def test_the_single_file_export_loads_in_diffusers_and_back_as_a_shard(tmp_path,
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    out = studio.export_single_file(studio.make_mix({"alpha": 1, "gamma": 1}), tmp_path / "soup.safetensors")
+    out = exports.single_file(studio, studio.make_mix({"alpha": 1, "gamma": 1}), tmp_path / "soup.safetensors")
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
         assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")) for k in f.keys())
@@ -279,7 +279,7 @@ def test_a_single_file_base_with_a_config_folder_renders_like_the_folder(tmp_pat
     other.mix(other.make_mix({"alpha": 1}, method="task-arithmetic", params={"lambda": 1.5}))  # uses the base's own tensors, read through the name map
     studio.mix(studio.make_mix({"alpha": 1}, method="task-arithmetic", params={"lambda": 1.5}))
     assert all(torch.equal(other.hybrid_tensors[k], studio.hybrid_tensors[k]) for k in studio.base_specs)
-    out = other.export_pipeline(other.make_mix({"alpha": 1, "beta": 1}), tmp_path / "exported")
+    out = exports.pipeline_folder(other, other.make_mix({"alpha": 1, "beta": 1}), tmp_path / "exported")
     loaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     soup = studio.souped_weights(studio.make_mix({"alpha": 1, "beta": 1}))
     assert all(torch.equal(loaded.unet.state_dict()[k], soup[k]) for k in soup)
@@ -385,7 +385,7 @@ def test_a_base_folder_saved_as_a_variant_loads_and_exports_alike(tmp_path, tiny
     other = Studio(load_preset(tmp_path / "variant.yaml"))
     assert other.base_found.kind == "diffusers UNet (fp16 variant)"
     assert other.render_soup(other.make_mix({"alpha": 1, "beta": 1}), SETTINGS).image.size == (16, 16)
-    out = other.export_pipeline(other.make_mix({"alpha": 1, "beta": 1}), tmp_path / "exported")
+    out = exports.pipeline_folder(other, other.make_mix({"alpha": 1, "beta": 1}), tmp_path / "exported")
     assert (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     loaded = StableDiffusionPipeline.from_pretrained(out, variant="fp16", safety_checker=None, requires_safety_checker=False)
     soup = other.souped_weights(other.make_mix({"alpha": 1, "beta": 1}))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soup_ui import formats
+from soup_ui import exports, formats, ldm_names
 from soup_ui.checkpoints import CheckpointError
 from soup_ui.presets import RenderSettings, load_preset
 from soup_ui.studio import Studio, StudioError
@@ -46,7 +46,7 @@ def test_an_sdxl_soup_exports_as_a_single_file_diffusers_reads_back(studio, tmp_
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
 
-    out = studio.export_single_file(studio.make_mix({"ink": 1, "pastel": 2}), tmp_path / "sdxl.safetensors")
+    out = exports.single_file(studio, studio.make_mix({"ink": 1, "pastel": 2}), tmp_path / "sdxl.safetensors")
     with safe_open(str(out), "pt") as f:
         names = set(f.keys())
         assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
@@ -69,7 +69,7 @@ def test_an_sdxl_soup_exports_as_a_single_file_diffusers_reads_back(studio, tmp_
 def test_an_sdxl_pipeline_export_loads(studio, tmp_path):
     from diffusers import DiffusionPipeline
 
-    folder = studio.export_pipeline(studio.make_mix({"ink": 1, "pastel": 1}), tmp_path / "pipe")
+    folder = exports.pipeline_folder(studio, studio.make_mix({"ink": 1, "pastel": 1}), tmp_path / "pipe")
     loaded = DiffusionPipeline.from_pretrained(folder)
     assert type(loaded).__name__ == "StableDiffusionXLPipeline"
     soup = studio.souped_weights(studio.make_mix({"ink": 1, "pastel": 1}))
@@ -152,7 +152,7 @@ def test_an_sdxl_lora_soups_like_the_lora_fused_first(studio, tmp_path, naming):
         StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=state, safe_serialization=True)
         lora_file = tmp_path / "pytorch_lora_weights.safetensors"
     else:
-        ldm = formats.ldm_unet_names(list(studio.base_specs), studio.hybrid.config)
+        ldm = ldm_names.ldm_unet_names(list(studio.base_specs), studio.hybrid.config)
         kohya = {}
         for key, value in state.items():
             module, part = key.rsplit(".lora_", 1)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from soup_ui import exports
 from soup_ui import session as handlers
 from soup_ui.files import umask
 from soup_ui.presets import RenderSettings, load_preset
@@ -181,7 +182,7 @@ def test_pipeline_export_copies_only_what_the_pipeline_loads(tiny_preset, studio
     (base / "notes.bin").write_bytes(b"0" * 1000)
     (base / "vae" / "old.ckpt").write_bytes(b"0")
     try:
-        out = studio.export_pipeline(studio.make_mix({"alpha": 1}), tmp_path / "p")
+        out = exports.pipeline_folder(studio, studio.make_mix({"alpha": 1}), tmp_path / "p")
         copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
         assert not any(".git" in c or c.endswith((".bin", ".ckpt")) for c in copied), copied
         assert "model_index.json" in copied and "vae/diffusion_pytorch_model.safetensors" in copied

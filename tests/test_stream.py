@@ -9,7 +9,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from soup_ui import stream
+from soup_ui import exports, stream
 from soup_ui.cli import main
 from soup_ui.presets import load_preset
 
@@ -32,8 +32,8 @@ def test_a_streamed_export_is_the_studios_export(studio, tiny_preset, tmp_path, 
     streamed, mix = stream.export(preset, weights, method, params, tmp_path / "streamed.safetensors", fmt)
     held = studio.make_mix(weights, method, params)
     assert mix.key == held.key
-    export = studio.export if fmt == "unet" else studio.export_single_file
-    expected, expected_meta = tensors_and_metadata(export(held, tmp_path / "held.safetensors"))
+    export = exports.denoiser_file if fmt == "unet" else exports.single_file
+    expected, expected_meta = tensors_and_metadata(export(studio, held, tmp_path / "held.safetensors"))
     got, meta = tensors_and_metadata(streamed)
     assert got.keys() == expected.keys()
     assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in expected.items())

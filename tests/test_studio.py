@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from soup_ui import exports
 from soup_ui.checkpoints import sha256_file
 from soup_ui.presets import RenderSettings
 from soup_ui.studio import StudioError
@@ -102,7 +103,7 @@ def test_concurrent_mixes_each_get_their_own_weights(studio):
 
 
 def test_export_round_trip(studio, tmp_path, tiny_preset):
-    out = studio.export(studio.make_mix({"alpha": 1, "gamma": 3}), tmp_path / "soup.safetensors")
+    out = exports.denoiser_file(studio, studio.make_mix({"alpha": 1, "gamma": 3}), tmp_path / "soup.safetensors")
     exported = load_file(str(out))
     folder = tiny_preset.parent
     alpha = load_file(str(folder / "alpha" / "diffusion_pytorch_model.safetensors"))

@@ -134,7 +134,7 @@ def test_exports_carry_the_mixed_text_encoder(studio, tmp_path):
     mix = {"full": 1, "pipe": 1}
     studio.render_soup(studio.make_mix(mix, text_encoders=True), SETTINGS)
     mixed = text_state(studio)
-    out = studio.export_single_file(studio.make_mix(mix, text_encoders=True), tmp_path / "soup.safetensors")
+    out = exports.single_file(studio, studio.make_mix(mix, text_encoders=True), tmp_path / "soup.safetensors")
     back = StableDiffusionPipeline.from_single_file(str(out), config=str(studio.preset.base), safety_checker=None, requires_safety_checker=False)
     got = back.text_encoder.state_dict()
     assert all(torch.equal(got[k].half(), v.half()) for k, v in mixed.items() if v.is_floating_point())
@@ -142,12 +142,12 @@ def test_exports_carry_the_mixed_text_encoder(studio, tmp_path):
 
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["soup_ui.recipe"])["text_encoders"] is True
-    folder = studio.export_pipeline(studio.make_mix(mix, text_encoders=True), tmp_path / "pipeline")
+    folder = exports.pipeline_folder(studio, studio.make_mix(mix, text_encoders=True), tmp_path / "pipeline")
     loaded = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     assert all(torch.equal(loaded.text_encoder.state_dict()[k], v) for k, v in mixed.items())
     recipe = json.loads((folder / "soup_recipe.json").read_text())
     assert recipe["text_encoders"] is True and all("text_encoder_sha256" in s for s in recipe["shards"])
-    plain = studio.export_pipeline(studio.make_mix(mix), tmp_path / "plain")  # off: the base's text encoder, byte for byte
+    plain = exports.pipeline_folder(studio, studio.make_mix(mix), tmp_path / "plain")  # off: the base's text encoder, byte for byte
     base_te = studio.preset.base / "text_encoder" / "model.safetensors"
     assert (plain / "text_encoder" / "model.safetensors").read_bytes() == base_te.read_bytes()
 
@@ -219,7 +219,7 @@ def test_an_sd2_export_writes_open_clip_names_that_diffusers_reads_back(sd2_like
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    out = sd2_like.export_single_file(sd2_like.make_mix({"alpha": 1, "beta": 1}), tmp_path / "sd2.safetensors")
+    out = exports.single_file(sd2_like, sd2_like.make_mix({"alpha": 1, "beta": 1}), tmp_path / "sd2.safetensors")
     layers = sd2_like.pipe.text_encoder.config.num_hidden_layers
     with safe_open(str(out), "pt") as f:
         names = set(f.keys())
@@ -258,7 +258,7 @@ def test_an_sd2_export_from_a_single_file_base_copies_its_unused_open_clip_parts
     data["base"], data["config"] = str(tmp_path / "base.safetensors"), str(sd2_like.preset.base)
     (tmp_path / "single.yaml").write_text(yaml.safe_dump(data))
     other = Studio(load_preset(tmp_path / "single.yaml"))
-    out = other.export_single_file(other.make_mix({"alpha": 1}), tmp_path / "soup.safetensors")
+    out = exports.single_file(other, other.make_mix({"alpha": 1}), tmp_path / "soup.safetensors")
     exported = load_file(str(out))
     assert {k for k in exported if k.startswith("cond_stage_model.")} == open_clip_names(layers + 1)
     assert all(torch.equal(exported[k], v.half()) for k, v in real.items())

@@ -1,0 +1,88 @@
+"""The package's import graph has no circles: read from the code (every import a module runs, lazy
+ones inside functions included; imports under `if TYPE_CHECKING:` run never and are left out)."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "soup_ui"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that `path` imports when it runs."""
+    tree = ast.parse(path.read_text())
+    me = module_name(path)
+    here = me.split(".") if path.name == "__init__.py" else me.split(".")[:-1]
+    never = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in never:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".") if node.level else node.module or ""
+            named = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]  # from . import soup
+            targets = named or [base]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != me:
+                out.add(target)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {m: imported_modules(p, set(paths)) for m, p in paths.items()}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_reader_sees_lazy_imports_and_finds_a_circle():
+    """The check itself: a lazy `from .b import x` inside a function is an arrow, and a -> b -> a is found."""
+    graph = {"p.a": {"p.b"}, "p.b": {"p.a"}, "p.c": {"p.a"}}
+    assert circles(graph) == [["p.a", "p.b"]]
+    studio = import_graph()["soup_ui.cli"]
+    assert "soup_ui.workflows" in studio  # imported inside cmd_leave_one_out only
+
+
+def test_the_package_has_no_import_circles():
+    graph = import_graph()
+    assert len(graph) > 20
+    assert circles(graph) == []
