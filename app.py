@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("soup-outputs"), help="where uploads, exports, recipes and saved presets go")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; CPU images differ in the last bits between thread counts)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
-    workers = parser.add_argument_group("render workers (Ray Serve; see the README's 'Serving many users')")
+    workers = parser.add_argument_group("render workers (Ray Serve; see docs/serving.md)")
     workers.add_argument("--workers", type=int, metavar="N",
                          help="render on N Ray Serve replicas of a local Ray instance (loopback only, no dashboard); this process serves the page")
     workers.add_argument("--ray-address", metavar="ADDRESS",

@@ -284,7 +284,7 @@ class Blocks:
         return ",".join(f"{float(v):g}" for v in values)
 
     def presets(self) -> dict[str, tuple[float, ...]]:
-        """Named block vectors (README: "Block weights"): all; input, middle or output only (UNets);
+        """Named block vectors (docs/block-weights.md): all; input, middle or output only (UNets);
         double or single only (FLUX); linear ramps in and out along the block order; composition
         from this shard (the first half of the denoiser: for UNets BASE, IN and M) and style from
         this shard (the rest: the output blocks and the final layer)."""

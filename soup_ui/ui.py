@@ -794,7 +794,7 @@ def build_api(host: StudioHost, state) -> None:
         api_info = gr.JSON(label="info")
         api_method = gr.Textbox("average", label="method")  # a registered merge method
         api_params = gr.Textbox("", label="params")  # its parameters: "density=0.3,lambda=1"
-        api_blocks = gr.Textbox("", label="blocks")  # block weights: "twemoji=IN:0,OUT:1; noto=1,1,0.5,..." (see the README)
+        api_blocks = gr.Textbox("", label="blocks")  # block weights: "twemoji=IN:0,OUT:1; noto=1,1,0.5,..." (see docs/block-weights.md)
         buttons = {n: gr.Button(n) for n in ("mix", "render", "soup", "add", "remove", "session_render", "grid")}
 
     def preset_session(preset_name: str) -> Session:
