@@ -19,15 +19,11 @@ DEFAULT_PRESET = HERE / "presets" / "emoji-styles.yaml"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    from soup_ui import runtime
+
+    parser = argparse.ArgumentParser(description=__doc__, parents=[runtime.parser()])
     parser.add_argument("--preset", type=Path, action="append", help="preset YAML file (repeatable; default: every preset in presets/)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--dtype", help="float16 or float32 (default: float16 on GPU, float32 on CPU)")
-    parser.add_argument("--lean", action="store_true", help="stream shards from their files instead of loading each (default: when they would not fit)")
-    parser.add_argument("--memory", choices=["resident", "pinned", "lean"],
-                        help="where every shard lives: on the device, in pinned CPU memory (copied to the GPU per soup) or in its files "
-                        "(default: planned from free memory, said in the page header)")
     parser.add_argument(
         "--models-dir", type=Path, action="append", default=[],
         help="a folder the page may add shards from (repeatable; default: the embedded default's shards folder). Nothing else is opened",
@@ -52,7 +48,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from soup_ui.cli import quiet_libraries
     from soup_ui.presets import list_presets
-    from soup_ui.studio import RuntimeOptions
     from soup_ui.ui import StudioHost, build_ui, launch
 
     quiet_libraries()
@@ -70,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in presets:
         if not Path(p).is_file():
             parser.error(f"--preset: no such file: {p}")
-    options = RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None, memory=args.memory)
+    options = runtime.RuntimeOptions.of(args)
     models_dirs = args.models_dir or ([HERE / "assets" / "emoji" / "shards"] if DEFAULT_PRESET in presets else [])
     # The presets named on the command line (else the first, the embedded default) load before the
     # server answers; the others load when a visitor picks them.

@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import psutil
 import torch
 
 
@@ -45,19 +46,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    mem = ""
-    try:
-        kb = int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal")).split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration):
-        pass
+    mem = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} cores{mem}{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def available_bytes() -> int:
-    try:
-        kb = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1])
-        return kb * 1024
-    except (OSError, StopIteration):
-        return 8 << 30
+    return psutil.virtual_memory().available

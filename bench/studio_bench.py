@@ -86,7 +86,7 @@ def main(argv=None):
             times.append(time.perf_counter() - t0)
     naive = []
     for _ in range(args.repeats):
-        studio._images.clear()  # a naive app keeps no cache: every image again
+        studio.renderer.images.clear()  # a naive app keeps no cache: every image again
         t0 = time.perf_counter()
         studio.render(studio.make_mix(random_mix()), settings)
         naive.append(time.perf_counter() - t0)

@@ -16,13 +16,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-
-if TYPE_CHECKING:
-    from .adapters import Adapter
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +288,7 @@ def sha256_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
+            hashlib.file_digest(f, lambda: digest)  # feeds the one digest, file after file
     return digest.hexdigest()
 
 
@@ -316,7 +311,7 @@ class Found:
     names: dict[str, tuple[Path, str]] = field(default_factory=dict)  # diffusers name -> (file, stored name)
     specs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # diffusers name -> (shape, dtype)
     ignored: Counter = field(default_factory=Counter)  # what kind of tensor -> how many were left out
-    lora: dict[str, Adapter] | None = None  # an adapter (LoRA, DoRA...): base tensor name -> what it changes
+    lora: dict | None = None  # an adapter (LoRA, DoRA...): base tensor name -> what it changes there (an adapters.Adapter)
     convert: Callable[[], dict[str, torch.Tensor]] | None = None  # an original transformer file: read and convert it (not a renaming)
 
     def describe_ignored(self) -> str:

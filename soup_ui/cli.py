@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from . import pngmeta
+from . import pngmeta, runtime
 from .errors import StudioError
 from .files import safe_name
 from .methods import METHODS
@@ -37,9 +37,6 @@ logger = logging.getLogger("soup_ui")
 
 # What a studio command uses when neither --preset nor --recipe names a preset: the embedded default.
 DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "presets" / "emoji-styles.yaml"
-
-
-DTYPES = ["float16", "bfloat16", "float32"]
 
 
 class UsageError(ValueError):
@@ -99,13 +96,13 @@ def open_studio(args: argparse.Namespace, job: "Job", only_used: bool = False):
     preset's, else its family's: an SD3 or FLUX preset that names no scheduler gets its own).
     `only_used`: load only the shards the mix reads (a render or an export needs no other)."""
     from .stream import used_names
-    from .studio import RuntimeOptions, Studio
+    from .studio import Studio
 
     preset = job.preset
     if only_used:
         used = used_names(job.weights, job.params)
         preset = preset.model_copy(update={"shards": [s for s in preset.shards if s.name in used] or preset.shards})
-    studio = Studio(preset, RuntimeOptions(device=args.device, dtype=args.dtype, lean=True if args.lean else None, memory=args.memory))
+    studio = Studio(preset, runtime.RuntimeOptions.of(args))
     for name, why in studio.failed.items():
         logger.warning("shard %s left out: %s", name, why)
     job.settings = render_settings(args, studio.preset, job.recipe)
@@ -219,17 +216,10 @@ def cmd_export(args: argparse.Namespace) -> None:
                                        progress=lambda f: bar.update(round(100 * f) - bar.n), blocks=job.blocks)
         logger.info("wrote %s", out)
         return
-    from . import exports
-
     studio = open_studio(args, job, only_used=True)
-    if args.format == "pipeline":
-        exports.pipeline_folder(studio, job.mix, out)
-    elif args.format == "single-file":
-        exports.single_file(studio, job.mix, out)
-    else:
-        if job.text_encoders:
-            logger.warning("a UNet file holds no text encoder: the mixed text encoders are not written (use --format single-file or pipeline)")
-        exports.denoiser_file(studio, job.mix, out)
+    if args.format == "unet" and job.text_encoders:
+        logger.warning("a UNet file holds no text encoder: the mixed text encoders are not written (use --format single-file or pipeline)")
+    studio.export(args.format, job.mix, out, overwrite=args.overwrite)
     logger.info("wrote %s", out)
 
 
@@ -329,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def studio_command(name: str, help: str, render_options: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, parents=[runtime.parser()])
         p.add_argument("--preset", help="preset YAML file (default: the one --recipe names, else the embedded emoji default)")
         p.add_argument("--recipe", help="recipe YAML file: preset, mix, method, parameters and render settings (options override it)")
         p.add_argument("--mix", help="NAME=WEIGHT,... (default: the recipe's, else every shard at its preset weight)")
@@ -346,11 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mix-text-encoders", action=argparse.BooleanOptionalAction, default=None,
                        help="mix the shards' own text encoders with the same weights (a shard without one counts as the base's); "
                             "default: the recipe's, else the preset's mix_text_encoders (off)")
-        p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-        p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: float16 on GPU, float32 on CPU); for a streamed "
-                       "export (unet), the file's dtype (default: the base's)")
-        p.add_argument("--lean", action="store_true", help="stream shards from their files (default: when they would not fit)")
-        p.add_argument("--memory", choices=["resident", "pinned", "lean"], help="force where shards live (default: planned from free memory)")
         if render_options:
             add_render_options(p)
         return p

@@ -108,7 +108,7 @@ def architecture(studio: Studio) -> dict[str, str]:
     prediction = studio.pipe.scheduler.config.get("prediction_type", "epsilon")
     sample = getattr(studio.pipe, "default_sample_size", None) or studio.hybrid.config.get("sample_size")
     size = sample * studio.pipe.vae_scale_factor if isinstance(sample, int) else None
-    return modelspec(studio.family, prediction, size, studio.guidance_distilled)
+    return modelspec(studio.family, prediction, size, studio.renderer.guidance_distilled)
 
 
 def merge_metadata(studio: Studio, mix: Mix, half: bool = False) -> dict[str, str]:
@@ -171,7 +171,7 @@ def single_file(studio: Studio, mix: Mix, out: str | Path, overwrite: bool = Tru
     base's, or the merge of the shards' when the mix says so): what A1111, Forge and ComfyUI load."""
     if studio.family not in families.LDM_FAMILIES:
         raise StudioError(
-            f"a single-file (LDM) export is for SD 1.x, SD 2.x and SDXL; export this {studio.family_name} soup as its {studio.kind.denoiser} "
+            f"a single-file (LDM) export is for SD 1.x, SD 2.x and SDXL; export this {studio.renderer.family_name} soup as its {studio.kind.denoiser} "
             "(diffusers names, which diffusers and ComfyUI load) or as a pipeline folder"
         )
     out = Path(out)

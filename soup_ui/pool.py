@@ -104,11 +104,9 @@ def free_memory(device: torch.device) -> int:
     """Bytes free on the device (for CPUs, the memory available to new allocations)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        return 1 << 34
+    import psutil
+
+    return psutil.virtual_memory().available
 
 class Pool:
     """The shards' weights, loaded once per content hash and shared by every name and session that

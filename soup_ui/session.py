@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import checkpoints, exports, formats, pngmeta, workflows
+from . import checkpoints, formats, pngmeta, workflows
 from .files import atomic_path, safe_name
 from .mix import Mix
 from .pool import Shard
@@ -36,7 +36,8 @@ from .presets import (
     write_yaml_atomic,
 )
 from .presets import save_recipe as write_recipe
-from .studio import Rendered, RuntimeOptions, Studio
+from .render import Rendered
+from .studio import RuntimeOptions, Studio
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def close_session(host: StudioHost, session: Session | None) -> None:
     for name in list(session.owned):
         shard = session.shards.pop(name, None)
         if studio is not None and shard is not None:
-            studio.release(shard.weights)
+            studio.pool.release(shard.weights)
     session.owned.clear()
 
 
@@ -319,7 +320,7 @@ def add_shard(host: StudioHost, session: Session, name: str, path_text: str = ""
         path = host.allowed_path(path_text or "")
         shown = path_text.strip()
     try:
-        weights = studio.load(path, name)
+        weights = studio.pool.load(path, name)
     except checkpoints.CheckpointError as err:
         raise ValueError(str(err).replace(str(path), shown)) from None
     session.shards[name] = Shard(name, weights, 1.0, f"added from {host.shown(path)}")
@@ -353,7 +354,7 @@ def restore_shards(host: StudioHost, session: Session, saved: dict | None) -> li
             path = Path(path_text)
             if not (path.resolve().is_relative_to(uploads) and path.is_file()):
                 path = host.allowed_path(path_text)
-            session.shards[name] = Shard(name, studio.load(path, name), 1.0, f"added from {host.shown(path)}")
+            session.shards[name] = Shard(name, studio.pool.load(path, name), 1.0, f"added from {host.shown(path)}")
             session.owned.add(name)
         except (ValueError, checkpoints.CheckpointError) as err:
             lost.append(f"{name}: {err}")
@@ -398,7 +399,7 @@ def remove_shard(host: StudioHost, session: Session, name: str) -> str:
     shard = session.shards.pop(name)
     if name in session.owned:
         session.owned.discard(name)
-        host.get(session.preset).release(shard.weights)
+        host.get(session.preset).pool.release(shard.weights)
     return f"removed shard **{name}** from this session (its file is untouched)"
 
 
@@ -571,7 +572,7 @@ def block_sweep(host: StudioHost, session: Session, controls: Controls, a: str, 
 
 def ensemble(host: StudioHost, session: Session, controls: Controls) -> list[tuple[str, str]]:
     session = require(session)
-    ens, soup = workflows.ensemble(host.get(session.preset), page_mix(host, session, controls), controls.settings)
+    ens, soup = host.get(session.preset).render_ensemble(page_mix(host, session, controls), controls.settings)
     return image_files(host, [ens, soup], controls.settings)
 
 
@@ -598,10 +599,7 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
     if stem and not single_file and not stem.endswith("-unet"):
         stem += "-unet"
     path = host.new_file("exports", stem, ".safetensors", overwrite)
-    if single_file:
-        exports.single_file(studio, mix, path)
-    else:
-        exports.denoiser_file(studio, mix, path)
+    studio.export("single-file" if single_file else "unet", mix, path, overwrite=True)  # new_file refused a clash unless asked
     what = "a single-file checkpoint (LDM naming, fp16) for A1111, Forge and ComfyUI" if single_file else mix.label
     return str(path), f"wrote `{host.shown(path)}` ({what})"
 
@@ -611,7 +609,7 @@ def export_pipeline(host: StudioHost, session: Session, controls: Controls, file
     studio = host.get(session.preset)
     mix = page_mix(host, session, controls)
     folder = host.new_file("pipelines", file_name, "", overwrite)
-    exports.pipeline_folder(studio, mix, folder, overwrite=overwrite)
+    studio.export("pipeline", mix, folder, overwrite=overwrite)
     from .studio import folder_variant
 
     archive = zip_folder(folder)

@@ -414,7 +414,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             lean = ", lean mode (shards streamed from disk)" if studio.lean else ""
             lean += f"<br><small>memory: {html.escape(studio.memory_plan)}</small>"
             return (f"**{studio.preset.name or session.preset}**: {html.escape(studio.preset.description)}"
-                    f" ({len(session.shards)} shards; {studio.family_name}: {type(studio.pipe).__name__}, soups its {studio.kind.denoiser};"
+                    f" ({len(session.shards)} shards; {studio.renderer.family_name}: {type(studio.pipe).__name__}, soups its {studio.kind.denoiser};"
                     f" {studio.runs_on}{lean}){failed}")
 
         def family_controls(studio, r) -> list:
@@ -427,7 +427,7 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             schedulers = ["default"] if studio.kind.flow_matching else list(SCHEDULERS)
             return [
                 gr.Textbox(value=r.negative_prompt if applies else "", visible=applies), r.seed, r.steps,
-                gr.Number(value=r.guidance_scale, label=guidance[studio.guidance_distilled], interactive=studio.guidance_distilled is not False),
+                gr.Number(value=r.guidance_scale, label=guidance[studio.renderer.guidance_distilled], interactive=studio.renderer.guidance_distilled is not False),
                 gr.Dropdown(choices=schedulers, value=r.scheduler),
             ]
 

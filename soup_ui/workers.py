@@ -29,14 +29,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cachetools import LRUCache
 from ray import serve
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import DeploymentUnavailableError
 
-from . import exports
 from .errors import StudioError
 from .mix import Mix
 from .pool import Shard, Weights
 from .presets import Recipe, RenderSettings, load_preset
-from .studio import BACKGROUND, LRU, Rendered, RuntimeOptions, Studio
+from .render import Rendered
+from .studio import BACKGROUND, RuntimeOptions, Studio
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ class RenderWorker:
         self.node = socket.gethostname()
         self._studios: dict[str, Studio] = {}
         self._lock = threading.Lock()
-        self._held: LRU = LRU(keep_shards)  # (preset, sha256) -> Weights this replica loaded itself
+        self._held: LRUCache = LRUCache(keep_shards)  # (preset, sha256) -> Weights this replica loaded itself
         for preset in presets:  # before the first request: a replica that is still loading takes none
             self.studio(preset)
 
@@ -133,21 +136,21 @@ class RenderWorker:
             if shard.sha256 == ref.sha256:
                 return shard.weights
         with self._lock:
-            held = self._held.hit((preset, ref.sha256))
+            held = self._held.get((preset, ref.sha256))
         if held is not None:
             return held
         if not os.access(ref.path, os.R_OK):
             raise StudioError(f"render worker on {self.node}: cannot read shard {ref.name!r} at {ref.path} (model folders and uploads must be on storage every node reads)")
-        weights = studio.load(ref.path, ref.name)
+        weights = studio.pool.load(ref.path, ref.name)
         if weights.sha256 != ref.sha256:
-            studio.release(weights)
+            studio.pool.release(weights)
             raise StudioError(f"shard {ref.name!r}: {ref.path} changed since it was added (its content hash differs); add it again")
         with self._lock:
             before = dict(self._held)
-            self._held.put((preset, ref.sha256), weights)
+            self._held[(preset, ref.sha256)] = weights
             gone = [w for k, w in before.items() if k not in self._held]  # the least recently used, past keep_shards
         for w in gone:
-            studio.release(w)
+            studio.pool.release(w)
         return weights
 
     def mix(self, request: RenderRequest) -> tuple[Studio, Mix]:
@@ -179,8 +182,7 @@ class RenderWorker:
             return studio.render_soup_batch(mix, list(request.batch))
         if request.kind == "ensemble":
             return list(workflows.ensemble(studio, mix, settings))
-        write = {"unet": exports.denoiser_file, "single-file": exports.single_file, "pipeline": exports.pipeline_folder}[request.export]
-        return str(write(studio, mix, request.out, overwrite=request.overwrite))
+        return str(studio.export(request.export, mix, request.out, overwrite=request.overwrite))
 
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=8, health_check_period_s=5, graceful_shutdown_timeout_s=5)
@@ -292,7 +294,8 @@ def describe(config: dict) -> str:
     return ", ".join([count, each, *rest])
 
 
-LOST = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError", "NodeDiedError", "DeploymentUnavailableError")
+# A replica lost mid-request (killed, out of memory, its node gone): Ray's and Serve's own types.
+LOST = (RayActorError, WorkerCrashedError, NodeDiedError, DeploymentUnavailableError)  # RayActorError: ActorDiedError, ActorUnavailableError
 
 
 class Workers:
@@ -373,7 +376,7 @@ class Workers:
         try:
             return self._once(request)
         except Exception as err:  # noqa: BLE001 - told apart below
-            if type(err).__name__ not in LOST and type(getattr(err, "cause", None)).__name__ not in LOST:
+            if not isinstance(err, LOST) and not isinstance(getattr(err, "cause", None), LOST):
                 raise _own(err) from None
             self.retries += 1
             actor = str(getattr(err, "actor_id", None) or getattr(getattr(err, "cause", None), "actor_id", None) or type(err).__name__)
@@ -438,17 +441,17 @@ class RoutedStudio(Studio):
         return RenderRequest.of(kind, self.preset.source, mix, settings, **more)
 
     def render_component(self, shard: Shard, settings: RenderSettings, *, text_encoders: bool = False) -> Rendered:
-        self.check_settings(settings)
+        self.renderer.check(settings)
         return self.workers.ask(self._request("component", Mix.alone(shard, text_encoders), settings))[0]
 
     def render_soup(self, mix: Mix, settings: RenderSettings) -> Rendered:
-        self.check_settings(settings)
+        self.renderer.check(settings)
         return self.workers.ask(self._request("soup", mix, settings))[0]
 
     def render(self, mix: Mix, settings: RenderSettings, progress: Callable | None = None) -> list[Rendered]:
         """The components and the soup at once, each where its weights are."""
         report = progress or (lambda f, d: None)
-        self.check_settings(settings)
+        self.renderer.check(settings)
         requests = [self._request("component", Mix.alone(s, mix.text_encoders), settings) for s in mix.shards] + [self._request("soup", mix, settings)]
         futures = [self.workers.submit(r) for r in requests]
         out = []
@@ -460,24 +463,15 @@ class RoutedStudio(Studio):
 
     def render_soup_batch(self, mix: Mix, batch: list[RenderSettings], batch_size: int = 64):
         for settings in batch:
-            self.check_settings(settings)
+            self.renderer.check(settings)
         return self.workers.ask(self._request("batch", mix, batch[0], batch=tuple(batch)))
 
     def render_ensemble(self, mix: Mix, settings: RenderSettings) -> tuple[Rendered, Rendered]:
-        self.check_settings(settings)
+        self.renderer.check(settings)
         ensemble, soup = self.workers.ask(self._request("ensemble", mix, settings, background=True))
         return ensemble, soup
 
-    def _export(self, kind: str, mix: Mix, out, overwrite: bool) -> Path:
+    def export(self, kind: str, mix: Mix, out, overwrite: bool = False) -> Path:
         return Path(self.workers.ask(self._request("export", mix, RenderSettings(), out=str(Path(out).resolve()), export=kind, overwrite=overwrite)))
-
-    def export(self, mix: Mix, out, overwrite: bool = True) -> Path:
-        return self._export("unet", mix, out, overwrite)
-
-    def export_single_file(self, mix: Mix, out, overwrite: bool = True) -> Path:
-        return self._export("single-file", mix, out, overwrite)
-
-    def export_pipeline(self, mix: Mix, out, overwrite: bool = False) -> Path:
-        return self._export("pipeline", mix, out, overwrite)
 
 

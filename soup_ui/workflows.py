@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,7 +18,10 @@ from . import soup
 from .errors import StudioError
 from .mix import Mix
 from .presets import RenderSettings
-from .studio import Progress, Rendered, Studio
+from .render import Progress, Rendered
+
+if TYPE_CHECKING:
+    from .studio import Studio
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +320,7 @@ def ensemble(studio: Studio, mix: Mix, settings: RenderSettings) -> tuple[Render
 
     with studio.lock.background():
         soup_image = studio.render_soup(mix, settings)
-        image = studio.cached(("ensemble", mix.key, mix.text_key, settings), make)
+        image = studio.renderer.cached(("ensemble", mix.key, mix.text_key, settings), make)
     d = pixel_distance(image, soup_image.image)
     label = "ensemble: " + " + ".join(f"{c:.2f} {name}" for _, c, name in members)
     return Rendered(f"{label} ({d:.1f} px from the soup)", image, "ensemble", {"pixels": d}), soup_image

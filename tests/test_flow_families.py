@@ -84,7 +84,7 @@ def test_a_flow_soup_exports_as_a_pipeline_diffusers_renders_identically(studio,
     # the exported pipeline, given the studio's starting noise, draws the studio's soup image
     back.set_progress_bar_config(disable=True)
     image = back(prompt=SETTINGS.prompt, num_inference_steps=SETTINGS.steps, guidance_scale=SETTINGS.guidance_scale, height=16, width=16,
-                 latents=studio.initial_noise(SETTINGS), output_type="np").images[0]
+                 latents=studio.renderer.initial_noise(SETTINGS), output_type="np").images[0]
     ours = np.asarray(studio.render_soup(studio.make_mix(mix), SETTINGS).image).astype(np.float32) / 255
     assert np.abs(image - ours).max() <= 1.5 / 255
     # the transformer alone, as diffusers and ComfyUI load it
@@ -174,7 +174,7 @@ def test_flux_schnell_has_no_guidance_and_its_own_defaults(tmp_path):
     save_file(finetuned(denoiser, seed=1), str(tmp_path / "fast.safetensors"))
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"base": "base", "shards": [{"name": "fast", "path": "fast.safetensors"}]}))
     studio = Studio(load_preset(tmp_path / "p.yaml"))
-    assert studio.family_name == "FLUX.1 [schnell]" and studio.guidance_distilled is False
+    assert studio.renderer.family_name == "FLUX.1 [schnell]" and studio.renderer.guidance_distilled is False
     r = studio.preset.render
     assert (r.steps, r.guidance_scale, r.scheduler, r.height) == (4, 0.0, "default", 128)  # 128: this tiny VAE does not downsample
     image = studio.render_soup(studio.make_mix({"fast": 1}), SETTINGS).image
@@ -204,16 +204,16 @@ def test_the_memory_plan_fills_the_gpu_then_pinned_memory(studio, monkeypatch):
         monkeypatch.setattr(pool, kept, getattr(pool, kept))
     monkeypatch.setattr(pool, "device", torch.device("cuda"))
     monkeypatch.setattr(pool_module, "free_memory", lambda d: int(2.6e9) if d.type == "cuda" else int(64e9))
-    studio.plan_memory(4, unet_bytes)
+    studio.pool.plan(4, unet_bytes)
     assert (pool.resident_slots, pool.spill, studio.lean) == (2, "pinned", False)
     assert studio.memory_plan == ("4 shards of 1,000 MB: 2 held on cuda (2.1 GB of its 2.6 GB free), the other 2 in pinned CPU memory, "
                                   "copied to the device for each soup (2.0 GB; 64.0 GB free in CPU memory)")
     monkeypatch.setattr(pool_module, "free_memory", lambda d: int(2.6e9) if d.type == "cuda" else int(2e9))
-    studio.plan_memory(4, unet_bytes)
+    studio.pool.plan(4, unet_bytes)
     assert pool.spill == "lean" and "the other 2 streamed from their files (lean)" in studio.memory_plan
     with pytest.raises(StudioError, match="memory 'gpu': choose one of resident, pinned, lean"):
         monkeypatch.setattr(pool, "options", RuntimeOptions(memory="gpu"))
-        studio.plan_memory(4, unet_bytes)
+        studio.pool.plan(4, unet_bytes)
 
 
 def test_an_original_flux_file_is_read_through_diffusers_converter(studio, family, tmp_path):

@@ -380,14 +380,14 @@ def test_ties_thresholds_are_kept_across_mixes_and_give_the_same_weights(studio)
     real = methods.small_thresholds
     methods.small_thresholds = lambda *a: calls.append(len(a[0])) or real(*a)
     try:
-        studio._stats.clear()
+        studio.mixer.stats.clear()
         studio.mix(studio.make_mix({"alpha": 1, "beta": 2}, "ties", {"density": 0.4}))
         first = len(calls)
         studio.mix(studio.make_mix({"alpha": 3, "beta": 1}, "ties", {"density": 0.4}))
         assert first > 0 and len(calls) == first  # new weights: no selection
         kept = {n: t.clone() for n, t in studio.hybrid_tensors.items()}
-        studio._stats.clear()
-        studio._mixed = None
+        studio.mixer.stats.clear()
+        studio.mixer.mixed = None
         studio.mix(studio.make_mix({"alpha": 3, "beta": 1}, "ties", {"density": 0.4}))
         assert len(calls) > first and all(torch.equal(kept[n], t) for n, t in studio.hybrid_tensors.items())
         studio.mix(studio.make_mix({"alpha": 3, "beta": 1}, "ties", {"density": 0.5}))  # another density: selected again

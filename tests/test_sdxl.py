@@ -109,7 +109,7 @@ def test_sdxl_text_encoders_mix_from_single_files_and_pipeline_folders(studio, t
         result = studio.render_soup(studio.make_mix({"full": 1, "folder": 1, "pastel": 2}, text_encoders=True), SETTINGS.model_copy(update={"seed": 41}))
         assert result.label.endswith("text encoders mixed")
         for component, a, b in zip(("text_encoder", "text_encoder_2"), own, other):
-            base = studio._base_text
+            base = studio.mixer.base_text
             got = getattr(pipe, component).state_dict()
             for k, v in got.items():
                 if k.endswith("position_ids"):

@@ -38,19 +38,19 @@ def png(path) -> np.ndarray:
 def test_sessions_add_and_remove_shards_for_themselves_only(host, studio):
     """Issue 12, item 2: another visitor's add or remove never changes this session's shards."""
     a, b = handlers.open_session(host, None), handlers.open_session(host, None)
-    before_pool = studio.pooled
+    before_pool = len(studio.pool)
     handlers.remove_shard(host, a, "alpha")
     handlers.add_shard(host, a, "delta", "gamma.safetensors")
     assert a.names == ["beta", "gamma", "delta"]
     assert b.names == ["alpha", "beta", "gamma"] and list(studio.shards) == ["alpha", "beta", "gamma"]
-    assert studio.pooled == before_pool  # delta has gamma's content: pooled once
+    assert len(studio.pool) == before_pool  # delta has gamma's content: pooled once
     # b's ticks still mean b's shards: a row can never drive another session's shard.
     got = handlers.generate(host, b, controls(b, {"alpha": 1.0, "gamma": 1.0}))
     assert got.soup[1].startswith("soup: 0.50 alpha + 0.50 gamma")
     with pytest.raises(StudioError, match=r"unknown shard 'delta' \(loaded: alpha, beta, gamma\)"):
         studio.render_soup(studio.make_mix({"delta": 1.0}, shards=b.shards), SETTINGS)
     handlers.close_session(host, a)
-    assert studio.pooled == before_pool
+    assert len(studio.pool) == before_pool
 
 
 def test_weights_are_freed_when_no_session_uses_them(host, studio, tmp_path, tiny_preset):
@@ -59,14 +59,14 @@ def test_weights_are_freed_when_no_session_uses_them(host, studio, tmp_path, tin
     save_file({k: v * 1.01 for k, v in weights.items()}, str(other))
     host.models_dirs.append(tmp_path.resolve())
     a, b = handlers.open_session(host, None), handlers.open_session(host, None)
-    before = studio.pooled
+    before = len(studio.pool)
     handlers.add_shard(host, a, "x", str(other))
     handlers.add_shard(host, b, "y", str(other))
-    assert studio.pooled == before + 1
+    assert len(studio.pool) == before + 1
     handlers.remove_shard(host, a, "x")
-    assert studio.pooled == before + 1  # b still uses it
+    assert len(studio.pool) == before + 1  # b still uses it
     handlers.close_session(host, b)  # the page closed
-    assert studio.pooled == before
+    assert len(studio.pool) == before
 
 
 def test_more_than_twelve_shards_and_the_limit(host):
@@ -246,24 +246,24 @@ def test_long_workflows_give_way_to_interactive_renders(studio):
     at most the image being rendered, not for the whole grid."""
     from soup_ui.workflows import Axis, grid
 
-    studio._images.clear()
+    studio.renderer.images.clear()
     done = {}
     x, y = Axis.parse("seed=" + ",".join(str(500 + i) for i in range(6))), Axis.parse("guidance=1,2,3,4")
     total = len(x.values) * len(y.values)
-    begin = studio.renders["soup"]
+    begin = studio.renderer.renders["soup"]
     mix = studio.make_mix({"alpha": 1, "beta": 1})
     grid_thread = threading.Thread(target=lambda: done.setdefault("grid", grid(studio, mix, SETTINGS, x, y)))
     grid_thread.start()
     deadline = time.monotonic() + 120
-    while studio.renders["soup"] == begin:
+    while studio.renderer.renders["soup"] == begin:
         assert grid_thread.is_alive() and time.monotonic() < deadline, "the grid ended or stalled before its first image"
         time.sleep(0.01)
-    start = studio.renders["soup"]
+    start = studio.renderer.renders["soup"]
     studio.render_soup(studio.make_mix({"alpha": 1, "gamma": 1}), SETTINGS.model_copy(update={"seed": 999}))
-    during = studio.renders["soup"] - start  # grid images rendered while the interactive one waited
+    during = studio.renderer.renders["soup"] - start  # grid images rendered while the interactive one waited
     grid_thread.join()
     assert during <= 2, during  # the one in progress (and the interactive soup itself)
-    assert studio.renders["soup"] - begin == total + 1  # the grid went on after it
+    assert studio.renderer.renders["soup"] - begin == total + 1  # the grid went on after it
     assert len(done["grid"][0]) == 4
 
 

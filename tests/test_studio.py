@@ -32,16 +32,16 @@ def test_render_gives_components_then_the_labelled_soup(studio):
 def test_a_weight_change_renders_only_the_soup(studio):
     settings = SETTINGS.model_copy(update={"seed": 11})
     studio.render(studio.make_mix({"alpha": 0.5, "gamma": 0.5}), settings)
-    before = studio.renders.copy()
+    before = studio.renderer.renders.copy()
     first = studio.render(studio.make_mix({"alpha": 0.5, "gamma": 0.5}), settings)
-    assert studio.renders == before  # all cached
+    assert studio.renderer.renders == before  # all cached
     second = studio.render(studio.make_mix({"alpha": 0.2, "gamma": 0.8}), settings)
-    assert studio.renders["component"] == before["component"]
-    assert studio.renders["soup"] == before["soup"] + 1
+    assert studio.renderer.renders["component"] == before["component"]
+    assert studio.renderer.renders["soup"] == before["soup"] + 1
     assert np.array_equal(pixels(first[0].image), pixels(second[0].image))
     assert not np.array_equal(pixels(first[-1].image), pixels(second[-1].image))
     studio.render(studio.make_mix({"alpha": 0.5, "gamma": 0.5}), settings.model_copy(update={"seed": 12}))
-    assert studio.renders["component"] == before["component"] + 2  # a new seed is a new image
+    assert studio.renderer.renders["component"] == before["component"] + 2  # a new seed is a new image
 
 
 def test_soup_with_weights_one_zero_is_the_component(studio):
@@ -53,9 +53,9 @@ def test_soup_with_weights_one_zero_is_the_component(studio):
 
 
 def test_same_seed_same_noise(studio):
-    a = studio.initial_noise(SETTINGS)
-    b = studio.initial_noise(SETTINGS)
-    c = studio.initial_noise(SETTINGS.model_copy(update={"seed": 1}))
+    a = studio.renderer.initial_noise(SETTINGS)
+    b = studio.renderer.initial_noise(SETTINGS)
+    c = studio.renderer.initial_noise(SETTINGS.model_copy(update={"seed": 1}))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -90,14 +90,14 @@ def test_concurrent_mixes_each_get_their_own_weights(studio):
     def work(i):
         results[i] = pixels(studio.render_soup(studio.make_mix(mixes[i % 4]), settings[i % 4]).image)
 
-    studio._images.clear()  # force real renders, interleaved
+    studio.renderer.images.clear()  # force real renders, interleaved
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     for i in range(4):  # reference: one at a time, no cache
-        studio._images.clear()
+        studio.renderer.images.clear()
         expected = pixels(studio.render_soup(studio.make_mix(mixes[i]), settings[i]).image)
         assert np.array_equal(results[i], expected) and np.array_equal(results[i + 4], expected)
 

@@ -100,8 +100,8 @@ def test_the_option_changes_the_images_and_the_caches_keep_them_apart(studio):
     assert not np.array_equal(off, np.asarray(on.image))
     fresh = SETTINGS.model_copy(update={"seed": 7})  # not cached: the prompt embeddings must be the base's again
     a = np.asarray(studio.render_soup(studio.make_mix(mix), fresh).image)
-    studio._images.clear()
-    studio._text.clear()
+    studio.renderer.images.clear()
+    studio.renderer.embeddings_cache.clear()
     assert np.array_equal(a, np.asarray(studio.render_soup(studio.make_mix(mix), fresh).image))
     # UNet-only shards have no text encoder of their own: the option changes nothing for them
     plain = {"alpha": 1, "beta": 1}

@@ -302,18 +302,18 @@ def test_a_replica_renders_interactive_requests_before_queued_workflow_images(ti
     studio = worker.studio(str(tiny_preset))
     mix = studio.make_mix({"alpha": 1, "beta": 1})
     queued = [W.RenderRequest.of("soup", tiny_preset, mix, SETTINGS.model_copy(update={"seed": 700 + i}), background=True) for i in range(12)]
-    begin = studio.renders["soup"]
+    begin = studio.renderer.renders["soup"]
     with ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(worker.run, r) for r in queued]
         deadline = time.monotonic() + 120
-        while studio.renders["soup"] == begin:
+        while studio.renderer.renders["soup"] == begin:
             assert time.monotonic() < deadline, "no workflow image was rendered"
             time.sleep(0.01)
-        start = studio.renders["soup"]
+        start = studio.renderer.renders["soup"]
         interactive = W.RenderRequest.of("soup", tiny_preset, studio.make_mix({"alpha": 1, "gamma": 1}), SETTINGS.model_copy(update={"seed": 999}))
         (rendered,) = worker.run(interactive)
-        during = studio.renders["soup"] - start
+        during = studio.renderer.renders["soup"] - start
         results = [f.result() for f in futures]
     assert during <= 2, during  # the image in progress, and the interactive one itself
-    assert studio.renders["soup"] - begin == 13 and len(results) == 12
+    assert studio.renderer.renders["soup"] - begin == 13 and len(results) == 12
     assert rendered.label == "soup: 0.50 alpha + 0.50 gamma"
