@@ -19,7 +19,7 @@ DEFAULT_PRESET = HERE / "presets" / "emoji-styles.yaml"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from soup_ui import runtime
+    from soup_ui.engine import runtime
 
     parser = argparse.ArgumentParser(description=__doc__, parents=[runtime.parser()])
     parser.add_argument("--preset", type=Path, action="append", help="preset YAML file (repeatable; default: every preset in presets/)")
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from soup_ui.cli import quiet_libraries
-    from soup_ui.presets import list_presets
-    from soup_ui.ui import StudioHost, build_ui, launch
+    from soup_ui.modelfiles.presets import list_presets
+    from soup_ui.page.ui import StudioHost, build_ui, launch
 
     quiet_libraries()
     if args.threads is not None:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers is not None or args.ray_address:
         if not args.ray_address:  # a local instance: Ray's own servers on loopback only (read when ray is imported)
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        from soup_ui.workers import Workers, serve_options
+        from soup_ui.serving.workers import Workers, serve_options
 
         try:
             workers = Workers.start(first, options, serve_options(args.workers, args.ray_address, args.worker_cpus, args.worker_gpus, args.serve_config))
@@ -96,6 +96,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    from soup_ui import soup
+    from soup_ui.maths import soup
 
     soup.exit(0)  # at once, even with a kernel compile running in the background

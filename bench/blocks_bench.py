@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import interleaved_medians, machine  # noqa: E402
 from soup_bench import SD15_UNET, SDXL_UNET, random_shard  # noqa: E402
 
-from soup_ui import families, soup  # noqa: E402
+from soup_ui.modelfiles import families
+from soup_ui.maths import soup  # noqa: E402
 
 SHAPES = {"sd15": ("SD-1.5", "sd1", SD15_UNET), "sdxl": ("SDXL", "sdxl", SDXL_UNET)}
 STAGGER = 100_000_000 - 100_000_000 % 4096  # elements between two shards' starts in the shared buffer (~200 MB in fp16): not a

@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from soup_ui.cli import quiet_libraries  # noqa: E402
-from soup_ui.data import held_out_ids, load_captioned_images, to_model_range  # noqa: E402
-from soup_ui.presets import RenderSettings, load_preset  # noqa: E402
-from soup_ui.sheet import grid  # noqa: E402
-from soup_ui.studio import Studio  # noqa: E402
+from soup_ui.training.data import held_out_ids, load_captioned_images, to_model_range  # noqa: E402
+from soup_ui.modelfiles.presets import RenderSettings, load_preset  # noqa: E402
+from soup_ui.engine.sheet import grid  # noqa: E402
+from soup_ui.engine.studio import Studio  # noqa: E402
 
 logger = logging.getLogger("emoji_eval")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the classifiers train and judge here

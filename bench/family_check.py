@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from soup_ui import families, formats  # noqa: E402
+from soup_ui.modelfiles import families, formats  # noqa: E402
 
 logger = logging.getLogger("family_check")
 
@@ -85,8 +85,8 @@ def check(family: str, folder: Path) -> str:
     states = write_single_file(family, path)
     written = time.perf_counter() - t0
     t0 = time.perf_counter()
-    from soup_ui.presets import RenderSettings, load_preset
-    from soup_ui.studio import RuntimeOptions, Studio
+    from soup_ui.modelfiles.presets import RenderSettings, load_preset
+    from soup_ui.engine.studio import RuntimeOptions, Studio
 
     (folder / f"{family}.yaml").write_text(f"base: {path}\nshards:\n  - name: same\n    path: {path}\n")
     # SDXL: lean (shards streamed) and fp16, so that the 2.6B UNet fits next to the file being read
@@ -118,8 +118,8 @@ def check_flux_original(folder: Path, double: int = 1, single: int = 1) -> str:
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny import _clip_config, bfl_shapes, make_t5_encoder, make_t5_tokenizer, make_tokenizer
 
-    from soup_ui.presets import RenderSettings, load_preset
-    from soup_ui.studio import Studio
+    from soup_ui.modelfiles.presets import RenderSettings, load_preset
+    from soup_ui.engine.studio import Studio
 
     shapes = bfl_shapes(double, single)
     files = {}

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import interleaved_medians, machine  # noqa: E402
 from soup_bench import SD15_UNET  # noqa: E402
 
-from soup_ui import formats, ldm_names  # noqa: E402
-from soup_ui.checkpoints import LazyWeights, check_finite  # noqa: E402
+from soup_ui.modelfiles import formats, ldm_names  # noqa: E402
+from soup_ui.modelfiles.checkpoints import LazyWeights, check_finite  # noqa: E402
 
 def write_files(folder: Path, dtype: torch.dtype) -> tuple[Path, Path, dict, dict]:
     from diffusers import UNet2DConditionModel

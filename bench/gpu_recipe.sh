@@ -71,7 +71,7 @@ mkdir -p "$work/data"
 if [ -f "$GPU/emoji-styles.tgz" ]; then tar xzf "$GPU/emoji-styles.tgz" -C "$work/data"; else ln -s "$(cd ../shared/data && pwd)/emoji-styles" "$work/data/emoji-styles"; fi
 data="$work/data/emoji-styles"
 reuse=""; [ -d "$GPU/autoencoder/vae" ] && reuse="--autoencoder-from $GPU/autoencoder"
-python3 -m soup_ui.recipes.emoji --data "$data" --out "$work/emoji" --work "$work/recipe" --device $device \
+python3 -m soup_ui.training.recipes.emoji --data "$data" --out "$work/emoji" --work "$work/recipe" --device $device \
   --batch-multiplier $multiplier --epochs $epochs $smoke $reuse 2>&1 | grep --line-buffered -v 'it/s]' >> "$OUT/recipe.log"
 echo "recipe: $(( $(date +%s) - start )) s on $device (--batch-multiplier $multiplier --epochs $epochs)" | tee -a "$OUT/recipe.log"
 

@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from emoji_eval import evaluated_ids  # noqa: E402
 from soup_ui.cli import quiet_libraries  # noqa: E402
-from soup_ui.presets import RenderSettings, load_preset  # noqa: E402
-from soup_ui.recipes.emoji import BUDGET, CAPTIONS  # noqa: E402
-from soup_ui.sheet import grid  # noqa: E402
-from soup_ui.studio import Studio  # noqa: E402
-from soup_ui.train import TrainConfig, finetune_unet  # noqa: E402
+from soup_ui.modelfiles.presets import RenderSettings, load_preset  # noqa: E402
+from soup_ui.training.recipes.emoji import BUDGET, CAPTIONS  # noqa: E402
+from soup_ui.engine.sheet import grid  # noqa: E402
+from soup_ui.engine.studio import Studio  # noqa: E402
+from soup_ui.training.train import TrainConfig, finetune_unet  # noqa: E402
 
 
 def subset_folder(data: Path, out: Path, style: str, emoji_ids: set[str]) -> list[dict]:

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import interleaved_medians, machine  # noqa: E402
 from soup_bench import SD15_UNET, Quiet, random_shard, unet_shapes  # noqa: E402
 
-from soup_ui.methods import METHODS, merge_into  # noqa: E402
-from soup_ui.soup import FlatTensors  # noqa: E402
+from soup_ui.maths.methods import METHODS, merge_into  # noqa: E402
+from soup_ui.maths.soup import FlatTensors  # noqa: E402
 
 PARAMS = {"ties": {"density": 0.2}, "dare": {"density": 0.5}, "dare-ties": {"density": 0.5}, "della": {"density": 0.5, "epsilon": 0.1}}
 
@@ -134,7 +134,7 @@ def agreement(shards, base, target) -> list[str]:
     t = shards[0]["down_blocks.1.attentions.0.proj_in.weight"].float() - base["down_blocks.1.attentions.0.proj_in.weight"].float()
     from sd_mecha.extensions.builtin.merge_methods.ties import filter_top_k
 
-    from soup_ui.methods import magnitude_mask
+    from soup_ui.maths.methods import magnitude_mask
 
     kept_ours, kept_theirs = int(magnitude_mask(t, 0.2).sum()), int((filter_top_k(t, 0.2) != 0).sum())
     lines.append(f"| ties trimming at density 0.2 (one tensor of {t.numel():,}) | ours keeps {kept_ours:,} (k = int(0.2 n) = {int(0.2 * t.numel()):,} and the entries tied with the k-th), sd-mecha {kept_theirs:,} (everything from its int(0.8 n)-th smallest up, with ties; fp16 deltas tie often) |")

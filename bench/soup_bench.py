@@ -6,7 +6,7 @@ For each dtype and K it builds K shards of random weights with SD 2.1's UNet sha
 parameters, each shard one flat buffer whose views are its 686 tensors) and times, in one run:
 - the bound: torch.add(a, b, out=c) over two whole shards gives the machine's streaming rate;
   a soup of K shards reads K and writes one, so its bound is (K + 1) x shard bytes at that rate;
-- `soup_ui.soup.average_into` on the flat buffers (what the studio holds) and on the 686 tensors
+- `soup_ui.maths.soup.average_into` on the flat buffers (what the studio holds) and on the 686 tensors
   (the generic API on a plain state dict), interleaved with the bound;
 - a naive per-key loop that builds a new state dict (what A1111-style mergers do);
 - sd-mecha's n_average on the same state dicts, if installed (pip install --no-deps sd-mecha==1.1.8 scipy fuzzywuzzy).
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import available_bytes, interleaved_medians, machine, median_seconds  # noqa: E402
 
-from soup_ui.soup import FlatTensors, average_into  # noqa: E402
+from soup_ui.maths.soup import FlatTensors, average_into  # noqa: E402
 
 SD21_UNET = dict(
     sample_size=96,
@@ -174,7 +174,7 @@ def lean_bench(shapes, k: int, folder: Path, rounds: int = 3, label: str = "SD-2
     """Soup K shards streamed tensor by tensor from safetensors files, against reading the files."""
     from safetensors.torch import save_file
 
-    from soup_ui.checkpoints import LazyWeights
+    from soup_ui.modelfiles.checkpoints import LazyWeights
 
     folder.mkdir(parents=True, exist_ok=True)
     files = []
@@ -275,7 +275,7 @@ def main(argv=None):
                 lines.append(line)
                 continue
             if args.warm_up:  # compile the flat kernel for this K first, as the studio does at load
-                from soup_ui.soup import warm_up
+                from soup_ui.maths.soup import warm_up
 
                 warm_up([k], dtype, torch.device(args.device), background=False)
             sources = [random_shard(shapes, dtype, seed, args.device) for seed in range(k)]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from family_check import meta_states, random_tensor  # noqa: E402
 
-from soup_ui import formats  # noqa: E402
+from soup_ui.modelfiles import formats  # noqa: E402
 
 MECHA = """
 import sys, torch, sd_mecha

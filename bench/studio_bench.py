@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine  # noqa: E402
 
 from soup_ui.cli import quiet_libraries  # noqa: E402
-from soup_ui.presets import RenderSettings, load_preset  # noqa: E402
-from soup_ui.studio import Studio  # noqa: E402
+from soup_ui.modelfiles.presets import RenderSettings, load_preset  # noqa: E402
+from soup_ui.engine.studio import Studio  # noqa: E402
 
 
 def rss_mb() -> float:

@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from . import pngmeta, runtime
+from .engine import runtime
 from .errors import StudioError
 from .files import safe_name
-from .methods import METHODS
-from .presets import (
+from .maths.methods import METHODS
+from .maths.soup import normalize_weights
+from .modelfiles import pngmeta
+from .modelfiles.presets import (
     SCHEDULERS,
     Preset,
     PresetError,
@@ -28,9 +30,8 @@ from .presets import (
     save_recipe,
     write_yaml_atomic,
 )
-from .presets import parse_blocks as parse_blocks_text
-from .presets import parse_mix as parse_mix_text
-from .soup import normalize_weights
+from .modelfiles.presets import parse_blocks as parse_blocks_text
+from .modelfiles.presets import parse_mix as parse_mix_text
 
 logger = logging.getLogger("soup_ui")
 
@@ -95,8 +96,8 @@ def open_studio(args: argparse.Namespace, job: "Job", only_used: bool = False):
     """The job's studio; the job's render settings then start from the studio's defaults (the
     preset's, else its family's: an SD3 or FLUX preset that names no scheduler gets its own).
     `only_used`: load only the shards the mix reads (a render or an export needs no other)."""
-    from .stream import used_names
-    from .studio import Studio
+    from .engine.stream import used_names
+    from .engine.studio import Studio
 
     preset = job.preset
     if only_used:
@@ -163,7 +164,7 @@ class Job:
 
 
 def write_strip(results, out: str | None, title: str) -> None:
-    from .sheet import labelled_strip
+    from .engine.sheet import labelled_strip
 
     if out:
         strip = labelled_strip([(r.label, r.image) for r in results], set_apart=[i for i, r in enumerate(results) if r.kind != "component"], title=title)
@@ -181,7 +182,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     studio = open_studio(args, job, only_used=True)
     results = studio.render(job.mix, job.settings)
     if args.ensemble:
-        from .workflows import ensemble
+        from .engine.workflows import ensemble
 
         results.append(ensemble(studio, job.mix, job.settings)[0])
     write_strip(results, args.out, job.settings.prompt)
@@ -208,7 +209,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.format != "pipeline" and not job.text_encoders:  # file to file, tensor by tensor: no pipeline, no shard held
         from tqdm import tqdm
 
-        from .stream import export as stream_export
+        from .engine.stream import export as stream_export
 
         dtype = getattr(torch, args.dtype) if args.dtype else None  # None: each tensor in the base's stored dtype
         with tqdm(total=100, desc=f"export {out.name}", unit="%", disable=not sys.stderr.isatty(), bar_format="{l_bar}{bar}| {elapsed}") as bar:
@@ -224,7 +225,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_leave_one_out(args: argparse.Namespace) -> None:
-    from .workflows import leave_one_out
+    from .engine.workflows import leave_one_out
 
     job = Job(args)
     results = leave_one_out(open_studio(args, job), job.mix, job.settings)
@@ -235,7 +236,7 @@ def cmd_leave_one_out(args: argparse.Namespace) -> None:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> None:
-    from .workflows import interpolate
+    from .engine.workflows import interpolate
 
     job = Job(args)
     studio = open_studio(args, job)
@@ -246,8 +247,8 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
-    from .sheet import grid as grid_sheet
-    from .workflows import Axis, grid
+    from .engine.sheet import grid as grid_sheet
+    from .engine.workflows import Axis, grid
 
     x, y = Axis.parse(args.x), Axis.parse(args.y)
     job = Job(args)
@@ -258,7 +259,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
 
 
 def cmd_block_sweep(args: argparse.Namespace) -> None:
-    from .workflows import block_sweep
+    from .engine.workflows import block_sweep
 
     job = Job(args)
     studio = open_studio(args, job)
@@ -269,8 +270,8 @@ def cmd_block_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_add_shard(args: argparse.Namespace) -> None:
-    from . import formats
-    from .presets import ShardSpec
+    from .modelfiles import formats
+    from .modelfiles.presets import ShardSpec
 
     preset = load_preset(args.preset)
     if any(s.name == args.name for s in preset.shards):
@@ -290,8 +291,8 @@ def cmd_add_shard(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .data import parse_where
-    from .train import TrainConfig, finetune_unet
+    from .training.data import parse_where
+    from .training.train import TrainConfig, finetune_unet
 
     config = TrainConfig(
         pipeline=args.pipeline,

@@ -19,8 +19,8 @@ def tiny_preset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def studio(tiny_preset):
-    from soup_ui.presets import load_preset
-    from soup_ui.studio import Studio
+    from soup_ui.modelfiles.presets import load_preset
+    from soup_ui.engine.studio import Studio
 
     return Studio(load_preset(tiny_preset))
 

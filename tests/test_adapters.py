@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from soup_ui.checkpoints import CheckpointError
+from soup_ui.modelfiles.checkpoints import CheckpointError
 from soup_ui.cli import main
 from test_formats import base_unet_dir, hybrid_after
 

@@ -47,8 +47,8 @@ def test_api_images_carry_their_recipe(server):
 
 def test_concurrent_sessions_get_their_own_soups(server, studio, tmp_path):
     """Eight clients at once, four different mixes never rendered before: each gets its own soup."""
-    from soup_ui.presets import RenderSettings
-    from soup_ui.presets import parse_mix as parse_api_mix
+    from soup_ui.modelfiles.presets import RenderSettings
+    from soup_ui.modelfiles.presets import parse_mix as parse_api_mix
 
     mixes = ["alpha=1,beta=0.1", "alpha=0.1,beta=1", "beta=1,gamma=1", "alpha=1,gamma=0.2"]
     got, errors = {}, []
@@ -91,7 +91,7 @@ def test_method_fields_of_the_api(server):
 def test_block_weights_through_the_api(server, studio):
     """Issue 20: block weights in the API ("SHARD=SPEC; SHARD=SPEC"): the recipe carries them, the
     soup is the studio's block-weighted soup, and a wrong spec is one clear message."""
-    from soup_ui.presets import RenderSettings
+    from soup_ui.modelfiles.presets import RenderSettings
 
     client = Client(server, verbose=False)
     info = client.predict("", "alpha=1,gamma=1", "average", "", "alpha=OUT:0; gamma=IN:0,M:0.5", api_name="/mix")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from soup_ui import families, methods, soup
+from soup_ui.modelfiles import families
+from soup_ui.maths import methods, soup
 from soup_ui.errors import StudioError
 
 CONFIGS = Path(families.__file__).parent / "configs"
@@ -44,7 +45,7 @@ def assert_partition(blocks: families.Blocks, names) -> None:
 def test_unet_blocks_are_supermergers_ids_and_match_the_ldm_prefixes_through_diffusers_converter(family, count):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from soup_ui.ldm_names import LDM_PREFIX, ldm_unet_names
+    from soup_ui.modelfiles.ldm_names import LDM_PREFIX, ldm_unet_names
 
     unet, config = meta_unet(family)
     names = list(unet.state_dict())
@@ -336,8 +337,8 @@ def test_cli_bad_blocks_exit_2_with_one_line(tiny_preset, tmp_path, capsys, bloc
 
 
 def test_a_grid_over_a_block_axis_renders_each_blocks_soup(studio):
-    from soup_ui.presets import RenderSettings
-    from soup_ui.workflows import Axis, grid
+    from soup_ui.modelfiles.presets import RenderSettings
+    from soup_ui.engine.workflows import Axis, grid
 
     settings = RenderSettings(prompt="a cat face", seed=2, steps=3, guidance_scale=4.0, height=16, width=16)
     mix = studio.make_mix({"alpha": 1, "beta": 1}, blocks={"beta": "IN:0"})
@@ -356,9 +357,9 @@ def test_a_grid_over_a_block_axis_renders_each_blocks_soup(studio):
 
 
 def test_block_sweep_takes_each_group_from_b(studio):
-    from soup_ui.mix import Mix
-    from soup_ui.presets import RenderSettings
-    from soup_ui.workflows import block_sweep
+    from soup_ui.engine.mix import Mix
+    from soup_ui.modelfiles.presets import RenderSettings
+    from soup_ui.engine.workflows import block_sweep
 
     settings = RenderSettings(prompt="a cat face", seed=2, steps=3, guidance_scale=4.0, height=16, width=16)
     results = block_sweep(studio, studio.make_mix({"alpha": 1, "beta": 1}), "alpha", "beta", settings)
@@ -394,8 +395,8 @@ def test_exports_write_block_weights_as_supermergers_mbw_and_streamed_equals_in_
 
 
 def test_a_recipe_with_block_weights_restores_each_rows_line():
-    from soup_ui.presets import Recipe
-    from soup_ui.ui import MAX_SHARDS, block_line, restored
+    from soup_ui.modelfiles.presets import Recipe
+    from soup_ui.page.ui import MAX_SHARDS, block_line, restored
 
     recipe = Recipe(mix={"alpha": 1, "gamma": 2}, blocks={"gamma": [1, 0.5, 0], "alpha": "OUT:0"})
     updates = restored(["alpha", "beta", "gamma"], dict(recipe.mix), recipe, "loaded")
@@ -407,7 +408,7 @@ def test_a_recipe_with_block_weights_restores_each_rows_line():
 
 
 def test_the_block_picture_colours_each_row_as_its_mixture_bar_and_names_base_blocks():
-    from soup_ui.session import blocks_picture
+    from soup_ui.page.session import blocks_picture
 
     b = sd1_blocks()
     html = blocks_picture(b, ["ink", "pastel"], {"ink": "OUT:0,M:0", "pastel": "M:0"}, ["#aa0000", "#00bb00"])

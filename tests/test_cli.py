@@ -28,7 +28,7 @@ def test_render_writes_strip_and_one_png_per_image(tiny_preset, tmp_path, studio
     files = sorted(p.name for p in (tmp_path / "each").iterdir())
     assert files == ["alpha.png", "beta.png", "soup.png"]
     # The same images the library renders for the same settings.
-    from soup_ui.presets import RenderSettings
+    from soup_ui.modelfiles.presets import RenderSettings
 
     settings = RenderSettings(prompt="a cat face", seed=3, steps=3, guidance_scale=4.0, height=16, width=16)
     expected = studio.render_soup(studio.make_mix({"alpha": 0.5, "beta": 0.5}), settings).image
@@ -123,7 +123,7 @@ def test_export_pipeline_loads_with_plain_diffusers(tiny_preset, tmp_path):
 
 
 def test_add_shard_validates_and_writes_a_new_preset(tiny_preset, tmp_path):
-    from soup_ui.presets import load_preset
+    from soup_ui.modelfiles.presets import load_preset
 
     out = tmp_path / "extended.yaml"
     shard = tiny_preset.parent / "gamma.safetensors"
@@ -221,7 +221,7 @@ def test_every_readme_command_runs_as_printed(command, scratch_repo, monkeypatch
     each; `test_a_missing_preset_is_one_line_without_traceback` runs the module itself)."""
     import shlex
 
-    from soup_ui import soup
+    from soup_ui.maths import soup
 
     argv = shlex.split(command, comments=True)[3:]
     if argv[0] == "train":
@@ -268,7 +268,7 @@ def test_export_single_file_writes_an_ldm_checkpoint(tiny_preset, tmp_path):
 
 EXIT_DURING_COMPILE = """
 import runpy, sys, torch
-from soup_ui import soup
+from soup_ui.maths import soup
 soup.warm_up([1, 2, 3], torch.float32, "cpu")  # kernel compiles in flight, as a server starts them
 sys.argv = ["soup_ui", *sys.argv[1:]]
 print("compiling", len(soup.compiling()), flush=True)
@@ -364,7 +364,7 @@ def test_a_streamed_export_keeps_the_bases_half_precision_and_refuses_an_unknown
 def test_a_weight_out_of_range_is_refused_before_any_model_loads(tiny_preset, tmp_path, capsys, monkeypatch, command):
     """Issue 33, defect 3: a weight of 150 is refused in one line, in the studio's words (no pydantic
     text, no link), before a model is opened or a tensor merged."""
-    from soup_ui import stream, studio
+    from soup_ui.engine import stream, studio
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the weights were checked")

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soup_ui import formats
-from soup_ui.presets import RenderSettings, load_preset
+from soup_ui.modelfiles import formats
+from soup_ui.modelfiles.presets import RenderSettings, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "presets" / "emoji-styles.yaml"
@@ -15,7 +15,7 @@ SHIPPED = ["fluent-color", "fluent-flat", "fluent-hc", "twemoji", "noto", "openm
 
 @pytest.fixture(scope="module")
 def emoji():
-    from soup_ui.studio import Studio
+    from soup_ui.engine.studio import Studio
 
     return Studio(load_preset(PRESET))
 

@@ -5,8 +5,8 @@ import json
 
 from safetensors import safe_open
 
-from soup_ui import exports
-from soup_ui.checkpoints import sha256_file
+from soup_ui.engine import exports
+from soup_ui.modelfiles.checkpoints import sha256_file
 
 A1111_RECIPE_KEYS = {  # what A1111's checkpoint merger writes in sd_merge_recipe (modules/extras.py, run_modelmerger)
     "type", "primary_model_hash", "secondary_model_hash", "tertiary_model_hash", "interp_method", "multiplier",

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from soup_ui import exports, families, formats, ldm_names
-from soup_ui.checkpoints import CheckpointError
+from soup_ui.engine import exports
+from soup_ui.modelfiles import families, formats, ldm_names
+from soup_ui.modelfiles.checkpoints import CheckpointError
 
 # Published sizes: UNet, VAE, text encoder(s) (SD 2.x: OpenCLIP ViT-H without its last layer, as diffusers keeps it).
 PARAMETERS = {
@@ -66,8 +67,8 @@ def test_diffusers_detects_each_family_from_its_original_naming(family, tmp_path
 
 
 def test_an_unknown_family_is_refused_naming_its_width(tiny_preset):
-    from soup_ui.presets import load_preset
-    from soup_ui.studio import Studio
+    from soup_ui.modelfiles.presets import load_preset
+    from soup_ui.engine.studio import Studio
 
     studio = Studio(load_preset(tiny_preset))
     out = exports.single_file(studio, studio.make_mix({"alpha": 1}), tiny_preset.parent / "tiny-single.safetensors")
@@ -122,7 +123,7 @@ def test_the_rebuilt_clip_tokenizer_gives_open_clip_ids():
 
 
 def test_a_single_file_base_without_config_uses_the_shipped_family_configs(tmp_path):
-    from soup_ui.presets import PresetError, load_preset
+    from soup_ui.modelfiles.presets import PresetError, load_preset
 
     head = tmp_path / "base.safetensors"
     from safetensors.torch import save_file
@@ -147,7 +148,7 @@ def test_example_presets_are_valid_and_only_lack_their_files(example):
     """presets/examples/: every field valid; loading says which path to fill in."""
     import yaml
 
-    from soup_ui.presets import Preset, PresetError, load_preset
+    from soup_ui.modelfiles.presets import Preset, PresetError, load_preset
 
     Preset.model_validate(yaml.safe_load(example.read_text()))
     with pytest.raises(PresetError, match="base: no diffusers pipeline|no such file"):

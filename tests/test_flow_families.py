@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soup_ui import exports
-from soup_ui.checkpoints import CheckpointError
-from soup_ui.presets import RenderSettings, load_preset
-from soup_ui.studio import RuntimeOptions, Studio, StudioError
+from soup_ui.engine import exports
+from soup_ui.modelfiles.checkpoints import CheckpointError
+from soup_ui.modelfiles.presets import RenderSettings, load_preset
+from soup_ui.engine.studio import RuntimeOptions, Studio, StudioError
 from tiny import finetuned, fused_lora, make_family_preset, make_flux_pipeline, make_flux_transformer, make_sd3_transformer, make_sdxl_unet
 
 FLOW = ["sd3", "flux"]
@@ -196,7 +196,7 @@ def test_pinned_memory_holds_shards_off_the_device_and_soups_the_same(studio, fa
 def test_the_memory_plan_fills_the_gpu_then_pinned_memory(studio, monkeypatch):
     """The plan on a GPU too small for every shard (free memory faked): as many resident as fit in
     80% of it, the rest pinned; a later shard goes where the plan has room."""
-    import soup_ui.pool as pool_module
+    import soup_ui.engine.pool as pool_module
 
     unet_bytes = 1_000_000_000
     pool = studio.pool
@@ -284,7 +284,7 @@ def test_unet_families_also_start_every_image_from_the_same_noise(unet_family, t
 def test_the_ensemble_reference_renders_for_every_family(studio, family):
     """The ensemble used to call every denoiser with a UNet's signature: FLUX failed on its cache
     context, SD3 on a missing `sample`."""
-    from soup_ui import workflows
+    from soup_ui.engine import workflows
 
     ens, soup = workflows.ensemble(studio, studio.make_mix({"ink": 1, "pastel": 1}), SETTINGS)
     assert ens.label.startswith("ensemble: 0.50 ink + 0.50 pastel (") and soup.label == "soup: 0.50 ink + 0.50 pastel"
@@ -310,7 +310,7 @@ def test_a_streamed_transformer_export_is_the_studios(studio, family, tmp_path):
     same metadata as the studio's export (modelspec included: FLUX schnell is not called dev)."""
     from safetensors import safe_open
 
-    from soup_ui import stream
+    from soup_ui.engine import stream
 
     streamed, _ = stream.export(load_preset(family[1]), {"ink": 1, "pastel": 1}, "average", {}, tmp_path / "s.safetensors")
     held = exports.denoiser_file(studio, studio.make_mix({"ink": 1, "pastel": 1}), tmp_path / "h.safetensors")
@@ -323,7 +323,7 @@ def test_block_weights_on_a_transformer(studio, family):
     """Issue 20 for SD3 and FLUX: the transformer's own blocks (joint_blocks.N; double_blocks.N,
     single_blocks.N), a flat layout with one range per block, a block (1, 0) is shard A's exactly,
     groups by name, and the block-weighted soup renders."""
-    from soup_ui import soup
+    from soup_ui.maths import soup
 
     blocks = studio.blocks
     group = "joint" if family[0] == "sd3" else "single"

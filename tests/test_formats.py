@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soup_ui import exports, formats, ldm_names
-from soup_ui.checkpoints import CheckpointError
-from soup_ui.presets import RenderSettings, load_preset
-from soup_ui.studio import Studio
+from soup_ui.engine import exports
+from soup_ui.modelfiles import formats, ldm_names
+from soup_ui.modelfiles.checkpoints import CheckpointError
+from soup_ui.modelfiles.presets import RenderSettings, load_preset
+from soup_ui.engine.studio import Studio
 
 SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=0)
 
@@ -213,7 +214,7 @@ def test_a_lora_for_another_architecture_is_refused_with_both_shapes(tmp_path, s
 
 
 def test_a_single_file_shard_streams_in_lean_mode(tmp_path, tiny_preset):
-    from soup_ui.studio import RuntimeOptions
+    from soup_ui.engine.studio import RuntimeOptions
 
     lean = Studio(load_preset(tiny_preset), RuntimeOptions(lean=True))
     weights = diffusers_weights(tiny_preset)
@@ -309,7 +310,7 @@ def test_a_hub_id_base_resolves_from_the_local_cache_only(tmp_path, tiny_preset,
     import huggingface_hub.constants
     import yaml
 
-    from soup_ui.presets import PresetError
+    from soup_ui.modelfiles.presets import PresetError
 
     hub = tmp_path / "hub"
     snapshot = hub / "models--someone--tiny-sd" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
@@ -333,7 +334,7 @@ def test_a_hub_id_base_resolves_from_the_local_cache_only(tmp_path, tiny_preset,
 
 
 def test_a_lora_soup_in_fp16_is_summed_in_fp32_and_rounded_once(tmp_path, tiny_preset):
-    from soup_ui.studio import RuntimeOptions
+    from soup_ui.engine.studio import RuntimeOptions
 
     half = Studio(load_preset(tiny_preset), RuntimeOptions(dtype="float16"))
     lora_file = save_kohya_lora(half, tmp_path / "k.safetensors", seed=11)
@@ -373,7 +374,7 @@ def test_a_base_folder_saved_as_a_variant_loads_and_exports_alike(tmp_path, tiny
     import yaml
     from diffusers import StableDiffusionPipeline
 
-    from soup_ui.studio import folder_variant
+    from soup_ui.engine.studio import folder_variant
 
     pipe = StableDiffusionPipeline.from_pretrained(studio.preset.base, safety_checker=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(tmp_path / "base", variant="fp16")

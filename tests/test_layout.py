@@ -1,5 +1,6 @@
-"""The package's import graph has no circles: read from the code (every import a module runs, lazy
-ones inside functions included; imports under `if TYPE_CHECKING:` run never and are left out)."""
+"""The package's layers hold: no import circles, and no import up a floor or across to a neighbour.
+Read from the code (every import a module runs, lazy ones inside functions included; imports under
+`if TYPE_CHECKING:` never run and are left out)."""
 
 import ast
 from pathlib import Path
@@ -74,15 +75,60 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# The floors, bottom up: a module imports from lower floors and from its own subpackage only.
+FLOORS = {
+    "soup_ui": 0, "soup_ui.errors": 0, "soup_ui.files": 0, "soup_ui.configs": 0,
+    "soup_ui.maths": 1,
+    "soup_ui.modelfiles": 2,
+    "soup_ui.engine": 3, "soup_ui.training": 3,
+    "soup_ui.serving": 4, "soup_ui.page": 4,
+    "soup_ui.cli": 5, "soup_ui.__main__": 6,
+}
+
+
+def room(module: str) -> str:
+    """The subpackage (or top-level module) a module belongs to."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def wrong_way(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that go up a floor or across to another room of the same floor."""
+    out = []
+    for module, targets in sorted(graph.items()):
+        here = room(module)
+        for target in sorted(targets):
+            there = room(target)
+            if there != here and FLOORS[there] >= FLOORS[here]:
+                out.append(f"{module} -> {target}")
+    return out
+
+
 def test_the_reader_sees_lazy_imports_and_finds_a_circle():
     """The check itself: a lazy `from .b import x` inside a function is an arrow, and a -> b -> a is found."""
     graph = {"p.a": {"p.b"}, "p.b": {"p.a"}, "p.c": {"p.a"}}
     assert circles(graph) == [["p.a", "p.b"]]
     studio = import_graph()["soup_ui.cli"]
-    assert "soup_ui.workflows" in studio  # imported inside cmd_leave_one_out only
+    assert "soup_ui.engine.workflows" in studio  # imported inside cmd_leave_one_out only
 
 
 def test_the_package_has_no_import_circles():
     graph = import_graph()
     assert len(graph) > 20
     assert circles(graph) == []
+
+
+def test_every_room_has_a_floor_and_no_import_goes_up_or_across():
+    graph = import_graph()
+    assert {room(m) for m in graph} <= set(FLOORS), {room(m) for m in graph} - set(FLOORS)
+    assert wrong_way({"soup_ui.maths.soup": {"soup_ui.engine.studio"}, "soup_ui.page.ui": {"soup_ui.serving.workers"}}) == [
+        "soup_ui.maths.soup -> soup_ui.engine.studio", "soup_ui.page.ui -> soup_ui.serving.workers"]
+    assert wrong_way(graph) == []
+
+
+def test_each_subpackage_says_what_it_holds_and_may_import():
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        if init.parent.name == "configs":
+            continue
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "import" in doc.lower() and len(doc) > 120, init

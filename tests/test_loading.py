@@ -7,9 +7,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from soup_ui.checkpoints import CheckpointError, LazyWeights, data_ranges, load_weights, tensor_specs, weight_files
-from soup_ui.presets import PresetError, load_preset
-from soup_ui.studio import Studio
+from soup_ui.modelfiles.checkpoints import CheckpointError, LazyWeights, data_ranges, load_weights, tensor_specs, weight_files
+from soup_ui.modelfiles.presets import PresetError, load_preset
+from soup_ui.engine.studio import Studio
 
 
 def write_preset(folder, tiny_preset, mutate):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from soup_ui import methods
-from soup_ui.methods import METHODS, magnitude_mask, merge_into, method
+from soup_ui.maths import methods
+from soup_ui.maths.methods import METHODS, magnitude_mask, merge_into, method
 
 
 def run(name, sources, weights, base=None, **params):
@@ -348,7 +348,7 @@ def test_small_tensors_at_once_equal_tensor_by_tensor(method, density, rng):
     """Issue 19: small tensors go through TIES, DARE, DARE-TIES and DELLA in a few batched passes
     (TIES: one selection per size for all shards and tensors; the random ones: each tensor's draws
     from its own generator); the merged weights are the same, bit for bit, as one tensor at a time."""
-    from soup_ui.methods import METHODS, Draws, merge_into
+    from soup_ui.maths.methods import METHODS, Draws, merge_into
 
     g = torch.Generator().manual_seed(3)
     shapes = {"a": (7, 5), "b": (35,), "c": (16, 4, 3, 3), "d": (1,), "e": (7, 5), "f": (300,)}
@@ -374,7 +374,7 @@ def test_ties_thresholds_are_kept_across_mixes_and_give_the_same_weights(studio)
     """Issue 19: TIES' thresholds depend on the shard, the base and the density alone: the studio
     keeps them (by shard hash and tensor), so a new weight selects nothing again; the weights are
     the same as when they are computed afresh."""
-    from soup_ui import methods
+    from soup_ui.maths import methods
 
     calls = []
     real = methods.small_thresholds

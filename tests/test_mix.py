@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from soup_ui.errors import StudioError
-from soup_ui.mix import Mix
-from soup_ui.pool import Shard, Weights
+from soup_ui.engine.mix import Mix
+from soup_ui.engine.pool import Shard, Weights
 
 
 def view(*names):
@@ -73,7 +73,7 @@ def test_random_methods_draw_by_counter_and_recipes_saved_before_it_keep_torchs_
     """rng: 'counter' is the default and goes unsaid in the label; a DARE, DARE-TIES or DELLA recipe
     without rng (saved before the counter draws) is read with rng 'torch' (DELLA: and exact ranks),
     so it renders what it did."""
-    from soup_ui.presets import Recipe
+    from soup_ui.modelfiles.presets import Recipe
 
     v = view("a", "b")
     counter = Mix.build(v, {"a": 1, "b": 1}, "dare", {"density": 0.3})

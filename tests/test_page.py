@@ -260,7 +260,7 @@ def test_download_all_gives_a_zip_of_the_components_the_soup_and_the_recipe(serv
 
     from PIL import Image
 
-    from soup_ui.presets import load_recipe
+    from soup_ui.modelfiles.presets import load_recipe
 
     page = open_page(browser, server)
     generate(page, "soup: 0.34 alpha + 0.33 beta + 0.33 gamma")
@@ -476,7 +476,7 @@ def test_quick_clicks_end_on_what_the_page_shows(server, browser):
 
 def test_loading_a_recipe_restores_the_controls_and_renders(server, browser, tiny_preset, tmp_path):
     """Item 10: a loaded recipe is rendered, not only restored."""
-    from soup_ui.presets import Recipe, RenderSettings, save_recipe
+    from soup_ui.modelfiles.presets import Recipe, RenderSettings, save_recipe
 
     recipe = tmp_path / "r.yaml"
     settings = RenderSettings(prompt="a cat face", seed=9, steps=3, guidance_scale=4.0, height=16, width=16)
@@ -502,8 +502,8 @@ def test_a_single_file_checkpoint_and_a_kohya_lora_upload_and_render(server, bro
     """Real checkpoints through the page: an A1111-style single file and a kohya LoRA join the soup."""
     from test_formats import save_kohya_lora, to_ldm
 
-    from soup_ui.presets import load_preset
-    from soup_ui.studio import Studio
+    from soup_ui.modelfiles.presets import load_preset
+    from soup_ui.engine.studio import Studio
 
     studio = Studio(load_preset(tiny_preset))
     weights = {k: v.clone() for k, v in studio.shards["gamma"].tensors.items()}
@@ -566,9 +566,9 @@ def test_mix_text_encoders_checkbox(server, browser, tiny_preset, tmp_path):
     re-renders with the souped text encoder (the label says so, the image changes), unticking goes back."""
     from test_text_encoders import shifted
 
-    from soup_ui import formats
-    from soup_ui.presets import load_preset
-    from soup_ui.studio import Studio
+    from soup_ui.modelfiles import formats
+    from soup_ui.modelfiles.presets import load_preset
+    from soup_ui.engine.studio import Studio
 
     studio = Studio(load_preset(tiny_preset))
     pipe = studio.pipe

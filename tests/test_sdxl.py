@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soup_ui import exports, formats, ldm_names
-from soup_ui.checkpoints import CheckpointError
-from soup_ui.presets import RenderSettings, load_preset
-from soup_ui.studio import Studio, StudioError
+from soup_ui.engine import exports
+from soup_ui.modelfiles import formats, ldm_names
+from soup_ui.modelfiles.checkpoints import CheckpointError
+from soup_ui.modelfiles.presets import RenderSettings, load_preset
+from soup_ui.engine.studio import Studio, StudioError
 from tiny import fused_lora, make_sdxl_preset
 
 SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=0, scheduler="euler")
@@ -176,7 +177,7 @@ def test_an_sdxl_lora_soups_like_the_lora_fused_first(studio, tmp_path, naming):
 
 
 def test_the_memory_plan_says_what_was_chosen_and_why(studio, sdxl_preset):
-    from soup_ui.studio import RuntimeOptions
+    from soup_ui.engine.studio import RuntimeOptions
 
     assert studio.memory_plan.startswith("2 shards of 1 MB held in memory: 0.0 GB fit in 80% of the ")
     lean = Studio(load_preset(sdxl_preset), RuntimeOptions(lean=True))

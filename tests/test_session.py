@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from soup_ui import exports
-from soup_ui import session as handlers
+from soup_ui.engine import exports
+from soup_ui.page import session as handlers
 from soup_ui.files import umask
-from soup_ui.presets import RenderSettings, load_preset
-from soup_ui.session import Controls, StudioHost
-from soup_ui.studio import RuntimeOptions, Studio, StudioError
+from soup_ui.modelfiles.presets import RenderSettings, load_preset
+from soup_ui.page.session import Controls, StudioHost
+from soup_ui.engine.studio import RuntimeOptions, Studio, StudioError
 
 SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=3)
 
@@ -244,7 +244,7 @@ def test_grid_axis_out_of_range_is_a_plain_message(host):
 def test_long_workflows_give_way_to_interactive_renders(studio):
     """Item 13: a grid takes the lock per image at background priority; a slider release waits for
     at most the image being rendered, not for the whole grid."""
-    from soup_ui.workflows import Axis, grid
+    from soup_ui.engine.workflows import Axis, grid
 
     studio.renderer.images.clear()
     done = {}
@@ -271,7 +271,7 @@ def test_messages_keep_their_quotes():
     """Item 12: a message that ends in a quote keeps it."""
     import gradio as gr
 
-    from soup_ui.ui import user_errors
+    from soup_ui.page.ui import user_errors
 
     @user_errors
     def fails():
@@ -301,7 +301,7 @@ def test_lean_mode_rehashes_a_rewritten_file(tiny_preset, tmp_path):
 
 def test_task_arithmetic_in_the_studio_uses_one_rounding_and_the_base_in_memory(tiny_preset):
     """Item 19: fp16 task arithmetic is one rounding of the exact result; the base is read once."""
-    from soup_ui import checkpoints
+    from soup_ui.modelfiles import checkpoints
 
     fp16 = Studio(load_preset(tiny_preset), RuntimeOptions(dtype="float16"))
     base = {k: v.half().double() for k, v in checkpoints.load_weights(Path(fp16.preset.base) / "unet").items()}  # as the studio holds it
@@ -328,7 +328,7 @@ def test_importing_the_library_leaves_the_environment_alone():
     import subprocess
     import sys
 
-    code = "import os; before = dict(os.environ); import soup_ui, soup_ui.studio, soup_ui.session; print(dict(os.environ) == before)"
+    code = "import os; before = dict(os.environ); import soup_ui, soup_ui.engine.studio, soup_ui.page.session; print(dict(os.environ) == before)"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GRADIO_", "DO_NOT_TRACK"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "True", out.stderr[-2000:]
@@ -345,7 +345,7 @@ def test_a_superseded_render_shows_nothing(host):
 def test_the_pages_workflows_use_the_chosen_method_and_parameters(host, studio):
     """Leave-one-out, interpolation, grid and the ensemble render with the page's method and lambda
     (they used to render plain averages whatever was selected)."""
-    from soup_ui.workflows import Axis, grid
+    from soup_ui.engine.workflows import Axis, grid
 
     s = handlers.open_session(host, None)
     c = controls(s, {"alpha": 1, "beta": 1}, method="task-arithmetic", **{"lambda": 1.5})
@@ -378,7 +378,7 @@ def test_a_non_linear_method_through_the_page_handlers(host, studio):
 
 
 def test_a_slider_release_builds_its_mix_once_and_normalizes_once(host, monkeypatch):
-    import soup_ui.mix as mix_module
+    import soup_ui.engine.mix as mix_module
 
     s = handlers.open_session(host, None)
     handlers.generate(host, s, controls(s, {"alpha": 1, "beta": 1}))
@@ -406,7 +406,7 @@ def test_mixing_text_encoders_where_no_shard_has_one_says_so(host, studio):
 
 def test_long_work_reports_its_share_and_time_left():
     """Issue 22 item 15: workflows showed a spinner with no progress or ETA."""
-    from soup_ui.ui import with_eta
+    from soup_ui.page.ui import with_eta
 
     shown, now = [], [100.0]
     report = with_eta(lambda f, desc: shown.append((f, desc)), clock=lambda: now[0])

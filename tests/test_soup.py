@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from soup_ui import soup
-from soup_ui.soup import FlatTensors, average_into, flatten_module, normalize_weights
+from soup_ui.maths import soup
+from soup_ui.maths.soup import FlatTensors, average_into, flatten_module, normalize_weights
 
 
 def tensors(seed, dtype=torch.float32):
@@ -102,7 +102,7 @@ def test_missing_tensor_is_named():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_tensors_larger_than_a_block(dtype):
-    from soup_ui import soup
+    from soup_ui.maths import soup
 
     n = soup.CPU_BLOCK * 2 + 12345  # three blocks, the last one partial
     g = torch.Generator().manual_seed(0)
@@ -140,7 +140,7 @@ def test_fused_kernel_matches_the_eager_path():
 
 
 def test_task_arithmetic_runs_as_one_weighted_sum_over_state_dicts():
-    from soup_ui.methods import merge_into, method
+    from soup_ui.maths.methods import merge_into, method
 
     ta = method("task-arithmetic")
     base, s1, s2 = tensors(0), tensors(1), tensors(2)
@@ -156,7 +156,7 @@ def test_task_arithmetic_runs_as_one_weighted_sum_over_state_dicts():
         merge_into(target, ta, ta.parse({}), [s1], [1.0])
 
 def test_weight_distance_is_the_rms_of_the_difference():
-    from soup_ui.soup import weight_distance
+    from soup_ui.maths.soup import weight_distance
 
     s1, s2 = tensors(1), tensors(2)
     diff = torch.cat([(s1[k].double() - s2[k].double()).flatten() for k in s1])
@@ -282,7 +282,7 @@ def test_an_interactive_mix_never_compiles(monkeypatch):
 
 
 def test_weighted_sum_takes_negative_coefficients_and_rounds_once():
-    from soup_ui.soup import weighted_sum_into
+    from soup_ui.maths.soup import weighted_sum_into
 
     base, s1 = tensors(0, torch.float16), tensors(1, torch.float16)
     target = tensors(9, torch.float16)
@@ -304,7 +304,7 @@ class NoFloat64(torch.Tensor):
 
 def test_weight_distance_runs_without_float64():
     """Item 19: leave-one-out's weight distance must run where float64 does not exist."""
-    from soup_ui.soup import weight_distance
+    from soup_ui.maths.soup import weight_distance
 
     s1 = {k: v.as_subclass(NoFloat64) for k, v in tensors(1).items()}
     s2 = {k: v.as_subclass(NoFloat64) for k, v in tensors(2).items()}
@@ -319,8 +319,8 @@ def test_a_render_never_overlaps_a_background_compile(studio, monkeypatch):
     import threading
     import time
 
-    from soup_ui import soup as soup_module
-    from soup_ui.presets import RenderSettings
+    from soup_ui.maths import soup as soup_module
+    from soup_ui.modelfiles.presets import RenderSettings
 
     tracing = threading.Event()
 

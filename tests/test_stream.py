@@ -1,4 +1,4 @@
-"""File-to-file soups (`soup_ui.stream`, what `python -m soup_ui export` runs): the studio's export,
+"""File-to-file soups (`soup_ui.engine.stream`, what `python -m soup_ui export` runs): the studio's export,
 tensor for tensor, reading only the shards the mix uses and holding none of them."""
 
 import json
@@ -9,9 +9,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from soup_ui import exports, stream
+from soup_ui.engine import exports, stream
 from soup_ui.cli import main
-from soup_ui.presets import load_preset
+from soup_ui.modelfiles.presets import load_preset
 
 
 def tensors_and_metadata(path):

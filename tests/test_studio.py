@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from soup_ui import exports
-from soup_ui.checkpoints import sha256_file
-from soup_ui.presets import RenderSettings
-from soup_ui.studio import StudioError
+from soup_ui.engine import exports
+from soup_ui.modelfiles.checkpoints import sha256_file
+from soup_ui.modelfiles.presets import RenderSettings
+from soup_ui.engine.studio import StudioError
 
 SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=0)
 
@@ -124,9 +124,9 @@ def test_export_round_trip(studio, tmp_path, tiny_preset):
 
 
 def test_lean_mode_streams_shards_and_renders_the_same_images(tiny_preset, studio):
-    from soup_ui.checkpoints import LazyWeights
-    from soup_ui.presets import load_preset
-    from soup_ui.studio import RuntimeOptions, Studio
+    from soup_ui.modelfiles.checkpoints import LazyWeights
+    from soup_ui.modelfiles.presets import load_preset
+    from soup_ui.engine.studio import RuntimeOptions, Studio
 
     lean = Studio(load_preset(tiny_preset), RuntimeOptions(lean=True))
     assert lean.lean and all(s.unet is None and isinstance(s.tensors, LazyWeights) for s in lean.shards.values())

@@ -13,10 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from soup_ui import exports, formats
+from soup_ui.engine import exports
+from soup_ui.modelfiles import formats
 from soup_ui.cli import main as cli_main
-from soup_ui.presets import RenderSettings, load_preset, load_recipe
-from soup_ui.studio import Studio
+from soup_ui.modelfiles.presets import RenderSettings, load_preset, load_recipe
+from soup_ui.engine.studio import Studio
 
 SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=0)
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from soup_ui import train
-from soup_ui.data import caption_templates, load_captioned_images, parse_where, read_metadata
-from soup_ui.train import TrainConfig, finetune_unet, lr_at
+from soup_ui.training import train
+from soup_ui.training.data import caption_templates, load_captioned_images, parse_where, read_metadata
+from soup_ui.training.train import TrainConfig, finetune_unet, lr_at
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_caption_templates(imagefolder):
 
 
 def test_the_gpu_budget_keeps_the_samples_seen_and_scales_epochs():
-    from soup_ui.recipes.emoji import Budget, scaled
+    from soup_ui.training.recipes.emoji import Budget, scaled
 
     cpu = Budget()
     gpu = scaled(cpu, 8, epochs=2)
@@ -138,7 +138,7 @@ def test_the_gpu_budget_keeps_the_samples_seen_and_scales_epochs():
 
 
 def test_the_held_out_emoji_are_one_in_ten_and_fixed_by_the_seed():
-    from soup_ui.data import held_out_ids
+    from soup_ui.training.data import held_out_ids
 
     ids = [f"e{i:04d}" for i in range(1595)]
     held = held_out_ids(list(reversed(ids)), seed=0)
@@ -149,7 +149,7 @@ def test_the_held_out_emoji_are_one_in_ten_and_fixed_by_the_seed():
 def test_the_recipe_can_start_from_a_finished_autoencoder(tmp_path):
     """--autoencoder-from: the tokenizer and VAE are copied, the decoder stage counts as done, and a
     folder that lacks one says which."""
-    from soup_ui.recipes.emoji import reuse_autoencoder
+    from soup_ui.training.recipes.emoji import reuse_autoencoder
 
     source = tmp_path / "shipped"
     for part in ("tokenizer", "vae"):

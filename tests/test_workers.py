@@ -19,11 +19,11 @@ import ray  # noqa: E402
 import torch
 from safetensors.torch import load_file, save_file
 
-from soup_ui import session as handlers
-from soup_ui import workers as W
-from soup_ui.presets import RenderSettings
-from soup_ui.session import Controls, StudioHost
-from soup_ui.studio import RuntimeOptions, StudioError
+from soup_ui.page import session as handlers
+from soup_ui.serving import workers as W
+from soup_ui.modelfiles.presets import RenderSettings
+from soup_ui.page.session import Controls, StudioHost
+from soup_ui.engine.studio import RuntimeOptions, StudioError
 
 SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=3)
 REPLICAS = 2
@@ -215,7 +215,7 @@ def test_a_replica_killed_mid_run_costs_nothing(routed, local, workers, caplog):
     # is killed mid-run, usually mid-request; Serve may have had none of the 4 on it at that moment.)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     said = [(r.name, r.getMessage().startswith("a render worker was lost mid-request (")) for r in warnings]
-    assert said == [("soup_ui.workers", True)] * (workers.retries > retries), [r.getMessage() for r in warnings]
+    assert said == [("soup_ui.serving.workers", True)] * (workers.retries > retries), [r.getMessage() for r in warnings]
     deadline = time.time() + 120
     while workers.replicas() != REPLICAS and time.time() < deadline:
         time.sleep(0.5)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from soup_ui import workflows
-from soup_ui.presets import RenderSettings
-from soup_ui.studio import StudioError
+from soup_ui.engine import workflows
+from soup_ui.modelfiles.presets import RenderSettings
+from soup_ui.engine.studio import StudioError
 
 S = RenderSettings(prompt="a cat face", steps=3, guidance_scale=4.0, height=16, width=16, seed=2)
 

@@ -20,11 +20,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import checkpoints, formats, pngmeta, workflows
-from .files import atomic_path, safe_name
-from .mix import Mix
-from .pool import Shard
-from .presets import (
+from ..engine import workflows
+from ..engine.mix import Mix
+from ..engine.pool import Shard
+from ..engine.render import Rendered
+from ..engine.studio import RuntimeOptions, Studio
+from ..files import atomic_path, safe_name
+from ..modelfiles import checkpoints, formats, pngmeta
+from ..modelfiles.presets import (
     Recipe,
     RenderSettings,
     ShardSpec,
@@ -35,9 +38,7 @@ from .presets import (
     preset_data,
     write_yaml_atomic,
 )
-from .presets import save_recipe as write_recipe
-from .render import Rendered
-from .studio import RuntimeOptions, Studio
+from ..modelfiles.presets import save_recipe as write_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -549,7 +550,7 @@ def interpolate(host: StudioHost, session: Session, controls: Controls, start: s
 
 
 def grid(host: StudioHost, session: Session, controls: Controls, x_text: str, y_text: str, progress=None) -> str:
-    from .sheet import grid as grid_sheet
+    from ..engine.sheet import grid as grid_sheet
 
     session = require(session)
     x, y = workflows.Axis.parse(x_text), workflows.Axis.parse(y_text)
@@ -610,7 +611,7 @@ def export_pipeline(host: StudioHost, session: Session, controls: Controls, file
     mix = page_mix(host, session, controls)
     folder = host.new_file("pipelines", file_name, "", overwrite)
     studio.export("pipeline", mix, folder, overwrite=overwrite)
-    from .studio import folder_variant
+    from ..engine.studio import folder_variant
 
     archive = zip_folder(folder)
     variant = folder_variant(folder)

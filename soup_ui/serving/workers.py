@@ -34,12 +34,12 @@ from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import DeploymentUnavailableError
 
-from .errors import StudioError
-from .mix import Mix
-from .pool import Shard, Weights
-from .presets import Recipe, RenderSettings, load_preset
-from .render import Rendered
-from .studio import BACKGROUND, RuntimeOptions, Studio
+from ..engine.mix import Mix
+from ..engine.pool import Shard, Weights
+from ..engine.render import Rendered
+from ..engine.studio import BACKGROUND, RuntimeOptions, Studio
+from ..errors import StudioError
+from ..modelfiles.presets import Recipe, RenderSettings, load_preset
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class RenderWorker:
     def run(self, request: RenderRequest):
         """Do the request: a list of `Rendered` (component, soup, ensemble), a list of images (batch)
         or the path written (export)."""
-        from . import workflows
+        from ..engine import workflows
 
         studio, mix = self.mix(request)
         settings = request.recipe.render

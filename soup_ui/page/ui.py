@@ -12,12 +12,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..maths.methods import METHODS
+from ..maths.soup import rounded_shares
+from ..modelfiles.presets import SCHEDULERS, parse_blocks, parse_params
 from . import session as handlers
-from .presets import SCHEDULERS
-from .presets import parse_blocks, parse_params
 from .session import MAX_SHARDS, Controls, Session, StudioHost, settings_from
-from .methods import METHODS
-from .soup import rounded_shares
 from .widgets import TypedSlider
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 import torch
 from cachetools import LRUCache
 
-from . import adapters, checkpoints, methods, soup
+from ..maths import methods, soup
+from ..modelfiles import adapters, checkpoints
 from .mix import Mix
 from .pool import Pool
 

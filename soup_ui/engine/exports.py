@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import checkpoints, families, formats
-from .errors import StudioError
-from .files import atomic_path
+from ..errors import StudioError
+from ..files import atomic_path
+from ..modelfiles import checkpoints, families, formats
 from .mix import Mix
 
 if TYPE_CHECKING:

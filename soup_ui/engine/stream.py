@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, checkpoints, exports, families, formats
-from .checkpoints import CheckpointError, LazyWeights
-from .errors import StudioError
-from .files import atomic_path
-from .ldm_names import LDM_PREFIX, ldm_unet_names
+from ..errors import StudioError
+from ..files import atomic_path
+from ..modelfiles import adapters, checkpoints, families, formats
+from ..modelfiles.checkpoints import CheckpointError, LazyWeights
+from ..modelfiles.ldm_names import LDM_PREFIX, ldm_unet_names
+from ..modelfiles.presets import Preset
+from . import exports
 from .mix import Mix
 from .pool import LoraTensors, Shard, Weights
-from .presets import Preset
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def export(preset: Preset, weights: Mapping[str, float], method: str, params: Ma
     """Stream the soup of the preset's shards named in `weights` to `out`: the denoiser in diffusers
     names (`fmt` "unet", in `dtype`, by default the base's stored dtypes) or one fp16 single file in LDM naming ("single-file": UNet +
     the base's VAE and text encoder). Returns the file and the mix it holds."""
-    from .methods import merge_into, restrict
+    from ..maths.methods import merge_into, restrict
 
     out, base_path = Path(out), Path(preset.base)
     config, base_found = formats.base_unet(preset.base, preset.config)

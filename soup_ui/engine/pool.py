@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, checkpoints, formats, soup
-from .errors import StudioError
+from ..errors import StudioError
+from ..maths import soup
+from ..modelfiles import adapters, checkpoints, formats
 
 logger = logging.getLogger(__name__)
 

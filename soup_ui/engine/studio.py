@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import checkpoints, families, formats, methods, pngmeta, soup
-from .errors import StudioError
+from ..errors import StudioError
+from ..maths import methods, soup
+from ..modelfiles import checkpoints, families, formats, pngmeta
+from ..modelfiles.presets import Preset, Recipe, RenderSettings
 from .mix import Mix
 from .mixer import Mixer
 from .pool import Pool, Shard
-from .presets import Preset, Recipe, RenderSettings
 from .render import Progress, Rendered, Renderer
 from .runtime import RuntimeOptions
 

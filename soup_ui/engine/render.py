@@ -16,9 +16,10 @@ import torch
 from cachetools import LRUCache
 from PIL import Image
 
-from . import families, soup
-from .errors import StudioError
-from .presets import SCHEDULERS, RenderDefaults, RenderSettings
+from ..errors import StudioError
+from ..maths import soup
+from ..modelfiles import families
+from ..modelfiles.presets import SCHEDULERS, RenderDefaults, RenderSettings
 
 Progress = Callable[[float, str], None]
 

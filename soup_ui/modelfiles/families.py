@@ -30,7 +30,7 @@ from pathlib import Path
 from .checkpoints import CheckpointError, read_header
 from .ldm_names import ldm_unet_names
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
 

@@ -4,7 +4,7 @@ The paper's pipeline at small scale (Biggs et al. 2024, Sec. 3): a base model tr
 union of the data, then one finetuned UNet per style shard. Every stage writes resumable
 checkpoints under --work and skips itself when its output exists, so
 
-    python -m soup_ui.recipes.emoji --data ../shared/data/emoji-styles
+    python -m soup_ui.training.recipes.emoji --data ../shared/data/emoji-styles
 
 reproduces `assets/emoji/` end to end (about 2 hours on 2 idle CPU cores).
 """

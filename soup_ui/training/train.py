@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..files import atomic_path
 from .data import load_captioned_images, to_model_range
-from .files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -266,5 +266,5 @@ def write_unet(unet: torch.nn.Module, out: Path, config: TrainConfig, step: int)
     dtype = getattr(torch, config.save_dtype)
     weights = {k: v.detach().to(dtype).contiguous().cpu() for k, v in unet.state_dict().items()}
     with atomic_path(out, overwrite=True) as tmp:
-        save_file(weights, str(tmp), metadata={"soup_ui.train": json.dumps({**asdict(config), "step": step})})
+        save_file(weights, str(tmp), metadata={"soup_ui.training.train": json.dumps({**asdict(config), "step": step})})
     logger.info("wrote %s (step %d)", out, step)

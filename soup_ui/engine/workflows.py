@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from . import soup
-from .errors import StudioError
+from ..errors import StudioError
+from ..maths import soup
+from ..modelfiles.presets import RenderSettings
 from .mix import Mix
-from .presets import RenderSettings
 from .render import Progress, Rendered
 
 if TYPE_CHECKING:

@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import methods
-from .errors import StudioError
-from .methods import MergeMethod, Params, Part
-from .soup import normalize_weights, rounded_shares
+from ..errors import StudioError
+from ..maths import methods
+from ..maths.methods import MergeMethod, Params, Part
+from ..maths.soup import normalize_weights, rounded_shares
 
 if TYPE_CHECKING:
-    from .families import Blocks
+    from ..modelfiles.families import Blocks
     from .pool import Shard
 
 

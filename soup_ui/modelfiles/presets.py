@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from .soup import MAX_WEIGHT, checked_weight
+from ..maths.soup import MAX_WEIGHT, checked_weight
 
 SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
@@ -236,7 +236,7 @@ class Recipe(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, name: str) -> str:
-        from .methods import method
+        from ..maths.methods import method
 
         method(name)  # ValueError listing the known methods
         return name
@@ -244,7 +244,7 @@ class Recipe(Strict):
     @field_validator("params")
     @classmethod
     def _valid_params(cls, params: dict, info: ValidationInfo) -> dict:
-        from .methods import METHODS
+        from ..maths.methods import METHODS
 
         if info.data.get("method") in METHODS:
             METHODS[info.data["method"]].parse(params)  # ValueError naming the method, the parameter and the value
@@ -350,7 +350,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def write_yaml_atomic(data: dict, path: str | Path, overwrite: bool = False) -> Path:
     """Write YAML through a temporary file and a rename; refuses to replace a file unless asked."""
-    from .files import atomic_path
+    from ..files import atomic_path
 
     path = Path(path)
     if path.exists() and not overwrite:
