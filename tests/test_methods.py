@@ -394,3 +394,37 @@ def test_ties_thresholds_are_kept_across_mixes_and_give_the_same_weights(studio)
         assert len(calls) > first + 1
     finally:
         methods.small_thresholds = real
+
+
+def test_an_error_in_a_compiled_call_keeps_compiled_kernels_and_a_failed_compile_falls_back(monkeypatch):
+    """Issue 33, defect 4: any exception in a compiled kernel call (an out-of-memory, say) turned
+    compiled kernels off for the rest of the process. Now only a failed compile does; the call's own
+    error is raised as it is."""
+    import torch._dynamo.exc
+
+    from soup_ui.maths import soup
+
+    def kernel(x):
+        return x + 1
+
+    def out_of_memory(x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def compile_fails(x):
+        raise torch._dynamo.exc.TorchRuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(methods, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(methods, "_failed", [])
+    monkeypatch.setitem(methods._compiled, "kernel", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        methods._run(kernel, torch.zeros(4))
+    assert methods._failed == []
+    monkeypatch.setitem(methods._compiled, "kernel", compile_fails)
+    assert torch.equal(methods._run(kernel, torch.zeros(4)), torch.ones(4))  # eager, the same result
+    assert methods._failed and "no C++ compiler" in methods._failed[0]
+    # the soup kernel: the same rule
+    monkeypatch.setattr(soup, "_broken", [])
+    monkeypatch.setitem(soup._kernels, "tensors", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        soup._run_compiled("tensors", iter([(torch.zeros(4),)]))
+    assert soup._broken == []

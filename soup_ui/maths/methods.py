@@ -384,6 +384,8 @@ def _run(kernel: Callable, *args):
         with soup.TRACING:
             return _compiled[name](*args)
     except Exception as err:  # no C++ compiler, an unsupported device, ...
+        if not soup.compile_failed(err):
+            raise
         logger.warning("compiled merge kernels unavailable (%s: %s); running eager", type(err).__name__, err)
         _failed.append(f"{type(err).__name__}: {err}")
         return kernel(*args)

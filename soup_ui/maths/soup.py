@@ -266,6 +266,15 @@ def exit(code: int) -> None:  # noqa: A001 (the process's exit, as sys.exit)
     os._exit(code)
 
 
+def compile_failed(err: BaseException) -> bool:
+    """Whether an error from a compiled kernel's call says that compiling failed (dynamo, inductor, no
+    C++ compiler: run eager from then on) rather than that the call failed (out of memory, a bad
+    input: raised as it is, and compiled kernels stay on for the process)."""
+    import torch._dynamo.exc
+
+    return isinstance(err, (torch._dynamo.exc.TorchDynamoException, OSError)) and not isinstance(err, torch.OutOfMemoryError)
+
+
 def _run_compiled(kind: str, calls: Iterator[tuple]) -> bool:
     """Run kernel(out, sources, weights) for each call; False (having written nothing) if compiling fails.
 
@@ -279,6 +288,8 @@ def _run_compiled(kind: str, calls: Iterator[tuple]) -> bool:
         with TRACING:
             kernel(*first)
     except Exception as err:  # no C++ compiler, unsupported device, ...
+        if not compile_failed(err):
+            raise
         logger.warning("fused soup kernel unavailable (%s: %s); using the eager path", type(err).__name__, err)
         _broken.append(f"{type(err).__name__}: {err}")
         return False
