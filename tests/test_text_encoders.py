@@ -93,6 +93,23 @@ def test_text_encoders_are_souped_with_the_mix_weights_and_a_shard_without_count
     assert all(torch.equal(text_state(studio)[k], v) for k, v in base.items())
 
 
+def test_add_difference_text_encoders_take_b_s_base_multiplier(studio, shards):
+    """Issue 33, defect 4: with add-difference, B's block weights scale alpha per block; the text
+    encoders ignored B's BASE multiplier (alpha stayed whole there) and kept the cache key of the
+    mix without it."""
+    _, text_a, text_b = shards
+    studio.render_soup(studio.make_mix({"full": 1}), SETTINGS.model_copy(update={"seed": 6}))
+    base = text_state(studio)
+    args = dict(method="add-difference", params={"alpha": 1.0, "c": "base"}, text_encoders=True)
+    whole = studio.make_mix({"full": 1, "pipe": 1}, **args)
+    half = studio.make_mix({"full": 1, "pipe": 1}, **args, blocks={"pipe": "BASE:0.5"})
+    assert half.text_key != whole.text_key
+    studio.render_soup(half, SETTINGS)
+    mixed = text_state(studio)
+    k = "encoder.layers.0.self_attn.q_proj.weight"  # A + 0.5 (B - base)
+    assert torch.allclose(mixed[k], text_a[k] + 0.5 * (text_b[k] - base[k]), atol=1e-5)
+
+
 def test_the_option_changes_the_images_and_the_caches_keep_them_apart(studio):
     mix = {"full": 1, "pipe": 1}
     off = np.asarray(studio.render_soup(studio.make_mix(mix), SETTINGS).image)

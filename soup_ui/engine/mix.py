@@ -127,21 +127,26 @@ class Mix:
         return [block for b, block in enumerate(self.block_map.ids) if self.method.for_block(self.weights, self.multipliers(b), self.params)[0] is None]
 
     @property
-    def text_weights(self) -> tuple[float, ...] | None:
-        """The weights the text encoders are mixed with: the shards' weights, with block weights
-        times each shard's BASE multiplier, normalized (None: all 0 there, the base's text encoder)."""
+    def text_part(self) -> tuple[tuple[float, ...] | None, Params]:
+        """The weights and parameters the text encoders are mixed with: the mix's, or with block weights
+        the BASE block's (each shard's weight times its BASE multiplier, normalized; None: all 0 there,
+        the base's text encoder; add-difference: alpha times B's BASE multiplier)."""
         if not self.blocked or self.block_map.text is None:
-            return self.weights
-        return self.method.for_block(self.weights, self.multipliers(self.block_map.ids.index(self.block_map.text)), self.params)[0]
+            return self.weights, self.params
+        return self.method.for_block(self.weights, self.multipliers(self.block_map.ids.index(self.block_map.text)), self.params)
+
+    @property
+    def text_weights(self) -> tuple[float, ...] | None:
+        return self.text_part[0]
 
     @property
     def shares(self) -> list[float]:
         """The weights rounded to two decimals, still summing to 1 (what labels show)."""
         return rounded_shares(self.weights)
 
-    def _params_key(self) -> tuple:
+    def _params_key(self, params: Params | None = None) -> tuple:
         sha = {s.name: s.sha256 for s in self.shards}  # a parameter naming a shard is keyed by its content
-        return tuple((k, sha.get(v, v) if isinstance(v, str) else v) for k, v in sorted(self.params.values().items()))
+        return tuple((k, sha.get(v, v) if isinstance(v, str) else v) for k, v in sorted((params or self.params).values().items()))
 
     @property
     def key(self) -> tuple:
@@ -154,10 +159,10 @@ class Mix:
         """What identifies the text encoder it renders with: None for the base's (text encoders not
         mixed, or no shard has its own), else the method, parameters and each shard's text-encoder
         hash ("base" for a shard without one) with its weight."""
-        weights = self.text_weights
+        weights, params = self.text_part
         if not self.text_encoders or all(s.weights.text_found is None for s in self.shards) or weights is None:
             return None
-        return ("text", self.method.name, self._params_key(), tuple((s.text_sha or "base", round(w, 12)) for s, w in zip(self.shards, weights)))
+        return ("text", self.method.name, self._params_key(params), tuple((s.text_sha or "base", round(w, 12)) for s, w in zip(self.shards, weights)))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Mix) and (self.key, self.text_encoders) == (other.key, other.text_encoders)

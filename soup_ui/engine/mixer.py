@@ -70,7 +70,8 @@ class Mixer:
         else:
             sources = [self.pool.text_encoder_of(s.weights) if s.weights.text_found is not None else self.base_text for s in mix.shards]
             base = self.base_text if mix.method.needs_base else None
-            methods.merge_into(self.text_tensors, mix.method, mix.params, sources, mix.text_weights, base)
+            weights, params = mix.text_part
+            methods.merge_into(self.text_tensors, mix.method, params, sources, weights, base)
         self.text_mixed = key
         return key
 
