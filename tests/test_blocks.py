@@ -11,7 +11,7 @@ from soup_ui.modelfiles import families
 from soup_ui.maths import methods, soup
 from soup_ui.errors import StudioError
 
-CONFIGS = Path(families.__file__).parent / "configs"
+CONFIGS = families.CONFIGS
 LDM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
 
 
