@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from soup_ui.maths import methods
+from soup_ui.maths.methods import draws, kernels, selection, sparse
 from soup_ui.maths.methods import METHODS, magnitude_mask, merge_into, method
 
 
@@ -112,7 +112,7 @@ def lowbias32(x: int) -> int:
 def counter_uniform(seed: int, name: str, shard: int, j: int) -> float:
     """The documented counter draw of entry j of a shard: top 24 bits of the hash of the hashed counter
     (j + the tensor seed's low 32 bits) xor the shard's key, over 2^24."""
-    key = methods.tensor_seed(seed, name) & M32
+    key = draws.tensor_seed(seed, name) & M32
     return (lowbias32(lowbias32(j + key) ^ (((shard + 1) * 0x9E3779B9) & M32)) >> 8) / (1 << 24)
 
 
@@ -132,7 +132,7 @@ def test_dare_with_rng_torch_draws_as_recipes_before_the_counter():
     """rng 'torch': a CPU generator seeded from the seed and the tensor's name, one torch.rand per shard."""
     base, a = torch.zeros(2000), torch.ones(2000)
     kept = run("dare", [a], [1.0], base, density=0.25, seed=7, rng="torch") != 0
-    g = torch.Generator("cpu").manual_seed(methods.tensor_seed(7, "w"))
+    g = torch.Generator("cpu").manual_seed(draws.tensor_seed(7, "w"))
     assert torch.equal(kept, torch.rand(2000, generator=g) < 0.25)
 
 
@@ -141,15 +141,15 @@ def test_counter_draws_are_uniform_independent_across_shards_and_the_same_compil
     neighbours are uncorrelated, and the compiled kernel's int32 arithmetic wraps as eager's does
     (counters through the int32 range's ends, a length that leaves a vector tail)."""
     n = (1 << 20) + 13
-    counter = torch.arange(n, dtype=torch.int32) + methods._int32((1 << 31) - 5000)
-    u = methods.counter_uniforms(counter, 3)
+    counter = torch.arange(n, dtype=torch.int32) + draws._int32((1 << 31) - 5000)
+    u = draws.counter_uniforms(counter, 3)
     for x in u:
         assert abs(float((x < 0.3).float().mean()) - 0.3) < 0.003
         assert float(x.min()) >= 0.0 and float(x.max()) < 1.0
     assert abs(float(((u[0] < 0.3) & (u[1] < 0.3)).float().mean()) - 0.09) < 0.002
     assert abs(float(((u[1] < 0.5) & (u[2] < 0.5)).float().mean()) - 0.25) < 0.003
     assert abs(float(torch.corrcoef(torch.stack([u[0][1:], u[0][:-1]]))[0, 1])) < 0.005
-    compiled = torch.compile(methods.counter_uniforms, dynamic=True)(counter, 3)
+    compiled = torch.compile(draws.counter_uniforms, dynamic=True)(counter, 3)
     for x, y in zip(u, compiled):
         assert torch.equal(x, y)
     for j in (0, 4999, 5000, 5001, n - 1):  # the int32 wrap at j = 5000
@@ -171,7 +171,7 @@ def test_dare_ties_is_the_drop_then_the_sign_election():
 
 def test_della_keep_probabilities_follow_magnitude_rank():
     delta = torch.tensor([[0.1, -3.0, 2.0, 0.5, -1.0]])
-    p = methods.rank_probabilities(delta, 0.5, 0.2)
+    p = sparse.rank_probabilities(delta, 0.5, 0.2)
     torch.testing.assert_close(p, torch.tensor([[0.3, 0.7, 0.6, 0.4, 0.5]]))
     base, a = torch.zeros(1, 4000), torch.linspace(-1, 1, 4000).view(1, -1)
     for ranks in ("exact", "sampled"):
@@ -179,10 +179,10 @@ def test_della_keep_probabilities_follow_magnitude_rank():
         kept = got != 0
         large, small = a.abs() > 0.75, a.abs() < 0.25
         assert kept[large].float().mean() > 0.75 and kept[small].float().mean() < 0.25
-        probability = methods.rank_probabilities(a, 0.5, 0.4)
+        probability = sparse.rank_probabilities(a, 0.5, 0.4)
         if ranks == "sampled":  # 64 evenly spaced entries of a linear ramp: near the exact shares
-            probability = methods._della_probabilities(a, method("della").parse({"density": 0.5, "epsilon": 0.4}))
-            torch.testing.assert_close(probability, methods.rank_probabilities(a, 0.5, 0.4), atol=0.015, rtol=0)
+            probability = sparse._della_probabilities(a, method("della").parse({"density": 0.5, "epsilon": 0.4}))
+            torch.testing.assert_close(probability, sparse.rank_probabilities(a, 0.5, 0.4), atol=0.015, rtol=0)
         torch.testing.assert_close(got[kept], (a / probability)[kept])  # each kept entry rescaled by its own probability
 
 
@@ -194,8 +194,8 @@ def test_della_sampled_ranks_are_near_the_exact_ranks(shape):
     [density - epsilon, density + epsilon]."""
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(*shape, generator=g) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g)
-    sampled = methods._della_probabilities(delta, method("della").parse({"density": 0.5, "epsilon": 0.1}))
-    error = (sampled - methods.rank_probabilities(delta, 0.5, 0.1)).abs()
+    sampled = sparse._della_probabilities(delta, method("della").parse({"density": 0.5, "epsilon": 0.1}))
+    error = (sampled - sparse.rank_probabilities(delta, 0.5, 0.1)).abs()
     assert float(error.max()) <= 0.05 and float(error.mean()) <= 0.01
     assert float(sampled.min()) >= 0.4 - 1e-6 and float(sampled.max()) <= 0.6 + 1e-6
 
@@ -272,9 +272,9 @@ def test_the_compiled_kernels_give_the_eager_results(monkeypatch, name, params):
     base = torch.randn(300, 700, generator=g).half()
     sources = [(base.float() + 0.01 * torch.randn(300, 700, generator=g)).half() for _ in range(3)]
     eager = run(name, sources, [0.2, 0.3, 0.5], base, **params)
-    monkeypatch.setattr(methods, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "FUSED_MIN_ELEMENTS", 1)
     fused = run(name, sources, [0.2, 0.3, 0.5], base, **params)
-    assert not methods._failed, methods._failed
+    assert not kernels._failed, kernels._failed
     step = (torch.nextafter(eager.abs(), torch.tensor(float("inf"), dtype=torch.float16)) - eager.abs()).float()
     assert float(((fused.float() - eager.float()).abs() / step).max()) <= 1
 
@@ -284,17 +284,17 @@ def test_della_one_pass_gives_the_weights_of_probabilities_then_merge(monkeypatc
     """DELLA (sampled ranks, counter draws) computes each keep probability inside the merge kernel,
     over rows; the weights are bit for bit those of writing the probabilities out first and merging
     them with the flat counter kernel (the same draws: entry (r, c) counts r L + c), compiled."""
-    monkeypatch.setattr(methods, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "FUSED_MIN_ELEMENTS", 1)
     g = torch.Generator().manual_seed(8)
     base = torch.randn(shape, generator=g).half()
     sources = [(base.float() + s * torch.randn(shape, generator=g)).half() for s in (0.01, 0.03, 0.002)]
     p = method("della").parse({"density": 0.4, "epsilon": 0.15, "seed": 3})
     one_pass = torch.empty_like(base)
-    methods.della(one_pass, sources, [0.5, 0.3, 0.2], base, p, methods.Draws(3, "w"))
-    probabilities = [methods._della_probabilities(s.float() - base.float(), p) for s in sources]
+    sparse.della(one_pass, sources, [0.5, 0.3, 0.2], base, p, draws.Draws(3, "w"))
+    probabilities = [sparse._della_probabilities(s.float() - base.float(), p) for s in sources]
     two_pass = torch.empty_like(base)
-    methods._dropped(two_pass, base, sources, [0.5, 0.3, 0.2], p, methods.Draws(3, "w"), probabilities, elect=True)
-    assert not methods._failed, methods._failed
+    sparse._dropped(two_pass, base, sources, [0.5, 0.3, 0.2], p, draws.Draws(3, "w"), probabilities, elect=True)
+    assert not kernels._failed, kernels._failed
     assert torch.equal(one_pass, two_pass)
     assert 0 < int((one_pass != base).sum()) < base.numel()  # some entries kept, some dropped
 
@@ -305,8 +305,8 @@ def test_probed_magnitude_thresholds_are_exact(monkeypatch, dtype, passes):
     """Large tensors find each shard's k-th magnitude by counting passes guided by a sample: exactly
     torch.kthvalue's, for distinct fp32 deltas, for fp16 ones (which tie on few values) and for a
     shard whose k-th magnitude is 0, and still exact when the passes run out (it then sorts)."""
-    monkeypatch.setattr(methods, "FUSED_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(methods, "PROBE_PASSES", passes)
+    monkeypatch.setattr(kernels, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(selection, "PROBE_PASSES", passes)
     g = torch.Generator().manual_seed(6)
     base = torch.randn(500, 900, generator=g)
     sources = [(base + torch.randn(500, 900, generator=g) * s).to(dtype) for s in (0.01, 0.1)]
@@ -314,7 +314,7 @@ def test_probed_magnitude_thresholds_are_exact(monkeypatch, dtype, passes):
     sources.append((base + sparse).to(dtype))
     base = base.to(dtype)
     for density in (0.05, 0.2, 0.8):  # at 0.8 the sparse shard's k-th magnitude is 0
-        got = methods.magnitude_thresholds(base, sources, density)
+        got = selection.magnitude_thresholds(base, sources, density)
         k = int(density * base.numel())
         expected = [torch.kthvalue((s.float() - base.float()).abs().reshape(-1), base.numel() - k + 1).values for s in sources]
         assert torch.equal(got, torch.stack(expected)), density
@@ -336,9 +336,9 @@ def test_the_sign_election_is_pefts_majority_sign_mask():
         agree = calculate_majority_sign_mask(weighted, method="total")
         denominator = (torch.tensor(weights).view(-1, 1) * agree).sum(0)
         expected = torch.where(denominator > 0, (weighted * agree).sum(0) / denominator.clamp(min=1e-30), 0.0)
-        got = methods.sign_consensus(deltas, torch.tensor(weights))
+        got = kernels.sign_consensus(deltas, torch.tensor(weights))
         torch.testing.assert_close(got, expected)
-    assert torch.all(methods.sign_consensus(deltas, torch.tensor([0.5, 0.5, 0.0]))[:5] == 1.0)  # the +1 election keeps the positive one
+    assert torch.all(kernels.sign_consensus(deltas, torch.tensor([0.5, 0.5, 0.0]))[:5] == 1.0)  # the +1 election keeps the positive one
 
 
 @pytest.mark.parametrize("method,density,rng", [("ties", 0.0, None), ("ties", 0.2, None), ("ties", 0.5, None), ("ties", 1.0, None), ("dare", 0.3, "counter"),
@@ -348,7 +348,8 @@ def test_small_tensors_at_once_equal_tensor_by_tensor(method, density, rng):
     """Issue 19: small tensors go through TIES, DARE, DARE-TIES and DELLA in a few batched passes
     (TIES: one selection per size for all shards and tensors; the random ones: each tensor's draws
     from its own generator); the merged weights are the same, bit for bit, as one tensor at a time."""
-    from soup_ui.maths.methods import METHODS, Draws, merge_into
+    from soup_ui.maths.methods import METHODS, merge_into
+    from soup_ui.maths.methods.draws import Draws
 
     g = torch.Generator().manual_seed(3)
     shapes = {"a": (7, 5), "b": (35,), "c": (16, 4, 3, 3), "d": (1,), "e": (7, 5), "f": (300,)}
@@ -374,11 +375,9 @@ def test_ties_thresholds_are_kept_across_mixes_and_give_the_same_weights(studio)
     """Issue 19: TIES' thresholds depend on the shard, the base and the density alone: the studio
     keeps them (by shard hash and tensor), so a new weight selects nothing again; the weights are
     the same as when they are computed afresh."""
-    from soup_ui.maths import methods
-
     calls = []
-    real = methods.small_thresholds
-    methods.small_thresholds = lambda *a: calls.append(len(a[0])) or real(*a)
+    real = sparse.small_thresholds  # where TIES' statistics call it
+    sparse.small_thresholds = lambda *a: calls.append(len(a[0])) or real(*a)
     try:
         studio.mixer.stats.clear()
         studio.mix(studio.make_mix({"alpha": 1, "beta": 2}, "ties", {"density": 0.4}))
@@ -393,7 +392,7 @@ def test_ties_thresholds_are_kept_across_mixes_and_give_the_same_weights(studio)
         studio.mix(studio.make_mix({"alpha": 3, "beta": 1}, "ties", {"density": 0.5}))  # another density: selected again
         assert len(calls) > first + 1
     finally:
-        methods.small_thresholds = real
+        sparse.small_thresholds = real
 
 
 def test_an_error_in_a_compiled_call_keeps_compiled_kernels_and_a_failed_compile_falls_back(monkeypatch):
@@ -413,15 +412,15 @@ def test_an_error_in_a_compiled_call_keeps_compiled_kernels_and_a_failed_compile
     def compile_fails(x):
         raise torch._dynamo.exc.TorchRuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(methods, "FUSED_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(methods, "_failed", [])
-    monkeypatch.setitem(methods._compiled, "kernel", out_of_memory)
+    monkeypatch.setattr(kernels, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "_failed", [])
+    monkeypatch.setitem(kernels._compiled, "kernel", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
-        methods._run(kernel, torch.zeros(4))
-    assert methods._failed == []
-    monkeypatch.setitem(methods._compiled, "kernel", compile_fails)
-    assert torch.equal(methods._run(kernel, torch.zeros(4)), torch.ones(4))  # eager, the same result
-    assert methods._failed and "no C++ compiler" in methods._failed[0]
+        kernels._run(kernel, torch.zeros(4))
+    assert kernels._failed == []
+    monkeypatch.setitem(kernels._compiled, "kernel", compile_fails)
+    assert torch.equal(kernels._run(kernel, torch.zeros(4)), torch.ones(4))  # eager, the same result
+    assert kernels._failed and "no C++ compiler" in kernels._failed[0]
     # the soup kernel: the same rule
     monkeypatch.setattr(soup, "_broken", [])
     monkeypatch.setitem(soup._kernels, "tensors", out_of_memory)

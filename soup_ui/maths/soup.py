@@ -406,7 +406,7 @@ def average_into(target: Tensors, sources: Sequence[Tensors], weights: Sequence[
 def weighted_sum_into(target: Tensors, sources: Sequence[Tensors], coefficients: Sequence[float], fused: bool | None = None) -> None:
     """target = sum_i c_i * source_i, in place, for any finite coefficients (negative ones too), summed
     in float32 and rounded once. `average_into` is this with normalized weights; every linear merge
-    method (methods.py: task arithmetic, add-difference) is this with the base as one more source."""
+    method (methods/linear.py: task arithmetic, add-difference) is this with the base as one more source."""
     if len(sources) != len(coefficients):
         raise ValueError(f"{len(sources)} sources but {len(coefficients)} coefficients")
     weighted_sum_parts(target, sources, [(list(target), coefficients)], fused)
