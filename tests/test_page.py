@@ -28,18 +28,17 @@ def text(page, selector) -> str:
 def fill(page, elem_id, value):
     """Type a value and leave the box, until the page keeps it: under load, a tab's boxes can be
     mounted again just after typing (the value is then the default again), and a click right after
-    typing could send the previous value."""
+    typing could send the previous value. The value is read back once the page has drawn two more
+    frames (after any re-mount), not after a fixed wait."""
     selector = f"#{elem_id} textarea, #{elem_id} input"
     read = f"(document.querySelector('#{elem_id} textarea') || document.querySelector('#{elem_id} input')).value"
+    settled = f"new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => done({read}))))"
     for _ in range(20):
         box = page.locator(selector).first
         box.fill(str(value))
         box.blur()
-        page.wait_for_timeout(250)
-        if page.evaluate(read) == str(value):
-            page.wait_for_timeout(250)
-            if page.evaluate(read) == str(value):
-                return
+        if page.evaluate(settled) == str(value) and page.evaluate(settled) == str(value):
+            return
     raise AssertionError(f"#{elem_id} does not keep the value {value!r}")
 
 
@@ -402,8 +401,8 @@ def test_a_grid_does_not_hold_up_another_visitor(server, browser):
     a, b = open_page(browser, server), open_page(browser, server)
     fill(a, "steps", 25)
     tab(a, "Interpolate / grid")
-    fill(a, "grid-x", "seed=" + ",".join(str(i) for i in range(8)))
-    fill(a, "grid-y", "guidance=1,2,3,4,5,6")
+    fill(a, "grid-x", "seed=" + ",".join(str(i) for i in range(5)))  # 20 images of 25 steps: long enough to be overtaken
+    fill(a, "grid-y", "guidance=1,2,3,4")
     a.click("#grid-run")
     a.wait_for_selector("#grid-image .progress-text, #grid-image .eta-bar, #grid-image .wrap.default", timeout=TIMEOUT)
     generate(b, "soup: 0.34 alpha")
