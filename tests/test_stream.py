@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from soup_ui.engine import exports, stream
 from soup_ui.cli import main
@@ -77,3 +77,31 @@ def test_export_and_render_read_only_the_shards_the_mix_uses(tiny_preset, tmp_pa
     assert main(["export", "--preset", str(preset), "--mix", "alpha=1,gamma=1", "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert "broken.safetensors" in err and len(err.splitlines()) == 1 and not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_failed_streamed_export_closes_every_file_it_opened(tiny_preset, tmp_path):
+    """Issue 33, defect 4: the stream's readers (the shards' and the base's) closed only when garbage
+    collected; after a failure (a NaN met mid-stream) they stayed open for as long as anything held
+    the error. Closed when the export ends, however it ends; nothing is written."""
+    import psutil
+
+    from soup_ui.modelfiles.checkpoints import CheckpointError
+
+    data = yaml.safe_load(tiny_preset.read_text())
+    beta = load_file(str(tiny_preset.parent / "beta.safetensors"))
+    last = list(beta)[-1]
+    beta[last] = torch.full_like(beta[last], float("nan"))
+    save_file(beta, str(tmp_path / "nan.safetensors"))
+    data["shards"] = [{**s, "path": str(tiny_preset.parent / s["path"])} for s in data["shards"]] + [{"name": "nan", "path": str(tmp_path / "nan.safetensors")}]
+    data["base"] = str(tiny_preset.parent / data["base"])
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "soup.safetensors"
+
+    def open_weights():
+        return sorted(f.path for f in psutil.Process().open_files() if f.path.endswith(".safetensors"))
+
+    before = open_weights()
+    with pytest.raises(CheckpointError, match="NaN or Inf") as failed:
+        stream.export(load_preset(tmp_path / "p.yaml"), {"alpha": 1, "nan": 1}, "average", {}, out)
+    assert failed.value is not None and open_weights() == before  # while the error (and its frames) is held
+    assert not out.exists()

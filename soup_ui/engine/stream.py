@@ -176,58 +176,60 @@ def export(preset: Preset, weights: Mapping[str, float], method: str, params: Ma
     config, base_found = formats.base_unet(preset.base, preset.config)
     folder = families.base_config(preset.base, preset.config)
     view, base = shard_view(preset, used_names(weights, dict(params or {})), config, base_found)
-    family = "flux" if "guidance_embeds" in config else "sd3" if config.get("_class_name", "").startswith("SD3") else family_of(folder, base_path)
-    block_map = families.block_map(family, config, base_found.specs) if blocks else None
-    mix = Mix.build(view, weights, method, params, False, blocks, block_map)
-    parts = mix.parts()
-    names = [n for n in base_found.specs if checkpoints.torch_dtype(base_found.specs[n][1]).is_floating_point]
-    first = next(iter(mix.shards)).tensors
-    if hasattr(first, "read_order"):
-        rank = {n: i for i, n in enumerate(first.read_order())}
-        names.sort(key=lambda n: rank.get(n, len(rank)))
-    shapes = {n: tuple(base_found.specs[n][0]) for n in names}
-    if fmt == "single-file":
-        if config.get("_class_name") != "UNet2DConditionModel":
-            raise StudioError("a single-file (LDM) export is for SD 1.x, SD 2.x and SDXL; export the denoiser instead")
-        rename = {n: LDM_PREFIX + ldm for n, ldm in ldm_unet_names(names, config).items()}
-        out_dtype, metadata = torch.float16, exports.merge_metadata_of(mix, architecture(folder, family, config), half=True)
-        extra = base_parts(folder, base_path, family)
-    elif fmt == "unet":
-        rename, extra = {n: n for n in names}, {}
-        out_dtype = dtype or {n: checkpoints.torch_dtype(base_found.specs[n][1]) for n in names}
-        half = all(d == torch.float16 for d in out_dtype.values()) if isinstance(out_dtype, dict) else out_dtype == torch.float16
-        metadata = exports.merge_metadata_of(mix, architecture(folder, family, config), half=half)
-    else:
-        raise StudioError(f"a streamed export writes 'unet' or 'single-file', not {fmt!r}")
-    dtypes = out_dtype if isinstance(out_dtype, dict) else dict.fromkeys(names, out_dtype)
-    specs = {rename[n]: (shapes[n], dtypes[n]) for n in names} | {k: (tuple(v.shape), v.dtype) for k, v in extra.items()}
-    needs_base = base if mix.method.needs_base or any(p.weights is None for p in parts or ()) else None
-    with atomic_path(out, overwrite=overwrite) as tmp:
-        writer = Writer(tmp, specs, metadata)
-        try:
-            done, group = 0, []
-            total = sum(torch.Size(s).numel() for s in shapes.values())
-            for i, name in enumerate(names):
-                group.append(name)
-                size = sum(torch.Size(shapes[n]).numel() for n in group)
-                if size < GROUP_ELEMENTS and i + 1 < len(names):
-                    continue
-                target = {n: torch.empty(shapes[n], dtype=torch.float32) for n in group}
-                merge_into(target, mix.method, mix.params, [s.tensors for s in mix.shards], list(mix.weights), needs_base, fused=False,
-                           parts=restrict(parts, group) if parts else None)
-                for n in group:
-                    writer.write(rename[n], target[n])
-                done += size
-                group = []
-                if progress is not None:
-                    progress(done / total)
-            for name, tensor in extra.items():
-                writer.write(name, tensor)
-        finally:
-            writer.file.close()
-        writer.close()
-    for shard in mix.shards:
-        if isinstance(shard.tensors, LazyWeights):
-            shard.tensors.close()
+    try:
+        family = "flux" if "guidance_embeds" in config else "sd3" if config.get("_class_name", "").startswith("SD3") else family_of(folder, base_path)
+        block_map = families.block_map(family, config, base_found.specs) if blocks else None
+        mix = Mix.build(view, weights, method, params, False, blocks, block_map)
+        parts = mix.parts()
+        names = [n for n in base_found.specs if checkpoints.torch_dtype(base_found.specs[n][1]).is_floating_point]
+        first = next(iter(mix.shards)).tensors
+        if hasattr(first, "read_order"):
+            rank = {n: i for i, n in enumerate(first.read_order())}
+            names.sort(key=lambda n: rank.get(n, len(rank)))
+        shapes = {n: tuple(base_found.specs[n][0]) for n in names}
+        if fmt == "single-file":
+            if config.get("_class_name") != "UNet2DConditionModel":
+                raise StudioError("a single-file (LDM) export is for SD 1.x, SD 2.x and SDXL; export the denoiser instead")
+            rename = {n: LDM_PREFIX + ldm for n, ldm in ldm_unet_names(names, config).items()}
+            out_dtype, metadata = torch.float16, exports.merge_metadata_of(mix, architecture(folder, family, config), half=True)
+            extra = base_parts(folder, base_path, family)
+        elif fmt == "unet":
+            rename, extra = {n: n for n in names}, {}
+            out_dtype = dtype or {n: checkpoints.torch_dtype(base_found.specs[n][1]) for n in names}
+            half = all(d == torch.float16 for d in out_dtype.values()) if isinstance(out_dtype, dict) else out_dtype == torch.float16
+            metadata = exports.merge_metadata_of(mix, architecture(folder, family, config), half=half)
+        else:
+            raise StudioError(f"a streamed export writes 'unet' or 'single-file', not {fmt!r}")
+        dtypes = out_dtype if isinstance(out_dtype, dict) else dict.fromkeys(names, out_dtype)
+        specs = {rename[n]: (shapes[n], dtypes[n]) for n in names} | {k: (tuple(v.shape), v.dtype) for k, v in extra.items()}
+        needs_base = base if mix.method.needs_base or any(p.weights is None for p in parts or ()) else None
+        with atomic_path(out, overwrite=overwrite) as tmp:
+            writer = Writer(tmp, specs, metadata)
+            try:
+                done, group = 0, []
+                total = sum(torch.Size(s).numel() for s in shapes.values())
+                for i, name in enumerate(names):
+                    group.append(name)
+                    size = sum(torch.Size(shapes[n]).numel() for n in group)
+                    if size < GROUP_ELEMENTS and i + 1 < len(names):
+                        continue
+                    target = {n: torch.empty(shapes[n], dtype=torch.float32) for n in group}
+                    merge_into(target, mix.method, mix.params, [s.tensors for s in mix.shards], list(mix.weights), needs_base, fused=False,
+                               parts=restrict(parts, group) if parts else None)
+                    for n in group:
+                        writer.write(rename[n], target[n])
+                    done += size
+                    group = []
+                    if progress is not None:
+                        progress(done / total)
+                for name, tensor in extra.items():
+                    writer.write(name, tensor)
+            finally:
+                writer.file.close()
+            writer.close()
+    finally:  # every reader closed when the export ends, however it ends (not when garbage collected)
+        for tensors in [*(shard.tensors for shard in view.values()), base]:
+            if isinstance(tensors, LazyWeights):
+                tensors.close()
     logger.info("streamed %s to %s (%s)", mix.label, out, fmt)
     return out, mix
