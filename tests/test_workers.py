@@ -317,3 +317,46 @@ def test_a_replica_renders_interactive_requests_before_queued_workflow_images(ti
     assert during <= 2, during  # the image in progress, and the interactive one itself
     assert studio.renderer.renders["soup"] - begin == 13 and len(results) == 12
     assert rendered.label == "soup: 0.50 alpha + 0.50 gamma"
+
+
+def test_two_requests_for_a_new_shard_load_it_once_and_hold_one_use(tiny_preset, tmp_path):
+    """Issue 33, defect 7: two requests for a shard a replica has not loaded could both load it; the
+    second's weights replaced the first's in the replica's LRU and the first use was never given
+    back. A replica (without Ray) now loads a shard once, whoever asks at the same time."""
+    import shutil
+    import threading
+
+    from soup_ui.modelfiles.checkpoints import sha256_file
+
+    worker = W.RenderWorker([str(tiny_preset)], RuntimeOptions(warm_up=False))
+    studio = worker.studio(str(tiny_preset))
+    path = tmp_path / "delta.safetensors"
+    shutil.copyfile(tiny_preset.parent / "gamma.safetensors", path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-4] + bytes(4))  # other content: a shard this replica does not have
+    ref = W.ShardRef("delta", str(path), sha256_file(path))
+    second_asked, loads, real = threading.Event(), [], studio.pool.load
+
+    def load(*args):
+        loads.append(args)
+        if len(loads) == 1:
+            assert second_asked.wait(60), "the second request never came"
+        return real(*args)
+
+    studio.pool.load = load
+    got = [None, None]
+
+    def ask(i):
+        if i == 1:
+            second_asked.set()
+        got[i] = worker.weights(studio, str(tiny_preset), ref)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in (0, 1)]
+    threads[0].start()
+    while not loads:  # the first request is loading
+        threading.Event().wait(0.01)
+    threads[1].start()
+    for t in threads:
+        t.join(120)
+    assert len(loads) == 1 and got[0] is got[1]
+    assert studio.pool._users[ref.sha256] == 1  # the replica's one use, given back when it leaves the LRU

@@ -119,6 +119,7 @@ class RenderWorker:
         self._studios: dict[str, Studio] = {}
         self._lock = threading.Lock()
         self._held: LRUCache = LRUCache(keep_shards)  # (preset, sha256) -> Weights this replica loaded itself
+        self._loading: dict[tuple, threading.Lock] = {}  # (preset, sha256) -> held while that shard loads
         for preset in presets:  # before the first request: a replica that is still loading takes none
             self.studio(preset)
 
@@ -135,20 +136,24 @@ class RenderWorker:
         for shard in studio.shards.values():
             if shard.sha256 == ref.sha256:
                 return shard.weights
+        key = (preset, ref.sha256)
         with self._lock:
-            held = self._held.get((preset, ref.sha256))
-        if held is not None:
-            return held
-        if not os.access(ref.path, os.R_OK):
-            raise StudioError(f"render worker on {self.node}: cannot read shard {ref.name!r} at {ref.path} (model folders and uploads must be on storage every node reads)")
-        weights = studio.pool.load(ref.path, ref.name)
-        if weights.sha256 != ref.sha256:
-            studio.pool.release(weights)
-            raise StudioError(f"shard {ref.name!r}: {ref.path} changed since it was added (its content hash differs); add it again")
-        with self._lock:
-            before = dict(self._held)
-            self._held[(preset, ref.sha256)] = weights
-            gone = [w for k, w in before.items() if k not in self._held]  # the least recently used, past keep_shards
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # requests for the same new shard at once: one loads it, the others find it held
+            with self._lock:
+                held = self._held.get(key)
+            if held is not None:
+                return held
+            if not os.access(ref.path, os.R_OK):
+                raise StudioError(f"render worker on {self.node}: cannot read shard {ref.name!r} at {ref.path} (model folders and uploads must be on storage every node reads)")
+            weights = studio.pool.load(ref.path, ref.name)
+            if weights.sha256 != ref.sha256:
+                studio.pool.release(weights)
+                raise StudioError(f"shard {ref.name!r}: {ref.path} changed since it was added (its content hash differs); add it again")
+            with self._lock:
+                before = dict(self._held)
+                self._held[key] = weights
+                gone = [w for k, w in before.items() if k not in self._held]  # the least recently used, past keep_shards
         for w in gone:
             studio.pool.release(w)
         return weights
