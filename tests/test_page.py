@@ -696,6 +696,43 @@ def image_digest(page, selector="#soup-image img") -> str:
     return hashlib.sha256(page.request.get(page.locator(selector).get_attribute("src")).body()).hexdigest()
 
 
+def menu_events(page, *elem_ids) -> set[int]:
+    """The indexes of the page's events that the components with these elem_ids trigger (from the
+    page's own Gradio config): what a request to queue/join names as fn_index."""
+    config = page.evaluate("window.gradio_config")
+    ids = {c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") in elem_ids}
+    return {i for i, d in enumerate(config["dependencies"]) if any(target in ids for target, _ in d.get("targets", []))}
+
+
+def test_a_click_away_from_a_menu_changes_nothing(server, browser):
+    """Issue 35, item 1: opening the Preset menu and clicking elsewhere reloaded the preset (rows
+    ticked again, images and history gone); on Merge method it reset the parameters (TIES density
+    0.5 -> 0.2) and re-rendered. Menus act when a value is chosen; a click-away sends no event."""
+    import json
+
+    page = open_page(browser, server)
+    choose_method(page, "ties")
+    type_param(page, "density", 0.5)
+    wait_text(page, "#soup-label", "ties (density 0.5, lambda 1): 0.34 alpha")
+    page.locator("#shard-check-2 input[type=checkbox]").uncheck()
+    wait_text(page, "#soup-label", "ties (density 0.5, lambda 1): 0.50 alpha + 0.50 beta")
+    menus = menu_events(page, "preset", "method")
+    assert menus, "the menus' events were not found in the page's config"
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data or "{}").get("fn_index")) if "queue/join" in r.url else None)
+    for menu in ("#preset", "#method"):
+        page.locator(f"{menu} input").first.click()
+        page.get_by_role("option").first.wait_for()  # the menu is open
+        page.locator("#status").click()  # and left without a choice
+        page.get_by_role("option").first.wait_for(state="hidden")
+    page.click("#generate")  # the next request: all that the click-aways sent came before it
+    wait_text(page, "#soup-label", "ties (density 0.5, lambda 1): 0.50 alpha + 0.50 beta · seed")
+    assert sent and not menus & set(sent), f"a click-away sent {sorted(menus & set(sent))}"
+    assert page.locator(f"#param-density input[type=number]").input_value() == "0.5"
+    assert not page.locator("#shard-check-2 input[type=checkbox]").is_checked()
+    page.close()
+
+
 def test_choosing_ties_and_moving_density_re_render_the_soup_with_its_label(server, browser):
     page = open_page(browser, server)
     generate(page, "soup: 0.34 alpha")

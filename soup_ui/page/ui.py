@@ -505,9 +505,10 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             on_mixture, [state, *checks, *sliders], [mixture], **unseen
         ).then(**picture).then(
             on_restored_render, [restoring, *job_inputs], render_outputs, **unseen)
-        preset.input(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
+        # Menus act when a value is chosen (select), never on a click-away (a dropdown's input event fires on blur).
+        preset.select(on_preset, [preset, state], preset_outputs, show_progress_on=[status], **quiet)
         full = dict(fn=on_generate, inputs=job_inputs, outputs=render_outputs)
-        examples.input(lambda p: p, [examples], [prompt], **quiet).then(**full, **render_opts)  # renders, as a slider does
+        examples.select(lambda p: p, [examples], [prompt], **quiet).then(**full, **render_opts)  # renders, as a slider does
         randomize.click(lambda: random.randint(0, 2**31 - 1), None, [seed], **quiet).then(**full, **render_opts)
         soup_only = dict(fn=on_soup, inputs=job_inputs, outputs=render_outputs)
         generate.click(**full, **render_opts)
@@ -524,12 +525,12 @@ def build_ui(host: StudioHost) -> gr.Blocks:
             slider.input(on_mixture, mixture_inputs, [mixture], show_progress="hidden", trigger_mode="always_last", **quiet)
             slider.release(**soup_only, **render_opts)
         # A method brings its own parameters (at their defaults), then the soup is rendered with it.
-        method.input(method_updates, [method], [*params, note], **quiet).then(**soup_only, **render_opts)
+        method.select(method_updates, [method], [*params, note], **quiet).then(**soup_only, **render_opts)
         for control in params:
             if isinstance(control, gr.Slider):
                 control.release(**soup_only, **render_opts)
             elif isinstance(control, gr.Dropdown):
-                control.input(**soup_only, **render_opts)
+                control.select(**soup_only, **render_opts)
             else:
                 control.submit(**soup_only, **render_opts)
         text_mix.input(**full, **render_opts)  # components change too (those with their own text encoder)
@@ -538,8 +539,8 @@ def build_ui(host: StudioHost) -> gr.Blocks:
         for i, (line, pick) in enumerate(zip(block_lines, block_presets)):
             follow = dict(fn=functools.partial(on_follow, i), inputs=row_inputs, outputs=[block_shard, *block_sliders], **quiet, show_progress="hidden")
             line.submit(**picture).then(**follow).then(**soup_only, **render_opts)
-            pick.input(on_block_preset, [state, pick], [line], **quiet).then(**picture).then(**follow).then(**soup_only, **render_opts)
-        block_shard.input(on_block_shard, [block_shard, *row_inputs], block_sliders, **quiet)
+            pick.select(on_block_preset, [state, pick], [line], **quiet).then(**picture).then(**follow).then(**soup_only, **render_opts)
+        block_shard.select(on_block_shard, [block_shard, *row_inputs], block_sliders, **quiet)
         for block_slider in block_sliders:
             block_slider.release(on_block_slider, [state, block_shard, *block_sliders], block_lines, **quiet).then(**picture).then(**soup_only, **render_opts)
         uniform.click(on_uniform, [state, *checks], sliders, trigger_mode="always_last", **quiet).then(
