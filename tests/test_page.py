@@ -823,3 +823,23 @@ def test_leave_one_out_uses_the_chosen_method(server, browser):
     captions = page.locator("#loo-gallery").inner_text()
     assert "full task arithmetic: base + 1.5 x" in captions, captions
     page.close()
+
+
+def test_a_refused_recipe_is_said_once_in_place_and_the_controls_keep_their_values(server, browser, tmp_path):
+    """Issue 35, item 2: loading a PNG without a recipe covered the controls with red "Error" pills
+    that hid their values; the reason was only in a toast that faded, starting with the upload's path
+    in the server's temp folder. Now the message line says it once, naming the file; nothing is covered."""
+    from PIL import Image
+
+    page = open_page(browser, server)
+    fill(page, "seed", 42)
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    tab(page, "Recipe / export")
+    page.locator("#recipe-upload input[type=file]").set_input_files(str(tmp_path / "plain.png"))
+    wait_text(page, "#export-message", "plain.png: this PNG carries no studio recipe")
+    message = text(page, "#export-message")
+    assert message.count("carries no studio recipe") == 1 and "/tmp" not in message and "gradio" not in message
+    assert page.locator(".toast-body").count() == 0
+    assert page.locator("[data-testid='status-tracker']", has_text="Error").count() == 0
+    assert page.locator("#seed input").first.input_value() == "42"
+    page.close()

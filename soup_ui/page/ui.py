@@ -741,18 +741,35 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     def on_export_pipeline(session, file_name, overwrite, *values):
         return handlers.export_pipeline(host, session, controls_from(values), file_name, overwrite)
 
+    restore_count = 3 * MAX_SHARDS + 3 + len(PARAMS) + len(settings_inputs)  # restore_outputs, declared below
+    loaded = gr.State(False)  # whether the last recipe or history entry was restored (then it is rendered)
+
+    # A refused recipe or history entry is said once, in the message line after the controls, which
+    # keep their values (a gr.Error covered every one of them with an "Error" pill) and render nothing.
+    def refused(err: Exception) -> list:
+        return [gr.skip()] * restore_count + [error_line(err), False]
+
     @user_errors
     def on_load_recipe(session, path):
         session = handlers.require(session)
         if not path:
-            return [gr.skip()] * (3 * MAX_SHARDS + 3 + len(PARAMS) + len(settings_inputs) + 1)
-        mix, recipe = handlers.load_recipe_controls(host, session, path)
-        return restored(session.names, mix, recipe, f"loaded recipe `{html.escape(Path(path).name)}`")
+            return [gr.skip()] * (restore_count + 1) + [False]
+        try:
+            mix, recipe = handlers.load_recipe_controls(host, session, path)
+        except (ValueError, KeyError) as err:  # named by the file's name, not the server's upload path
+            return refused(ValueError(str(err.args[0] if isinstance(err, KeyError) and err.args else err).replace(str(path), Path(path).name)))
+        return [*restored(session.names, mix, recipe, f"loaded recipe `{html.escape(Path(path).name)}`"), True]
 
     @user_errors
     def on_history(session, evt: gr.SelectData):
-        mix, recipe = handlers.history_recipe(session, evt.index)
-        return restored(handlers.require(session).names, mix, recipe, "")
+        try:
+            mix, recipe = handlers.history_recipe(session, evt.index)
+            return [*restored(handlers.require(session).names, mix, recipe, ""), True]
+        except (ValueError, KeyError) as err:
+            return refused(err)
+
+    def render_loaded(flag, session, *values, progress=gr.Progress()):
+        return full["fn"](session, *values, progress=progress) if flag else [gr.skip()] * len(full["outputs"])
 
     file_outputs = [export_file, export_message]
     recipe_button.click(on_save_recipe, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
@@ -760,12 +777,14 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     pipeline_button.click(on_export_pipeline, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     single_button.click(on_export_single, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     restore_outputs = [*checks, *sliders, method, *params, note, text_mix, *settings_inputs, *block_lines]
+    assert len(restore_outputs) == restore_count
+    render_restored = dict(fn=render_loaded, inputs=[loaded, *full["inputs"]], outputs=full["outputs"], **render_opts)
     recipe_upload.upload(
-        on_load_recipe, [state, recipe_upload], [*restore_outputs, export_message], api_visibility="private",
-    ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(**picture).success(**again)
-    history.select(on_history, [state], [*restore_outputs, stale], api_visibility="private").success(
+        on_load_recipe, [state, recipe_upload], [*restore_outputs, export_message, loaded], api_visibility="private",
+    ).success(on_mixture, [state, *check_values], [mixture], api_visibility="private").success(**picture).success(**render_restored)
+    history.select(on_history, [state], [*restore_outputs, stale, loaded], api_visibility="private").success(
         on_mixture, [state, *check_values], [mixture], api_visibility="private"
-    ).success(**picture).success(**again)
+    ).success(**picture).success(**render_restored)
 
 
 def build_api(host: StudioHost, state) -> None:
