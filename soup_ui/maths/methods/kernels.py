@@ -109,6 +109,12 @@ _compiled: dict[str, Callable] = {}
 _failed: list[str] = []  # why compiling failed, once: then everything runs eager
 
 
+def runs_fused(numel: int) -> bool:
+    """Whether `numel` entries (a tensor, or a batch of small ones) run through a compiled kernel; the
+    bound is read at call time, so a test can lower it for the whole package."""
+    return numel >= FUSED_MIN_ELEMENTS
+
+
 def _run(kernel: Callable, *args):
     """kernel(*args), compiled for large tensors and batches of small ones (one variant per shard
     count and dtype, compiled on first use under soup.TRACING, like the soup kernel); eager for
@@ -116,7 +122,7 @@ def _run(kernel: Callable, *args):
     kernels do the same float32 operations in the same order (tested: the same weights)."""
     from .. import soup
 
-    if args[0].numel() < FUSED_MIN_ELEMENTS or _failed:
+    if not runs_fused(args[0].numel()) or _failed:
         return kernel(*args)
     name = kernel.__name__
     if name not in _compiled:

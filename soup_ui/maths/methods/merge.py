@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
 from .draws import Draws
-from .kernels import _acc
+from .kernels import _acc, runs_fused
 from .registry import MergeMethod, Params
 
 logger = logging.getLogger(__name__)
@@ -126,12 +125,12 @@ class _Stats:
 
 
 def _merge_batches(target, method_: MergeMethod, sources, base, part_of, names: list[str], known: _Stats | None = None) -> list[str]:
-    """Merge the floating tensors under kernels.FUSED_MIN_ELEMENTS with the method's batch function, a part
+    """Merge the floating tensors too small to run fused (kernels.runs_fused) with the method's batch function, a part
     at a time in passes of about BATCH_ELEMENTS; returns the names left for the per-tensor loop."""
     rest, groups = [], {}
     for name in names:
         out, part = target[name], part_of[name]
-        if out.is_floating_point() and out.numel() < kernels.FUSED_MIN_ELEMENTS and part.weights is not None:
+        if out.is_floating_point() and not runs_fused(out.numel()) and part.weights is not None:
             groups.setdefault(id(part), (part, []))[1].append(name)
         else:
             rest.append(name)

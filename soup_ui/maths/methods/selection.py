@@ -12,8 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy
 import torch
 
-from . import kernels
-from .kernels import _acc, _cat, _flat, _run, _scalars
+from .kernels import _acc, _cat, _flat, _run, _scalars, runs_fused
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def magnitude_thresholds(base: torch.Tensor, sources: Sequence[torch.Tensor], de
     if k <= 0:
         return _scalars([math.inf] * len(sources), base)
     b = base.reshape(-1)
-    if n < kernels.FUSED_MIN_ELEMENTS:  # one selection for all shards (a row each)
+    if not runs_fused(n):  # one selection for all shards (a row each)
         return kth_smallest(torch.stack([(_acc(s).reshape(-1) - _acc(b)).abs() for s in sources]), n - k)
     run = min(PROBE_RUN, n)
     picked = torch.randint(n // run, (max(1, PROBE_SAMPLE // run),), generator=torch.Generator("cpu").manual_seed(n)).to(base.device)

@@ -9,7 +9,6 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy
 import torch
 
-from . import kernels
 from .draws import Draws, _int32, counter_uniforms
 from .kernels import (
     _acc,
@@ -24,6 +23,7 @@ from .kernels import (
     _ties_into,
     _ties_kernel,
     _write,
+    runs_fused,
     sign_consensus,
 )
 from .registry import DareParams, DellaParams, TiesParams, merge_method
@@ -59,7 +59,7 @@ def ties_batch(outs, sources, weights, bases, p: TiesParams, stats=None) -> None
 def ties_stats(bases, shard, p: TiesParams) -> torch.Tensor:
     """One shard's thresholds of these tensors (they depend on the shard, the base and the density
     alone: cached across mixes, so a new weight selects nothing again)."""
-    if len(bases) == 1 and bases[0].numel() >= kernels.FUSED_MIN_ELEMENTS:
+    if len(bases) == 1 and runs_fused(bases[0].numel()):
         return magnitude_thresholds(bases[0], shard, p.density)
     return small_thresholds(bases, [shard], p.density)[0]
 
