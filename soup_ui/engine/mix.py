@@ -136,17 +136,13 @@ class Mix:
         return self.method.for_block(self.weights, self.multipliers(self.block_map.ids.index(self.block_map.text)), self.params)
 
     @property
-    def text_weights(self) -> tuple[float, ...] | None:
-        return self.text_part[0]
-
-    @property
     def shares(self) -> list[float]:
         """The weights rounded to two decimals, still summing to 1 (what labels show)."""
         return rounded_shares(self.weights)
 
     def _params_key(self, params: Params | None = None) -> tuple:
         sha = {s.name: s.sha256 for s in self.shards}  # a parameter naming a shard is keyed by its content
-        return tuple((k, sha.get(v, v) if isinstance(v, str) else v) for k, v in sorted((params or self.params).values().items()))
+        return tuple((k, sha.get(v, v) if isinstance(v, str) else v) for k, v in sorted((self.params if params is None else params).values().items()))
 
     @property
     def key(self) -> tuple:

@@ -272,7 +272,7 @@ def compile_failed(err: BaseException) -> bool:
     input: raised as it is, and compiled kernels stay on for the process)."""
     import torch._dynamo.exc
 
-    return isinstance(err, (torch._dynamo.exc.TorchDynamoException, OSError)) and not isinstance(err, torch.OutOfMemoryError)
+    return isinstance(err, (torch._dynamo.exc.TorchDynamoException, OSError))  # torch.OutOfMemoryError is neither
 
 
 def _run_compiled(kind: str, calls: Iterator[tuple]) -> bool:

@@ -741,7 +741,8 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     def on_export_pipeline(session, file_name, overwrite, *values):
         return handlers.export_pipeline(host, session, controls_from(values), file_name, overwrite)
 
-    restore_count = 3 * MAX_SHARDS + 3 + len(PARAMS) + len(settings_inputs)  # restore_outputs, declared below
+    restore_outputs = [*checks, *sliders, method, *params, note, text_mix, *settings_inputs, *block_lines]
+    restore_count = len(restore_outputs)
     loaded = gr.State(False)  # whether the last recipe or history entry was restored (then it is rendered)
 
     # A refused recipe or history entry is said once, in the message line after the controls, which
@@ -776,8 +777,6 @@ def build_workflow_tabs(host: StudioHost, *, state, job_inputs, controls_from, s
     export_button.click(on_export, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     pipeline_button.click(on_export_pipeline, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
     single_button.click(on_export_single, [state, out_name, out_overwrite, *controls], file_outputs, **work_opts)
-    restore_outputs = [*checks, *sliders, method, *params, note, text_mix, *settings_inputs, *block_lines]
-    assert len(restore_outputs) == restore_count
     render_restored = dict(fn=render_loaded, inputs=[loaded, *full["inputs"]], outputs=full["outputs"], **render_opts)
     recipe_upload.upload(
         on_load_recipe, [state, recipe_upload], [*restore_outputs, export_message, loaded], api_visibility="private",
