@@ -23,6 +23,7 @@ from soup_ui.page import session as handlers
 from soup_ui.serving import workers as W
 from soup_ui.modelfiles.presets import RenderSettings
 from soup_ui.page.session import Controls, StudioHost
+from soup_ui.engine.mix import Mix
 from soup_ui.engine.studio import RuntimeOptions, StudioError
 
 SETTINGS = RenderSettings(prompt="a red apple", steps=3, guidance_scale=4.0, height=16, width=16, seed=3)
@@ -360,3 +361,43 @@ def test_two_requests_for_a_new_shard_load_it_once_and_hold_one_use(tiny_preset,
         t.join(120)
     assert len(loads) == 1 and got[0] is got[1]
     assert studio.pool._users[ref.sha256] == 1  # the replica's one use, given back when it leaves the LRU
+
+
+def test_what_serve_keeps_per_model_id_holds_no_released_weights(tiny_preset, tmp_path):
+    """Issue 33, defect 7: Serve's multiplexed objects kept the weights a request used, so shards the
+    replica released (past `keep_shards`) stayed in memory. What it keeps now names the shards only."""
+    import gc
+    import shutil
+    import weakref
+
+    worker = W.RenderWorker([str(tiny_preset)], RuntimeOptions(warm_up=False), keep_shards=1)
+    studio = worker.studio(str(tiny_preset))
+    requests = []
+    for i, name in enumerate(["delta", "epsilon"]):
+        path = tmp_path / f"{name}.safetensors"
+        shutil.copyfile(tiny_preset.parent / "gamma.safetensors", path)
+        data = path.read_bytes()
+        path.write_bytes(data[:-4] + bytes([i + 1] * 4))  # content of its own: a shard this replica does not have
+        shard = studio.add_shard(name, path)
+        requests.append(W.RenderRequest.of("component", tiny_preset, Mix.alone(shard), SETTINGS))
+        studio.remove_shard(name)
+    kept = [worker.prepare(requests[0])]
+    first = weakref.ref(worker._held[(str(tiny_preset), requests[0].shards[0].sha256)])
+    kept.append(worker.prepare(requests[1]))  # keep_shards=1: the first shard is released
+    gc.collect()
+    assert first() is None, "the released shard's weights are still held"
+    assert kept[0].shards == (requests[0].shards[0].sha256,)
+
+
+def test_stopping_on_a_joined_cluster_deletes_only_our_app(monkeypatch):
+    """Issue 33, defect 7: `serve.shutdown()` on a cluster the app joined stopped every Serve app
+    there. Stopping deletes our app; Serve itself is shut down only on the instance we started."""
+    calls = []
+    monkeypatch.setattr(W.serve, "delete", lambda name, *a, **k: calls.append(("delete", name)))
+    monkeypatch.setattr(W.serve, "shutdown", lambda *a, **k: calls.append(("serve.shutdown",)))
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: calls.append(("ray.shutdown",)))
+    W.Workers(None, joined=True).stop()
+    assert calls == [("delete", W.APP), ("ray.shutdown",)]
+    calls.clear()
+    W.Workers(None).stop()
+    assert calls == [("delete", W.APP), ("serve.shutdown",), ("ray.shutdown",)]

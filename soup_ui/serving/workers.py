@@ -158,6 +158,14 @@ class RenderWorker:
             studio.pool.release(w)
         return weights
 
+    def prepare(self, request: RenderRequest) -> Prepared:
+        """Load what the request needs; what Serve keeps for its model id names the shards by
+        hash and holds no weights, so the replica's own LRU (`keep_shards`) bounds its memory."""
+        studio = self.studio(request.preset)
+        for ref in request.shards:
+            self.weights(studio, request.preset, ref)
+        return Prepared(tuple(ref.sha256 for ref in request.shards))
+
     def mix(self, request: RenderRequest) -> tuple[Studio, Mix]:
         """The request's studio and its Mix, built as the page built it."""
         studio = self.studio(request.preset)
@@ -212,8 +220,7 @@ class ServedWorker(RenderWorker):
         request = self._wanted.get(model_id)
         if request is None:  # a concurrent request for the same id took it: `run` loads what it needs
             return Prepared()
-        studio = await asyncio.to_thread(self.studio, request.preset)
-        return Prepared([await asyncio.to_thread(self.weights, studio, request.preset, ref) for ref in request.shards])
+        return await asyncio.to_thread(self.prepare, request)
 
     async def __call__(self, request: RenderRequest):
         model_id = serve.get_multiplexed_model_id()
@@ -225,11 +232,12 @@ class ServedWorker(RenderWorker):
         return serve.get_replica_context().replica_id.unique_id, answer
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
-    """What a replica keeps for a multiplexed id: the weights the request used (pooled; a reference)."""
+    """What Serve keeps for a multiplexed id: the content hashes of the shards the request used
+    (never the weights: those are the replica's to release)."""
 
-    weights: list[Weights] = field(default_factory=list)
+    shards: tuple[str, ...] = ()
 
 
 def _replica_grpc_on_loopback() -> None:
@@ -307,8 +315,9 @@ class Workers:
     """The page's handle on the render replicas: `ask` sends a request and returns what the replica
     returns, the replica's own error re-raised as it was (one line), a lost replica retried once."""
 
-    def __init__(self, handle, pool_size: int = 32):
+    def __init__(self, handle, pool_size: int = 32, joined: bool = False):
         self.handle = handle
+        self.joined = joined  # on a cluster this process joined (--ray-address), other apps may be served there
         self.pool = ThreadPoolExecutor(pool_size, thread_name_prefix="render-request")
         self.retries = 0
         self.answered: Counter[str] = Counter()  # requests answered, by replica
@@ -347,7 +356,7 @@ class Workers:
         handle = serve.run(app, name=APP, route_prefix=None)
         # Serve's own warnings about a lost replica would repeat what `ask` says once, in its words
         logging.getLogger("ray.serve").setLevel(logging.ERROR)
-        workers = cls(handle)
+        workers = cls(handle, joined=bool(options.address))
         workers.described = describe(config)
         workers.most = int((config.get("autoscaling_config") or {}).get("max_replicas") or config.get("num_replicas") or 1)
         logger.info("render workers: %s (%d running)", workers.described, workers.replicas())
@@ -404,12 +413,15 @@ class Workers:
         return status.replica_states.get("RUNNING", 0)
 
     def stop(self) -> None:
-        """Stop the replicas (and the local Ray instance, where this process started it)."""
+        """Stop our replicas: on a joined cluster only our Serve app (never the cluster's other
+        apps), on the local instance this process started Serve and Ray too."""
         import ray
 
         self.pool.shutdown(wait=False, cancel_futures=True)
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete(APP)
+        if not self.joined:
+            serve.shutdown()
+        ray.shutdown()  # on a joined cluster: this process disconnects, the cluster runs on
 
 
 def _own(err: BaseException) -> BaseException:
@@ -420,14 +432,24 @@ def _own(err: BaseException) -> BaseException:
     return StudioError(f"render worker: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}")
 
 
-class RoutedStudio(Studio):
-    """The page's Studio when renders go to workers: a lean CPU Studio of the preset (shards are
-    validated and hashed here, the Mix is built here, settings checked here) whose images, exports
-    and ensemble come from the render replicas."""
+class RoutedStudio:
+    """The page's Studio when renders go to workers. It composes a lean CPU `Studio` of the preset
+    (`local`: shards validated and hashed, mixes built, settings checked, all on the page's side)
+    and the workers, which make every image, ensemble and export. Only what the page reads of the
+    preset is taken from `local` (LOCAL); anything else, such as merging into its denoiser, is
+    refused, so no render can silently happen on the page's copy."""
+
+    LOCAL = frozenset({"preset", "options", "shards", "failed", "kind", "family", "blocks", "renderer", "pool", "lock", "hybrid", "pipe",
+                       "base_specs", "base_tensors", "variant", "make_mix", "add_shard", "remove_shard"})
 
     def __init__(self, preset, options: RuntimeOptions, progress, workers: Workers):
+        self.local = Studio(preset, options, progress)
         self.workers = workers
-        super().__init__(preset, options, progress)
+
+    def __getattr__(self, name: str):
+        if name in RoutedStudio.LOCAL:
+            return getattr(self.local, name)
+        raise AttributeError(f"RoutedStudio.{name}: the render workers do this, not the page's copy of the preset")
 
     @property
     def runs_on(self) -> str:
