@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in presets:
         if not Path(p).is_file():
             parser.error(f"--preset: no such file: {p}")
-    options = runtime.RuntimeOptions.of(args)
+    options = runtime.RuntimeOptions.of(args, exporting=True)  # the page can export: the memory plan counts the export's copy
     models_dirs = args.models_dir or ([HERE / "assets" / "emoji" / "shards"] if DEFAULT_PRESET in presets else [])
     # The presets named on the command line (else the first, the embedded default) load before the
     # server answers; the others load when a visitor picks them.

@@ -193,6 +193,26 @@ def test_pinned_memory_holds_shards_off_the_device_and_soups_the_same(studio, fa
     assert np.array_equal(np.asarray(pinned.render_component(pinned.shards["pastel"], SETTINGS).image), np.asarray(studio.render_component(studio.shards["pastel"], SETTINGS).image))
 
 
+def test_the_memory_plan_counts_what_the_path_holds_besides_the_shards(studio, monkeypatch):
+    """Issue 33, defect 5: the plan counted the shards' denoisers only (6.9 GB "fit" in 80% of 15.9 GB;
+    the export peaked at 18.2 GB). It now counts their text encoders when mixed, a shard being loaded
+    and the export's copy of the soup, and streams the shards when all of it would not fit."""
+    import soup_ui.engine.pool as pool_module
+
+    pool = studio.pool
+    for kept in ("resident_slots", "spill", "lean", "memory_plan"):
+        monkeypatch.setattr(pool, kept, getattr(pool, kept))
+    monkeypatch.setattr(pool, "device", torch.device("cpu"))
+    monkeypatch.setattr(pool_module, "free_memory", lambda d: int(4e9))
+    pool.plan(2, int(1e9))  # 2 GB of shards and 1 GB while one loads: 3 GB fit in 3.2 GB
+    assert (pool.spill, pool.lean) == ("resident", False)
+    assert pool.memory_plan == "2 shards of 1,000 MB held in memory: 3.0 GB (shards 2.0 GB, a shard being loaded 1.0 GB) fit in 80% of the 4.0 GB free on cpu"
+    pool.plan(2, int(1e9), text_bytes=int(0.2e9), exporting=True)  # the shards alone (2.4 GB) fit; with the rest they do not
+    assert (pool.spill, pool.lean) == ("lean", True)
+    assert pool.memory_plan == ("2 shards of 1,000 MB (+ 200 MB of text encoders each) streamed from their files (lean): 4.8 GB (shards 2.4 GB, "
+                                "a shard being loaded 1.2 GB, the export's copy of the soup 1.2 GB) would not fit in 80% of the 4.0 GB free on cpu")
+
+
 def test_the_memory_plan_fills_the_gpu_then_pinned_memory(studio, monkeypatch):
     """The plan on a GPU too small for every shard (free memory faked): as many resident as fit in
     80% of it, the rest pinned; a later shard goes where the plan has room."""
@@ -207,7 +227,7 @@ def test_the_memory_plan_fills_the_gpu_then_pinned_memory(studio, monkeypatch):
     studio.pool.plan(4, unet_bytes)
     assert (pool.resident_slots, pool.spill, studio.lean) == (2, "pinned", False)
     assert studio.memory_plan == ("4 shards of 1,000 MB: 2 held on cuda (2.1 GB of its 2.6 GB free), the other 2 in pinned CPU memory, "
-                                  "copied to the device for each soup (2.0 GB; 64.0 GB free in CPU memory)")
+                                  "copied to the device for each soup (2.0 GB, a shard being loaded 1.0 GB; 64.0 GB free in CPU memory)")
     monkeypatch.setattr(pool_module, "free_memory", lambda d: int(2.6e9) if d.type == "cuda" else int(2e9))
     studio.pool.plan(4, unet_bytes)
     assert pool.spill == "lean" and "the other 2 streamed from their files (lean)" in studio.memory_plan

@@ -179,6 +179,6 @@ def test_an_sdxl_lora_soups_like_the_lora_fused_first(studio, tmp_path, naming):
 def test_the_memory_plan_says_what_was_chosen_and_why(studio, sdxl_preset):
     from soup_ui.engine.studio import RuntimeOptions
 
-    assert studio.memory_plan.startswith("2 shards of 1 MB held in memory: 0.0 GB fit in 80% of the ")
+    assert studio.memory_plan.startswith("2 shards of 1 MB held in memory: 0.0 GB (shards 0.0 GB, a shard being loaded 0.0 GB) fit in 80% of the ")
     lean = Studio(load_preset(sdxl_preset), RuntimeOptions(lean=True))
     assert lean.memory_plan.endswith("streamed from their files (lean): as asked (--lean)")

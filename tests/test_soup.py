@@ -341,3 +341,22 @@ def test_a_render_never_overlaps_a_background_compile(studio, monkeypatch):
     image = studio.render_soup(studio.make_mix({"alpha": 1, "beta": 1}), RenderSettings(prompt="a cat", steps=2, height=16, width=16, seed=12345)).image
     assert image.size == (16, 16)
     threads[0].join()
+
+
+def test_a_kernel_call_of_a_new_shape_is_traced_under_the_lock(monkeypatch):
+    """Issue 33, defect 4: only the first call of a merge held soup.TRACING; later tensors of another
+    rank (lean mode streams them one by one) recompiled outside it, while a render in another thread
+    may run a model. A call of a shape the kernel has not seen now holds the lock; a seen one does not."""
+    held = []
+
+    def kernel(out, sources, weights):
+        held.append((out.dim(), soup.TRACING._is_owned()))
+        out.copy_(sources[0])
+
+    monkeypatch.setattr(soup, "_kernel", lambda kind: kernel)
+    monkeypatch.setattr(soup, "_traced", set())
+    w = torch.ones(1)
+    calls = [(torch.zeros(4), [torch.ones(4)], w), (torch.zeros(3, 3), [torch.ones(3, 3)], w), (torch.zeros(5), [torch.ones(5)], w),
+             (torch.zeros(2, 2, 3, 3), [torch.ones(2, 2, 3, 3)], w), (torch.zeros(4, 4), [torch.ones(4, 4)], w)]
+    assert soup._run_compiled("tensors", iter(calls))
+    assert held == [(1, True), (2, True), (1, False), (4, True), (2, False)]

@@ -128,17 +128,24 @@ class Pool:
         self._pool: dict[str, Weights] = {}  # sha256 -> weights
         self._users: Counter[str] = Counter()  # sha256 -> how many shards (preset or session) use them
 
-    def plan(self, count: int, unet_bytes: int) -> None:
+    def plan(self, count: int, unet_bytes: int, text_bytes: int = 0, exporting: bool = False) -> None:
         """Where shards live, and why (the log and the page header say it). On a GPU, as many shards as
         fit in 80% of its free memory stay resident; the rest wait in pinned CPU memory and are copied
         to the GPU tensor by tensor for each soup, or, if they do not fit there either, stream from
         their files (lean). On a CPU, shards are held in memory, or lean when they would not fit. The
-        user can force one tier for all (--memory, or --lean)."""
+        user can force one tier for all (--memory, or --lean). Counted besides the shards' denoisers:
+        their own text encoders (`text_bytes` each, when the preset mixes them), a shard being loaded
+        (read whole before it is pooled) and, when the path writes the soup, its CPU copy of the
+        merged weights; the base pipeline is already loaded, so free memory has it counted."""
         forced = self.options.memory or {True: "lean", False: "resident"}.get(self.options.lean)
         if forced is not None and forced not in self.TIERS:
             raise StudioError(f"memory {forced!r}: choose one of {', '.join(self.TIERS)}")
-        sizes = f"{count} shards of {unet_bytes / 1e6:,.0f} MB"
-        need, free = count * unet_bytes, free_memory(self.device)
+        per_shard = unet_bytes + text_bytes
+        sizes = f"{count} shards of {unet_bytes / 1e6:,.0f} MB" + (f" (+ {text_bytes / 1e6:,.0f} MB of text encoders each)" if text_bytes else "")
+        besides = {"a shard being loaded": per_shard, "the export's copy of the soup": per_shard if exporting else 0}
+        host_extra = sum(besides.values())
+        counted = ", ".join(f"{what} {n / 1e9:.1f} GB" for what, n in besides.items() if n)
+        need, free = count * per_shard, free_memory(self.device)
         where = {"resident": "held in memory", "pinned": "in pinned CPU memory, copied to the device for each soup",
                  "lean": "streamed from their files (lean)"}
         if forced is not None:
@@ -146,18 +153,20 @@ class Pool:
             why = f"as asked (--memory {forced})" if self.options.memory else ("as asked (--lean)" if forced == "lean" else "as asked")
             self.memory_plan = f"{sizes} {where[forced]}: {why}"
         elif self.device.type != "cuda" or need <= 0.8 * free:
-            lean = need > 0.8 * free
+            total = need + (host_extra if self.device.type != "cuda" else 0)
+            lean = total > 0.8 * free
             self.resident_slots, self.spill = (0, "lean") if lean else (None, "resident")
-            why = f"{need / 1e9:.1f} GB {'would not fit' if lean else 'fit'} in 80% of the {free / 1e9:.1f} GB free on {self.device.type}"
+            detail = f" (shards {need / 1e9:.1f} GB, {counted})" if self.device.type != "cuda" else ""
+            why = f"{total / 1e9:.1f} GB{detail} {'would not fit' if lean else 'fit'} in 80% of the {free / 1e9:.1f} GB free on {self.device.type}"
             self.memory_plan = f"{sizes} {where[self.spill]}: {why}"
         else:  # a GPU too small for them all: fill it, then pinned host memory, then the files
-            self.resident_slots = int(0.8 * free // unet_bytes)
+            self.resident_slots = int(0.8 * free // per_shard)
             host = free_memory(torch.device("cpu"))
             rest = count - self.resident_slots
-            self.spill = "pinned" if rest * unet_bytes <= 0.8 * host else "lean"
+            self.spill = "pinned" if rest * per_shard + host_extra <= 0.8 * host else "lean"
             self.memory_plan = (
                 f"{sizes}: {self.resident_slots} held on {self.device.type} ({0.8 * free / 1e9:.1f} GB of its {free / 1e9:.1f} GB free), "
-                f"the other {rest} {where[self.spill]} ({rest * unet_bytes / 1e9:.1f} GB; {host / 1e9:.1f} GB free in CPU memory)"
+                f"the other {rest} {where[self.spill]} ({rest * per_shard / 1e9:.1f} GB, {counted}; {host / 1e9:.1f} GB free in CPU memory)"
             )
         self.lean = self.resident_slots == 0 and self.spill == "lean"  # every shard streamed from disk
 

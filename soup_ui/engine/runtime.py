@@ -21,6 +21,7 @@ class RuntimeOptions:
     cache_size: int = 512  # rendered images kept in memory
     lean: bool | None = None  # stream shards from memory-mapped files; None: when they would not fit
     memory: str | None = None  # force where shards live: "resident", "pinned" or "lean" (None: planned, see Pool.plan)
+    exporting: bool = False  # the path writes the soup (CLI export): the memory plan counts its CPU copy of the merged weights
     warm_up: bool = True  # compile the soup kernel in the background at start (off where this Studio never merges: a page with render workers)
 
     @classmethod

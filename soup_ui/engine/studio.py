@@ -194,7 +194,8 @@ class Studio:
                          base=lambda: self.base_tensors, on_change=lambda: self.mixer.forget(), order=order)
         self.mixer = Mixer(self.hybrid_tensors, self.text_tensors, self.pool, self.base_found, self.device, self.dtype, self.lock,
                                    lean=lambda: self.lean)
-        self.pool.plan(len(preset.shards), sum(t.numel() * t.element_size() for t in self.hybrid_tensors.values()))
+        text_bytes = sum(t.numel() * t.element_size() for t in self.text_tensors.values()) if preset.mix_text_encoders else 0
+        self.pool.plan(len(preset.shards), sum(t.numel() * t.element_size() for t in self.hybrid_tensors.values()), text_bytes, options.exporting)
         logger.info("memory: %s", self.memory_plan)
 
         # 2. Every shard, validated against the base; a bad one is reported and left out.

@@ -295,9 +295,25 @@ def _run_compiled(kind: str, calls: Iterator[tuple]) -> bool:
         return False
     out, sources, _ = first
     _ready.add(_variant(kind, len(sources), out.dtype, out.device))
+    _traced.add(_signature(kind, out, sources))
     for call in calls:
-        kernel(*call)
+        signature = _signature(kind, call[0], call[1])
+        if signature in _traced:
+            kernel(*call)
+            continue
+        with TRACING:  # a call of a new shape may recompile (lean mode's tensors, one by one): traced under the lock
+            kernel(*call)
+        _traced.add(signature)
     return True
+
+
+_traced: set[tuple] = set()  # call shapes the compiled kernels have seen: calls of another may recompile
+
+
+def _signature(kind: str, out: torch.Tensor, sources: list) -> tuple:
+    """What makes dynamo compile a kernel anew with dynamic shapes: the sources' count, dtype and
+    device, the rank, and which sizes are 0 or 1 (specialized)."""
+    return (kind, len(sources), out.dtype, out.device.type, out.dim(), tuple(n < 2 for n in out.shape))
 
 
 def _acc_dtype(out: torch.Tensor) -> torch.dtype:
