@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from soup_ui.cli import quiet_libraries  # noqa: E402
 from soup_ui.training.data import held_out_ids, load_captioned_images, to_model_range  # noqa: E402
+from soup_ui.training.judges import SmallCNN, shift  # noqa: E402  (the shipped judges' network)
 from soup_ui.modelfiles.presets import RenderSettings, load_preset  # noqa: E402
 from soup_ui.engine.sheet import grid  # noqa: E402
 from soup_ui.engine.studio import Studio  # noqa: E402
@@ -45,30 +46,6 @@ logger = logging.getLogger("emoji_eval")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the classifiers train and judge here
 STYLES = ["fluent-color", "fluent-flat", "fluent-hc", "twemoji", "noto", "openmoji"]
 PAIRS = [("twemoji", "openmoji"), ("fluent-hc", "noto"), ("fluent-color", "openmoji")]
-
-
-class SmallCNN(nn.Module):
-    """Four strided conv blocks and a linear head; 64x64 RGB in."""
-
-    def __init__(self, classes: int, width: int = 48):
-        super().__init__()
-        chans = [3, width, 2 * width, 4 * width, 4 * width]
-        layers = []
-        for a, b in zip(chans, chans[1:]):
-            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.BatchNorm2d(b), nn.GELU(), nn.Conv2d(b, b, 3, padding=1), nn.BatchNorm2d(b), nn.GELU()]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(chans[-1], classes)
-
-    def forward(self, x):
-        x = F.interpolate(x, size=32, mode="area")  # 32x32 keeps the style and the shape, at a quarter of the cost
-        return self.head(self.features(x).mean((2, 3)))
-
-
-def shift(x: torch.Tensor, g: torch.Generator, pixels: int = 4) -> torch.Tensor:
-    """Random translation by up to `pixels`, padding with white (the data's background)."""
-    dy, dx = (torch.randint(-pixels, pixels + 1, (2,), generator=g)).tolist()
-    x = F.pad(x, (pixels, pixels, pixels, pixels), value=1.0)
-    return x[:, :, pixels + dy : pixels + dy + 64, pixels + dx : pixels + dx + 64]
 
 
 def fit(model, x, y, epochs, batch=128, lr=2e-3, seed=0, desc=""):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from soup_ui.training import train
 from soup_ui.training.data import caption_templates, load_captioned_images, parse_where, read_metadata
-from soup_ui.training.train import TrainConfig, finetune_unet, lr_at
+from soup_ui.training.train import TrainConfig, cosine_schedule, finetune_unet
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +95,22 @@ def test_min_snr_weights_follow_the_formula():
     assert (snr > 5).any() and (snr < 5).any()  # both sides of the clamp were drawn
 
 
-def test_learning_rate_schedule():
-    assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
-    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
-    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
-    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.1) == lr_at(500, 1.0, 10, 100)
+def test_learning_rate_schedule_is_transformers_cosine_with_warm_up_and_resumes_where_it_stopped():
+    def rates(start: int, steps: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = cosine_schedule(optimizer, 1.0, 10, 100, start)
+        out = []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    unbroken = rates(0, 100)
+    assert unbroken[0] == pytest.approx(0.1) and unbroken[9] == pytest.approx(1.0)  # the first step trains at base / warm-up
+    assert unbroken[54] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))  # step 54 is the schedule's 55
+    assert unbroken[99] == pytest.approx(0.1)  # the last step: down to 10% of the base rate
+    assert rates(37, 20) == pytest.approx(unbroken[37:57])  # resumed at step 37: what the unbroken run had
 
 
 def test_where_filters_and_their_errors(imagefolder):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,12 +106,51 @@ def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the base rate."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def cosine_schedule(optimizer, base_lr: float, warmup: int, total: int, start: int = 0):
+    """transformers' cosine schedule with linear warm-up, decaying to 10% of the base rate; the rate of
+    loop step s is the schedule's at s + 1 (the first step trains at base_lr / warmup, not at 0), and a
+    resumed run continues where it stopped."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    for group in optimizer.param_groups:
+        group["initial_lr"] = base_lr
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=0.1, last_epoch=start)
+
+
+def train_steps(name: str, optimizer, loss_at, *, total: int, start: int, seed: int, base_lr: float, warmup: int, ckpt: Path,
+                modules: dict[str, torch.nn.Module], clip: list | None = None, emas: tuple = (), batch: int = 0, save_every: int = 250,
+                extra: dict | None = None, after=None, disable: bool = False) -> None:
+    """The one training loop of every stage: for steps start..total, `loss_at(step, generator)` (the
+    generator depends on seed and step only, so a resumed run draws what an unbroken one would), a
+    backward pass, gradients of `clip` clipped to norm 1, the optimizer and the cosine schedule, the
+    EMAs ((EmaWeights, module) pairs) updated, a log line every 50 steps and a resumable checkpoint
+    of `modules` every `save_every` and at the end; `after(step)` once each step is done."""
+    schedule = cosine_schedule(optimizer, base_lr, warmup, total, start)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=name, disable=disable)
+    t0, losses = time.time(), []
+    for step in bar:
+        loss = loss_at(step, step_generator(seed, step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        optimizer.step()
+        schedule.step()
+        for ema, module in emas:
+            ema.update(module)
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            mean = sum(losses[-50:]) / len(losses[-50:])
+            bar.set_postfix(loss=f"{mean:.4f}")
+            rate = f" ({50 * batch / (time.time() - t0):.1f} samples/s)" if batch else ""
+            logger.info("%s step %d loss %.4f%s", name, step + 1, mean, rate)
+            t0 = time.time()
+        if (step + 1) % save_every == 0 or step + 1 == total:
+            for ema, _ in emas:
+                ema.synced()
+            save_checkpoint(ckpt, modules, optimizer, step + 1, extra)
+        if after is not None:
+            after(step + 1)
 
 
 def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
@@ -223,37 +261,21 @@ def finetune_unet(config: TrainConfig, resume: bool = False, disable_progress: b
     ema = EmaWeights(unet, config.ema_decay, start, average) if config.ema_decay else None
 
     # 3. Train.
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=disable_progress, desc="finetune")
-    t0, losses = time.time(), []
-    for step in bar:
-        g = step_generator(config.seed, step)
+    def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(data.captions), (config.batch_size,), generator=g)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scale  # on the CPU
         variant = torch.randint(0, caption_index.shape[1], (len(idx),), generator=g)
         cap = caption_index[idx, variant]
         cap[torch.rand(len(idx), generator=g) < config.caption_dropout] = empty_index
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config.learning_rate, config.warmup_steps, config.steps)
-        loss = diffusion_loss(unet, noise_scheduler, latents.to(device), text_states[cap.to(device)], g, config.min_snr_gamma)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        if ema is not None:
-            ema.update(unet)
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0:
-            mean = sum(losses[-50:]) / len(losses[-50:])
-            bar.set_postfix(loss=f"{mean:.4f}")
-            logger.info("step %d loss %.4f (%.1f samples/s)", step + 1, mean, 50 * config.batch_size / (time.time() - t0))
-            t0 = time.time()
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            if ema is not None:
-                ema.synced()
-            save_checkpoint(ckpt_dir, modules, optimizer, step + 1, {"config": asdict(config)})
-        if step + 1 in config.snapshot_steps:
-            snapshot = ckpt_dir / f"snapshot-{step + 1}.safetensors"
-            write_unet(ema.synced() if ema else unet, snapshot, config, step + 1)
+        return diffusion_loss(unet, noise_scheduler, latents.to(device), text_states[cap.to(device)], g, config.min_snr_gamma)
+
+    def snapshot(step: int) -> None:
+        if step in config.snapshot_steps:
+            write_unet(ema.synced() if ema else unet, ckpt_dir / f"snapshot-{step}.safetensors", config, step)
+
+    train_steps("finetune", optimizer, loss_at, total=config.steps, start=start, seed=config.seed, base_lr=config.learning_rate,
+                warmup=config.warmup_steps, ckpt=ckpt_dir, modules=modules, clip=list(unet.parameters()), emas=((ema, unet),) if ema else (),
+                batch=config.batch_size, save_every=config.checkpoint_every, extra={"config": asdict(config)}, after=snapshot, disable=disable_progress)
 
     # 4. Write the shard: UNet weights only (the EMA's, if kept), in the UNet's own tensor names.
     write_unet(ema.synced() if ema else unet, out, config, config.steps)

@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data import held_out_ids, load_captioned_images, read_metadata, to_model_range
 from ..train import (
@@ -30,9 +28,7 @@ from ..train import (
     encode_images,
     finetune_unet,
     load_checkpoint,
-    lr_at,
-    save_checkpoint,
-    step_generator,
+    train_steps,
 )
 
 logger = logging.getLogger(__name__)
@@ -184,19 +180,18 @@ def train_vae(data: Path, out: Path, work: Path, seed: int = 0) -> None:
     ckpt = work / "vae"
     start = load_checkpoint(ckpt, {"vae": vae}, optimizer)["step"] if (ckpt / "checkpoint.safetensors").is_file() else 0
     crop = BUDGET.vae_crop
-    for step in tqdm(range(start, BUDGET.vae_steps), initial=start, total=BUDGET.vae_steps, desc="vae"):
-        g = step_generator(seed, step)
+
+    def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(images), (BUDGET.vae_batch,), generator=g)
         y, x = torch.randint(0, SIZES.image - crop + 1, (2,), generator=g).tolist()
         batch = to_model_range(images[idx, :, y : y + crop, x : x + crop]).to(DEVICE)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, 5e-4, 100, BUDGET.vae_steps)
         with autocast(DEVICE):
             posterior = vae.encode(batch).latent_dist
             recon = vae.decode(posterior.sample(generator=g)).sample
         recon = recon.float()
-        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().float().mean()
-        autoencoder_step("vae", vae, optimizer, loss, step, BUDGET.vae_steps, ckpt)
+        return F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().float().mean()
+
+    train_steps("vae", optimizer, loss_at, total=BUDGET.vae_steps, start=start, seed=seed, base_lr=5e-4, warmup=100, ckpt=ckpt, modules={"vae": vae})
     vae = vae.cpu().eval()
     normalize_latents(vae, images)
     with torch.no_grad():
@@ -204,17 +199,6 @@ def train_vae(data: Path, out: Path, work: Path, seed: int = 0) -> None:
         err = (vae.decode(vae.encode(sample).latent_dist.mean).sample - sample).abs().mean().item()
     logger.info("vae: scaling_factor %.4f, reconstruction L1 %.4f on [-1, 1]", vae.config.scaling_factor, err)
     vae.save_pretrained(out)
-
-
-def autoencoder_step(label: str, vae, optimizer, loss: torch.Tensor, step: int, total: int, ckpt: Path) -> None:
-    """One optimizer step; a log line every 100 steps and a resumable checkpoint every 250."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if (step + 1) % 100 == 0:
-        logger.info("%s step %d loss %.4f", label, step + 1, loss.item())
-    if (step + 1) % 250 == 0 or step + 1 == total:
-        save_checkpoint(ckpt, {"vae": vae}, optimizer, step + 1)
 
 
 def finetune_decoder(data: Path, vae_folder: Path, work: Path, seed: int = 0) -> None:
@@ -242,17 +226,17 @@ def finetune_decoder(data: Path, vae_folder: Path, work: Path, seed: int = 0) ->
     optimizer = torch.optim.AdamW(params, lr=BUDGET.decoder_lr, weight_decay=0.0)
     ckpt = work / "decoder"
     start = load_checkpoint(ckpt, {"vae": vae}, optimizer)["step"] if (ckpt / "checkpoint.safetensors").is_file() else 0
-    for step in tqdm(range(start, BUDGET.decoder_steps), initial=start, total=BUDGET.decoder_steps, desc="decoder"):
-        g = step_generator(seed + 7, step)
+
+    def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(pixels), (BUDGET.decoder_batch,), generator=g)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, BUDGET.decoder_lr, 100, BUDGET.decoder_steps)
         with autocast(DEVICE):
             recon = vae.decode(z.to(DEVICE)).sample.float()
         batch = target[idx].to(DEVICE)
-        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
-        autoencoder_step("decoder", vae, optimizer, loss, step, BUDGET.decoder_steps, ckpt)
+        return F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
+
+    train_steps("decoder", optimizer, loss_at, total=BUDGET.decoder_steps, start=start, seed=seed + 7, base_lr=BUDGET.decoder_lr, warmup=100,
+                ckpt=ckpt, modules={"vae": vae})
     vae.cpu().save_pretrained(vae_folder)
     (ckpt / "done").write_text(str(BUDGET.decoder_steps))
 
@@ -404,31 +388,18 @@ def train_base(data: Path, pipeline: Path, work: Path, stage: BaseStage, seed: i
     if stage.ema_decay:
         emas = [EmaWeights(m, stage.ema_decay, start, averages[f"ema_{k}"]) for k, m in (("text_encoder", text_encoder), ("unet", unet))]
     logger.info("%s: unet %.2fM, text encoder %.2fM parameters", stage.name, *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (unet, text_encoder)))
-    t0 = time.time()
-    for step in tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=stage.name):
-        g = step_generator(seed, step)
+
+    def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(data_set.variants), (BUDGET.base_batch,), generator=g)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * vae.config.scaling_factor
         rows = idx * variants + torch.randint(0, variants, (len(idx),), generator=g)
         rows[torch.rand(len(idx), generator=g) < 0.1] = empty  # caption dropout for classifier-free guidance
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, stage.lr, 200, stage.steps)
         with autocast(DEVICE):
             states = text_encoder(ids[rows].to(DEVICE))[0]
-        loss = diffusion_loss(unet, scheduler, latents.to(DEVICE), states, g, stage.min_snr_gamma)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        for ema, module in zip(emas, (text_encoder, unet)):
-            ema.update(module)
-        if (step + 1) % 50 == 0:
-            logger.info("%s step %d loss %.4f (%.1f samples/s)", stage.name, step + 1, loss.item(), 50 * BUDGET.base_batch / (time.time() - t0))
-            t0 = time.time()
-        if (step + 1) % 250 == 0 or step + 1 == stage.steps:
-            for ema in emas:
-                ema.synced()
-            save_checkpoint(ckpt, modules, optimizer, step + 1)
+        return diffusion_loss(unet, scheduler, latents.to(DEVICE), states, g, stage.min_snr_gamma)
+
+    train_steps(stage.name, optimizer, loss_at, total=stage.steps, start=start, seed=seed, base_lr=stage.lr, warmup=200, ckpt=ckpt,
+                modules=modules, clip=params, emas=tuple(zip(emas, (text_encoder, unet))), batch=BUDGET.base_batch)
     if emas:
         text_encoder, unet = (ema.synced() for ema in emas)
     text_encoder, unet = text_encoder.cpu(), unet.cpu()
@@ -489,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/emoji-styles"), help="the emoji-styles imagefolder")
     parser.add_argument("--out", type=Path, default=Path("assets/emoji"), help="pipeline/ and shards/ are written here")
     parser.add_argument("--work", type=Path, default=Path(".cache/recipe-emoji"), help="resumable checkpoints")
-    parser.add_argument("--stage", choices=["tokenizer", "vae", "decoder", "base", "shards", "all"], default="all")
+    parser.add_argument("--stage", choices=["tokenizer", "vae", "decoder", "base", "shards", "judges", "all"], default="all")
     parser.add_argument(
         "--styles", default=",".join(STYLES), help="comma-separated shard styles, in training order (fluent-flat, last, is the near-twin control of fluent-color)"
     )
@@ -522,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipeline, shards = args.out / "pipeline", args.out / "shards"
-    stages = ["tokenizer", "vae", "decoder", "base", "shards"] if args.stage == "all" else [args.stage]
+    stages = ["tokenizer", "vae", "decoder", "base", "shards", "judges"] if args.stage == "all" else [args.stage]
     if args.autoencoder_from:
         reuse_autoencoder(args.autoencoder_from, pipeline, args.work)
     if "tokenizer" in stages and not (pipeline / "tokenizer" / "vocab.json").is_file():
@@ -544,6 +515,10 @@ def main(argv: list[str] | None = None) -> None:
         write_model_index(pipeline)
     if "shards" in stages:
         train_shards(args.data, pipeline, shards, args.work, [s for s in args.styles.split(",") if s], args.seed)
+    if "judges" in stages and not (args.out / "judges" / "category.safetensors").is_file():  # the style search's classifiers
+        from ..judges import train_judges
+
+        train_judges(args.data, args.out / "judges", args.seed, epochs=1 if args.smoke else 12)
 
 
 if __name__ == "__main__":
