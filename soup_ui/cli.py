@@ -16,6 +16,7 @@ from .files import safe_name
 from .maths.methods import METHODS
 from .maths.soup import normalize_weights
 from .modelfiles import pngmeta
+from .modelfiles.families import alpha_multipliers
 from .modelfiles.presets import (
     SCHEDULERS,
     Preset,
@@ -92,18 +93,18 @@ def render_settings(args: argparse.Namespace, preset: Preset, recipe: Recipe | N
         raise UsageError(describe_validation_error("options", err).replace("\n", "; ")) from None
 
 
-def open_studio(args: argparse.Namespace, job: "Job", only_used: bool = False):
+def open_studio(args: argparse.Namespace, job: "Job", only_used: bool = False, exporting: bool = False):
     """The job's studio; the job's render settings then start from the studio's defaults (the
     preset's, else its family's: an SD3 or FLUX preset that names no scheduler gets its own).
     `only_used`: load only the shards the mix reads (a render or an export needs no other)."""
     from .engine.stream import used_names
     from .engine.studio import Studio
 
-    preset = job.preset
+    preset = job.preset.model_copy(update={"mix_text_encoders": job.text_encoders})  # the memory plan counts what this job holds
     if only_used:
         used = used_names(job.weights, job.params)
         preset = preset.model_copy(update={"shards": [s for s in preset.shards if s.name in used] or preset.shards})
-    studio = Studio(preset, runtime.RuntimeOptions.of(args))
+    studio = Studio(preset, runtime.RuntimeOptions.of(args, exporting=exporting))
     for name, why in studio.failed.items():
         logger.warning("shard %s left out: %s", name, why)
     job.settings = render_settings(args, studio.preset, job.recipe)
@@ -155,6 +156,17 @@ class Job:
         unknown = [n for n in self.blocks if n not in self.weights]
         if unknown:
             raise UsageError(f"--blocks: {unknown[0]!r} is not in the mix ({', '.join(self.weights)})")
+        alpha = getattr(args, "supermerger_alpha", None)
+        if alpha is not None:  # SuperMerger's alpha list: two equal shards with multipliers 1 - alpha and alpha
+            if len(self.weights) != 2 or self.blocks or self.method != "average":
+                raise UsageError("--supermerger-alpha is SuperMerger's weight sum of two models: give --mix A=1,B=1 (A and B in that order), "
+                                 "method average and no --blocks")
+            try:
+                pair = alpha_multipliers(alpha)
+            except ValueError as err:
+                raise UsageError(f"--supermerger-alpha: {err}") from None
+            self.weights = dict.fromkeys(self.weights, 1.0)
+            self.blocks = {n: ",".join(repr(v) for v in vector) for n, vector in zip(self.weights, pair)}
         self.text_encoders = next(v for v in (getattr(args, "mix_text_encoders", None), self.recipe and self.recipe.text_encoders, self.preset.mix_text_encoders) if v is not None)
         self.settings = render_settings(args, self.preset, self.recipe)
         self.mix = None
@@ -217,7 +229,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                                        progress=lambda f: bar.update(round(100 * f) - bar.n), blocks=job.blocks)
         logger.info("wrote %s", out)
         return
-    studio = open_studio(args, job, only_used=True)
+    studio = open_studio(args, job, only_used=True, exporting=True)
     if args.format == "unet" and job.text_encoders:
         logger.warning("a UNet file holds no text encoder: the mixed text encoders are not written (use --format single-file or pipeline)")
     studio.export(args.format, job.mix, out, overwrite=args.overwrite)
@@ -290,6 +302,52 @@ def cmd_add_shard(args: argparse.Namespace) -> None:
     logger.info("wrote %s with %d shards", out, len(extended.shards))
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    """Search the mix of --shards for what a scorer likes best; write the best recipe, the log and a sheet."""
+    from .search.run import best_recipe, best_sheet, search, setup, with_groups, write_log
+
+    out = Path(args.out)
+    if out.suffix not in (".yaml", ".yml"):
+        raise UsageError(f"search: --out is the best recipe, a .yaml file; got {str(out)!r}")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"search: {out} exists; pass --overwrite to replace it")
+    if args.budget < 1:
+        raise UsageError(f"--budget must be at least 1 candidate, got {args.budget}")
+    job = Job(args)
+    names = [n.strip() for n in (args.shards or "").split(",") if n.strip()] or [s.name for s in job.preset.shards]
+    known = [s.name for s in job.preset.shards]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"--shards: unknown shard {unknown[0]!r} (the preset has: {', '.join(known)})")
+    job.weights, job.blocks = dict.fromkeys(names, 1.0), {}
+    try:  # every check of the scorer before any model loads
+        scorer, space, batch = setup(args.scorer, names, job.settings, target=args.target, references=args.reference or (), encoder=args.encoder,
+                                     method=job.method, search_params=args.search_param or (), prompts=(args.prompts or "").split("|"), count=args.count)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    studio = open_studio(args, job, only_used=True)
+    batch = [job.settings.model_copy(update={"prompt": b.prompt}) for b in batch]  # the settings as the family takes them
+    if args.block_groups:
+        try:
+            space = with_groups(space, studio)
+        except ValueError as err:
+            raise UsageError(f"--block-groups: {err}") from None
+    logger.info("searching %s: %d candidates, %s, scorer %s", space.describe(), args.budget, args.strategy, args.scorer)
+    found = search(studio, space, scorer, batch, budget=args.budget, seed=job.settings.seed, strategy=args.strategy, params=job.params,
+                   progress=lambda f, d: logger.info("%s", d))
+    if not found.tried:
+        raise UsageError(f"the search found nothing: {found.stopped}")
+    if found.stopped:
+        logger.warning("the search stopped early (%s); it keeps the %d candidates it tried", found.stopped, len(found.tried))
+    best = found.best
+    save_recipe(best_recipe(studio, found, batch[0]), out, overwrite=args.overwrite)
+    log = Path(args.log) if args.log else out.with_suffix(".csv")
+    write_log(found, log)
+    sheet = Path(args.sheet) if args.sheet else out.with_suffix(".png")
+    best_sheet(found).save(sheet)
+    logger.info("best: %s, score %.4f (plain soup %.4f) -> %s; log %s; sheet %s", best.label, best.score, found.tried[0].score, out, log, sheet)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .training.data import parse_where
     from .training.train import TrainConfig, finetune_unet
@@ -333,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="block weights of a shard, repeatable: SPEC is NAME:VALUE pairs (NAME a group: IN, M, OUT for UNets, double, single "
                             "for FLUX, joint for SD3; or a block: IN04, double_blocks.7; later pairs win, e.g. IN:0,IN04:1; blocks not named keep 1) "
                             "or all values in block order (SuperMerger's list, e.g. 26 for SD 1.x: BASE, IN00-IN11, M00, OUT00-OUT11)")
+        p.add_argument("--supermerger-alpha", metavar="LIST",
+                       help="SuperMerger's block-weighted weight sum of the mix's two shards A and B, in its own meaning: one alpha per block in "
+                            "block order, block b = (1 - alpha_b) A + alpha_b B (the --mix weights are then ignored); the label shows each block's shares")
         p.add_argument("--scale", type=float, help="lambda (task arithmetic, ties, dare, della): base + lambda x merged task vector")
         p.add_argument("--mix-text-encoders", action=argparse.BooleanOptionalAction, default=None,
                        help="mix the shards' own text encoders with the same weights (a shard without one counts as the base's); "
@@ -381,6 +442,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", required=True, help="the shard each group in turn comes from")
     p.add_argument("--out", required=True, help="the labelled strip, a .png file")
     p.set_defaults(run=cmd_block_sweep)
+
+    p = studio_command("search", "Find the soup: search the mix of --shards for the images a scorer likes best (CMA-ES or random "
+                       "search over a budget of candidates); write the best recipe, a CSV log of every candidate and a sheet of the best.")
+    p.add_argument("--shards", help="the shards to mix, comma-separated (default: every shard of the preset)")
+    p.add_argument("--scorer", required=True, help="style (the shipped style judges, with --target), reference (with --reference) or python:MODULE:FUNCTION")
+    p.add_argument("--target", help="style: the target share of styles, e.g. twemoji=0.5,openmoji=0.5 (summing to 1)")
+    p.add_argument("--reference", action="append", help="reference: a reference image (1 to 8, repeatable)")
+    p.add_argument("--encoder", help="reference: an image encoder folder on disk (CLIP, SigLIP or DINO, transformers); default: the style judge's features")
+    p.add_argument("--prompts", help="prompts joined by | (default: style: --count held-out emoji names; else --prompt)")
+    p.add_argument("--count", type=int, default=4, help="style: how many held-out emoji names to render per candidate")
+    p.add_argument("--block-groups", action="store_true", help="search each shard's block-group weights too (IN/M/OUT; the family's groups)")
+    p.add_argument("--search-param", action="append", help="a numeric parameter of --method to search over its range (repeatable), e.g. density")
+    p.add_argument("--budget", type=int, default=24, help="candidates to render and score (the plain soup is the first)")
+    p.add_argument("--strategy", choices=["cmaes", "random"], default="cmaes")
+    p.add_argument("--out", required=True, help="the best recipe, a .yaml file (render it with --recipe)")
+    p.add_argument("--log", help="every candidate (mix, score): .csv or .json (default: --out with .csv)")
+    p.add_argument("--sheet", help="the best candidates' images, a .png (default: --out with .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=cmd_search)
 
     p = sub.add_parser("add-shard", help="Validate a UNet against a preset's base and save the preset with it added as a new file.")
     p.add_argument("--preset", required=True, help="the preset to extend")

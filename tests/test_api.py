@@ -95,7 +95,7 @@ def test_block_weights_through_the_api(server, studio):
 
     client = Client(server, verbose=False)
     info = client.predict("", "alpha=1,gamma=1", "average", "", "alpha=OUT:0; gamma=IN:0,M:0.5", api_name="/mix")
-    assert info["label"] == "soup: 0.50 alpha + 0.50 gamma [blocks: alpha, gamma]"
+    assert info["label"] == "soup: 0.50 alpha + 0.50 gamma [blocks: alpha, gamma; by block: alpha 0.00-1.00, gamma 0.00-1.00]"
     assert info["recipe"]["shards"][0]["blocks"] == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0] and len(info["recipe"]["block_ids"]) == 10
     image, soup_info = client.predict("", "alpha=1,gamma=1", *ARGS.values(), "average", "", "alpha=OUT:0; gamma=IN:0,M:0.5", api_name="/soup")
     expected = studio.render_soup(studio.make_mix({"alpha": 1, "gamma": 1}, blocks={"alpha": "OUT:0", "gamma": "IN:0,M:0.5"}),

@@ -210,7 +210,7 @@ def test_block_weights_of_all_ones_or_uniform_equal_the_plain_soup_bit_for_bit(s
     ones = studio.make_mix({"alpha": 1, "beta": 3}, blocks={"alpha": "IN:1,M:1", "beta": ",".join(["1"] * 10)})
     assert not ones.blocked and ones.key == studio.make_mix({"alpha": 1, "beta": 3}).key
     uniform = studio.make_mix({"alpha": 1, "beta": 3}, blocks={"alpha": "BASE:0.5,IN:0.5,M:0.5,OUT:0.5", "beta": ",".join(["0.5"] * 10)})
-    assert uniform.blocked and uniform.label.endswith("[blocks: alpha, beta]")
+    assert uniform.blocked and uniform.label.endswith("[blocks: alpha, beta; BASE-OUT03 0.25 alpha + 0.75 beta]")
     studio.mix(uniform)
     assert all(torch.equal(studio.hybrid_tensors[n], plain[n]) for n in plain)
 
@@ -391,7 +391,7 @@ def test_exports_write_block_weights_as_supermergers_mbw_and_streamed_equals_in_
     assert recipe["mbw"] is True and recipe["weights_alpha"] == "0.75,0.75,0.75,0.75,0.75,0.6,0,0,0,0"
     assert recipe["block_ids"] == "BASE,IN00,IN01,IN02,IN03,M00,OUT00,OUT01,OUT02,OUT03"
     ours = json.loads(meta["soup_ui.recipe"])
-    assert ours["shards"][1]["blocks"] == [1, 1, 1, 1, 1, 0.5, 0, 0, 0, 0] and ours["label"].endswith("[blocks: beta]")
+    assert ours["shards"][1]["blocks"] == [1, 1, 1, 1, 1, 0.5, 0, 0, 0, 0] and ours["label"].endswith("[blocks: beta; BASE-IN03 0.25 alpha + 0.75 beta, M00 0.40 alpha + 0.60 beta, OUT00-OUT03 1.00 alpha]")
 
 
 def test_a_recipe_with_block_weights_restores_each_rows_line():
@@ -413,6 +413,51 @@ def test_the_block_picture_colours_each_row_as_its_mixture_bar_and_names_base_bl
     b = sd1_blocks()
     html = blocks_picture(b, ["ink", "pastel"], {"ink": "OUT:0,M:0", "pastel": "M:0"}, ["#aa0000", "#00bb00"])
     assert html.count("background:#aa0000") == 26 and html.count("background:#00bb00") == 26
-    assert "title='ink OUT03: 0' style='background:#aa0000;opacity:0.08'" in html
+    assert "title='ink OUT03: x0, share 0%' style='background:#aa0000;opacity:0.08'" in html
+    assert "title='pastel OUT03: x1, share 100%' style='background:#00bb00;opacity:1.00'" in html
     assert "every ticked shard is 0 in M00: there the soup keeps the base's weights" in html
     assert "blocks of pastel: 2 values given" in blocks_picture(b, ["pastel"], {"pastel": "1,1"}, ["#00bb00"])
+
+
+def test_the_share_of_each_block_is_said_where_multipliers_are_given(studio):
+    """Issue 33, defect 6: a SuperMerger user's `--blocks gamma=0.5` with another shard at 1 gives gamma
+    a third of each block, not half (multipliers are normalized per block), and nothing said so. The
+    label, the picture and the CLI's message now give each block's resulting shares."""
+    from soup_ui.page.session import blocks_picture
+
+    mix = studio.make_mix({"alpha": 1, "gamma": 1}, blocks={"gamma": ",".join(["0.5"] * 10)})
+    assert mix.label == "soup: 0.50 alpha + 0.50 gamma [blocks: gamma; BASE-OUT03 0.67 alpha + 0.33 gamma]"
+    varied = studio.make_mix({"alpha": 1, "gamma": 1}, blocks={"gamma": "IN:0,OUT:1,M:0.5"})
+    assert varied.block_summary == "by block: alpha 0.50-1.00, gamma 0.00-0.50"  # four runs of equal shares: each shard's range
+    two = studio.make_mix({"alpha": 1, "gamma": 1}, blocks={"gamma": "OUT:0"})
+    assert two.block_summary == "BASE-M00 0.50 alpha + 0.50 gamma, OUT00-OUT03 1.00 alpha"
+    html = blocks_picture(studio.blocks, ["alpha", "gamma"], {"gamma": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5"}, ["#aa0000", "#00bb00"], {"alpha": 1, "gamma": 1})
+    assert "title='gamma IN02: x0.5, share 33%'" in html and "BASE-OUT03 0.67 alpha + 0.33 gamma" in html
+
+
+def test_supermergers_alpha_list_is_taken_in_its_own_meaning(tiny_preset, tmp_path, capsys):
+    """SuperMerger's block-weighted weight sum of A and B: block b is (1 - alpha_b) A + alpha_b B,
+    whatever the --mix weights; checked tensor by tensor against that formula."""
+    from safetensors.torch import load_file
+
+    from soup_ui.cli import main
+    from soup_ui.engine.studio import Studio
+    from soup_ui.modelfiles.presets import load_preset
+
+    alphas = [0, 0.25, 0.5, 1, 0.3, 0.7, 1, 0, 0.5, 0.1]
+    out = tmp_path / "sm.safetensors"
+    assert main(["export", "--preset", str(tiny_preset), "--mix", "alpha=1,beta=3", "--supermerger-alpha", ",".join(map(str, alphas)),
+                 "--format", "unet", "--dtype", "float32", "--out", str(out)]) == 0
+    merged = load_file(out)
+    studio = Studio(load_preset(tiny_preset))
+    a, b = studio.shards["alpha"].tensors, studio.shards["beta"].tensors
+    members = studio.blocks.members()
+    for block, alpha in zip(studio.blocks.ids, alphas):
+        for n in members[block]:
+            torch.testing.assert_close(merged[n], (1 - alpha) * a[n].float() + alpha * b[n].float(), rtol=0, atol=2e-6, msg=f"{block} {n}")
+    assert main(["render", "--preset", str(tiny_preset), "--mix", "alpha=1,beta=1,gamma=1", "--supermerger-alpha", "0.5", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--supermerger-alpha is SuperMerger's weight sum of two models" in capsys.readouterr().err
+    assert main(["render", "--preset", str(tiny_preset), "--mix", "alpha=1,beta=1", "--supermerger-alpha", "0.5,1.5", "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip().endswith("--supermerger-alpha: SuperMerger alpha: value 2 is 1.5; alpha is B's share of a block, between 0 and 1")
+    with pytest.raises(ValueError, match="SuperMerger alpha: 2 values given; this SD 1.x denoiser has 10 blocks"):
+        studio.blocks.from_alpha("0.5,0.5")

@@ -135,7 +135,7 @@ def test_block_weights_on_the_page(server, browser, tmp_path):
 
     page.click("#shard-blocks-preset-1")
     page.get_by_role("option", name="output only").click()
-    page.wait_for_function("document.querySelector('#soup-label').innerText.includes('[blocks: beta]')", timeout=60_000)
+    page.wait_for_function("document.querySelector('#soup-label').innerText.includes('[blocks: beta; BASE-M00 0.50 alpha + 0.50 gamma, OUT00-OUT03 0.34 alpha + 0.33 beta + 0.33 gamma]')", timeout=60_000)
     assert page.input_value("#shard-blocks-1 textarea") == "0,0,0,0,0,0,1,1,1,1"
     # the block editor turned to beta, its sliders at beta's values
     page.wait_for_function("document.querySelector('#block-slider-1 input[type=number]').value === '0'", timeout=30_000)

@@ -81,8 +81,8 @@ FLOORS = {
     "soup_ui.maths": 1,
     "soup_ui.modelfiles": 2,
     "soup_ui.engine": 3, "soup_ui.training": 3,
-    "soup_ui.serving": 4, "soup_ui.page": 4,
-    "soup_ui.cli": 5, "soup_ui.__main__": 6,
+    "soup_ui.serving": 4, "soup_ui.search": 4,
+    "soup_ui.page": 5, "soup_ui.cli": 5, "soup_ui.__main__": 6,
 }
 
 
@@ -122,9 +122,24 @@ def test_the_package_has_no_import_circles():
 def test_every_room_has_a_floor_and_no_import_goes_up_or_across():
     graph = import_graph()
     assert {room(m) for m in graph} <= set(FLOORS), {room(m) for m in graph} - set(FLOORS)
-    assert wrong_way({"soup_ui.maths.soup": {"soup_ui.engine.studio"}, "soup_ui.page.ui": {"soup_ui.serving.workers"}}) == [
-        "soup_ui.maths.soup -> soup_ui.engine.studio", "soup_ui.page.ui -> soup_ui.serving.workers"]
+    assert wrong_way({"soup_ui.maths.soup": {"soup_ui.engine.studio"}, "soup_ui.search.run": {"soup_ui.serving.workers"}}) == [
+        "soup_ui.maths.soup -> soup_ui.engine.studio", "soup_ui.search.run -> soup_ui.serving.workers"]
     assert wrong_way(graph) == []
+    # The page never reaches the render workers itself: app.py wires the two.
+    assert [m for m, targets in graph.items() if room(m) == "soup_ui.page" and any(room(t) == "soup_ui.serving" for t in targets)] == []
+
+
+def test_no_function_over_120_lines_and_no_class_over_300():
+    """Rooms a newcomer can read: the page is built from panels, Studio is a facade."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            size = node.end_lineno - node.lineno + 1
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > 120 or isinstance(node, ast.ClassDef) and size > 300:
+                long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({size} lines)")
+    assert long == []
 
 
 def test_each_subpackage_says_what_it_holds_and_may_import():

@@ -468,7 +468,9 @@ def test_quick_clicks_end_on_what_the_page_shows(server, browser):
     page.locator("#shard-check-0 input[type=checkbox]").check()
     page.locator("#shard-check-1 input[type=checkbox]").uncheck()
     wait_text(page, "#soup-label", "soup: 1.00 alpha ·")
-    page.wait_for_timeout(1500)  # anything still in flight has landed
+    # Nothing in flight: every status tracker over the images is hidden (a queued or running render shows one).
+    page.wait_for_function("() => { const w = [...document.querySelectorAll('#soup-image .wrap, #components .wrap')];"
+                           " return w.length > 0 && w.every(x => x.classList.contains('hide')); }", timeout=60_000)
     assert text(page, "#soup-label").startswith("soup: 1.00 alpha ·")
     assert page.locator("#components img").count() == 1
 
@@ -843,3 +845,39 @@ def test_a_refused_recipe_is_said_once_in_place_and_the_controls_keep_their_valu
     assert page.locator("[data-testid='status-tracker']", has_text="Error").count() == 0
     assert page.locator("#seed input").first.input_value() == "42"
     page.close()
+
+
+def test_find_the_soup_by_picks_in_the_page(server, browser):
+    """Issue 34: a round of 4 candidate soups of the ticked shards; a pick makes it the best so far and
+    brings the next round (the best in it, first); undo takes the pick back; "Use this mix" puts the
+    best on the sliders and renders it; a reload of the same visitor keeps the search."""
+    page = open_page(browser, server)
+    page.locator("#shard-check-2 input[type=checkbox]").uncheck()  # search alpha and beta
+    tab(page, "Find the soup")
+    page.click("#find-start")
+    page.wait_for_function("document.querySelectorAll('#find-round img').length === 4", timeout=TIMEOUT)
+    wait_text(page, "#find-status", "Round 1 (0 answered): searching the weights of alpha, beta.")
+    captions = page.locator("#find-round .caption-label").all_inner_texts()
+    assert captions[0] == "#1: soup: 0.50 alpha + 0.50 beta" and len(set(captions)) == 4
+    page.locator("#find-round .thumbnail-item").nth(2).click()
+    wait_text(page, "#find-status", "Round 2 (1 answered)")
+    picked = captions[2].split(": ", 1)[1]
+    wait_text(page, "#find-best-label", picked)
+    page.wait_for_function("document.querySelectorAll('#find-round img').length === 4", timeout=TIMEOUT)
+    assert page.locator("#find-round .caption-label").first.inner_text() == captions[2]  # the best so far leads the next round
+    page.click("#find-undo")
+    wait_text(page, "#find-status", "Round 1 (0 answered)")
+    assert page.locator("#find-round .caption-label").all_inner_texts() == captions
+    page.locator("#find-round .thumbnail-item").nth(2).click()
+    wait_text(page, "#find-status", "Round 2 (1 answered)")
+    page.click("#find-use")
+    wait_text(page, "#find-message", "the best so far is on the sliders")
+    wait_text(page, "#soup-label", picked)  # rendered with the picked mix
+    names = [w.split(" ")[1] for w in picked.removeprefix("soup: ").split(" + ")]
+    ticked = [n for i, n in enumerate(["alpha", "beta", "gamma"]) if page.locator(f"#shard-check-{i} input[type=checkbox]").is_checked()]
+    assert ticked == names  # the sliders and ticks are the picked mix's
+    page.reload()
+    page.wait_for_selector("#shard-check-2", state="visible", timeout=TIMEOUT)
+    tab(page, "Find the soup")
+    wait_text(page, "#find-status", "Round 2 (1 answered)")
+    wait_text(page, "#find-best-label", picked)

@@ -173,8 +173,25 @@ class Mix:
         "[blocks: twemoji]", naming the shards that have them."""
         label = self._label()
         if self.blocked:
-            label += " [blocks: " + ", ".join(n for n, v in zip(self.names, self.blocks) if v is not None) + "]"
+            summary = f"; {self.block_summary}" if self.method.blocked is None else ""
+            label += " [blocks: " + ", ".join(n for n, v in zip(self.names, self.blocks) if v is not None) + summary + "]"
         return label
+
+    def block_shares(self) -> list[tuple[str, tuple[float, ...] | None]]:
+        """Each block with the shards' shares there (rounded, summing to 1; None: the base's weights):
+        what the multipliers come to once normalized per block, as a SuperMerger user reads them."""
+        out = []
+        for b, block in enumerate(self.block_map.ids):
+            weights = self.method.for_block(self.weights, self.multipliers(b), self.params)[0]
+            out.append((block, None if weights is None else tuple(rounded_shares(weights))))
+        return out
+
+    @property
+    def block_summary(self) -> str:
+        """The shares per block in a few words, e.g. "IN00-IN08 0.50 alpha + 0.50 beta, IN09-OUT11
+        1.00 alpha"; past three runs of equal shares, each shard's range ("by block: alpha 0.50-1.00,
+        beta 0-0.50")."""
+        return share_runs(self.names, self.block_shares())
 
     def _label(self) -> str:
         parts = " + ".join(f"{w:.2f} {n}" for n, w in zip(self.names, self.shares) if w > 0)
@@ -227,6 +244,29 @@ class Mix:
     def as_given(self) -> dict[str, float]:
         """The weights as entered (slider values), by shard name."""
         return dict(zip(self.names, self.given))
+
+
+def share_runs(names: list[str], shares: list[tuple[str, tuple[float, ...] | None]], most: int = 3) -> str:
+    """Blocks' shares (`Mix.block_shares`) as runs of equal shares, or each shard's range past `most` runs."""
+    runs: list[list] = []
+    for block, v in shares:
+        if runs and runs[-1][2] == v:
+            runs[-1][1] = block
+        else:
+            runs.append([block, block, v])
+
+    def said(v) -> str:
+        return "base" if v is None else " + ".join(f"{w:.2f} {n}" for n, w in zip(names, v) if w > 0)
+
+    if len(runs) <= most:
+        return ", ".join(f"{a if a == b else f'{a}-{b}'} {said(v)}" for a, b, v in runs)
+    ranges = []
+    for i, name in enumerate(names):
+        got = [v[i] for _, v in shares if v is not None]
+        low, high = (min(got), max(got)) if got else (0.0, 0.0)
+        ranges.append(f"{name} {low:.2f}" if low == high else f"{name} {low:.2f}-{high:.2f}")
+    base = sum(v is None for _, v in shares)
+    return "by block: " + ", ".join(ranges) + (f"; {base} blocks base" if base else "")
 
 
 def _block_vectors(blocks: Mapping[str, object], names: list[str], block_map: Blocks | None) -> list[tuple[float, ...] | None]:

@@ -279,6 +279,13 @@ class Blocks:
                 values[positions[b]] = v
         return tuple(values)
 
+    def from_alpha(self, spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """`alpha_multipliers` of a list of exactly one alpha per block of this denoiser."""
+        items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+        if len(items) != len(self):
+            raise ValueError(f"SuperMerger alpha: {len(items)} values given; this {NAMES.get(self.family, self.family)} denoiser has {len(self)} blocks ({self.outline})")
+        return alpha_multipliers(items)
+
     def format(self, values) -> str:
         """Values as SuperMerger's bare list ("1,1,0.5,...")."""
         return ",".join(f"{float(v):g}" for v in values)
@@ -315,6 +322,21 @@ class Blocks:
 def _split_number(block: str) -> tuple[str, int | None]:
     m = re.match(r"^(.*?)(\d+)$", block)
     return (m.group(1), int(m.group(2))) if m else (block, None)
+
+
+def alpha_multipliers(spec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """SuperMerger's block-weighted "Weight sum" alpha list for models A and B, in its own meaning:
+    block b is (1 - alpha_b) A + alpha_b B. As the multipliers of two equally weighted shards: A's
+    1 - alpha, B's alpha (each block's shares are then exactly SuperMerger's). ValueError for a
+    value that is not a number between 0 and 1, or NAME:VALUE pairs."""
+    items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+    if not items or any(":" in str(s) or "=" in str(s) for s in items):
+        raise ValueError("SuperMerger alpha: one value per block in block order (e.g. 26 for SD 1.x), not NAME:VALUE pairs")
+    alphas = tuple(_multiplier(v, f"SuperMerger alpha: value {i + 1}") for i, v in enumerate(items))
+    outside = next((i for i, a in enumerate(alphas) if a > 1), None)
+    if outside is not None:
+        raise ValueError(f"SuperMerger alpha: value {outside + 1} is {alphas[outside]:g}; alpha is B's share of a block, between 0 and 1")
+    return tuple(1.0 - a for a in alphas), alphas
 
 
 def _multiplier(value, where: str) -> float:

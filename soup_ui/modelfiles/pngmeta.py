@@ -45,6 +45,8 @@ def attach(image: Image.Image, recipe, label: str, model_hash: str | None = None
     """A copy of `image` carrying the recipe in its `info` (written as PNG text chunks)."""
     out = image.copy()
     data = recipe.model_dump(mode="json")
+    if not data.get("search"):
+        data.pop("search", None)
     if recipe.preset is not None:  # absolute: the image may be read from anywhere
         data["preset"] = str(Path(recipe.preset).resolve())
     out.info = {**image.info, "parameters": parameters(recipe, label, model_hash), RECIPE_KEY: json.dumps(data)}  # in mix order: the sum, and so the pixels, follow it

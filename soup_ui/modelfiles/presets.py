@@ -218,6 +218,7 @@ class Recipe(Strict):
     text_encoders: bool = False  # the shards' text encoders mixed too
     blocks: dict[str, list[float] | str] = Field(default_factory=dict)  # block multipliers by shard (a list in block order, or a spec "IN:0,OUT:1")
     render: RenderSettings = RenderSettings()
+    search: str = ""  # where a search found it: what was searched and the score (soup_ui.search)
 
     @model_validator(mode="before")
     @classmethod
@@ -366,8 +367,9 @@ def save_recipe(recipe: Recipe, path: str | Path, overwrite: bool = False) -> Pa
 
     path = Path(path)
     data = recipe.model_dump(mode="json")
-    if not data["blocks"]:
-        del data["blocks"]
+    for key in ("blocks", "search"):
+        if not data[key]:
+            del data[key]
     if recipe.preset is not None:
         try:
             data["preset"] = os.path.relpath(Path(recipe.preset).resolve(), path.parent.resolve())

@@ -1,3 +1,5 @@
-"""The page: one visitor's view and its handlers as plain functions (`session`), the Gradio wiring
-(`ui`) and custom widgets. Imports the engine and below; never serving (app.py wires the two) or the CLI.
+"""The page: one visitor's view and its handlers as plain functions (`session`), the main panels
+(`panels`), the workflow tabs (`tabs`), the "Find the soup" tab (`find`), the HTTP API (`api`) and the
+pieces they share (`parts`, `widgets`), assembled by `ui`. Imports the search, the engine and below;
+never serving (app.py wires the two) or the CLI.
 """

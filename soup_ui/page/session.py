@@ -434,6 +434,11 @@ def image_files(host: StudioHost, results: list[Rendered], settings: RenderSetti
     return [(host.image_file(r, f"{r.label}-seed{settings.seed}"), r.label) for r in results]
 
 
+def soup_file_of(host: StudioHost, image, label: str) -> str:
+    """A soup image that carries its recipe (a search's candidate), written for the page."""
+    return host.image_file(Rendered(label, image, "soup"), label[:100])
+
+
 def soup_file(host: StudioHost, soup: Rendered, mix: Mix, settings: RenderSettings) -> tuple[str, str]:
     method = "" if mix.method.name == "average" else f"{mix.method.name}-"
     blocks = "-blocks" if mix.blocked else ""
@@ -688,29 +693,39 @@ def block_vectors(block_map, lines: dict[str, str]) -> tuple[dict[str, tuple[flo
     return out, problem
 
 
-def blocks_picture(block_map, names: list[str], lines: dict[str, str], colours: list[str]) -> str:
+def blocks_picture(block_map, names: list[str], lines: dict[str, str], colours: list[str], weights: dict[str, float] | None = None) -> str:
     """The denoiser's blocks in order, one row per ticked shard (`names`, with `colours`: the
-    mixture bar's), each cell its multiplier as the shard's colour (full colour 1, white 0; the
-    value on hover); blocks where every ticked shard is 0 are named: they keep the base's weights."""
+    mixture bar's), each cell the shard's share of that block as its colour (full colour 100%, white
+    0; multiplier and share on hover): the multipliers times the row weights, normalized per block.
+    Blocks where every ticked shard is 0 are named: they keep the base's weights."""
     import html as html_
+
+    from ..engine.mix import share_runs
+    from ..maths.soup import rounded_shares
 
     if block_map is None:
         return "<small>this denoiser has no block map: block weights are unavailable</small>"
     vectors, problem = block_vectors(block_map, {n: lines.get(n, "") for n in names})
+    multipliers = [vectors.get(n, (1.0,) * len(block_map)) for n in names]
+    given = [max(0.0, float((weights or {}).get(n, 1.0))) for n in names]
+    shares = []
+    for j, b in enumerate(block_map.ids):
+        scaled = [w * m[j] for w, m in zip(given, multipliers)]
+        total = sum(scaled)
+        shares.append((b, tuple(rounded_shares([x / total for x in scaled])) if total > 0 else None))
     head = "".join(f"<th title='{b}'><span>{html_.escape(b)}</span></th>" for b in block_map.ids)
     rows = []
     for i, name in enumerate(names):
-        vector = vectors.get(name, (1.0,) * len(block_map))
-        colour = colours[i]
         cells = "".join(
-            f"<td title='{html_.escape(name)} {b}: {v:g}' style='background:{colour};opacity:{0.08 + 0.92 * min(1.0, v):.2f}'></td>"
-            for b, v in zip(block_map.ids, vector)
+            f"<td title='{html_.escape(name)} {b}: x{m:g}, share {0 if v is None else v[i]:.0%}' "
+            f"style='background:{colours[i]};opacity:{0.08 + 0.92 * (0 if v is None else v[i]):.2f}'></td>"
+            for (b, v), m in zip(shares, multipliers[i])
         )
         rows.append(f"<tr><th class='who'>{html_.escape(name)}</th>{cells}</tr>")
-    zero = [b for j, b in enumerate(block_map.ids) if names and all(vectors.get(n, (1.0,) * len(block_map))[j] == 0 for n in names)]
+    zero = [b for b, v in shares if names and v is None]
     notes = []
     if any(n in vectors for n in names):
-        notes.append("block weights in use: each block's weights are normalized across the ticked shards")
+        notes.append(f"each block's share (multiplier x weight, normalized per block): {html_.escape(share_runs(names, shares))}")
     if zero:
         notes.append(f"every ticked shard is 0 in {', '.join(zero)}: there the soup keeps the base's weights")
     if problem:
