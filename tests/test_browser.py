@@ -144,8 +144,9 @@ def test_block_weights_on_the_page(server, browser, tmp_path):
     assert page.locator("#soup-image img").get_attribute("src") != before
     assert page.locator("#stale-note").inner_text().strip() == ""
     picture = page.locator("#blocks-picture")
-    assert picture.locator("td[title='beta IN01: 0']").count() == 1 and picture.locator("td[title='beta OUT02: 1']").count() == 1
-    assert "block weights in use" in picture.inner_text()
+    # each cell: the multiplier and the share of the block it comes to (three shards at 1: a third where beta acts)
+    assert picture.locator("td[title='beta IN01: x0, share 0%']").count() == 1 and picture.locator("td[title='beta OUT02: x1, share 33%']").count() == 1
+    assert "each block's share (multiplier x weight, normalized per block): BASE-M00 0.50 alpha + 0.50 gamma" in picture.inner_text()
     page.screenshot(path=str(tmp_path / "blocks.png"), full_page=True)
 
     page.get_by_role("tab", name="Interpolate / grid").click()

@@ -359,4 +359,5 @@ def test_block_weights_on_a_transformer(studio, family):
     first = blocks.ids[0]
     for n in members[first]:
         torch.testing.assert_close(studio.hybrid_tensors[n], (ink[n] + pastel[n]) / 2, rtol=0, atol=1e-6)
-    assert studio.render_soup(mix, SETTINGS).label.endswith("[blocks: pastel]")
+    label = studio.render_soup(mix, SETTINGS).label
+    assert label.startswith("soup: 0.50 ink + 0.50 pastel [blocks: pastel; ") and label.endswith("-final_layer 1.00 ink]")  # shares per block
