@@ -375,3 +375,30 @@ def test_a_weight_out_of_range_is_refused_before_any_model_loads(tiny_preset, tm
     assert main([command, "--preset", str(tiny_preset), "--mix", "alpha=150,beta=1", *out]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: weight of alpha must be between 0 and 100, got 150"
+
+
+def test_a_soup_png_names_its_preset_portably_and_says_its_recipe_once_with_a_model_hash(tmp_path):
+    """Issue 35, item 7: a served or rendered PNG carried the server's absolute preset path (its
+    recipe failed on another checkout), and its parameters had no Model hash and said the label twice."""
+    import json
+
+    from PIL import Image
+
+    from soup_ui.cli import main
+    from soup_ui.modelfiles.presets import load_recipe
+
+    out = tmp_path / "r"
+    assert main(["render", "--mix", "twemoji=1,openmoji=1", "--steps", "4", "--out-dir", str(out)]) == 0
+    info = Image.open(out / "soup.png").text
+    assert json.loads(info["soup_ui.recipe"])["preset"] == "emoji-styles.yaml"
+    params = info["parameters"]
+    assert "Model: soup, Soup: soup: 0.50 twemoji + 0.50 openmoji" in params and params.count("0.50 twemoji") == 1
+    assert "Model hash: " in params
+    moved = tmp_path / "elsewhere" / "soup.png"  # the image elsewhere; the recipe still finds this checkout's preset
+    moved.parent.mkdir()
+    moved.write_bytes((out / "soup.png").read_bytes())
+    assert load_recipe(moved).preset.name == "emoji-styles.yaml" and load_recipe(moved).preset.is_file()
+    data = json.loads(info["soup_ui.recipe"])
+    data["preset"] = "/home/someone/studio/presets/emoji-styles.yaml"  # an absolute path from another machine
+    (tmp_path / "other.yaml").write_text(json.dumps(data))
+    assert load_recipe(tmp_path / "other.yaml").preset.is_file()

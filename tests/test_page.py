@@ -188,7 +188,8 @@ def test_save_recipe_and_export_offer_their_files(server, browser):
     tab(page, "Recipe / export")
     fill(page, "out-name", "page-recipe")
     page.click("#save-recipe")
-    wait_text(page, "#export-message", "saved the recipe to outputs/recipes/page-recipe.yaml")
+    wait_text(page, "#export-message", "saved the recipe to outputs/recipes/")  # in this visitor's own folder
+    assert text(page, "#export-message").endswith("/page-recipe.yaml")
     page.wait_for_selector("#export-file a[href$='page-recipe.yaml']", timeout=TIMEOUT)
     assert b"mix:" in page.request.get(page.locator("#export-file a").first.get_attribute("href")).body()  # downloadable
     page.click("#save-recipe")
@@ -196,7 +197,8 @@ def test_save_recipe_and_export_offer_their_files(server, browser):
     fill(page, "out-name", "page-soup")
     page.click("#export-unet")
     page.wait_for_selector("#export-file a[href$='page-soup-unet.safetensors']", timeout=TIMEOUT)
-    wait_text(page, "#export-message", "wrote outputs/exports/page-soup-unet.safetensors")
+    wait_text(page, "#export-message", "/page-soup-unet.safetensors")
+    assert text(page, "#export-message").startswith("wrote outputs/exports/")
     page.click("#export-single")  # the same name: the checkpoint, never refused as the UNet's file
     page.wait_for_selector("#export-file a[href$='/page-soup.safetensors']", timeout=TIMEOUT)
     page.click("#export-unet")  # refused: exists; the file box no longer offers the other file
@@ -881,3 +883,24 @@ def test_find_the_soup_by_picks_in_the_page(server, browser):
     tab(page, "Find the soup")
     wait_text(page, "#find-status", "Round 2 (1 answered)")
     wait_text(page, "#find-best-label", picked)
+
+
+def test_removing_a_shard_clears_every_view_that_may_show_it(server, browser):
+    """Issue 35, item 3: after removing a shard, the leave-one-out gallery (and the other workflow
+    results) and the history still showed it. They are cleared, saying why; the history keeps only
+    soups without it."""
+    page = open_page(browser, server)
+    generate(page)
+    tab(page, "Leave one out")
+    page.click("#loo-run")
+    page.wait_for_function("document.querySelectorAll('#loo-gallery img').length === 4", timeout=TIMEOUT)
+    page.locator("#shard-check-0 input[type=checkbox]").uncheck()  # a soup without alpha joins the history
+    wait_text(page, "#soup-label", "soup: 0.50 beta + 0.50 gamma")
+    tab(page, "Add / remove shards")
+    fill(page, "remove-name", "alpha")
+    page.click("#remove-shard")
+    wait_text(page, "#shards-message", "removed shard alpha from this session")
+    wait_text(page, "#loo-message", "cleared: shard alpha was removed")
+    assert page.locator("#loo-gallery img").count() == 0
+    captions = page.locator("#history .caption-label").all_inner_texts()
+    assert captions and not any("alpha" in c for c in captions)

@@ -148,7 +148,7 @@ def test_exports_and_recipes_are_offered_and_readable(host, studio):
     s = handlers.open_session(host, None)
     c = controls(s, {"alpha": 1, "beta": 1})
     path, message = handlers.save_recipe(host, s, c, "r1", False)
-    assert isinstance(path, str) and Path(path).is_file() and "recipes/r1.yaml" in message
+    assert isinstance(path, str) and Path(path).is_file() and f"recipes/{s.visitor}/r1.yaml" in message
     with pytest.raises(ValueError, match="recipes/r1.yaml exists; tick 'overwrite'"):
         handlers.save_recipe(host, s, c, "r1", False)
     path, _ = handlers.export_unet(host, s, c, "soup", False)
@@ -157,7 +157,7 @@ def test_exports_and_recipes_are_offered_and_readable(host, studio):
     single, _ = handlers.export_unet(host, s, c, "soup", False, single_file=True)
     assert (Path(path).name, Path(single).name) == ("soup-unet.safetensors", "soup.safetensors")
     archive, message = handlers.export_pipeline(host, s, c, "pipe", False)
-    folder = host.output_dir / "pipelines" / "pipe"
+    folder = host.output_dir / "pipelines" / s.visitor / "pipe"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask()
     import zipfile
 
@@ -415,4 +415,103 @@ def test_long_work_reports_its_share_and_time_left():
     now[0] = 112.0
     report(0.75, "soup without gamma")
     report(1.0, "done")
-    assert shown == [(0.25, "soup without alpha (25%, about 12 s left)"), (0.75, "soup without gamma (75%, about 4 s left)"), (1.0, "done (100%)")]
+    # The share is Gradio's to draw (it appends " - 25.0%"): the text says it no second time (issue 35, item 5).
+    assert shown == [(0.25, "soup without alpha, about 12 s left"), (0.75, "soup without gamma, about 4 s left"), (1.0, "done")]
+
+
+def test_two_visitors_never_share_an_export_name(host):
+    """Issue 35, item 8: visitor B was told A's file exists, and with 'overwrite' replaced it. Each
+    visitor now writes in a folder of its own (kept across a preset switch)."""
+    a, b = handlers.open_session(host, None), handlers.open_session(host, None)
+    path_a, _ = handlers.export_unet(host, a, controls(a, {"alpha": 1}), "soup", False)
+    before = Path(path_a).read_bytes()
+    path_b, message = handlers.export_unet(host, b, controls(b, {"beta": 1}), "soup", False)  # not "exists"
+    assert path_a != path_b and Path(path_b).is_file() and "soup-unet.safetensors" in message
+    handlers.export_unet(host, b, controls(b, {"gamma": 1}), "soup", True)  # B's overwrite touches B's file only
+    assert Path(path_a).read_bytes() == before
+    assert handlers.open_session(host, None, a).visitor == a.visitor
+
+
+def test_a_page_s_ticket_never_goes_back(host):
+    """Issue 35, item 9: a request could draw its number, then record it after a later request
+    recorded its own: `latest` went back and an older render was shown last."""
+    session = handlers.open_session(host, None)
+    second_done = threading.Event()
+
+    class Numbers:  # the first number is drawn, then held until the second request has finished
+        def __init__(self):
+            self.n = 0
+
+        def __next__(self):
+            self.n += 1
+            if self.n == 1:
+                second_done.wait(1.0)  # with the fix, the second waits for the first's lock: this wait times out
+            return self.n
+
+    session.tickets = Numbers()
+    first = threading.Thread(target=session.ticket)
+    first.start()
+    while session.tickets.n == 0:
+        time.sleep(0.001)
+    second = threading.Thread(target=lambda: (session.ticket(), second_done.set()))
+    second.start()
+    first.join(5)
+    second.join(5)
+    assert session.latest == 2
+
+
+def test_a_typed_negative_weight_is_refused_in_place_not_read_as_nothing_to_mix(host):
+    """Issue 35, item 4: a typed -1 beside a 1 showed 0 in the box, "beta 100%" in the bar and
+    "nothing to mix" under the soup. The bar and the render now name the weight out of range."""
+    from soup_ui.page.parts import mixture_html
+
+    s = handlers.open_session(host, None)
+    with pytest.raises(ValueError, match="weight of alpha must be between 0 and 100, got -1"):
+        handlers.render_soup(host, s, controls(s, {"alpha": -1, "beta": 1}))
+    bar = mixture_html(["alpha", "beta"], [-1, 1])
+    assert "weight of alpha must be between 0 and 100, got -1" in bar and "100%" not in bar
+
+
+def test_the_history_keeps_one_entry_per_soup_and_comes_back_after_a_reload(host):
+    """Issue 35, item 6: an entry was added on every release, even for the same soup, and the history
+    was lost on reload. One entry per distinct soup (seen again: moved to the front), captions that
+    tell entries apart, and the browser's saved state brings it back (only images the server serves)."""
+    s = handlers.open_session(host, None)
+    for mix in ({"alpha": 1, "beta": 1}, {"alpha": 1, "beta": 3}, {"alpha": 1, "beta": 1}):
+        handlers.render_soup(host, s, controls(s, mix))
+    assert [c for _, c in s.history_items()] == ["alpha 50 beta 50 · s3", "alpha 25 beta 75 · s3"]
+    saved = handlers.saved_state(s)
+    saved["history"].append(["/etc/passwd", "x", saved["history"][0][2]])  # not an image the server serves: ignored
+    again = handlers.open_session(host, None)
+    assert handlers.restore_history(host, again, saved) == 2
+    assert again.history_items() == s.history_items()
+    assert handlers.history_recipe(again, 1)[0] == {"alpha": 1.0, "beta": 3.0}
+
+
+def test_a_preset_loading_for_one_visitor_holds_up_no_other(studio, tiny_preset):
+    """Issue 35, item 9: one visitor's preset load held the host's lock for the whole load, so every
+    other page waited for it. Loads now hold a lock of their own preset only."""
+    release, loading = threading.Event(), threading.Event()
+
+    def loader(preset, options, progress):
+        loading.set()
+        assert release.wait(60), "never released"
+        return studio
+
+    from conftest import second_preset
+
+    host = StudioHost([tiny_preset, second_preset(tiny_preset)], loader=loader)
+    host._studios[host.default] = studio  # the first preset is loaded
+    other = next(n for n in host.presets if n != host.default)
+    slow = threading.Thread(target=host.get, args=(other,))
+    slow.start()
+    assert loading.wait(30)
+    got = []
+    quick = threading.Thread(target=lambda: got.append(host.get(None)))
+    quick.start()
+    quick.join(10)  # generous: it takes a moment, the other load never ends until released
+    loaded_while_other_loads = bool(got)
+    release.set()
+    slow.join(30)
+    quick.join(30)
+    assert loaded_while_other_loads and got == [studio] and host.get(other) is studio

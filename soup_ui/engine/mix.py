@@ -151,6 +151,14 @@ class Mix:
         return key + (("blocks", self.blocks),) if self.blocked else key
 
     @property
+    def model_hash(self) -> str:
+        """The soup's identity as A1111's 10-hex "Model hash": of its key (method, parameters, shard
+        contents and weights, block weights) and its text encoders, so equal soups share it."""
+        import hashlib
+
+        return hashlib.sha256(repr((self.key, self.text_key)).encode()).hexdigest()[:10]
+
+    @property
     def text_key(self) -> tuple | None:
         """What identifies the text encoder it renders with: None for the base's (text encoders not
         mixed, or no shard has its own), else the method, parameters and each shard's text-encoder

@@ -306,7 +306,7 @@ class Studio:
                 self.pool.fresh(s.weights)
             image = self.renderer.cached(("soup", mix.key, mix.text_key, settings), make)
         label = mix.label + (", text encoders mixed" if mix.text_key else "")
-        return Rendered(label, pngmeta.attach(image, Recipe.of(self.preset.source, mix, settings), label), "soup")
+        return Rendered(label, pngmeta.attach(image, Recipe.of(self.preset.source, mix, settings), label, mix.model_hash), "soup")
 
     def render_soup_batch(self, mix: Mix, batch: list[RenderSettings], batch_size: int = 64) -> list[Image.Image]:
         """The hybrid's images for many prompts and seeds, `batch_size` per denoising pass (for

@@ -27,10 +27,11 @@ def parameters(recipe, label: str, model_hash: str | None = None) -> str:
     r = recipe.render
     fields = [("Steps", r.steps), ("Sampler", SAMPLERS.get(r.scheduler, r.scheduler)), ("CFG scale", f"{r.guidance_scale:g}"),
               ("Seed", r.seed), ("Size", f"{r.width}x{r.height}")]
+    soup = len(recipe.mix) > 1 or recipe.method != "average"
     if model_hash:
         fields.append(("Model hash", model_hash))
-    fields.append(("Model", label))
-    if len(recipe.mix) > 1 or recipe.method != "average":
+    fields.append(("Model", "soup" if soup else label))  # a soup's recipe is said once, in Soup
+    if soup:
         fields += [("Soup", label), ("Merge method", recipe.method)]
         if recipe.params:
             fields.append(("Merge parameters", " ".join(f"{k}={v}" for k, v in recipe.params.items())))
@@ -47,8 +48,10 @@ def attach(image: Image.Image, recipe, label: str, model_hash: str | None = None
     data = recipe.model_dump(mode="json")
     if not data.get("search"):
         data.pop("search", None)
-    if recipe.preset is not None:  # absolute: the image may be read from anywhere
-        data["preset"] = str(Path(recipe.preset).resolve())
+    if recipe.preset is not None:  # portable: a preset of the presets folder by its name there, else absolute
+        from .presets import portable_preset
+
+        data["preset"] = portable_preset(recipe.preset)
     out.info = {**image.info, "parameters": parameters(recipe, label, model_hash), RECIPE_KEY: json.dumps(data)}  # in mix order: the sum, and so the pixels, follow it
     return out
 

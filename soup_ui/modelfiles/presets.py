@@ -345,8 +345,32 @@ def load_recipe(path: str | Path) -> Recipe:
     except ValidationError as err:
         raise PresetError(describe_validation_error(path, err)) from None
     if recipe.preset is not None:
-        recipe = recipe.model_copy(update={"preset": resolve(recipe.preset, path.parent)})
+        recipe = recipe.model_copy(update={"preset": found_preset(recipe.preset, path.parent)})
     return recipe
+
+
+PRESETS = Path(__file__).resolve().parents[2] / "presets"  # this checkout's presets folder
+
+
+def portable_preset(preset: Path) -> str:
+    """How a recipe inside an image names its preset: a preset of this checkout's presets folder by
+    its path in that folder (so the image renders on another checkout with the same files), any
+    other by its absolute path."""
+    full = Path(preset).resolve()
+    return full.relative_to(PRESETS).as_posix() if full.is_relative_to(PRESETS) else str(full)
+
+
+def found_preset(preset: Path, folder: Path) -> Path:
+    """A recipe's preset: relative to the recipe's folder, else in this checkout's presets folder
+    (a portable name, or an absolute path from another machine whose file name is here)."""
+    near = resolve(preset, folder)
+    if near.is_file():
+        return near
+    for candidate in (PRESETS / preset, PRESETS / Path(preset).name):
+        if not Path(preset).is_absolute() or candidate.name == Path(preset).name:
+            if candidate.is_file():
+                return candidate.resolve()
+    return near
 
 
 def write_yaml_atomic(data: dict, path: str | Path, overwrite: bool = False) -> Path:

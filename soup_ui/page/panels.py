@@ -157,7 +157,7 @@ class Page:
             return [gr.skip(), gr.skip(), "**Soup**: nothing to mix", gr.skip(), gr.skip(), images.note]
         gallery = gr.skip() if images.components is None else gr.Gallery(value=images.components, columns=max(1, len(images.components)))
         path, caption = images.soup
-        return [gallery, gr.Image(value=path), caption, [(p, c) for p, c, _ in session.history], handlers.saved_state(session), images.note]
+        return [gallery, gr.Image(value=path), caption, session.history_items(), handlers.saved_state(session), images.note]
 
     @in_place(5)  # a refused setting or mix: said under the images, which stay
     def on_generate(self, session, *values, progress=gr.Progress()):
@@ -307,6 +307,7 @@ def wire_preset(p: Page) -> None:
             return [gr.skip()] * (1 + len(p.shard_outputs) + 1)
         flags, weights, lines = p.current(session, values)
         lost = handlers.restore_shards(host, session, saved_value)
+        handlers.restore_history(host, session, saved_value)  # shown with the restored render
         note = "".join(error_line(ValueError(f"not restored: {line}")) for line in lost)
         return [session, *p.shard_updates(session, flags, weights, lines), note or gr.skip()]
 

@@ -12,7 +12,7 @@ import typing
 import gradio as gr
 
 from ..maths.methods import METHODS
-from ..maths.soup import rounded_shares
+from ..maths.soup import checked_weight, rounded_shares
 from .session import MAX_SHARDS
 from .widgets import TypedSlider
 
@@ -40,7 +40,7 @@ CSS = """
 .blocks-picture th { font-size: 9px; font-weight: 400; padding: 0 0 2px 0; vertical-align: bottom; }
 .blocks-picture th span { writing-mode: vertical-rl; transform: rotate(180deg); white-space: nowrap; }
 .blocks-picture th.who { font-size: 11px; text-align: right; padding-right: 4px; white-space: nowrap; }
-#history .thumbnail-item .caption-label { white-space: nowrap !important; overflow: hidden !important; text-overflow: ellipsis !important; max-width: 84px !important; font-size: 10px; }
+#history .thumbnail-item .caption-label { white-space: normal !important; overflow: hidden !important; max-width: 88px !important; font-size: 9px; line-height: 1.15; }
 """
 # Gradio's slider number box commits a typed value only on blur; Enter should commit it too (weights, method parameters).
 JS = """
@@ -99,10 +99,10 @@ def with_eta(progress, clock=time.monotonic):
     done, how far along it is and about how long is left (from the time per share so far)."""
     start = clock()
 
-    def report(fraction: float, what: str) -> None:
+    def report(fraction: float, what: str) -> None:  # Gradio draws the share itself ("- 28.6%"): said once
         elapsed = clock() - start
         left = f", about {elapsed * (1 - fraction) / fraction:.0f} s left" if 0 < fraction < 1 else ""
-        progress(fraction, desc=f"{what} ({100 * fraction:.0f}%{left})")
+        progress(fraction, desc=f"{what}{left}")
 
     return report
 
@@ -113,7 +113,13 @@ def error_line(err: Exception) -> str:
 
 
 def mixture_html(names: list[str], weights: list[float]) -> str:
-    """A bar per shard, as wide as its normalized weight (the shares shown add up to 100%)."""
+    """A bar per shard, as wide as its normalized weight (the shares shown add up to 100%); a weight
+    out of range is said instead (the bar drew a typed -1 as 0, "openmoji 100%")."""
+    for name, w in zip(names, weights):
+        try:
+            checked_weight(name, w)
+        except ValueError as err:
+            return error_line(err)
     total = sum(w for w in weights if w > 0)
     if total <= 0:
         return "<div class='mixture-empty'>No shard selected with a positive weight: nothing to mix.</div>"

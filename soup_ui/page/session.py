@@ -14,6 +14,7 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from ..modelfiles.presets import (
     describe_validation_error,
     load_preset,
     load_recipe,
+    portable_preset,
     parse_mix,
     preset_data,
     write_yaml_atomic,
@@ -68,6 +70,7 @@ class StudioHost:
         self.image_dir = self.output_dir / ".images"  # PNGs served to the page, one folder per content hash
         self._studios: dict[str, Studio] = {}
         self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}  # preset -> held while it loads
         self._image_writes = 0
         self.render_slots = 4  # page and API renders at once (one studio's lock orders them; render workers take more)
         for saved in sorted((self.output_dir / "presets").glob("*.yaml")):  # presets saved from the page, by any visitor, before
@@ -89,9 +92,18 @@ class StudioHost:
         if name not in self.presets:
             raise ValueError(f"unknown preset {name!r} (available: {', '.join(self.presets)})")
         with self._lock:
-            if name not in self._studios:
-                self._studios[name] = self.loader(load_preset(self.presets[name]), self.options, progress)
-            return self._studios[name]
+            studio = self._studios.get(name)
+            if studio is not None:
+                return studio
+            loading = self._loading.setdefault(name, threading.Lock())
+        with loading:  # one load per preset, outside the host lock: loaded presets and other loads never wait for it
+            with self._lock:
+                studio = self._studios.get(name)
+            if studio is None:
+                studio = self.loader(load_preset(self.presets[name]), self.options, progress)
+                with self._lock:
+                    self._studios[name] = studio
+            return studio
 
     def preload(self, names: list[str]) -> None:
         """Load these presets now (at server start: the first visitor gets a ready page), saying how
@@ -141,12 +153,13 @@ class StudioHost:
                 return path
         raise ValueError(f"{typed!r}: no such file or folder in the model folders ({', '.join(self.folder_names())})")
 
-    def new_file(self, folder: str, name: str, suffix: str, overwrite: bool = False) -> Path:
-        """A path for a file the page writes, inside output_dir; an existing file needs `overwrite`."""
+    def new_file(self, folder: str, name: str, suffix: str, overwrite: bool = False, owner: str | None = None) -> Path:
+        """A path for a file the page writes, inside output_dir (in the `owner` visitor's own folder
+        when given: no visitor sees or overwrites another's); an existing file needs `overwrite`."""
         if not name.strip():
             raise ValueError("give a file name")
         stem = safe_name(name)
-        path = self.output_dir / folder / (stem if stem.endswith(suffix) else stem + suffix)
+        path = self.output_dir / folder / (owner or "") / (stem if stem.endswith(suffix) else stem + suffix)
         if path.exists() and not overwrite:
             raise ValueError(f"{folder}/{path.name} exists; tick 'overwrite' to replace it, or choose another name")
         return path
@@ -189,6 +202,17 @@ class StudioHost:
                 pass
 
 
+def short_caption(recipe) -> str:
+    """A history caption: the method (unless the average), each shard's percent, block weights, seed."""
+    total = sum(recipe.mix.values()) or 1.0
+    method = "" if recipe.method == "average" else f"{recipe.method} "
+    shares = " ".join(f"{n} {round(100 * w / total)}" for n, w in recipe.mix.items() if w > 0)
+    return f"{method}{shares}{' +blocks' if recipe.blocks else ''} · s{recipe.render.seed}"
+
+
+TICKETS = threading.Lock()  # numbering render requests (any session's: a moment each; a lock per session would not deep-copy)
+
+
 @dataclass
 class Session:
     """What one page session shows: its shards by name (in row order) and what its components
@@ -201,21 +225,32 @@ class Session:
     tickets: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
     latest: int = 0  # the newest render request of this page
     history: list = field(default_factory=list)  # this page's soups, newest first: (image path, caption, Recipe)
+    visitor: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # its own folder for recipes and exports
 
     HISTORY = 24  # soups kept in the history strip
 
     def remember(self, path: str, caption: str, recipe) -> None:
-        if not self.history or self.history[0][0] != path:
-            self.history.insert(0, (path, caption, recipe))
-            del self.history[self.HISTORY :]
+        """One entry per distinct soup (mix, method, parameters, block weights, settings): seen again,
+        it moves to the front instead of being added again."""
+        self.history = [h for h in self.history if h[0] != path and h[2] != recipe]
+        self.history.insert(0, (path, caption, recipe))
+        del self.history[self.HISTORY :]
+
+    def history_items(self) -> list[tuple[str, str]]:
+        """The history strip: each soup with a caption that tells it apart in a few words."""
+        return [(path, short_caption(recipe)) for path, _, recipe in self.history]
 
     @property
     def names(self) -> list[str]:
         return list(self.shards)
 
     def ticket(self) -> int:
-        """Number a render request; renders of one page may run at once and finish out of order."""
-        self.latest = number = next(self.tickets)  # next() on a count is atomic under the GIL
+        """Number a render request; renders of one page may run at once and finish out of order.
+        `latest` only ever grows: drawing a number and recording it happen under one lock (between
+        the two, a later request could record its number first, and an older render be shown last)."""
+        with TICKETS:
+            number = next(self.tickets)
+            self.latest = max(self.latest, number)
         return number
 
     def superseded(self, ticket: int) -> bool:
@@ -275,7 +310,8 @@ def open_session(host: StudioHost, preset: str | None, previous: Session | None 
     """A new view on a preset (its shards); what `previous` added is given back."""
     studio = host.get(preset, progress)
     close_session(host, previous)
-    return Session(preset or host.default, dict(studio.shards))
+    kept = {"visitor": previous.visitor} if previous is not None else {}  # a preset switch keeps the visitor's own folder
+    return Session(preset or host.default, dict(studio.shards), **kept)
 
 
 def close_session(host: StudioHost, session: Session | None) -> None:
@@ -336,7 +372,28 @@ def saved_state(session: Session) -> dict | None:
     if not session.history:
         return None
     added = [[n, str(session.shards[n].path)] for n in session.shards if n in session.owned]
-    return {"preset": session.preset, "recipe": session.history[0][2].model_dump(mode="json"), "added": added}
+    history = [[path, caption, recipe.model_dump(mode="json")] for path, caption, recipe in session.history]
+    return {"preset": session.preset, "recipe": session.history[0][2].model_dump(mode="json"), "added": added, "history": history}
+
+
+def restore_history(host: StudioHost, session: Session, saved: dict | None) -> int:
+    """Put back a reloaded page's history: the entries whose images the server still serves (inside
+    its image folder; anything else the browser sends is ignored) and whose shards this page has."""
+    session = require(session)
+    if not saved or saved.get("preset") != session.preset:
+        return 0
+    kept = []
+    for item in saved.get("history", [])[: Session.HISTORY]:
+        try:
+            path, caption, data = item
+            recipe = Recipe.model_validate(data)
+            image = Path(path).resolve()
+        except (ValueError, TypeError, ValidationError):
+            continue
+        if image.is_relative_to(host.image_dir.resolve()) and image.is_file() and all(n in session.shards for n in recipe.mix):
+            kept.append((str(image), str(caption), recipe))
+    session.history = kept + [h for h in session.history if h[0] not in {k[0] for k in kept}]
+    return len(kept)
 
 
 def restore_shards(host: StudioHost, session: Session, saved: dict | None) -> list[str]:
@@ -401,7 +458,10 @@ def remove_shard(host: StudioHost, session: Session, name: str) -> str:
     if name in session.owned:
         session.owned.discard(name)
         host.get(session.preset).pool.release(shard.weights)
-    return f"removed shard **{name}** from this session (its file is untouched)"
+    before = len(session.history)
+    session.history = [h for h in session.history if name not in h[2].mix]  # soups of it can no longer be restored here
+    gone = before - len(session.history)
+    return f"removed shard **{name}** from this session (its file is untouched)" + (f"; {gone} soups with it left the history" if gone else "")
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -427,7 +487,14 @@ NOTHING_TO_MIX = Images(None, None, "Nothing to mix: no shard is ticked with a p
 
 
 def nothing_to_mix(session: Session, controls: Controls) -> bool:
-    return sum(controls.ticked(session).values()) <= 0
+    """Whether no ticked row has a positive weight; ValueError first for a weight out of range (a
+    typed -1 beside a 1 summed to 0 and read "nothing to mix")."""
+    from ..maths.soup import checked_weight
+
+    ticked = controls.ticked(session)
+    for name, w in ticked.items():
+        checked_weight(name, w)
+    return sum(ticked.values()) <= 0
 
 
 def image_files(host: StudioHost, results: list[Rendered], settings: RenderSettings) -> list[tuple[str, str]]:
@@ -478,8 +545,10 @@ def download_all(host: StudioHost, session: Session, controls: Controls) -> str:
     stem = Path(soup_file(host, results[-1], mix, controls.settings)[0]).stem
     path = host.output_dir / "downloads" / f"{stem}.zip"
     recipe = Recipe.of(studio.preset.source, mix, controls.settings).model_dump(mode="json")
-    if recipe["preset"]:
-        recipe["preset"] = str(Path(recipe["preset"]).resolve())
+    if recipe["preset"]:  # portable: a preset of the presets folder by its name there (found by load_recipe on any checkout)
+        recipe["preset"] = portable_preset(recipe["preset"])
+    if not recipe["search"]:
+        del recipe["search"]
     with atomic_path(path, overwrite=True) as tmp, zipfile.ZipFile(tmp, "w") as z:
         for r in results:
             buffer = io.BytesIO()
@@ -587,7 +656,7 @@ def save_recipe(host: StudioHost, session: Session, controls: Controls, file_nam
     session = require(session)
     studio = host.get(session.preset)
     mix = page_mix(host, session, controls)  # validated before anything is written
-    path = host.new_file("recipes", file_name, ".yaml", overwrite)
+    path = host.new_file("recipes", file_name, ".yaml", overwrite, session.visitor)
     recipe = Recipe.of(studio.preset.source, mix, controls.settings)
     write_recipe(recipe, path, overwrite=True)
     return str(path), f"saved the recipe to `{host.shown(path)}`"
@@ -604,7 +673,7 @@ def export_unet(host: StudioHost, session: Session, controls: Controls, file_nam
     stem = safe_name(file_name).removesuffix(".safetensors") if file_name.strip() else ""
     if stem and not single_file and not stem.endswith("-unet"):
         stem += "-unet"
-    path = host.new_file("exports", stem, ".safetensors", overwrite)
+    path = host.new_file("exports", stem, ".safetensors", overwrite, session.visitor)
     studio.export("single-file" if single_file else "unet", mix, path, overwrite=True)  # new_file refused a clash unless asked
     what = "a single-file checkpoint (LDM naming, fp16) for A1111, Forge and ComfyUI" if single_file else mix.label
     return str(path), f"wrote `{host.shown(path)}` ({what})"
@@ -614,7 +683,7 @@ def export_pipeline(host: StudioHost, session: Session, controls: Controls, file
     session = require(session)
     studio = host.get(session.preset)
     mix = page_mix(host, session, controls)
-    folder = host.new_file("pipelines", file_name, "", overwrite)
+    folder = host.new_file("pipelines", file_name, "", overwrite, session.visitor)
     studio.export("pipeline", mix, folder, overwrite=overwrite)
     from ..engine.studio import folder_variant
 

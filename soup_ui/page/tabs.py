@@ -21,6 +21,7 @@ WORK = dict(api_visibility="private", concurrency_id="workflow", concurrency_lim
 
 
 def build_tabs(p: Page) -> None:
+    p.views = []  # every workflow's result (an image or gallery) and its message line
     with gr.Tabs():
         shards_tab(p)
         leave_one_out_tab(p)
@@ -29,6 +30,14 @@ def build_tabs(p: Page) -> None:
         compare_tab(p)
         export_tab(p)
         find_tab(p)
+
+    def clear_views(session, name):
+        """A removed shard leaves every view: workflow results are cleared, saying why (they may show it)."""
+        said = f"cleared: shard {html.escape((name or '').strip())} was removed"
+        return [v for _ in p.views for v in (None, said)] + [session.history_items()]
+
+    outputs = [v for pair in p.views for v in pair] + [p.history]
+    p.removed.success(clear_views, [p.state, p.remove_name], outputs, **QUIET)
 
 
 def shards_tab(p: Page) -> None:
@@ -85,8 +94,10 @@ def shards_tab(p: Page) -> None:
     again = dict(**p.full, **p.render_opts)
     add_button.click(on_add, [p.state, add_name, add_path, add_file, *rows], [p.state, *p.shard_outputs, shards_message, add_file, p.status],
                      **WORK, **message_only).success(**p.picture).success(**again)
-    remove_button.click(on_remove, [p.state, remove_name, *rows], [p.state, *p.shard_outputs, shards_message, p.status],
-                        **WORK, **message_only).success(**p.picture).success(**again)
+    p.remove_name = remove_name
+    p.removed = remove_button.click(on_remove, [p.state, remove_name, *rows], [p.state, *p.shard_outputs, shards_message, p.status],
+                                    **WORK, **message_only)
+    p.removed.success(**p.picture).success(**again)
     preset_button.click(on_save_preset, [p.state, preset_file, preset_overwrite, *p.control_inputs], [p.preset, shards_message], **WORK, **message_only)
 
 
@@ -106,12 +117,13 @@ def leave_one_out_tab(p: Page) -> None:
         button = gr.Button("Leave one out", elem_id="loo-run")
         message = gr.Markdown(elem_id="loo-message")
         images = gallery("loo-gallery", 6, 320)
+    p.views.append((images, message))
 
     @in_place(1)  # a refusal said in the tab's message line; the previous result stays on screen
     def on_loo(session, *values, progress=gr.Progress()):
         return as_gallery(handlers.leave_one_out(p.host, session, p.controls_from(values), with_eta(progress)))
 
-    button.click(on_loo, p.job_inputs, [images, message], **WORK)
+    button.click(on_loo, p.job_inputs, [images, message], show_progress_on=[images], **WORK)
 
 
 def interpolate_tab(p: Page) -> None:
@@ -137,6 +149,7 @@ def interpolate_tab(p: Page) -> None:
         sweep_message = gr.Markdown(elem_id="sweep-message")
         sweep_gallery = gallery("sweep-gallery", 10, 260)
         grid_image = gr.Image(show_label=False, type="filepath", format="png", elem_classes=["pixelated"], elem_id="grid-image", buttons=["download", "fullscreen"], interactive=False)
+    p.views += [(interp_gallery, interp_message), (grid_image, grid_message), (sweep_gallery, sweep_message)]
 
     host, controls_from = p.host, p.controls_from
 
@@ -153,9 +166,9 @@ def interpolate_tab(p: Page) -> None:
         return handlers.grid(host, session, controls_from(values), x_text, y_text, with_eta(progress)), ""
 
     controls = p.control_inputs
-    interp_button.click(on_interpolate, [p.state, start, end, count, *controls], [interp_gallery, interp_message], **WORK)
-    grid_button.click(on_grid, [p.state, grid_x, grid_y, *controls], [grid_image, grid_message], **WORK)
-    sweep_button.click(on_sweep, [p.state, sweep_a, sweep_b, *controls], [sweep_gallery, sweep_message], **WORK)
+    interp_button.click(on_interpolate, [p.state, start, end, count, *controls], [interp_gallery, interp_message], show_progress_on=[interp_gallery], **WORK)
+    grid_button.click(on_grid, [p.state, grid_x, grid_y, *controls], [grid_image, grid_message], show_progress_on=[grid_image], **WORK)
+    sweep_button.click(on_sweep, [p.state, sweep_a, sweep_b, *controls], [sweep_gallery, sweep_message], show_progress_on=[sweep_gallery], **WORK)
 
 
 def ensemble_tab(p: Page) -> None:
@@ -168,12 +181,13 @@ def ensemble_tab(p: Page) -> None:
         button = gr.Button("Render ensemble and soup")
         message = gr.Markdown(elem_id="ens-message")
         images = gallery("ens-gallery", 2, 300)
+    p.views.append((images, message))
 
     @in_place(1)
     def on_ensemble(session, *values):
         return handlers.ensemble(p.host, session, p.controls_from(values)), ""
 
-    button.click(on_ensemble, p.job_inputs, [images, message], **WORK)
+    button.click(on_ensemble, p.job_inputs, [images, message], show_progress_on=[images], **WORK)
 
 
 def compare_tab(p: Page) -> None:
@@ -184,12 +198,13 @@ def compare_tab(p: Page) -> None:
             button = gr.Button("Compare", elem_id="ab-run")
         message = gr.Markdown(elem_id="ab-message")
         view = gr.ImageSlider(show_label=False, type="filepath", format="png", height=512, elem_id="ab-view", elem_classes=["pixelated"], interactive=False)
+    p.views.append((view, message))
 
     @in_place(1)
     def on_compare(session, name, *values):
         return handlers.compare(p.host, session, p.controls_from(values), name), ""
 
-    button.click(on_compare, [p.state, shard, *p.control_inputs], [view, message], **WORK)
+    button.click(on_compare, [p.state, shard, *p.control_inputs], [view, message], show_progress_on=[view], **WORK)
 
 
 def in_message_line(fn):
