@@ -50,7 +50,7 @@ def target_text(target: dict) -> str:
 def scorer_run(studio, target: dict, seed: int, budget: int, strategy: str):
     settings = studio.preset.render.model_copy(update={"seed": seed})
     scorer, space, batch = setup("style", list(target), settings, target=target_text(target))
-    found = search(studio, space, scorer, batch, budget=budget, seed=seed, strategy=strategy)
+    found = search(studio, space, scorer, batch, budget=budget, seed=seed, strategy=strategy, progress=lambda f, d: logger.info("%s: %s", strategy, d))
     return found, scorer
 
 
@@ -77,6 +77,32 @@ def preference_run(studio, target: dict, seed: int, goal: float, rounds: int) ->
     return rounds + 1, distance(found.best)  # not reached
 
 
+def replicas_round(preset: str, replicas: int, repeats: int = 3) -> float:
+    """Median seconds for a round of 4 candidates (4 held-out names each) through `replicas` Ray Serve
+    replicas of one CPU each (the page's path with --workers)."""
+    import os
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from soup_ui.engine.runtime import RuntimeOptions
+    from soup_ui.serving import workers as W
+
+    workers = W.Workers.start([Path(preset)], RuntimeOptions(), W.WorkerOptions(replicas=replicas, cpus=1))
+    try:
+        routed = W.RoutedStudio(load_preset(preset), W.Workers.PAGE_OPTIONS, None, workers)
+        settings = routed.preset.render
+        _, space, batch = setup("style", ["twemoji", "openmoji"], settings, target="twemoji=0.5,openmoji=0.5")
+        rng = np.random.default_rng(0)
+        times = []
+        for _ in range(repeats + 1):  # the first round warms the replicas up
+            mixes = [mix_of(routed, space, space.decode(rng.uniform(0, 1, space.dims))) for _ in range(4)]
+            t0 = time.monotonic()
+            render_all(routed, mixes, batch)
+            times.append(time.monotonic() - t0)
+        return statistics.median(times[1:])
+    finally:
+        workers.stop()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=str(ROOT / "presets" / "emoji-styles.yaml"))
@@ -85,9 +111,15 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--targets", type=int, default=len(TARGETS), help="how many of the targets (the first N)")
     parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--workers", action="store_true", help="only: a round of 4 candidates through 1 and 2 Ray Serve replicas")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     quiet_libraries()
+    if args.workers:
+        one, two = replicas_round(args.preset, 1), replicas_round(args.preset, 2)
+        print(f"\nmachine: {machine()}\na round of 4 candidates (4 images each): 1 replica {one:.1f} s, 2 replicas {two:.1f} s median; "
+              f"2 replicas take {two / one:.2f}x the time of 1")
+        return
     studio = Studio(load_preset(args.preset))
     seeds = [int(s) for s in args.seeds.split(",")]
     results = []

@@ -59,3 +59,14 @@ def atomic_path(path: str | Path, overwrite: bool = False, folder: bool = False)
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"  # this checkout's presets folder
+
+
+def portable_preset(preset) -> str:
+    """How a recipe inside an image or a zip names its preset: a preset of this checkout's presets
+    folder by its path in that folder (so it renders on another checkout with the same files), any
+    other by its absolute path."""
+    full = Path(preset).resolve()
+    return full.relative_to(PRESETS).as_posix() if full.is_relative_to(PRESETS) else str(full)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from ..files import portable_preset
+
 RECIPE_KEY = "soup_ui.recipe"
 SAMPLERS = {"dpm++": "DPM++ 2M", "euler": "Euler", "euler-a": "Euler a", "ddim": "DDIM", "unipc": "UniPC", "pndm": "PLMS", "default": "Default"}
 
@@ -49,8 +51,6 @@ def attach(image: Image.Image, recipe, label: str, model_hash: str | None = None
     if not data.get("search"):
         data.pop("search", None)
     if recipe.preset is not None:  # portable: a preset of the presets folder by its name there, else absolute
-        from .presets import portable_preset
-
         data["preset"] = portable_preset(recipe.preset)
     out.info = {**image.info, "parameters": parameters(recipe, label, model_hash), RECIPE_KEY: json.dumps(data)}  # in mix order: the sum, and so the pixels, follow it
     return out

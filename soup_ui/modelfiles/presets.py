@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..files import PRESETS
 from ..maths.soup import MAX_WEIGHT, checked_weight
 
 SCHEDULERS = {
@@ -349,24 +350,13 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe
 
 
-PRESETS = Path(__file__).resolve().parents[2] / "presets"  # this checkout's presets folder
-
-
-def portable_preset(preset: Path) -> str:
-    """How a recipe inside an image names its preset: a preset of this checkout's presets folder by
-    its path in that folder (so the image renders on another checkout with the same files), any
-    other by its absolute path."""
-    full = Path(preset).resolve()
-    return full.relative_to(PRESETS).as_posix() if full.is_relative_to(PRESETS) else str(full)
-
-
 def found_preset(preset: Path, folder: Path) -> Path:
     """A recipe's preset: relative to the recipe's folder, else in this checkout's presets folder
     (a portable name, or an absolute path from another machine whose file name is here)."""
     near = resolve(preset, folder)
     if near.is_file():
         return near
-    for candidate in (PRESETS / preset, PRESETS / Path(preset).name):
+    for candidate in (PRESETS / preset, PRESETS / Path(preset).name):  # this checkout's presets folder
         if not Path(preset).is_absolute() or candidate.name == Path(preset).name:
             if candidate.is_file():
                 return candidate.resolve()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import threading
+import time
 
 import gradio as gr
 
@@ -248,11 +249,13 @@ def wire_scorer(p: Page, kind, target, spec, budget, references, run_button, sto
             news.put(None)
 
         threading.Thread(target=work, daemon=True).start()
-        rows, images = [], []
+        rows, images, start, total = [], [], time.monotonic(), int(budget_ or 0)
         while (t := news.get()) is not None:
             rows.append({"candidate": t.index + 1, "best score": max([r["best score"] for r in rows] + [t.score])})
             images.append((handlers.soup_file_of(host, t.image, t.label), f"{t.score:.3f}: {t.label}"))
-            yield [pd.DataFrame(rows), images, f"candidate {t.index + 1} of {int(budget_ or 0)}: best {rows[-1]['best score']:.3f}"] + [gr.skip()] * len(p.restore_outputs)
+            left = (time.monotonic() - start) / len(rows) * (total - len(rows))
+            said = f"candidate {len(rows)} of {total}: best score {rows[-1]['best score']:.3f}, about {left:.0f} s left"
+            yield [pd.DataFrame(rows), images, said] + [gr.skip()] * len(p.restore_outputs)
         if "error" in result:
             yield [gr.skip(), gr.skip(), error_line(result["error"])] + [gr.skip()] * len(p.restore_outputs)
             return

@@ -26,7 +26,7 @@ from ..engine.mix import Mix
 from ..engine.pool import Shard
 from ..engine.render import Rendered
 from ..engine.studio import RuntimeOptions, Studio
-from ..files import atomic_path, safe_name
+from ..files import atomic_path, portable_preset, safe_name
 from ..modelfiles import checkpoints, formats, pngmeta
 from ..modelfiles.presets import (
     Recipe,
@@ -35,7 +35,6 @@ from ..modelfiles.presets import (
     describe_validation_error,
     load_preset,
     load_recipe,
-    portable_preset,
     parse_mix,
     preset_data,
     write_yaml_atomic,

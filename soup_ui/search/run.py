@@ -115,7 +115,7 @@ def search(studio, space: Space, scorer: Callable[[list, list[str]], Scored], ba
             logger.warning("search stopped: %s", err)
             break
         for x, c, m, ims, s in zip(points, candidates, mixes, images, scored):
-            image = pngmeta.attach(ims[0], Recipe.of(studio.preset.source, m, batch[0]), m.label)  # its recipe in the PNG
+            image = pngmeta.attach(ims[0], Recipe.of(studio.preset.source, m, batch[0]), m.label, m.model_hash)  # its recipe in the PNG
             tried = Tried(len(found.tried), [round(float(v), 6) for v in x], c, s.score, s.details, m.label, image)
             found.tried.append(tried)
             if on_candidate is not None:

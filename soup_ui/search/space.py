@@ -1,7 +1,10 @@
-"""The search space: a point of [0, 1]^d is a mix. The first coordinates are the shards' weights
-(normalized onto the simplex; below `SPARSE` a shard is left out, so sparse mixes are reachable),
-then, when asked, each shard's weight per block group (IN / M / OUT for UNets, the families' own
-groups for SD3 and FLUX), then the method's numeric parameters over their ranges."""
+"""The search space: a point of [0, 1]^d is a mix. The first n - 1 coordinates place the n shards'
+weights on the simplex by stick-breaking (shard k takes a share v_k of what the shards before it
+left; the last takes the rest), so no coordinate is spent on a scale that normalization throws away
+(a pair is one coordinate: its ratio); a weight below `SPARSE` of the largest leaves the shard out,
+so sparse mixes are reachable. Then, when asked, each shard's weight per block group (IN / M / OUT
+for UNets, the families' own groups for SD3 and FLUX), then the method's numeric parameters over
+their ranges."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 from ..maths.methods import METHODS
 from ..maths.soup import rounded_shares
 
-SPARSE = 0.05  # a weight coordinate below this leaves the shard out
+SPARSE = 0.05  # a weight below this share of the largest leaves the shard out
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class Space:
 
     @property
     def dims(self) -> int:
-        return len(self.shards) * (1 + len(self.groups)) + len(self.params)
+        return len(self.shards) - 1 + len(self.shards) * len(self.groups) + len(self.params)
 
     def describe(self) -> str:
         """What is searched, in words (the page and the recipe name it)."""
@@ -84,20 +87,26 @@ class Space:
         if len(x) != self.dims:
             raise ValueError(f"a point of this space has {self.dims} coordinates, got {len(x)}")
         n = len(self.shards)
-        raw = [v if v >= SPARSE else 0.0 for v in x[:n]]
-        if not any(raw):  # nothing left: the strongest one alone
-            raw[max(range(n), key=lambda i: x[i])] = 1.0
+        raw, left = [], 1.0
+        for v in x[: n - 1]:  # stick-breaking
+            raw.append(left * v)
+            left *= 1.0 - v
+        raw.append(left)
+        top = max(raw)
+        raw = [w if w >= SPARSE * top else 0.0 for w in raw]
         total = sum(raw)
-        weights = {s: round(v / total, 6) for s, v in zip(self.shards, raw)}
-        blocks = {}
+        weights = {s: round(w / total, 6) for s, w in zip(self.shards, raw)}
+        blocks, g = {}, len(self.groups)
         for i, shard in enumerate(self.shards):
-            values = x[n + i * len(self.groups) : n + (i + 1) * len(self.groups)]
-            if self.groups and weights[shard] > 0 and any(v != 1.0 for v in values):
-                blocks[shard] = ",".join(f"{g}:{v:.4f}" for g, v in zip(self.groups, values))
-        tail = x[n * (1 + len(self.groups)) :]
+            values = x[n - 1 + i * g : n - 1 + (i + 1) * g]
+            if g and weights[shard] > 0 and any(v != 1.0 for v in values):
+                blocks[shard] = ",".join(f"{name}:{v:.4f}" for name, v in zip(self.groups, values))
+        tail = x[n - 1 + n * g :]
         params = {name: round(lo + v * (hi - lo), 6) for (name, lo, hi), v in zip(self.params, tail)}
         return Candidate(weights, blocks, params)
 
     def start(self) -> list[float]:
-        """The plain soup: equal weights, every block at 1, parameters mid-range."""
-        return [0.5] * len(self.shards) + [1.0] * (len(self.shards) * len(self.groups)) + [0.5] * len(self.params)
+        """The plain soup: equal weights (shard k takes 1 / (n - k) of what is left), every block at 1,
+        parameters mid-range."""
+        n = len(self.shards)
+        return [1.0 / (n - k) for k in range(n - 1)] + [1.0] * (n * len(self.groups)) + [0.5] * len(self.params)

@@ -79,7 +79,7 @@ class Judge:
 
     @staticmethod
     def pixels(images: list) -> torch.Tensor:
-        return torch.stack([to_model_range(torch.from_numpy(np.asarray(im.convert("RGB").resize((64, 64)))).permute(2, 0, 1)) for im in images])
+        return torch.stack([to_model_range(torch.from_numpy(np.array(im.convert("RGB").resize((64, 64)))).permute(2, 0, 1)) for im in images])
 
     @torch.no_grad()
     def probabilities(self, images: list) -> torch.Tensor:
