@@ -515,3 +515,20 @@ def test_a_preset_loading_for_one_visitor_holds_up_no_other(studio, tiny_preset)
     slow.join(30)
     quick.join(30)
     assert loaded_while_other_loads and got == [studio] and host.get(other) is studio
+
+
+def test_an_image_served_again_is_never_pruned_as_old(host, studio):
+    """Issue 35, item 9: an image folder last written over an hour ago and served again now was pruned
+    (its age was its first write): the page then showed a missing file."""
+    from soup_ui.engine.render import Rendered
+
+    image = Rendered("soup", Image.new("RGB", (8, 8), (200, 10, 10)), "soup")
+    path = Path(host.image_file(image, "red"))
+    old = time.time() - 7200
+    os.utime(path.parent, (old, old))
+    assert host.image_file(image, "red") == str(path)  # served again
+    host.prune_images()
+    assert path.is_file()
+    os.utime(path.parent, (old, old))
+    host.prune_images()  # not served again: pruned
+    assert not path.exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import os
 import shutil
 import threading
 import time
@@ -71,6 +72,7 @@ class StudioHost:
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}  # preset -> held while it loads
         self._image_writes = 0
+        self._images = threading.Lock()  # serving an image and pruning old ones
         self.render_slots = 4  # page and API renders at once (one studio's lock orders them; render workers take more)
         for saved in sorted((self.output_dir / "presets").glob("*.yaml")):  # presets saved from the page, by any visitor, before
             self.add_preset(saved)
@@ -181,24 +183,29 @@ class StudioHost:
         data = buffer.getvalue()
         folder = self.image_dir / hashlib.sha256(data).hexdigest()[:24]
         path = folder / f"{safe_name(name, 'image')}.png"
-        if not path.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path, overwrite=True) as tmp:
-                tmp.write_bytes(data)
-        self._image_writes += 1
-        if self._image_writes % 200 == 0:
+        with self._images:  # never while a prune runs: a folder served again is fresh, not deleted under it
+            if path.is_file():
+                os.utime(folder)
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path, overwrite=True) as tmp:
+                    tmp.write_bytes(data)
+            self._image_writes += 1
+            prune = self._image_writes % 200 == 0
+        if prune:
             self.prune_images()
         return str(path)
 
     def prune_images(self, max_age_s: float = 3600) -> None:
-        """Forget served images older than an hour (Gradio keeps its own copies while in use)."""
+        """Forget served images not served for an hour (Gradio keeps its own copies while in use)."""
         cutoff = time.time() - max_age_s
-        for folder in self.image_dir.glob("*"):
-            try:
-                if folder.stat().st_mtime < cutoff:
-                    shutil.rmtree(folder, ignore_errors=True)
-            except OSError:
-                pass
+        with self._images:
+            for folder in self.image_dir.glob("*"):
+                try:
+                    if folder.stat().st_mtime < cutoff:
+                        shutil.rmtree(folder, ignore_errors=True)
+                except OSError:
+                    pass
 
 
 def short_caption(recipe) -> str:
