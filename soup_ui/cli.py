@@ -335,8 +335,6 @@ def cmd_search(args: argparse.Namespace) -> None:
     logger.info("searching %s: %d candidates, %s, scorer %s", space.describe(), args.budget, args.strategy, args.scorer)
     found = search(studio, space, scorer, batch, budget=args.budget, seed=job.settings.seed, strategy=args.strategy, params=job.params,
                    progress=lambda f, d: logger.info("%s", d))
-    if not found.tried:
-        raise UsageError(f"the search found nothing: {found.stopped}")
     if found.stopped:
         logger.warning("the search stopped early (%s); it keeps the %d candidates it tried", found.stopped, len(found.tried))
     best = found.best

@@ -106,3 +106,21 @@ def test_block_weights_through_the_api(server, studio):
     with pytest.raises(Exception, match="blocks: 'gamma': expected SHARD=SPEC"):
         client.predict("", "alpha=1,gamma=1", "average", "", "gamma", api_name="/mix")
     assert client.predict("", "alpha=1", api_name="/mix")["label"] == "soup: 1.00 alpha"  # still serving
+
+
+def test_search_endpoint_finds_a_mix_and_refuses_a_python_scorer(server, tmp_path):
+    """Issue 34: /search over the preset's shards returns the best image (its recipe in the PNG) and
+    every candidate; a python scorer, which would import and call server code, is refused in one line."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    reference = tmp_path / "ref.png"
+    Image.new("RGB", (16, 16), (250, 250, 250)).save(reference)
+    client = Client(server, verbose=False)
+    image, info = client.predict("", "alpha,beta", "reference", "", [handle_file(str(reference))], 3, "random", False, *ARGS.values(),
+                                 "average", "", "", api_name="/search")
+    assert info["searched"] == "the weights of alpha, beta" and len(info["candidates"]) == 3
+    assert info["candidates"][0]["label"] == "soup: 0.50 alpha + 0.50 beta" and info["recipe"]["search"].startswith("found by a search of")
+    assert "soup_ui.recipe" in Image.open(image).text
+    with pytest.raises(Exception, match="python scorers run only from the command line"):
+        client.predict("", "alpha,beta", "python:os:getcwd", "", [], 3, "random", False, *ARGS.values(), "average", "", "", api_name="/search")

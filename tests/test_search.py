@@ -96,6 +96,15 @@ def test_a_scorer_that_raises_stops_the_search_which_keeps_what_it_found(tiny_pr
     assert yaml.safe_load(out.read_text())["mix"]
 
 
+def test_a_scorer_that_fails_at_once_is_one_line_and_writes_nothing(tiny_preset, tmp_path, capsys):
+    out = tmp_path / "found.yaml"
+    assert main(["search", "--preset", str(tiny_preset), "--shards", "alpha,beta", "--scorer", "python:brightness:broken", "--budget", "4",
+                 "--out", str(out), *TINY]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the search found nothing: scorer python:brightness:broken failed: RuntimeError: no GPU here")
+    assert not out.exists() and not out.with_suffix(".csv").exists()
+
+
 def test_the_simulated_person_leads_the_preference_search_to_a_hidden_target_within_8_rounds():
     """The pairwise GP's rounds, picked by a person who prefers mixes near a hidden target (10% of
     picks flipped at random), come within 0.1 of it (total variation) within 8 rounds of 4."""

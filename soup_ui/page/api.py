@@ -6,8 +6,8 @@ from __future__ import annotations
 import gradio as gr
 
 from ..modelfiles.presets import parse_blocks, parse_params
-from . import session as handlers
 from ..search.run import best_recipe, search, setup, with_groups
+from . import session as handlers
 from .parts import user_errors
 from .session import Controls, Session, StudioHost, settings_from
 
@@ -41,19 +41,17 @@ def grid_controls(session: Session, mix_text: str, settings, method_name: str, p
 
 def find_soup(studio, shards_text: str, scorer_spec: str, target: str, references: list, budget: int, strategy: str, block_groups: bool,
               method: str, params: dict, settings):
-    """A scorer search as the CLI runs it (search.run.setup: its checks before any render)."""
+    """A scorer search as the CLI runs it (search.run.setup: its checks before any render). A python
+    scorer is the command line's only: from the web it would import and call server code."""
+    if (scorer_spec or "").startswith("python"):
+        raise ValueError("python scorers run only from the command line (they import code on the server); use style or reference")
     names = [n.strip() for n in (shards_text or "").split(",") if n.strip()] or list(studio.shards)
     unknown = [n for n in names if n not in studio.shards]
     if unknown:
         raise ValueError(f"shards: unknown shard {unknown[0]!r} (loaded: {', '.join(studio.shards)})")
-    if budget < 1:
-        raise ValueError(f"budget must be at least 1 candidate, got {budget}")
     scorer, space, batch = setup(scorer_spec or "style", names, settings, target=target, references=references, method=method)
-    found = search(studio, with_groups(space, studio) if block_groups else space, scorer, batch, budget=budget, seed=settings.seed,
-                   strategy=strategy, params=params)
-    if not found.tried:
-        raise ValueError(f"the search found nothing: {found.stopped}")
-    return found
+    return search(studio, with_groups(space, studio) if block_groups else space, scorer, batch, budget=budget, seed=settings.seed,
+                  strategy=strategy, params=params)
 
 
 def build_api(host: StudioHost, state) -> None:

@@ -31,7 +31,7 @@ def space_of(host: StudioHost, session: Session, controls: Controls, groups: boo
     studio = host.get(session.preset)
     block_groups = tuple(studio.blocks.groups) if groups and studio.blocks is not None else ()
     method = controls.method
-    numeric = [n for n, f in Space.numeric_params(method).items()] if params else []
+    numeric = list(Space.numeric_params(method)) if params else []
     try:
         return Space.of(names, method, block_groups, numeric)
     except ValueError as err:
@@ -63,9 +63,8 @@ def answer(data: dict | None, action: str, index: int | None = None) -> dict:
     return {**data, "search": found.state()}
 
 
-def candidate_image(host: StudioHost, session: Session, data: dict, index: int) -> tuple[str, str]:
+def candidate_image(host: StudioHost, session: Session, data: dict, found: PreferenceSearch, index: int) -> tuple[str, str]:
     """One candidate's soup image (its recipe in the PNG) and caption."""
-    found = PreferenceSearch.from_state(data["search"])
     studio = host.get(session.preset)
     c = found.candidate(index)
     settings = RenderSettings(**data["settings"])
@@ -87,8 +86,8 @@ def view(host: StudioHost, session: Session, data: dict | None) -> tuple[list, t
     if missing:
         raise ValueError(f"this search mixes {missing[0]!r}, which this page no longer has: start a new one")
     found = PreferenceSearch.from_state(data["search"])
-    images = [candidate_image(host, session, data, i) for i in found.current.shown]
-    best = candidate_image(host, session, data, found.best) if found.best is not None else None
+    images = [candidate_image(host, session, data, found, i) for i in found.current.shown]
+    best = candidate_image(host, session, data, found, found.best) if found.best is not None else None
     picks = sum(r.answered for r in found.rounds)
     status = (f"Round {len(found.rounds)} ({picks} answered): searching {html.escape(found.space.describe())}. "
               "Click the soup you like best, or say none beats the best so far.")
@@ -106,21 +105,20 @@ def best_controls(host: StudioHost, session: Session, data: dict | None) -> tupl
     return handlers.recipe_controls(session, recipe, host.get(session.preset).blocks)
 
 
-def scorer_search(host: StudioHost, session: Session, controls: Controls, kind: str, target: str, references, spec: str, budget: int,
+def scorer_search(host: StudioHost, session: Session, controls: Controls, kind: str, target: str, references, budget: int,
                   groups: bool, params: bool, stop: threading.Event, on_candidate) -> tuple:
-    """A scorer search of `budget` candidates over the ticked shards; returns (the best recipe's
+    """A scorer search of `budget` candidates over the ticked shards with the style or reference
+    scorer (a python scorer imports server code: the CLI's only); returns (the best recipe's
     controls, what was found)."""
     session = handlers.require(session)
-    if int(budget) < 1:
-        raise ValueError(f"budget must be at least 1 candidate, got {budget}")
+    if kind not in ("style", "reference"):
+        raise ValueError(f"scorer {kind!r}: the page searches with style or reference (python scorers: the CLI's search only)")
     searched = space_of(host, session, controls, groups, params)
-    scorer, _, batch = setup(spec.strip() if kind == "python" else kind, list(searched.shards), controls.settings, target=target,
+    scorer, _, batch = setup(kind, list(searched.shards), controls.settings, target=target,
                              references=list(references or []), method=controls.method)
     studio = host.get(session.preset)
     found = search(studio, searched, scorer, batch, budget=int(budget), seed=controls.settings.seed, shards=session.shards,
                    params=dict(controls.params), stop=stop.is_set, on_candidate=on_candidate)
-    if not found.tried:
-        raise ValueError(f"the search found nothing: {found.stopped}")
     recipe = best_recipe(studio, found, controls.settings, session.shards)
     return handlers.recipe_controls(session, recipe, studio.blocks), found
 
@@ -131,7 +129,7 @@ def find_tab(p: Page) -> None:
         gr.Markdown("A weight is not a look: let the studio find the mix. **By your picks**: each round shows candidate soups of the "
                     "ticked shards (same prompt and seed); click the one you like best, and a preference model (BoTorch's pairwise GP) "
                     "proposes the next round. **By a scorer**: a budget of candidates searched by CMA-ES for a target share of styles "
-                    "(the emoji default's style judge), similarity to reference images, or your own function.")
+                    "(the emoji default's style judge) or similarity to reference images (your own scorer: the CLI's `search`).")
         with gr.Row():
             p.find_groups = gr.Checkbox(False, label="search each shard's block groups too", elem_id="find-groups")
             p.find_params = gr.Checkbox(False, label="search the method's numeric parameters too", elem_id="find-params")
@@ -211,9 +209,8 @@ def wire_picks(p: Page, start_button, none_button, undo_button, use_button) -> N
 def scorer_panel(p: Page) -> None:
     with gr.Accordion("Search with a scorer", open=False, elem_id="find-scorer-panel"):
         with gr.Row():
-            kind = gr.Dropdown(["style", "reference", "python"], value="style", label="Scorer", elem_id="find-scorer")
+            kind = gr.Dropdown(["style", "reference"], value="style", label="Scorer (python scorers: the CLI's search only)", elem_id="find-scorer")
             target = gr.Textbox(label="style: target shares", placeholder="twemoji=0.5,openmoji=0.5", elem_id="find-target")
-            spec = gr.Textbox(label="python: MODULE:FUNCTION", elem_id="find-python")
             budget = gr.Number(16, label="Budget (candidates)", precision=0, elem_id="find-budget")
         references = gr.File(label="reference: 1-8 images", file_count="multiple", file_types=["image"], type="filepath", elem_id="find-references")
         with gr.Row():
@@ -223,10 +220,10 @@ def scorer_panel(p: Page) -> None:
         tried = gr.Gallery(show_label=False, columns=8, height=200, object_fit="contain", format="png", elem_classes=["pixelated"], allow_preview=False,
                            elem_id="find-tried")
         message = gr.Markdown(elem_id="find-scorer-message")
-    wire_scorer(p, kind, target, spec, budget, references, run_button, stop_button, plot, tried, message)
+    wire_scorer(p, kind, target, budget, references, run_button, stop_button, plot, tried, message)
 
 
-def wire_scorer(p: Page, kind, target, spec, budget, references, run_button, stop_button, plot, tried, message) -> None:
+def wire_scorer(p: Page, kind, target, budget, references, run_button, stop_button, plot, tried, message) -> None:
     import queue
 
     import pandas as pd
@@ -234,7 +231,7 @@ def wire_scorer(p: Page, kind, target, spec, budget, references, run_button, sto
     host = p.host
     stops: dict[int, threading.Event] = {}
 
-    def on_run(session, kind_, target_, spec_, budget_, refs, groups, params, *values):
+    def on_run(session, kind_, target_, budget_, refs, groups, params, *values):
         """Runs the search in a thread and streams its candidates: plot, images, progress."""
         stop, news = threading.Event(), queue.Queue()
         stops[id(session)] = stop
@@ -242,10 +239,11 @@ def wire_scorer(p: Page, kind, target, spec, budget, references, run_button, sto
 
         def work():
             try:
-                result["found"] = scorer_search(host, session, p.controls_from(values), kind_, target_, refs, spec_, budget_ or 0, groups, params,
+                result["found"] = scorer_search(host, session, p.controls_from(values), kind_, target_, refs, budget_ or 0, groups, params,
                                                 stop, news.put)
             except Exception as err:  # noqa: BLE001 - shown in the message line
                 result["error"] = err
+            stops.pop(id(session), None)
             news.put(None)
 
         threading.Thread(target=work, daemon=True).start()
@@ -267,7 +265,7 @@ def wire_scorer(p: Page, kind, target, spec, budget, references, run_button, sto
         if session is not None and id(session) in stops:
             stops[id(session)].set()
 
-    run_button.click(on_run, [p.state, kind, target, spec, budget, references, p.find_groups, p.find_params, *p.control_inputs],
+    run_button.click(on_run, [p.state, kind, target, budget, references, p.find_groups, p.find_params, *p.control_inputs],
                      [plot, tried, message, *p.restore_outputs], **QUIET, concurrency_id="workflow", concurrency_limit=2).success(
         p.on_mixture, p.mixture_inputs, [p.mixture], **QUIET).success(**p.soup_only, **p.render_opts)
     stop_button.click(on_stop, [p.state], None, **QUIET, concurrency_limit=None)

@@ -133,10 +133,6 @@ class PreferenceSearch:
         points, _ = optimize_acqf(acquisition, bounds, q=n, num_restarts=4, raw_samples=128, options={"seed": self.seed + len(self.rounds)})
         return points.detach().tolist()
 
-    def believed_best(self) -> int | None:
-        """The shown candidate the fitted model rates highest (the person's last pick when no model fits)."""
-        return self.best
-
     def state(self) -> dict:
         """Plain data: what a page keeps in the browser to survive a reload."""
         data = asdict(self)

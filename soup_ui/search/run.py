@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import StudioError
 from ..modelfiles import pngmeta
 from ..modelfiles.presets import Recipe, RenderSettings
 from .scorers import Scored, ScorerError
@@ -26,10 +25,9 @@ STRATEGIES = ("cmaes", "random")
 
 @dataclass
 class Tried:
-    """One candidate: its point, decoded mix, score and details, and its first image."""
+    """One candidate: its decoded mix, score and details, and its first image."""
 
     index: int
-    point: list[float]
     candidate: Candidate
     score: float
     details: dict
@@ -49,18 +47,10 @@ class Found:
     tried: list[Tried]
     fixed: dict = field(default_factory=dict)  # the method's parameters not searched
     stopped: str = ""  # why it ended early ("" when the budget was spent)
-    seconds: float = 0.0
 
     @property
     def best(self) -> Tried:
         return max(self.tried, key=lambda t: (t.score, -t.index))
-
-    def best_so_far(self) -> list[float]:
-        out, best = [], -float("inf")
-        for t in self.tried:
-            best = max(best, t.score)
-            out.append(best)
-        return out
 
 
 def mix_of(studio, space: Space, candidate: Candidate, shards=None, fixed: dict | None = None):
@@ -80,7 +70,8 @@ def search(studio, space: Space, scorer: Callable[[list, list[str]], Scored], ba
            stop: Callable[[], bool] | None = None, on_candidate: Callable[[Tried], None] | None = None) -> Found:
     """Spend `budget` candidates searching `space` for the mix whose images of `batch` (prompts and
     seeds) `scorer` likes best. A scorer that fails or a `stop()` ends the search early, keeping what
-    it found (`Found.stopped` says why)."""
+    it found (`Found.stopped` says why); a scorer that fails before any candidate is scored raises
+    ScorerError (there is nothing to keep)."""
     if budget < 1:
         raise ValueError(f"budget must be at least 1 candidate, got {budget}")
     if strategy not in STRATEGIES:
@@ -111,12 +102,14 @@ def search(studio, space: Space, scorer: Callable[[list, list[str]], Scored], ba
             images = render_all(studio, mixes, batch)
             scored = [scorer(ims, prompts) for ims in images]
         except ScorerError as err:
+            if not found.tried:
+                raise ScorerError(f"the search found nothing: {err}") from None
             found.stopped = str(err)
             logger.warning("search stopped: %s", err)
             break
         for x, c, m, ims, s in zip(points, candidates, mixes, images, scored):
             image = pngmeta.attach(ims[0], Recipe.of(studio.preset.source, m, batch[0]), m.label, m.model_hash)  # its recipe in the PNG
-            tried = Tried(len(found.tried), [round(float(v), 6) for v in x], c, s.score, s.details, m.label, image)
+            tried = Tried(len(found.tried), c, s.score, s.details, m.label, image)
             found.tried.append(tried)
             if on_candidate is not None:
                 on_candidate(tried)
@@ -128,7 +121,6 @@ def search(studio, space: Space, scorer: Callable[[list, list[str]], Scored], ba
         if stop is not None and stop():
             found.stopped = "stopped"
             break
-    found.seconds = time.monotonic() - t0
     return found
 
 
@@ -139,13 +131,6 @@ def best_recipe(studio, found: Found, settings: RenderSettings, shards=None) -> 
     recipe = Recipe.of(studio.preset.source, mix, settings)
     return recipe.model_copy(update={"search": f"found by a search of {found.space.describe()}: score {best.score:.4f} "
                                               f"(candidate {best.index + 1} of {len(found.tried)})"})
-
-
-def check_shards(studio, names, shards=None) -> None:
-    view = studio.shards if shards is None else shards
-    unknown = [n for n in names if n not in view]
-    if unknown:
-        raise StudioError(f"unknown shard {unknown[0]!r} (loaded: {', '.join(view)})")
 
 
 def write_log(found: Found, path) -> None:

@@ -17,3 +17,8 @@ def flaky(images, prompts):
     if calls > 5:
         raise RuntimeError("the scorer's service is down")
     return score(images, prompts)
+
+
+def broken(images, prompts):
+    """Never scores."""
+    raise RuntimeError("no GPU here")
