@@ -398,7 +398,8 @@ def restore_history(host: StudioHost, session: Session, saved: dict | None) -> i
             continue
         if image.is_relative_to(host.image_dir.resolve()) and image.is_file() and all(n in session.shards for n in recipe.mix):
             kept.append((str(image), str(caption), recipe))
-    session.history = kept + [h for h in session.history if h[0] not in {k[0] for k in kept}]
+    restored_paths = {k[0] for k in kept}
+    session.history = kept + [h for h in session.history if h[0] not in restored_paths]
     return len(kept)
 
 
