@@ -147,3 +147,60 @@ def test_a_batched_render_gives_each_prompt_and_seed_its_own_image(studio):
     assert np.abs(pixels(together[0]) - pixels(together[2])).mean() > 5  # seeds differ
     with pytest.raises(StudioError, match="same steps, guidance"):
         studio.render_soup_batch(studio.make_mix({"alpha": 1}), [SETTINGS, SETTINGS.model_copy(update={"steps": 4})])
+
+
+def test_the_first_ties_of_a_server_never_waits_for_the_compiler(tiny_preset, monkeypatch):
+    """Issue 35 item 10: the first TIES or DARE merge of a process compiled its kernels in the
+    request (10-22 s). A server on an SD-sized model compiles the sparse methods' kernels at start,
+    in the background; a merge before they are ready runs eager (the method note says so), and the
+    first merge after adds no compiled graph: as quick as the second."""
+    from torch._dynamo.utils import counters
+
+    from soup_ui.engine.studio import Studio
+    from soup_ui.maths import soup
+    from soup_ui.maths.methods import kernels, warm
+    from soup_ui.modelfiles.presets import load_preset
+    from soup_ui.page.parts import method_note
+
+    monkeypatch.setattr(soup, "WARM_UP_MIN", 1 << 10)  # the tiny model counts as SD-sized
+    monkeypatch.setattr(kernels, "FUSED_MIN_ELEMENTS", 1 << 9)
+    monkeypatch.setattr(soup, "BACKGROUND", True)
+    monkeypatch.setattr(warm, "_ready", set())
+    monkeypatch.setattr(warm, "COMPILED", ("ties",))  # a server compiles ties, dare, dare-ties and della alike; one is enough here
+    gate, real = threading.Event(), warm.merge_into
+    monkeypatch.setattr(warm, "merge_into", lambda *a, **k: gate.wait(120) and real(*a, **k))
+    studio = Studio(load_preset(tiny_preset))
+    assert [v[:2] for v in warm.compiling()] == [("ties", 3)]
+    assert "ties's kernels for 3 shards are compiling in the background" in method_note("ties")
+    mix = lambda density: studio.make_mix({"alpha": 1, "beta": 2, "gamma": 1}, "ties", {"density": density})  # noqa: E731
+    graphs = counters["stats"]["unique_graphs"]
+    studio.mix(mix(0.3))  # while compiling: eager, no compile in the request
+    assert counters["stats"]["unique_graphs"] == graphs
+    eager = {n: t.clone() for n, t in studio.hybrid_tensors.items()}
+    gate.set()
+    warm.join(300)
+    assert not kernels._failed, kernels._failed
+    assert [v[:2] for v in warm._ready] == [("ties", 3)] and "compiling" not in method_note("ties")
+    graphs = counters["stats"]["unique_graphs"]
+    for density in (0.3, 0.5):  # the first compiled TIES and the second
+        studio.mix(mix(density))
+        assert counters["stats"]["unique_graphs"] == graphs
+        if density == 0.3:  # compiled and eager: the same weights
+            assert all(torch.equal(eager[n], t) for n, t in studio.hybrid_tensors.items())
+    pair = studio.make_mix({"alpha": 1, "gamma": 1}, "ties", {"density": 0.5})  # 2 shards: not compiled yet, eager now, compiled behind
+    studio.mix(pair)
+    assert counters["stats"]["unique_graphs"] == graphs and [v[:2] for v in warm.compiling()] == [("ties", 2)]
+    warm.join(300)
+
+
+def test_a_small_model_merges_ties_eager(studio, monkeypatch):
+    """Below the soup's SD-size bound (the embedded default: 6 M weights), compiling TIES cost 10-22 s
+    to save a fraction of a second: its merges run eager, in the CLI and in a server."""
+    from torch._dynamo.utils import counters
+
+    from soup_ui.maths.methods import kernels
+
+    monkeypatch.setattr(kernels, "FUSED_MIN_ELEMENTS", 1 << 9)  # its larger tensors would run compiled
+    graphs = counters["stats"]["unique_graphs"]
+    studio.mix(studio.make_mix({"alpha": 1, "beta": 1}, "ties", {"density": 0.4}))
+    assert counters["stats"]["unique_graphs"] == graphs

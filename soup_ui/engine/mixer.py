@@ -9,14 +9,32 @@ the registered methods (methods.merge_into) and adds LoRA shards' low-rank delta
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from cachetools import LRUCache
 
 from ..maths import methods, soup
+from ..maths.methods import kernels, warm
 from ..modelfiles import adapters, checkpoints
 from .mix import Mix
 from .pool import Pool
+
+
+def kernels_for(method_: methods.MergeMethod, params: methods.Params, k: int, tensors: Mapping[str, torch.Tensor]) -> AbstractContextManager:
+    """How a non-linear merge of these tensors runs its kernels: eager for a model under the soup's
+    SD-size bound (compiling costs more than it saves there); in a server (soup.BACKGROUND), eager
+    until the method's kernels for k shards are compiled in the background (started here if they
+    are not), so no merge waits for the compiler; otherwise (a one-off command) compiled on first use."""
+    total = sum(t.numel() for t in tensors.values())
+    if total < soup.WARM_UP_MIN:
+        return kernels.eager()
+    if soup.BACKGROUND:
+        like = next(iter(tensors.values()))
+        if not warm.ready(method_, params, k, like.dtype, like.device):
+            warm.warm_up(method_, params, k, like.dtype, like.device)
+            return kernels.eager()
+    return nullcontext()
 
 
 class Mixer:
@@ -71,7 +89,8 @@ class Mixer:
             sources = [self.pool.text_encoder_of(s.weights) if s.weights.text_found is not None else self.base_text for s in mix.shards]
             base = self.base_text if mix.method.needs_base else None
             weights, params = mix.text_part
-            methods.merge_into(self.text_tensors, mix.method, params, sources, weights, base)
+            with kernels_for(mix.method, params, len(sources), self.text_tensors):
+                methods.merge_into(self.text_tensors, mix.method, params, sources, weights, base)
         self.text_mixed = key
         return key
 
@@ -97,8 +116,9 @@ class Mixer:
                     if loras:
                         self._add_lora([*sources, self.base_tensors], self._coefficients(mix, parts, {k for _, lora in loras for k in lora}), loras)
                 else:  # tensor by tensor; a LoRA shard's full weights are made one tensor at a time (LoraTensors)
-                    methods.merge_into(self.tensors, mix.method, mix.params, [s.tensors for s in mix.shards], mix.weights, base, parts=parts,
-                                       memo=self.stats, keys=[s.sha256 for s in mix.shards])
+                    with kernels_for(mix.method, mix.params, len(mix.shards), self.tensors):
+                        methods.merge_into(self.tensors, mix.method, mix.params, [s.tensors for s in mix.shards], mix.weights, base, parts=parts,
+                                           memo=self.stats, keys=[s.sha256 for s in mix.shards])
                 self.mixed = key
         return mix.label
 

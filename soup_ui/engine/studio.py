@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..errors import StudioError
 from ..maths import methods, soup
+from ..maths.methods import warm
 from ..modelfiles import checkpoints, families, formats, pngmeta
 from ..modelfiles.presets import Preset, Recipe, RenderSettings
 from .mix import Mix
@@ -208,10 +209,12 @@ class Studio:
                 logger.error("shard %s left out: %s", spec.name, err)
         if not self.shards:
             raise StudioError("no shard could be loaded: " + "; ".join(self.failed.values()))
-        # 3. Compile the soup kernel for the likely shard counts in the background (SD-sized UNets
-        # only), so that no slider release waits 10-40 s for the compiler.
+        # 3. Compile the soup kernel for the likely shard counts, and the sparse methods' kernels for
+        # every shard, in the background (SD-sized UNets only), so that no slider release or first
+        # TIES waits 10-40 s for the compiler.
         if options.warm_up and isinstance(self.hybrid_tensors, soup.FlatTensors) and self.hybrid_tensors.buffer.numel() >= soup.WARM_UP_MIN:
             soup.warm_up(range(1, min(len(self.shards), 6) + 1), self.dtype, self.device)
+            warm.warm_up_all(min(len(self.shards), 6), self.dtype, self.device)
         report(1.0, "ready")
 
     # -- the weight pool (pool.py) ------------------------------------------------------------------

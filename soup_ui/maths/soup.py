@@ -218,9 +218,6 @@ def warm_up(ks, dtype: torch.dtype, device, background: bool = True) -> list:
     no interactive mix pays for compiling; until a variant is ready, mixes of that K run eager.
     Returns the threads started (empty when `background` is False: compiled here and now; and when
     background compiles are off, `BACKGROUND`)."""
-    import atexit
-    import threading
-
     threads = []
     for k in ks:
         variant = _variant("range", k, dtype, device)
@@ -229,13 +226,22 @@ def warm_up(ks, dtype: torch.dtype, device, background: bool = True) -> list:
         if not background:
             _compile_range_variant(k, dtype, device)
             continue
-        if not _warming:
-            atexit.register(_join_compiles)
-        t = threading.Thread(target=_compile_range_variant, args=(k, dtype, device), name=f"soup-compile-K{k}", daemon=True)
-        _warming[variant] = t
-        t.start()
-        threads.append(t)
+        threads.append(start_compile(variant, _compile_range_variant, (k, dtype, device), f"soup-compile-K{k}"))
     return threads
+
+
+def start_compile(key: tuple, target, args: tuple, name: str):
+    """Run a background compile (this kernel's, or a merge method's: methods.warm) in a daemon thread
+    that `compiling()` lists and the process waits for at exit (see `exit`)."""
+    import atexit
+    import threading
+
+    if not _warming:
+        atexit.register(_join_compiles)
+    t = threading.Thread(target=target, args=args, name=name, daemon=True)
+    _warming[key] = t
+    t.start()
+    return t
 
 
 def compiling() -> list:

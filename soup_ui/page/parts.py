@@ -11,7 +11,7 @@ import typing
 
 import gradio as gr
 
-from ..maths.methods import METHODS
+from ..maths.methods import METHODS, warm
 from ..maths.soup import checked_weight, rounded_shares
 from .session import MAX_SHARDS
 from .widgets import TypedSlider
@@ -157,8 +157,16 @@ def param_control(name: str, field) -> gr.Component:
 
 
 def method_note(name: str) -> str:
+    """The method's formula and reference; while its kernels compile in the background (a server on
+    an SD-sized model), that it merges uncompiled, slower, until they are ready."""
     m = METHODS[name]
-    return f"<small>{html.escape(m.summary)}. <i>{html.escape(m.reference)}</i></small>"
+    note = f"<small>{html.escape(m.summary)}. <i>{html.escape(m.reference)}</i></small>"
+    counts = sorted({v[1] for v in warm.compiling(name)})
+    if counts:
+        shards = " or ".join(str(k) for k in counts)
+        note += (f"<br><small class='compiling-note'>⏳ {html.escape(name)}'s kernels for {shards} shards are compiling in the background; "
+                 "until they are ready its merges run uncompiled (slower, the same weights).</small>")
+    return note
 
 
 def restored(names: list[str], mix: dict[str, float], recipe, message: str) -> list:
