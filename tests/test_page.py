@@ -342,6 +342,9 @@ def test_a_typed_weight_above_the_slider_is_a_larger_ratio_and_a_bad_one_is_said
     box.press("Enter")
     wait_text(page, "#soup-label", "soup: 0.72 alpha + 0.14 beta + 0.14 gamma")  # 5 : 1 : 1
     assert text(page, "#mixture").split()[:2] == ["alpha", "72%"]
+    # Issue 35 item 4: the box drew 1 while the soup used 5: the rows now show the ratios the soup uses
+    boxes = "[0, 1, 2].map(i => document.querySelector(`#shard-weight-${i} input[type=number]`).value).join()"
+    page.wait_for_function(f"{boxes} === '1,0.2,0.2'", timeout=TIMEOUT)
     box.fill("-1")
     box.press("Enter")
     wait_text(page, "#stale-note", "weight of alpha must be between 0 and 100, got -1")
@@ -755,6 +758,12 @@ def test_choosing_ties_and_moving_density_re_render_the_soup_with_its_label(serv
     type_param(page, "density", 0.6)
     wait_text(page, "#soup-label", "ties (density 0.6, lambda 1)")
     assert image_digest(page) != first
+    # Issue 35 item 4: a typed 1.5 left three numbers on screen (1 in the box, 0.2 in the label, 1.5 in
+    # the message): refused in place, in the studio's words, and the box goes back to the soup's 0.6.
+    type_param(page, "density", 1.5)
+    wait_text(page, "#stale-note", "ties: density must be between 0 and 1, got 1.5")
+    page.wait_for_function("document.querySelector('#param-density input[type=number]').value === '0.6'", timeout=TIMEOUT)
+    assert text(page, "#soup-label").startswith("ties (density 0.6, lambda 1)") and page.locator(".toast-body").count() == 0
     page.close()
 
 

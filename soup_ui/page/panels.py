@@ -167,6 +167,30 @@ class Page:
     def on_soup(self, session, *values):
         return self.show(handlers.render_soup(self.host, session, self.controls_from(values)), session)
 
+    def on_param_soup(self, session, *values):
+        """A method parameter set: the soup; a value out of range is refused in place and its control
+        goes back to the soup's value (a typed TIES density of 1.5 left 1 in the box, 0.2 in the label
+        and 1.5 in the message)."""
+        controls = self.controls_from(values)
+        try:
+            METHODS[controls.method].parse(dict(controls.params))
+        except ValueError as err:
+            good = handlers.shown_params(session, controls.method)
+            return [gr.skip()] * 5 + [error_line(err)] + [gr.update(value=good[n]) if n in good else gr.skip() for n in PARAMS]
+        return [*self.on_soup(session, *values), *[gr.skip()] * len(PARAMS)]
+
+    def on_weight_soup(self, session, *values):
+        """A weight set: the soup. Weights are ratios: a typed weight above the slider's end (5) sets
+        every row to its share of the largest (5 : 1 : 1 as 1 : 0.2 : 0.2), so the boxes show what the
+        soup uses (the box drew 1 while the soup used 5). In the render's own event: a later event of
+        the chain would read a typed -1 as the slider's 0."""
+        rendered = self.on_soup(session, *values)
+        weights = [float(w or 0.0) for w in self.controls_from(values).weights]
+        top = max(weights, default=0.0)
+        if top <= 1.0 or any(w < 0 for w in weights) or "error-line" in str(rendered[-1]):  # refused: said, nothing moves
+            return [*rendered, *[gr.skip()] * len(weights)]
+        return [*rendered, *[gr.Slider(value=w / top) for w in weights]]
+
 
 def declare_header(p: Page) -> None:
     p.state = gr.State(None, delete_callback=lambda s: handlers.close_session(p.host, s))
@@ -360,16 +384,17 @@ def wire_mix(p: Page) -> None:
     for slider in p.sliders:
         # .input, not .change: programmatic updates (preset, uniform, recipe, shards) redraw the bar themselves.
         slider.input(p.on_mixture, p.mixture_inputs, [p.mixture], show_progress="hidden", trigger_mode="always_last", **QUIET).then(**p.picture)
-        slider.release(**soup_only, **render_opts)
+        slider.release(p.on_weight_soup, p.job_inputs, [*p.render_outputs, *p.sliders], **render_opts)
     # A method brings its own parameters (at their defaults), then the soup is rendered with it.
     p.method.select(method_updates, [p.method], [*p.params, p.note], **QUIET).then(**soup_only, **render_opts)
+    param_soup = dict(fn=p.on_param_soup, inputs=p.job_inputs, outputs=[*p.render_outputs, *p.params])
     for control in p.params:
         if isinstance(control, gr.Slider):
-            control.release(**soup_only, **render_opts)
+            control.release(**param_soup, **render_opts)
         elif isinstance(control, gr.Dropdown):
-            control.select(**soup_only, **render_opts)
+            control.select(**param_soup, **render_opts)
         else:
-            control.submit(**soup_only, **render_opts)
+            control.submit(**param_soup, **render_opts)
     p.text_mix.input(**full, **render_opts)  # components change too (those with their own text encoder)
     p.uniform.click(on_uniform, [p.state, *p.checks], p.sliders, trigger_mode="always_last", **QUIET).then(
         p.on_mixture, p.mixture_inputs, [p.mixture], **QUIET

@@ -28,6 +28,7 @@ from ..engine.pool import Shard
 from ..engine.render import Rendered
 from ..engine.studio import RuntimeOptions, Studio
 from ..files import atomic_path, portable_preset, safe_name
+from ..maths.methods import METHODS
 from ..modelfiles import checkpoints, formats, pngmeta
 from ..modelfiles.presets import (
     Recipe,
@@ -206,6 +207,16 @@ class StudioHost:
                         shutil.rmtree(folder, ignore_errors=True)
                 except OSError:
                     pass
+
+
+def shown_params(session: Session | None, method_name: str) -> dict:
+    """The method's parameters of the soup on screen (the newest history entry, when made with this
+    method), else its defaults, by public name: where a refused value's control goes back to."""
+    m = METHODS[method_name]
+    values = {f.alias or n: f.default for n, f in m.params.model_fields.items()}
+    if session is not None and session.history and session.history[0][2].method == method_name:
+        values.update(session.history[0][2].params)
+    return values
 
 
 def short_caption(recipe) -> str:

@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 Tensors = Mapping[str, torch.Tensor]
 
 
+BOUND_ERRORS = {"less_than_equal", "greater_than_equal", "less_than", "greater_than"}  # pydantic's error types of a range
+
+
 class Params(BaseModel):
     """A method's parameters: validated once where a request enters, frozen afterwards."""
 
@@ -138,11 +141,22 @@ class MergeMethod:
                 if e["type"] == "extra_forbidden":
                     known = ", ".join(self.param_names()) or "none"
                     problems.append(f"{self.name} has no parameter {key!r} (its parameters: {known})")
+                elif key and e["type"] in BOUND_ERRORS and self.bounds(key):
+                    lo, hi = self.bounds(key)
+                    problems.append(f"{self.name}: {key} must be between {lo:g} and {hi:g}, got {given.get(key)!r}")
                 elif key:
                     problems.append(f"{self.name}: {key} = {given.get(key)!r}: {msg}")
                 else:
                     problems.append(f"{self.name}: {msg}")
             raise ValueError("; ".join(problems)) from None
+
+    def bounds(self, name: str) -> tuple[float, float] | None:
+        """A numeric parameter's range (ge, le) by its public name, or None."""
+        for n, f in self.params.model_fields.items():
+            if name in (n, f.alias):
+                found = {k: getattr(x, k) for x in f.metadata for k in ("ge", "le") if getattr(x, k, None) is not None}
+                return (found["ge"], found["le"]) if len(found) == 2 else None
+        return None
 
     def param_names(self) -> list[str]:
         return [f.alias or n for n, f in self.params.model_fields.items()]
