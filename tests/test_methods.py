@@ -229,7 +229,7 @@ def test_model_stock_interpolates_by_the_task_vectors_angle():
     "name, params, message",
     [
         ("ties", {"density": 1.5}, "ties: density must be between 0 and 1, got 1.5"),
-        ("dare", {"density": -0.1}, "dare: density = -0.1"),
+        ("dare", {"density": -0.1}, "dare: density must be between 0 and 1, got -0.1"),
         ("task-arithmetic", {"lambda": float("nan")}, "task-arithmetic: lambda = nan"),
         ("dare", {"dens": 0.3}, "dare has no parameter 'dens' \\(its parameters: density, lambda, seed, rng\\)"),
         ("della", {"rng": "philox"}, "della: rng = 'philox': Input should be 'counter' or 'torch'"),

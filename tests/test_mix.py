@@ -49,7 +49,7 @@ def test_bad_requests_are_refused_naming_what_is_wrong():
         Mix.build(v, {"z": 1})
     with pytest.raises(StudioError, match="weight of a must be between 0 and 100, got -1"):
         Mix.build(v, {"a": -1, "b": 1})
-    with pytest.raises(StudioError, match="ties: density = 2"):
+    with pytest.raises(StudioError, match="ties: density must be between 0 and 1, got 2"):
         Mix.build(v, {"a": 1, "b": 1}, "ties", {"density": 2})
     with pytest.raises(StudioError, match="unknown merge method 'tie'"):
         Mix.build(v, {"a": 1}, "tie")

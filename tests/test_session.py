@@ -373,7 +373,7 @@ def test_a_non_linear_method_through_the_page_handlers(host, studio):
     assert images.soup[1].startswith("ties (density 0.3, lambda 1): 0.34 alpha + 0.33 beta + 0.33 gamma")
     with pytest.raises(ValueError, match="the ensemble reference sums the components' predictions .* ties has none"):
         handlers.ensemble(host, s, c)
-    with pytest.raises(ValueError, match="ties: density = 1.5"):
+    with pytest.raises(ValueError, match="ties: density must be between 0 and 1, got 1.5"):
         handlers.generate(host, s, controls(s, {"alpha": 1}, method="ties", density=1.5))
 
 
